@@ -1,0 +1,97 @@
+"""Settings from environment variables, each with a documented default (see docs/design.md)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_ALGORITHMS = ("logistic_regression", "decision_tree", "random_forest", "gradient_boosting")
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = _env(name, str(default))
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Buckets:
+    raw: str = "raw"
+    datasets: str = "datasets"
+    jobs: str = "jobs"
+    results: str = "results"
+    models: str = "models"
+    rejected: str = "rejected"
+    dead_letter: str = "dead-letter"
+    mlflow: str = "mlflow"
+
+    @classmethod
+    def from_env(cls) -> Buckets:
+        return cls(
+            raw=_env("BUCKET_RAW", cls.raw),
+            datasets=_env("BUCKET_DATASETS", cls.datasets),
+            jobs=_env("BUCKET_JOBS", cls.jobs),
+            results=_env("BUCKET_RESULTS", cls.results),
+            models=_env("BUCKET_MODELS", cls.models),
+            rejected=_env("BUCKET_REJECTED", cls.rejected),
+            dead_letter=_env("BUCKET_DEAD_LETTER", cls.dead_letter),
+            mlflow=_env("BUCKET_MLFLOW", cls.mlflow),
+        )
+
+    def all(self) -> list[str]:
+        return [
+            self.raw,
+            self.datasets,
+            self.jobs,
+            self.results,
+            self.models,
+            self.rejected,
+            self.dead_letter,
+            self.mlflow,
+        ]
+
+
+@dataclass(frozen=True)
+class Settings:
+    s3_endpoint_url: str = "http://127.0.0.1:8333"
+    aws_region: str = "us-east-1"
+    buckets: Buckets = field(default_factory=Buckets)
+    batch_rows: int = 15_000
+    split_seed: int = 42
+    max_upload_bytes: int = 256 * 1024 * 1024
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    selection_metric: str = "f1_weighted"
+    mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    mlflow_experiment: str = "diabetes_readmission_prediction"
+    registered_model: str = "diabetes_readmission_model"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        algorithms = tuple(
+            name.strip()
+            for name in _env("ALGORITHMS", ",".join(DEFAULT_ALGORITHMS)).split(",")
+            if name.strip()
+        )
+        batch_rows = _env_int("BATCH_ROWS", cls.batch_rows)
+        if batch_rows < 1:
+            raise ValueError(f"BATCH_ROWS must be positive, got {batch_rows}")
+        return cls(
+            s3_endpoint_url=_env("S3_ENDPOINT_URL", cls.s3_endpoint_url),
+            aws_region=_env("AWS_REGION", cls.aws_region),
+            buckets=Buckets.from_env(),
+            batch_rows=batch_rows,
+            split_seed=_env_int("SPLIT_SEED", cls.split_seed),
+            max_upload_bytes=_env_int("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
+            algorithms=algorithms,
+            selection_metric=_env("SELECTION_METRIC", cls.selection_metric),
+            mlflow_tracking_uri=_env("MLFLOW_TRACKING_URI", cls.mlflow_tracking_uri),
+            mlflow_experiment=_env("MLFLOW_EXPERIMENT", cls.mlflow_experiment),
+            registered_model=_env("REGISTERED_MODEL", cls.registered_model),
+        )

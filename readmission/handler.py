@@ -1,0 +1,67 @@
+"""Glue between functions-framework CloudEvent handlers and Knative's delivery rules.
+
+Knative's broker treats any reply that is neither empty nor a CloudEvent as a failure and
+redelivers it, but functions-framework answers "OK" after a cloudevent function returns.
+`reply_empty_on_success()` fixes that for the app that is loading the function module, and
+`object_ref()` reads the object reference every pipeline event carries, answering 400 (which
+Knative does not retry; it goes to the dead-letter sink) when the event is malformed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import flask
+from werkzeug.exceptions import BadRequest
+
+log = logging.getLogger(__name__)
+
+
+class MalformedEvent(BadRequest):
+    """An event no retry can fix: answered 400, so Knative routes it to the dead-letter sink."""
+
+
+def reply_empty_on_success() -> None:
+    """Turn functions-framework's 200 "OK" into 204 with an empty body.
+
+    Call it at import time of a function module: functions-framework executes the module inside
+    the Flask application context, so `flask.current_app` is the app that will serve it.
+    """
+
+    app = flask.current_app
+
+    @app.after_request
+    def _empty_reply(response: flask.Response) -> flask.Response:
+        if response.status_code == 200 and response.get_data() == b"OK":
+            response.set_data(b"")
+            response.status_code = 204
+        return response
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    bucket: str
+    key: str
+    etag: str
+    size: int | None
+
+
+def object_ref(event: Any, expected_type: str, expected_bucket: str) -> ObjectRef:
+    """The object an event is about, or MalformedEvent naming what is wrong."""
+    event_type = event["type"]
+    if event_type != expected_type:
+        raise MalformedEvent(f"event type {event_type!r} is not {expected_type!r}")
+    data = event.get_data() if hasattr(event, "get_data") else event.data
+    if not isinstance(data, dict):
+        raise MalformedEvent("event data must be a JSON object with bucket and key")
+    bucket, key = data.get("bucket"), data.get("key")
+    if not isinstance(bucket, str) or not isinstance(key, str) or not key:
+        raise MalformedEvent("event data must name a bucket and a key (strings)")
+    if bucket != expected_bucket:
+        raise MalformedEvent(f"bucket {bucket!r} is not the configured bucket {expected_bucket!r}")
+    size = data.get("size")
+    return ObjectRef(
+        bucket, key, str(data.get("etag") or ""), size if isinstance(size, int) else None
+    )

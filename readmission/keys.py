@@ -1,0 +1,74 @@
+"""The deterministic object-key layout: one function per kind of object (see docs/design.md)."""
+
+from __future__ import annotations
+
+import hashlib
+
+CHAMPION_METADATA_KEY = "champion/metadata.json"
+
+
+def content_id(data: bytes) -> str:
+    """Id of a raw file by content: the same bytes under any name give the same id."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def batch_key(dataset_id: str, index: int) -> str:
+    return f"{dataset_id}/train/batch-{index:04d}.parquet"
+
+
+def validation_key(dataset_id: str) -> str:
+    return f"{dataset_id}/validation.parquet"
+
+
+def test_key(dataset_id: str) -> str:
+    return f"{dataset_id}/test.parquet"
+
+
+def manifest_key(dataset_id: str) -> str:
+    return f"{dataset_id}/manifest.json"
+
+
+def job_name(cumulative_index: int, algorithm: str) -> str:
+    return f"{cumulative_index:02d}-{algorithm}"
+
+
+def job_key(dataset_id: str, cumulative_index: int, algorithm: str) -> str:
+    return f"{dataset_id}/{job_name(cumulative_index, algorithm)}.json"
+
+
+def result_key(dataset_id: str, cumulative_index: int, algorithm: str) -> str:
+    """A result has the same key as its job, in the results bucket."""
+    return job_key(dataset_id, cumulative_index, algorithm)
+
+
+def parse_job_key(key: str) -> tuple[str, int, str]:
+    """Inverse of job_key/result_key: (dataset_id, cumulative_index, algorithm)."""
+    dataset_id, _, name = key.partition("/")
+    index_text, _, algorithm = name.removesuffix(".json").partition("-")
+    if not dataset_id or not index_text.isdigit() or not algorithm or not key.endswith(".json"):
+        raise ValueError(f"not a job or result key: {key!r}")
+    return dataset_id, int(index_text), algorithm
+
+
+def model_key(dataset_id: str) -> str:
+    return f"{dataset_id}/model.onnx"
+
+
+def model_metadata_key(dataset_id: str) -> str:
+    return f"{dataset_id}/metadata.json"
+
+
+def learning_curve_key(dataset_id: str, extension: str) -> str:
+    return f"{dataset_id}/learning_curve.{extension}"
+
+
+def rejected_key(content_hash: str, original_key: str) -> str:
+    return f"{content_hash}/{original_key}"
+
+
+def rejected_report_key(content_hash: str, original_key: str) -> str:
+    return f"{content_hash}/{original_key}.error.json"
+
+
+def dead_letter_key(event_type: str, event_id: str) -> str:
+    return f"{event_type}/{event_id}.json"

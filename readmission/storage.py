@@ -1,0 +1,135 @@
+"""ObjectStore: the one place that talks S3 (MinIO in production, SeaweedFS locally)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from readmission.config import Settings
+
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    bucket: str
+    key: str
+    size: int
+    etag: str
+
+
+def _is_not_found(error: ClientError) -> bool:
+    return str(error.response.get("Error", {}).get("Code")) in _NOT_FOUND
+
+
+class ObjectStore:
+    """Thin, typed wrapper over a boto3 S3 client. Every write is one atomic PUT."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> ObjectStore:
+        settings = settings or Settings.from_env()
+        client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.aws_region,
+            aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+            ),
+        )
+        return cls(client)
+
+    # reads
+    def head(self, bucket: str, key: str) -> ObjectInfo | None:
+        try:
+            response = self.client.head_object(Bucket=bucket, Key=key)
+        except ClientError as error:
+            if _is_not_found(error):
+                return None
+            raise
+        return ObjectInfo(bucket, key, int(response["ContentLength"]), response["ETag"].strip('"'))
+
+    def exists(self, bucket: str, key: str) -> bool:
+        return self.head(bucket, key) is not None
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def get_bytes_if_exists(self, bucket: str, key: str) -> bytes | None:
+        try:
+            return self.get_bytes(bucket, key)
+        except ClientError as error:
+            if _is_not_found(error):
+                return None
+            raise
+
+    def get_json(self, bucket: str, key: str) -> Any:
+        return json.loads(self.get_bytes(bucket, key))
+
+    def get_json_if_exists(self, bucket: str, key: str) -> Any | None:
+        data = self.get_bytes_if_exists(bucket, key)
+        return None if data is None else json.loads(data)
+
+    def list(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                yield ObjectInfo(bucket, item["Key"], int(item["Size"]), item["ETag"].strip('"'))
+
+    def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        return [info.key for info in self.list(bucket, prefix)]
+
+    # writes
+    def put_bytes(
+        self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
+        self.client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+
+    def put_json(self, bucket: str, key: str, document: Any) -> None:
+        self.put_bytes(bucket, key, json_bytes(document), "application/json")
+
+    def put_if_absent(
+        self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> bool:
+        """Write unless the object exists. Returns True if this call wrote it.
+
+        Writing nothing when the object is there keeps redelivered events from producing new
+        notifications downstream.
+        """
+        if self.exists(bucket, key):
+            return False
+        self.put_bytes(bucket, key, data, content_type)
+        return True
+
+    def copy(self, source_bucket: str, source_key: str, bucket: str, key: str) -> None:
+        self.client.copy_object(
+            Bucket=bucket, Key=key, CopySource={"Bucket": source_bucket, "Key": source_key}
+        )
+
+    def delete(self, bucket: str, key: str) -> None:
+        self.client.delete_object(Bucket=bucket, Key=key)
+
+    def ensure_buckets(self, names: list[str]) -> None:
+        existing = {b["Name"] for b in self.client.list_buckets().get("Buckets", [])}
+        for name in names:
+            if name not in existing:
+                self.client.create_bucket(Bucket=name)
+
+
+def json_bytes(document: Any) -> bytes:
+    """Canonical JSON (sorted keys, fixed separators): equal documents give equal bytes."""
+    return (json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
