@@ -2,17 +2,21 @@
 
 One module owns the columns, their kinds and the target, for ingest, training and serving.
 The constants are plain Python (the predict function imports them without pandas);
-`parse_csv` imports pandas when called.
+`parse_csv` imports pandas and pyarrow when called.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
 import io
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow as pa
 
 TARGET = "readmitted"
 TARGET_CLASSES = ("NO", ">30", "<30")
@@ -127,32 +131,59 @@ def _first_rows(mask: pd.Series, limit: int = 5) -> str:
     return ", ".join(rows) + (f" and {more} more" if more > 0 else "")
 
 
-def parse_csv(data: bytes) -> pd.DataFrame:
-    """Parse and validate raw CSV bytes against the contract.
+_UTF8_BOM = b"\xef\xbb\xbf"
+_SIGNATURES = (
+    (
+        b"PK\x03\x04",
+        "a ZIP archive or an Excel workbook (.xlsx), not a CSV text file: open it "
+        "and save it as 'CSV (comma delimited)', or unzip it first",
+    ),
+    (b"\x1f\x8b", "gzip-compressed, not a plain CSV text file: decompress it (gunzip) first"),
+    (
+        b"\xd0\xcf\x11\xe0",
+        "an old Excel workbook (.xls), not a CSV text file: save it as 'CSV (comma delimited)'",
+    ),
+    (b"%PDF", "a PDF document, not a CSV text file"),
+    (
+        b"\xff\xfe",
+        "UTF-16 text (Excel's 'Unicode Text'); save it as 'CSV UTF-8' or 'CSV (comma delimited)'",
+    ),
+    (b"\xfe\xff", "UTF-16 text; save it as 'CSV UTF-8' or 'CSV (comma delimited)'"),
+)
 
-    Returns a frame with the 50 columns: ids as int64, numeric features as float64 (NaN where
-    missing), every other column as pandas strings with missing values (`?`) as NA; `None` in the
-    lab columns stays the category "None". Raises ContractViolation listing every problem found.
-    """
-    import pandas as pd
 
+def _check_bytes(data: bytes) -> bytes:
+    """Reject what is not CSV text at all; return the bytes without a UTF-8 byte-order mark."""
     if not data.strip():
         raise ContractViolation(["the file is empty"])
+    for signature, what in _SIGNATURES:
+        if data.startswith(signature):
+            raise ContractViolation([f"the file is {what}"])
     if b"\x00" in data[:65536]:
         raise ContractViolation(["the file is binary, not a CSV text file"])
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
+    data = data.removeprefix(_UTF8_BOM)
+    if not data.isascii():
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
             raise ContractViolation(
-                [f"the file is not UTF-8/ASCII text (undecodable byte at offset {exc.start})"]
+                [
+                    f"the file is not UTF-8/ASCII text: byte 0x{data[exc.start]:02x} on line "
+                    f"{line} cannot be decoded (probably saved as Latin-1/Windows-1252); save it "
+                    f"as 'CSV UTF-8'"
+                ]
             ) from exc
-        text = data.decode("utf-8")
+    return data
 
-    header_line = text.splitlines()[0] if text else ""
-    header = [h.strip() for h in header_line.split(",")]
+
+def _header(data: bytes) -> list[str]:
+    """Column names of the first line, whitespace-trimmed; ContractViolation if they are wrong."""
+    header_line = re.split(rb"\r\n|\r|\n", data[:65536], maxsplit=1)[0].decode("utf-8", "replace")
+    try:
+        header = [h.strip() for h in next(csv.reader([header_line]), [])]
+    except csv.Error as error:
+        raise ContractViolation([f"the header line is not well-formed CSV: {error}"]) from error
     if len(header) == 1 and (";" in header_line or "\t" in header_line):
         delimiter = ";" if ";" in header_line else "tab"
         raise ContractViolation(
@@ -163,20 +194,197 @@ def parse_csv(data: bytes) -> pd.DataFrame:
     if duplicated:
         problems.append(f"duplicated column names in the header: {', '.join(duplicated)}")
     missing = [c for c in COLUMNS if c not in header]
-    extra = [h for h in header if h not in COLUMNS]
+    extra = [
+        h if h else "(a column without a name: a trailing comma?)"
+        for h in header
+        if h not in COLUMNS
+    ]
+    if len(extra) > 10:
+        extra = [*extra[:10], f"and {len(extra) - 10} more"]
+    if len(missing) == len(COLUMNS):
+        found = ", ".join(repr(h) for h in header[:5]) + (" …" if len(header) > 5 else "")
+        raise ContractViolation(
+            [
+                f"the first line names none of the {len(COLUMNS)} contract columns (found "
+                f"{found}); the first line must be the header: {COLUMNS[0]},{COLUMNS[1]},…,"
+                f"{COLUMNS[-1]}"
+            ]
+        )
     if missing:
         problems.append(f"missing columns: {', '.join(missing)}")
     if extra:
         problems.append(f"unexpected columns: {', '.join(extra)}")
     if problems:
         raise ContractViolation(problems)
+    return header
 
+
+def parse_csv(data: bytes) -> pd.DataFrame:
+    """Parse and validate raw CSV bytes against the contract.
+
+    Returns a frame with the 50 columns: ids as int64, numeric features as float64 (NaN where
+    missing), every other column as pandas strings with missing values (`?`) as NA; `None` in the
+    lab columns stays the category "None". Raises ContractViolation listing every problem found.
+    """
+    import pandas as pd
+    import pyarrow as pa
+
+    table = parse_csv_table(data)
+    return table.to_pandas(types_mapper={pa.string(): pd.StringDtype("pyarrow")}.get)
+
+
+def parse_csv_table(data: bytes) -> pa.Table:
+    """`parse_csv` as an Arrow table (same columns, types and checks), without pandas' copy.
+
+    Clean files take the fast path (Arrow's multi-threaded typed CSV reader plus vectorised
+    checks); anything the fast path does not accept is re-read by the detailed path, which lists
+    every problem (or accepts what Arrow is merely stricter about, e.g. ids written `12.0`).
+    """
+    data = _check_bytes(data)
+    header = _header(data)
+    table = _fast_table(data, header)
+    if table is not None:
+        return table
+    return _frame_to_table(_detailed_frame(data, header))
+
+
+@functools.cache
+def arrow_schema() -> pa.Schema:
+    """The Arrow schema of a parsed file, with pandas metadata so pandas reads it back as
+    `parse_csv` returns it (StringDtype with NA, float64, int64)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    fields = [pa.field(c, _arrow_type(c)) for c in COLUMNS]
+    empty = pd.DataFrame(
+        {
+            c: pd.Series(
+                [],
+                dtype="int64"
+                if c in ID_COLUMNS
+                else "float64"
+                if c in NUMERIC_FEATURES
+                else pd.StringDtype("pyarrow"),
+            )
+            for c in COLUMNS
+        }
+    )
+    metadata = pa.Schema.from_pandas(empty, preserve_index=False).metadata
+    return pa.schema(fields, metadata=metadata)
+
+
+def _arrow_type(column: str) -> pa.DataType:
+    import pyarrow as pa
+
+    if column in ID_COLUMNS:
+        return pa.int64()
+    if column in NUMERIC_FEATURES:
+        return pa.float64()
+    return pa.string()
+
+
+def _fast_table(data: bytes, header: list[str]) -> pa.Table | None:
+    """Arrow's typed read of a clean file, or None when anything looks off."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=header, skip_rows=1),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: _arrow_type(c) for c in COLUMNS},
+                null_values=[MISSING_MARKER],
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=True,
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    if table.num_rows == 0:
+        return None
+    table = table.select(list(COLUMNS)).combine_chunks()
+    if any(table.column(c).null_count for c in ID_COLUMNS):
+        return None
+    if any(table.column(c).null_count == table.num_rows for c in FEATURES):
+        return None
+    for column in NUMERIC_FEATURES:  # "nan"/"inf" parse as floats here; the contract says no
+        values = table.column(column)
+        if pc.any(pc.or_(pc.is_inf(values), pc.is_nan(values))).as_py():
+            return None
+    target = table.column(TARGET)
+    if not pc.all(pc.is_in(target, value_set=pa.array(TARGET_CLASSES))).as_py() or (
+        target.null_count
+    ):
+        return None
+    return table.replace_schema_metadata(arrow_schema().metadata)
+
+
+def _frame_to_table(frame: pd.DataFrame) -> pa.Table:
+    import pyarrow as pa
+
+    schema = arrow_schema()
+    arrays = [
+        pa.array(
+            frame[c].to_numpy(na_value=None)
+            if schema.field(c).type == pa.string()
+            else frame[c].to_numpy(),
+            type=schema.field(c).type,
+            from_pandas=True,
+        )
+        for c in COLUMNS
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _ragged_lines(text: str, expected: int, limit: int = 5) -> list[str]:
+    """Lines whose number of fields differs from the header's, as problems a person can fix."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    bad: list[tuple[int, int]] = []
+    last_line = 0
+    try:
+        for row in reader:
+            if row and len(row) != expected:
+                bad.append((reader.line_num, len(row)))
+            last_line = reader.line_num
+    except csv.Error as error:  # e.g. a quote that is never closed
+        return [
+            f"the file is not well-formed CSV: reading stopped at line {reader.line_num} ({error});"
+            f' look before that line for a double quote (") that is opened and never closed'
+        ]
+    if not bad:
+        return []
+    shown = ", ".join(f"line {line} has {n}" for line, n in bad[:limit])
+    more = f" and {len(bad) - limit} more lines" if len(bad) > limit else ""
+    problems = [
+        f"every line must have {expected} comma-separated fields like the header; {shown}{more}"
+    ]
+    if bad[-1][0] == last_line and len(bad) == 1 and bad[0][1] < expected:
+        problems.append(
+            "only the last line is short: the file looks truncated (cut off before "
+            "its end); upload the complete file again"
+        )
+    return problems
+
+
+def _detailed_frame(data: bytes, header: list[str]) -> pd.DataFrame:
+    """The reference parser: pandas over strings, listing every problem it finds."""
+    import numpy as np
+    import pandas as pd
+
+    text = data.decode("utf-8")
+    problems = _ragged_lines(text, len(header))
+    if problems:
+        raise ContractViolation(problems)
     try:
         frame = pd.read_csv(
             io.StringIO(text),
             dtype=str,
             keep_default_na=False,
             na_values=[MISSING_MARKER],
+            header=0,
+            names=header,
         )
     except (pd.errors.ParserError, ValueError) as exc:
         raise ContractViolation([f"the file is not a well-formed CSV: {exc}"]) from exc
@@ -196,10 +404,11 @@ def parse_csv(data: bytes) -> pd.DataFrame:
             frame[column] = values.astype("int64")
     for column in NUMERIC_FEATURES:
         values = pd.to_numeric(frame[column], errors="coerce")
-        bad = values.isna() & frame[column].notna()
+        bad = (values.isna() & frame[column].notna()) | np.isinf(values.fillna(0))
         if bad.any():
             problems.append(
-                f"column {column} must be numeric; it is not on rows {_first_rows(bad)}"
+                f"column {column} must be a finite number or {MISSING_MARKER!r} for missing; "
+                f"it is not on rows {_first_rows(bad)}"
             )
         else:
             frame[column] = values.astype("float64")

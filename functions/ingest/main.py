@@ -1,0 +1,42 @@
+"""Knative Service `ingest`: a raw CSV landed (io.readmission.raw.created) → Parquet + job specs.
+
+Thin entry point; the work is `readmission.ingest.ingest_object`. A bad CSV is moved to the
+rejected bucket by the core and answered 204 (no retry); a malformed event is answered 400; an
+object-store failure raises (500) so the broker retries.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import functions_framework
+
+from readmission import contract
+from readmission.config import Settings
+from readmission.handler import object_ref, reply_empty_on_success
+from readmission.ingest import ingest_object
+from readmission.storage import ObjectStore
+
+EVENT_TYPE = "io.readmission.raw.created"
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+log = logging.getLogger("ingest")
+reply_empty_on_success()
+contract.arrow_schema()  # imports pandas/pyarrow now, at process start, not in the first event
+
+
+@functools.cache
+def _context() -> tuple[Settings, ObjectStore]:
+    """Settings and the S3 client, built once per process on the first event."""
+    settings = Settings.from_env()
+    return settings, ObjectStore.from_settings(settings)
+
+
+@functions_framework.cloud_event
+def ingest(event: Any) -> None:
+    settings, store = _context()
+    ref = object_ref(event, EVENT_TYPE, settings.buckets.raw)
+    outcome = ingest_object(store, settings, ref.bucket, ref.key)
+    log.info("event %s: %s", event["id"], outcome.summary())

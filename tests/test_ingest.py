@@ -1,0 +1,507 @@
+"""The ingest core and its function against a real SeaweedFS S3 server (started here)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest_seaweed import SeaweedServer, real_csv_bytes, sample_csv, seaweed_s3
+
+from readmission import contract, ingest, keys
+from readmission.config import Buckets, Settings
+from readmission.storage import ObjectStore
+
+__all__ = ["seaweed_s3"]  # the module-scoped server fixture, used by the tests below
+
+ROOT = Path(__file__).resolve().parents[1]
+_bucket_sets = itertools.count()
+
+
+class RecordingStore(ObjectStore):
+    """The real store, recording every call that writes or deletes (before making it)."""
+
+    def __init__(self, client: object) -> None:
+        super().__init__(client)
+        self.writes: list[str] = []
+
+    def _record(self, what: str) -> None:
+        self.writes.append(what)
+
+    def put_bytes(
+        self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
+        self._record(f"put {bucket}/{key}")
+        super().put_bytes(bucket, key, data, content_type)
+
+    def copy(self, source_bucket: str, source_key: str, bucket: str, key: str) -> None:
+        self._record(f"copy {bucket}/{key}")
+        super().copy(source_bucket, source_key, bucket, key)
+
+    def delete(self, bucket: str, key: str) -> None:
+        self._record(f"delete {bucket}/{key}")
+        super().delete(bucket, key)
+
+
+class Crash(RuntimeError):
+    """Simulated process death."""
+
+
+class CrashingStore(RecordingStore):
+    """Dies instead of making its write number `crash_at` (0-based); before letting a manifest
+    through, checks that every object it names exists."""
+
+    def __init__(self, client: object, crash_at: int, settings: Settings) -> None:
+        super().__init__(client)
+        self.crash_at = crash_at
+        self.settings = settings
+        self.lock = threading.Lock()  # ingest writes Parquet from several threads
+
+    def _record(self, what: str) -> None:
+        with self.lock:
+            if len(self.writes) >= self.crash_at:
+                raise Crash(f"crash instead of write #{self.crash_at}: {what}")
+            super()._record(what)
+
+    def put_bytes(
+        self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
+        if key.endswith("manifest.json"):
+            assert_manifest_complete(self, self.settings, json.loads(data))
+        super().put_bytes(bucket, key, data, content_type)
+
+
+def assert_manifest_complete(store: ObjectStore, settings: Settings, manifest: dict) -> None:
+    datasets = settings.buckets.datasets
+    for key in [b["key"] for b in manifest["batches"]]:
+        assert store.exists(datasets, key), f"manifest names missing batch {key}"
+    assert store.exists(datasets, manifest["validation"]["key"])
+    assert store.exists(datasets, manifest["test"]["key"])
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def fresh_settings(store: ObjectStore, **overrides: object) -> Settings:
+    """Settings naming buckets no other test uses, created on the server."""
+    n = next(_bucket_sets)
+    stamp = f"{int(time.time() * 1000) % 10**8}-{n}"
+    buckets = Buckets(**{f: f"{getattr(Buckets, f)}-{stamp}" for f in Buckets.__dataclass_fields__})
+    store.ensure_buckets(buckets.all())
+    return replace(Settings(), buckets=buckets, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def store(seaweed_s3: SeaweedServer) -> ObjectStore:
+    return RecordingStore(seaweed_s3.client())
+
+
+def snapshot(store: ObjectStore, settings: Settings) -> dict[str, str]:
+    """bucket/key -> ETag of every object in the test's buckets."""
+    return {f"{b}/{info.key}": info.etag for b in settings.buckets.all() for info in store.list(b)}
+
+
+def upload(store: ObjectStore, settings: Settings, key: str, data: bytes) -> None:
+    store.put_bytes(settings.buckets.raw, key, data, "text/csv")
+
+
+@pytest.fixture(scope="module")
+def real(store: ObjectStore) -> Iterator[tuple[Settings, ingest.IngestOutcome, float]]:
+    """The real CSV uploaded and ingested once for the module."""
+    settings = fresh_settings(store)
+    data = real_csv_bytes()
+    start = time.perf_counter()
+    upload(store, settings, "uploads/diabetic_data.csv", data)
+    outcome = ingest.ingest_object(
+        store, settings, settings.buckets.raw, "uploads/diabetic_data.csv"
+    )
+    yield settings, outcome, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- real file
+
+
+def test_real_csv_gives_manifest_batches_and_jobs(
+    store: ObjectStore, real: tuple[Settings, ingest.IngestOutcome, float]
+) -> None:
+    settings, outcome, seconds = real
+    data = real_csv_bytes()
+    dataset_id = keys.content_id(data)
+    assert outcome.status == ingest.INGESTED and outcome.dataset_id == dataset_id
+    assert seconds < 30, f"upload -> job specs took {seconds:.1f}s (target 10s)"
+    manifest = store.get_json(settings.buckets.datasets, keys.manifest_key(dataset_id))
+    assert manifest["source"] == {
+        "bucket": settings.buckets.raw,
+        "key": "uploads/diabetic_data.csv",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    rows = manifest["rows"]
+    assert rows["total"] == 101_766 == rows["train"] + rows["validation"] + rows["test"]
+    assert len(manifest["batches"]) == 5 == len(manifest["cumulative_sets"])
+    assert [b["rows"] for b in manifest["batches"][:4]] == [15_000] * 4
+    assert manifest["cumulative_sets"][-1]["rows"] == rows["train"]
+    assert manifest["cumulative_sets"][1]["batch_keys"] == [
+        keys.batch_key(dataset_id, 0),
+        keys.batch_key(dataset_id, 1),
+    ]
+    totals = {
+        c: sum(manifest["class_counts"][s][c] for s in ("train", "validation", "test"))
+        for c in contract.TARGET_CLASSES
+    }
+    assert totals == {"NO": 54_864, ">30": 35_545, "<30": 11_357}
+    assert manifest["patients"]["total"] == 71_518
+    assert len(manifest["jobs"]) == 20 == outcome.jobs
+    assert manifest["jobs"][:5] == [
+        keys.job_key(dataset_id, 4, "gradient_boosting"),
+        keys.job_key(dataset_id, 4, "random_forest"),
+        keys.job_key(dataset_id, 4, "logistic_regression"),
+        keys.job_key(dataset_id, 4, "decision_tree"),
+        keys.job_key(dataset_id, 3, "gradient_boosting"),
+    ]
+    assert sorted(store.list_keys(settings.buckets.jobs)) == sorted(manifest["jobs"])
+    assert len(outcome.written) == 5 + 2 + 1 + 20
+
+
+def test_real_parquet_reads_back_as_parse_csv_returns_it(
+    store: ObjectStore, real: tuple[Settings, ingest.IngestOutcome, float]
+) -> None:
+    settings, outcome, _ = real
+    manifest = store.get_json(settings.buckets.datasets, keys.manifest_key(outcome.dataset_id))
+    frames = {
+        key: pd.read_parquet(io.BytesIO(store.get_bytes(settings.buckets.datasets, key)))
+        for key in [b["key"] for b in manifest["batches"]]
+        + [manifest["validation"]["key"], manifest["test"]["key"]]
+    }
+    whole = pd.concat(frames.values()).sort_values("encounter_id").reset_index(drop=True)
+    expected = contract.parse_csv(real_csv_bytes()).sort_values("encounter_id")
+    pd.testing.assert_frame_equal(whole, expected.reset_index(drop=True))
+    patients = [set(f["patient_nbr"]) for f in frames.values()]
+    train = set().union(*patients[:-2])
+    assert not train & patients[-2] and not train & patients[-1] and not patients[-2] & patients[-1]
+
+
+def test_job_spec_names_its_cumulative_set(
+    store: ObjectStore, real: tuple[Settings, ingest.IngestOutcome, float]
+) -> None:
+    settings, outcome, _ = real
+    dataset_id = outcome.dataset_id
+    spec = store.get_json(settings.buckets.jobs, keys.job_key(dataset_id, 2, "random_forest"))
+    assert spec == {
+        "dataset_id": dataset_id,
+        "cumulative_index": 2,
+        "algorithm": "random_forest",
+        "training_rows": 45_000,
+        "batch_keys": [keys.batch_key(dataset_id, i) for i in range(3)],
+        "validation_key": keys.validation_key(dataset_id),
+        "test_key": keys.test_key(dataset_id),
+        "datasets_bucket": settings.buckets.datasets,
+        "manifest_key": keys.manifest_key(dataset_id),
+    }
+
+
+def test_same_bytes_under_another_name_is_the_same_dataset(
+    store: RecordingStore, real: tuple[Settings, ingest.IngestOutcome, float]
+) -> None:
+    settings, first, _ = real
+    upload(store, settings, "again/copy-of-diabetic.csv", real_csv_bytes())
+    before = snapshot(store, settings)
+    store.writes.clear()
+    outcome = ingest.ingest_object(
+        store, settings, settings.buckets.raw, "again/copy-of-diabetic.csv"
+    )
+    assert outcome.status == ingest.ALREADY_INGESTED
+    assert outcome.dataset_id == first.dataset_id and outcome.written == ()
+    assert store.writes == [] and snapshot(store, settings) == before
+
+
+def test_redelivered_event_changes_nothing(
+    store: RecordingStore, real: tuple[Settings, ingest.IngestOutcome, float]
+) -> None:
+    settings, first, _ = real
+    before = snapshot(store, settings)
+    store.writes.clear()
+    for _ in range(3):
+        outcome = ingest.ingest_object(
+            store, settings, settings.buckets.raw, "uploads/diabetic_data.csv"
+        )
+        assert outcome.status == ingest.ALREADY_INGESTED and outcome.written == ()
+        assert outcome.dataset_id == first.dataset_id
+    assert store.writes == [] and snapshot(store, settings) == before
+
+
+def test_missing_job_specs_are_restored_and_nothing_else(
+    store: RecordingStore, real: tuple[Settings, ingest.IngestOutcome, float]
+) -> None:
+    settings, first, _ = real
+    before = snapshot(store, settings)
+    lost = [
+        keys.job_key(first.dataset_id, 0, "decision_tree"),
+        keys.job_key(first.dataset_id, 4, "gradient_boosting"),
+    ]
+    for key in lost:
+        store.delete(settings.buckets.jobs, key)
+    store.writes.clear()
+    outcome = ingest.ingest_object(
+        store, settings, settings.buckets.raw, "uploads/diabetic_data.csv"
+    )
+    assert sorted(outcome.written) == sorted(f"{settings.buckets.jobs}/{k}" for k in lost)
+    assert store.writes == [f"put {settings.buckets.jobs}/{k}" for k in reversed(lost)]
+    assert snapshot(store, settings) == before  # same bytes, so the same ETags
+
+
+def test_outputs_are_byte_identical_when_rebuilt_from_scratch(
+    store: ObjectStore, real: tuple[Settings, ingest.IngestOutcome, float]
+) -> None:
+    settings, _, _ = real
+    before = snapshot(store, settings)
+    outputs = [settings.buckets.datasets, settings.buckets.jobs]
+    for bucket in outputs:
+        for key in store.list_keys(bucket):
+            store.delete(bucket, key)
+    assert all(store.list_keys(b) == [] for b in outputs)
+    outcome = ingest.ingest_object(
+        store, settings, settings.buckets.raw, "uploads/diabetic_data.csv"
+    )
+    assert outcome.status == ingest.INGESTED and len(outcome.written) == 28
+    assert snapshot(store, settings) == before
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _report_key(data: bytes, key: str) -> tuple[str, str]:
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    return keys.rejected_key(digest, key), keys.rejected_report_key(digest, key)
+
+
+def _two_complete_rows() -> bytes:
+    """A valid file of two rows (weight and payer_code given), too small to split."""
+    lines = sample_csv().split(b"\r\n")
+    full = [line for line in lines[1:] if line and b"?" not in line.split(b",")[5:11]]
+    return b"\r\n".join([lines[0], *full[:2]]) + b"\r\n"
+
+
+BAD_UPLOADS = {
+    "missing column": (
+        "bad/missing.csv",
+        lambda: sample_csv().replace(b"encounter_id,", b"", 1),
+        "missing columns: encounter_id",
+    ),
+    "wrong target": (
+        "bad/target.csv",
+        lambda: sample_csv().replace(b",NO\r\n", b",No\r\n"),
+        "target readmitted must be one of NO, >30, <30",
+    ),
+    "zero rows": ("bad/header-only.csv", lambda: sample_csv().split(b"\r\n")[0], "no data rows"),
+    "empty": ("bad/empty.csv", lambda: b"", "the file is empty"),
+    "binary": ("bad/binary.csv", lambda: bytes(range(256)) * 10, "binary"),
+    "semicolons": ("bad/semi.csv", lambda: sample_csv().replace(b",", b";"), "requires commas"),
+    "latin-1": (
+        "bad/latin.csv",
+        lambda: sample_csv().replace(b"Caucasian", b"Cauc\xe1sian", 1),
+        "not UTF-8/ASCII",
+    ),
+    "truncated": ("bad/cut.csv", lambda: sample_csv()[:-60], "truncated"),
+    "not a csv name": ("bad/data.xlsx", lambda: sample_csv(), "does not end in .csv"),
+    "too few patients": (
+        "bad/tiny.csv",
+        lambda: _two_complete_rows(),
+        "too few to split",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_UPLOADS))
+def test_bad_upload_is_moved_to_rejected_with_a_report(store: RecordingStore, kind: str) -> None:
+    key, make, expected = BAD_UPLOADS[kind]
+    data = make()
+    settings = fresh_settings(store)
+    upload(store, settings, key, data)
+    outcome = ingest.ingest_object(store, settings, settings.buckets.raw, key)
+    assert outcome.status == ingest.REJECTED
+    assert any(expected in p for p in outcome.problems), outcome.problems
+    copy_key, report_key = _report_key(data, key)
+    rejected = settings.buckets.rejected
+    assert store.get_bytes(rejected, copy_key) == data
+    report = store.get_json(rejected, report_key)
+    assert report["problems"] == list(outcome.problems)
+    assert report["original"]["key"] == key and report["original"]["size"] == len(data)
+    assert report["rejected_copy"] == {"bucket": rejected, "key": copy_key}
+    assert report["contract"]["columns"] == list(contract.COLUMNS)
+    assert "upload it to the raw bucket again" in report["how_to_fix"]
+    assert snapshot(store, settings) == {
+        f"{rejected}/{copy_key}": store.head(rejected, copy_key).etag,
+        f"{rejected}/{report_key}": store.head(rejected, report_key).etag,
+    }, "nothing but the rejected copy and its report may exist"
+    # the redelivered event finds the raw object gone and does nothing
+    store.writes.clear()
+    again = ingest.ingest_object(store, settings, settings.buckets.raw, key)
+    assert again.status == ingest.GONE and store.writes == []
+
+
+def test_too_large_upload_is_rejected_without_reading_it(store: RecordingStore) -> None:
+    settings = fresh_settings(store, max_upload_bytes=1000)
+    data = sample_csv()
+    upload(store, settings, "big.csv", data)
+    outcome = ingest.ingest_object(store, settings, settings.buckets.raw, "big.csv")
+    assert outcome.status == ingest.REJECTED
+    assert "more than the limit of 1,000 bytes" in outcome.problems[0]
+    [report_key] = [k for k in store.list_keys(settings.buckets.rejected) if k.endswith(".json")]
+    report = store.get_json(settings.buckets.rejected, report_key)
+    assert report["original"]["sha256"] is None  # never downloaded
+    assert (
+        store.get_bytes(settings.buckets.rejected, report_key.removesuffix(".error.json")) == data
+    )
+    assert store.list_keys(settings.buckets.raw) == []
+
+
+@pytest.mark.parametrize("crash_at", [1, 2], ids=["after-copy", "after-report"])
+def test_crash_while_rejecting_loses_nothing_and_the_redelivery_finishes(
+    store: ObjectStore, seaweed_s3: SeaweedServer, crash_at: int
+) -> None:
+    settings = fresh_settings(store)
+    data = b"not,a,contract,file\r\n1,2,3,4\r\n"
+    upload(store, settings, "bad.csv", data)
+    crashing = CrashingStore(seaweed_s3.client(), crash_at=crash_at, settings=settings)
+    with pytest.raises(Crash):
+        ingest.ingest_object(crashing, settings, settings.buckets.raw, "bad.csv")
+    assert store.get_bytes(settings.buckets.raw, "bad.csv") == data, "nothing may be lost"
+    outcome = ingest.ingest_object(store, settings, settings.buckets.raw, "bad.csv")
+    assert outcome.status == ingest.REJECTED
+    assert sorted(store.list_keys(settings.buckets.rejected)) == sorted(
+        _report_key(data, "bad.csv")
+    )
+    assert store.list_keys(settings.buckets.raw) == []
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+def test_crash_at_every_write_then_rerun_gives_the_clean_result(
+    store: ObjectStore, seaweed_s3: SeaweedServer
+) -> None:
+    small = {"batch_rows": 1000, "algorithms": ("logistic_regression", "gradient_boosting")}
+    settings = fresh_settings(store, **small)
+    upload(store, settings, "x.csv", sample_csv(every=20))
+    clean = ingest.ingest_object(store, settings, settings.buckets.raw, "x.csv")
+    expected = snapshot(store, settings)
+    assert len(clean.written) == 4 + 2 + 1 + 8  # 4 batches, validation, test, manifest, 4 x 2 jobs
+    outputs = [settings.buckets.datasets, settings.buckets.jobs]
+
+    for crash_at in range(len(clean.written)):
+        for bucket in outputs:
+            for key in store.list_keys(bucket):
+                store.delete(bucket, key)
+        crashing = CrashingStore(seaweed_s3.client(), crash_at=crash_at, settings=settings)
+        with pytest.raises(Crash):
+            ingest.ingest_object(crashing, settings, settings.buckets.raw, "x.csv")
+        manifest = store.get_json_if_exists(
+            settings.buckets.datasets, keys.manifest_key(clean.dataset_id)
+        )
+        if manifest is not None:
+            assert_manifest_complete(store, settings, manifest)
+        rerun = ingest.ingest_object(store, settings, settings.buckets.raw, "x.csv")
+        assert rerun.status in (ingest.INGESTED, ingest.ALREADY_INGESTED)
+        assert len(rerun.written) == len(clean.written) - crash_at, crash_at
+        assert snapshot(store, settings) == expected, f"crash at write {crash_at}"
+
+
+def test_job_order_is_biggest_first() -> None:
+    order = ingest.job_order(
+        3,
+        [
+            "logistic_regression",
+            "hist_gradient_boosting",
+            "decision_tree",
+            "random_forest",
+            "gradient_boosting",
+        ],
+    )
+    assert order[:6] == [
+        (2, "gradient_boosting"),
+        (2, "random_forest"),
+        (2, "logistic_regression"),
+        (2, "decision_tree"),
+        (2, "hist_gradient_boosting"),
+        (1, "gradient_boosting"),
+    ]
+    assert len(order) == 15 and order[-1] == (0, "hist_gradient_boosting")
+
+
+def test_parquet_bytes_are_the_same_in_another_process() -> None:
+    table = contract.parse_csv_table(sample_csv())
+    here = hashlib.sha256(ingest.parquet_bytes(table)).hexdigest()
+    code = (
+        "import hashlib, sys; sys.path.insert(0, 'tests');"
+        "from conftest_seaweed import sample_csv;"
+        "from readmission import contract, ingest;"
+        "t = contract.parse_csv_table(sample_csv());"
+        "print(hashlib.sha256(ingest.parquet_bytes(t)).hexdigest())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == here
+    assert pq.ParquetFile(io.BytesIO(ingest.parquet_bytes(table))).metadata.num_rows == len(table)
+
+
+# --------------------------------------------------------------------------- the function
+
+
+def _event(bucket: str, key: str, event_type: str = "io.readmission.raw.created") -> dict:
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": event_type,
+        "ce-source": f"s3://{bucket}",
+        "ce-id": hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:32],
+        "ce-subject": key,
+        "content-type": "application/json",
+    }
+    body = {"bucket": bucket, "key": key, "size": 1, "etag": "x", "origin": "seaweedfs"}
+    return {"headers": headers, "data": json.dumps(body)}
+
+
+def test_function_answers_204_and_ingests_or_400_for_a_malformed_event(
+    store: ObjectStore, seaweed_s3: SeaweedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from functions_framework import create_app
+
+    settings = fresh_settings(store)
+    for name, value in seaweed_s3.env().items():
+        monkeypatch.setenv(name, value)
+    for field_name in Buckets.__dataclass_fields__:
+        monkeypatch.setenv(f"BUCKET_{field_name.upper()}", getattr(settings.buckets, field_name))
+    monkeypatch.setenv("BATCH_ROWS", "1000")
+    app = create_app("ingest", str(ROOT / "functions" / "ingest" / "main.py"), "cloudevent")
+    client = app.test_client()
+    raw = settings.buckets.raw
+    data = sample_csv()
+    upload(store, settings, "clinic/a.csv", data)
+
+    reply = client.post("/", **_event(raw, "clinic/a.csv"))
+    assert (reply.status_code, reply.data) == (204, b"")
+    manifest = store.get_json(settings.buckets.datasets, keys.manifest_key(keys.content_id(data)))
+    assert manifest["batch_rows"] == 1000 and len(manifest["jobs"]) == 4 * len(manifest["batches"])
+
+    reply = client.post("/", **_event(raw, "clinic/a.csv"))  # redelivery
+    assert reply.status_code == 204
+
+    upload(store, settings, "clinic/bad.csv", b"hello\r\n")
+    reply = client.post("/", **_event(raw, "clinic/bad.csv"))
+    assert reply.status_code == 204, "a bad CSV is handled (moved to rejected), not retried"
+    assert store.list_keys(raw) == ["clinic/a.csv"]
+
+    assert client.post("/", **_event("elsewhere", "clinic/a.csv")).status_code == 400
+    assert client.post("/", **_event(raw, "a.csv", "io.readmission.job.created")).status_code == 400
