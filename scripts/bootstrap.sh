@@ -12,7 +12,7 @@ fi
 stamp="$ROOT/.venv/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "==> installing the project and its dependencies into .venv"
-  "$ROOT/.venv/bin/pip" install --quiet -e "$ROOT[pipeline,dev]"
+  "$ROOT/.venv/bin/pip" install --quiet -e "${ROOT}[pipeline,dev]"
   touch "$stamp"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
