@@ -1,0 +1,5 @@
+import sys
+
+from readmission.localstack.cli import main
+
+sys.exit(main())

@@ -1,0 +1,210 @@
+"""Clients of a running stack: upload, follow the pipeline (`wait`), report, dead letters."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from readmission.keys import CHAMPION_METADATA_KEY, content_id, manifest_key, model_metadata_key
+from readmission.localstack.config import StackConfig, StackInfo, settings_for, store_for
+
+
+def broker_status(info: StackInfo) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"{info.broker_url}/status", timeout=5) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+
+
+def read_csv_bytes(path: Path) -> tuple[str, bytes]:
+    """(object key, CSV bytes) of a local file; a ``.gz`` file is decompressed."""
+    data = path.read_bytes()
+    name = path.name
+    if name.endswith(".gz"):
+        data, name = gzip.decompress(data), name[: -len(".gz")]
+    if not name.lower().endswith(".csv"):
+        name += ".csv"
+    return name, data
+
+
+def upload(info: StackInfo, path: Path, key: str | None = None) -> dict[str, Any]:
+    name, data = read_csv_bytes(path)
+    settings = settings_for(info.env)
+    record = {
+        "bucket": settings.buckets.raw,
+        "key": key or name,
+        "size": len(data),
+        "dataset_id": content_id(data),
+    }
+    store_for(info.env).put_bytes(record["bucket"], record["key"], data, "text/csv")
+    Path(info.state_dir, "last-upload.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+# wait: a pluggable "done" condition --------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    manifest: dict[str, Any] | None
+    jobs: int
+    results: int
+    model_metadata: bool
+    champion_dataset: str | None
+    rejected: bool
+    broker: dict[str, Any] | None
+
+
+DoneCondition = Callable[[Snapshot], bool]
+
+
+def snapshot(info: StackInfo, dataset_id: str) -> Snapshot:
+    settings = settings_for(info.env)
+    buckets = settings.buckets
+    store = store_for(info.env)
+    champion = store.get_json_if_exists(buckets.models, CHAMPION_METADATA_KEY) or {}
+    return Snapshot(
+        manifest=store.get_json_if_exists(buckets.datasets, manifest_key(dataset_id)),
+        jobs=len(store.list_keys(buckets.jobs, f"{dataset_id}/")),
+        results=len(store.list_keys(buckets.results, f"{dataset_id}/")),
+        model_metadata=store.exists(buckets.models, model_metadata_key(dataset_id)),
+        champion_dataset=champion.get("dataset_id"),
+        rejected=any(
+            key.endswith(".error.json")
+            for key in store.list_keys(buckets.rejected, f"{dataset_id}/")
+        ),
+        broker=broker_status(info),
+    )
+
+
+def champion_ready(dataset_id: str) -> DoneCondition:
+    return lambda s: s.model_metadata or s.champion_dataset == dataset_id
+
+
+def jobs_ready(s: Snapshot) -> bool:
+    return s.manifest is not None and s.jobs >= len(s.manifest.get("jobs", []))
+
+
+def raw_event_handled(s: Snapshot) -> bool:
+    """Without an ingest function: the raw event was delivered or dead-lettered."""
+    if not s.broker:
+        return False
+    raw = "io.readmission.raw.created"
+    return bool(
+        s.broker["delivered_by_type"].get(raw) or s.broker["dead_lettered_by_type"].get(raw)
+    )
+
+
+def done_condition(config: StackConfig, dataset_id: str) -> tuple[str, DoneCondition]:
+    present = {spec.service for spec in config.present_functions()}
+    if {"train", "aggregate"} <= present:
+        return "champion metadata written", champion_ready(dataset_id)
+    if "ingest" in present:
+        return "manifest and every job spec written", jobs_ready
+    return "raw event delivered or dead-lettered", raw_event_handled
+
+
+def describe(s: Snapshot) -> str:
+    parts = []
+    if s.broker:
+        t = s.broker["totals"]
+        parts.append(
+            f"events: received {t['received']} delivered {t['delivered']} queued {t['queued']} "
+            f"in-flight {t['inflight']} retries {t['retries']} "
+            f"dead-lettered {t['dead_lettered'] + t['dead_letter_file']}"
+        )
+    else:
+        parts.append("broker: not answering")
+    expected_jobs = len(s.manifest.get("jobs", [])) if s.manifest else "?"
+    parts.append(
+        f"manifest {'yes' if s.manifest else 'no'} | jobs {s.jobs}/{expected_jobs} | "
+        f"results {s.results}/{expected_jobs} | model {'yes' if s.model_metadata else 'no'}"
+    )
+    return " | ".join(parts)
+
+
+def wait(
+    info: StackInfo,
+    config: StackConfig,
+    dataset_id: str,
+    timeout: float,
+    condition: tuple[str, DoneCondition] | None = None,
+    log: Callable[[str], None] = print,
+    interval: float = 2.0,
+) -> bool:
+    what, done = condition or done_condition(config, dataset_id)
+    log(f"waiting up to {timeout:.0f}s for dataset {dataset_id}: {what}")
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    last = ""
+    while True:
+        try:
+            snap = snapshot(info, dataset_id)
+        except Exception as exc:  # the stack may be busy; report and keep polling
+            log(f"  ... cannot read progress: {exc}")
+            snap = None
+        if snap is not None:
+            line = describe(snap)
+            if line != last:
+                log(f"  [{time.monotonic() - started:6.0f}s] {line}")
+                last = line
+            if snap.rejected:
+                log(f"dataset {dataset_id} was rejected: see the rejected bucket")
+                return False
+            if done(snap):
+                log(f"done: {what}")
+                return True
+        if time.monotonic() > deadline:
+            log(f"timed out after {timeout:.0f}s")
+            return False
+        time.sleep(interval)
+
+
+# reports -----------------------------------------------------------------------------------------
+
+
+def report(info: StackInfo) -> str:
+    settings = settings_for(info.env)
+    store = store_for(info.env)
+    lines = ["objects per bucket:"]
+    for bucket in settings.buckets.all():
+        objects = list(store.list(bucket))
+        size = sum(o.size for o in objects)
+        lines.append(f"  {bucket:<12} {len(objects):>5} objects {size / 1e6:10.2f} MB")
+    champion = store.get_json_if_exists(settings.buckets.models, CHAMPION_METADATA_KEY)
+    if champion:
+        validation = (champion.get("metrics") or {}).get("validation") or {}
+        lines.append(
+            f"champion: {champion.get('algorithm')} on {champion.get('training_rows')} rows "
+            f"(dataset {champion.get('dataset_id')}, model version {champion.get('version')}), "
+            f"validation {settings.selection_metric} = {validation.get(settings.selection_metric)}"
+        )
+        lines.append(f"  model: s3://{champion.get('model_bucket')}/{champion.get('model_key')}")
+    else:
+        lines.append("champion: none yet")
+    lines.append(f"MLflow UI: {info.mlflow_uri}")
+    if "PREDICT_URL" in info.env:
+        lines.append(f"predict:   {info.env['PREDICT_URL']}")
+    return "\n".join(lines)
+
+
+def dead_letters(info: StackInfo) -> list[dict[str, Any]]:
+    settings = settings_for(info.env)
+    store = store_for(info.env)
+    letters = []
+    for key in store.list_keys(settings.buckets.dead_letter):
+        document = store.get_json(settings.buckets.dead_letter, key)
+        letters.append({"where": f"s3://{settings.buckets.dead_letter}/{key}", **document})
+    fallback = Path(info.state_dir, "dead-letters.jsonl")
+    if fallback.exists():
+        for line in fallback.read_text().splitlines():
+            if line.strip():
+                letters.append({"where": str(fallback), **json.loads(line)})
+    return letters

@@ -1,0 +1,171 @@
+"""Detached background processes with pid and log files (used by the local stack supervisor).
+
+Each process runs in its own session (its own process group), so stopping it stops everything
+it started and nothing else. A pid file records the pid and the command line: ``stop`` signals
+the group only while the pid still runs that command (a reused pid is left alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Process:
+    name: str
+    pid: int
+    cmd: list[str]
+    log: Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports (held open together so they differ)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def start(
+    name: str,
+    cmd: Sequence[str],
+    *,
+    run_dir: Path,
+    log_dir: Path,
+    env: Mapping[str, str],
+    cwd: Path,
+) -> Process:
+    """Start ``cmd`` detached, output appended to ``<log_dir>/<name>.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("ab") as log_file:
+        child = subprocess.Popen(
+            list(cmd),
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    process = Process(name, child.pid, list(cmd), log_path)
+    (run_dir / f"{name}.pid").write_text(
+        json.dumps({"pid": child.pid, "cmd": list(cmd), "log": str(log_path)})
+    )
+    return process
+
+
+def recorded(run_dir: Path) -> list[Process]:
+    processes = []
+    for path in sorted(run_dir.glob("*.pid")):
+        try:
+            info = json.loads(path.read_text())
+            processes.append(
+                Process(path.stem, int(info["pid"]), list(info["cmd"]), Path(info["log"]))
+            )
+        except (ValueError, KeyError, OSError):
+            continue
+    return processes
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def is_running(process: Process) -> bool:
+    """True while the pid is alive and still runs the recorded command."""
+    _reap(process.pid)
+    try:
+        raw = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    if state == "Z":
+        return False
+    argv = [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+    tail = process.cmd[1:]
+    return bool(argv) and (not tail or argv[-len(tail) :] == tail)
+
+
+def _signal_group(process: Process, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+def stop_all(recorded_processes: list[Process], run_dir: Path, grace: float = 10.0) -> list[str]:
+    """SIGTERM the process groups together, SIGKILL those still running after ``grace``.
+
+    Returns the names of the processes that were running; their pid files are removed.
+    """
+    running = [p for p in recorded_processes if is_running(p)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for process in running:
+            if is_running(process):
+                if sig == signal.SIGKILL:
+                    logging.getLogger(__name__).warning(
+                        "%s (pid %d) still running %gs after SIGTERM: SIGKILL",
+                        process.name,
+                        process.pid,
+                        grace,
+                    )
+                _signal_group(process, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(is_running(p) for p in running):
+            time.sleep(0.1)
+    for process in recorded_processes:
+        (run_dir / f"{process.name}.pid").unlink(missing_ok=True)
+    return [p.name for p in running]
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The HTTP status a GET gets, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def wait_until(check: Callable[[], object], timeout: float, interval: float = 0.25) -> bool:
+    """Call ``check()`` until it returns True or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

@@ -1,0 +1,134 @@
+"""SeaweedFS for the local stack: credentials, S3 identities, filer webhook, command line.
+
+* ``credentials.json`` (mode 0600): a generated access/secret key pair and webhook token,
+  reused on restart.
+* ``s3.json`` (mode 0600): the S3 identities file; only that key pair is allowed, so anonymous
+  and wrong-key requests are refused.
+* ``notification.toml`` (mode 0600): ``[notification.webhook]`` posting every filer change to
+  the events adapter with a generated bearer token (the adapter's ``ADAPTER_TOKEN``). The
+  filer reads it from its working directory, so SeaweedFS runs in that folder.
+* ``security.toml`` (mode 0600): JWT signing keys, fresh at every start, so the filer's and
+  the volume server's own HTTP APIs refuse unsigned reads and writes (401): only the S3
+  gateway, which signs its requests, reaches the data. Directory metadata and the volume UI are
+  not exposed.
+* every port SeaweedFS opens is given explicitly and bound to 127.0.0.1; the Iceberg and Lance
+  catalogue ports are disabled and telemetry is off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+SEAWEED_PORTS = ("master", "volume", "filer", "s3")
+_KEY_ALPHABET = string.ascii_uppercase + string.digits
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key: str
+    secret_key: str
+    webhook_token: str = ""
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+
+
+def load_or_create_credentials(path: Path) -> Credentials:
+    if path.exists():
+        info = json.loads(path.read_text())
+        if info.get("webhook_token"):
+            return Credentials(info["access_key"], info["secret_key"], info["webhook_token"])
+    credentials = Credentials(
+        access_key="RA" + "".join(secrets.choice(_KEY_ALPHABET) for _ in range(18)),
+        secret_key=secrets.token_urlsafe(30),
+        webhook_token=secrets.token_urlsafe(24),
+    )
+    _write_private(
+        path,
+        json.dumps(
+            {
+                "access_key": credentials.access_key,
+                "secret_key": credentials.secret_key,
+                "webhook_token": credentials.webhook_token,
+            }
+        ),
+    )
+    return credentials
+
+
+def write_identities(path: Path, credentials: Credentials) -> None:
+    identities = {
+        "identities": [
+            {
+                "name": "readmission",
+                "credentials": [
+                    {"accessKey": credentials.access_key, "secretKey": credentials.secret_key}
+                ],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    _write_private(path, json.dumps(identities, indent=2))
+
+
+def write_notification_config(path: Path, webhook_url: str, bearer_token: str = "") -> None:
+    _write_private(
+        path,
+        "# Written by readmission.localstack: every filer change is POSTed to the events adapter.\n"
+        "[notification.webhook]\n"
+        "enabled = true\n"
+        f'endpoint = "{webhook_url}"\n'
+        f'bearer_token = "{bearer_token}"\n'
+        "timeout_seconds = 30\n"
+        "max_retries = 10\n"
+        "backoff_seconds = 1\n"
+        "max_backoff_seconds = 10\n"
+        "workers = 1\n"  # one at a time: events reach the broker in write order
+        "buffer_size = 10000\n"
+        'path_prefixes = ["/buckets"]\n',
+    )
+
+
+def write_security_config(path: Path) -> None:
+    """JWT keys for volume and filer HTTP reads and writes (``weed scaffold -config=security``)."""
+    sections = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
+    text = "# Written by readmission.localstack: fresh keys at every start.\n"
+    for section in sections:
+        text += f'[{section}]\nkey = "{secrets.token_urlsafe(32)}"\nexpires_after_seconds = 60\n'
+    text += "[access]\nui = false\n[filer.expose_directory_metadata]\nenabled = false\n"
+    _write_private(path, text)
+
+
+def server_command(
+    weed: str, data_dir: Path, identities: Path, ports: dict[str, int], host: str = "127.0.0.1"
+) -> list[str]:
+    """``weed server`` with master, volume, filer and S3, every port explicit (gRPC included)."""
+    command = [
+        weed,
+        "server",
+        f"-ip={host}",
+        f"-ip.bind={host}",
+        f"-dir={data_dir}",
+        "-filer",
+        "-s3",
+        f"-s3.config={identities}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=256",
+        "-volume.max=0",
+        "-volume.preStopSeconds=1",  # default 10: `down` would wait for it
+    ]
+    for name in SEAWEED_PORTS:
+        command += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={ports[name + '.grpc']}"]
+    return command

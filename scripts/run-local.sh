@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The whole pipeline on this machine: SeaweedFS (S3 + filer webhook), MLflow, the local broker
+# and one functions-framework process per function (docs/local-stack.md).
+#
+#   scripts/run-local.sh              start the stack, upload the dataset, follow the pipeline
+#   scripts/run-local.sh up           start the stack only
+#   scripts/run-local.sh stop         stop everything the stack started (also: down)
+#   scripts/run-local.sh status       processes and broker counters
+#   scripts/run-local.sh logs [NAME]  last lines of the log files
+#   scripts/run-local.sh dead-letters events that could not be delivered
+#   scripts/run-local.sh report       what the pipeline produced
+#
+# Env: DIABETES_CSV (default ../shared/data/diabetic_data.csv.gz; .gz is decompressed on the
+# fly; if missing, readmission.dataset.ensure_dataset() fetches the UCI archive), STATE_DIR
+# (.state), WAIT_TIMEOUT (3600 s), and the ports and settings in docs/local-stack.md.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+source scripts/bootstrap.sh
+stack() { python -m readmission.localstack "$@"; }
+
+dataset_path() {
+  local csv="${DIABETES_CSV:-$ROOT/../shared/data/diabetic_data.csv.gz}"
+  if [ -f "$csv" ]; then
+    echo "$csv"
+    return
+  fi
+  echo "==> $csv not found: fetching the UCI dataset" >&2
+  python - <<'PY'
+try:
+    from readmission.dataset import ensure_dataset
+except ImportError as error:
+    raise SystemExit(f"no dataset: set DIABETES_CSV ({error})")
+print(ensure_dataset())
+PY
+}
+
+command="${1:-run}"
+case "$command" in
+  stop | down) stack down ;;
+  up) stack up ;;
+  status) stack status ;;
+  logs) shift; stack logs "$@" ;;
+  dead-letters) stack dead-letters ;;
+  report) stack report ;;
+  run)
+    echo "==> starting the local stack"
+    stack up
+    csv="$(dataset_path)"
+    echo "==> uploading $csv"
+    stack upload "$csv"
+    echo "==> following the pipeline (Ctrl-C stops watching; the stack keeps running)"
+    status=0
+    stack wait --timeout "${WAIT_TIMEOUT:-3600}" || status=$?
+    echo "==> produced"
+    stack report
+    letters="$(stack dead-letters 2>/dev/null | wc -l)"
+    if [ "$letters" -gt 0 ]; then
+      echo "==> $letters dead letter(s): scripts/run-local.sh dead-letters"
+    fi
+    echo "==> the stack is still running: source ${STATE_DIR:-$ROOT/.state}/env to use it;"
+    echo "    scripts/run-local.sh stop to stop it"
+    exit "$status"
+    ;;
+  *)
+    sed -n '2,15p' "$0"
+    exit 2
+    ;;
+esac

@@ -1,0 +1,139 @@
+"""The real local stack (SeaweedFS, MLflow, broker, functions) as a pytest fixture.
+
+Every port is chosen free at runtime and all state lives in a pytest temp folder, so parallel
+test runs on one machine do not collide.
+
+* ``stack`` (session-scoped fixture): one stack shared by every test that asks for it.
+* ``running_stack(state_dir, env)`` (context manager): a stack of your own, e.g. in a
+  module-scoped fixture with small settings (``{"BATCH_ROWS": "2000"}``).
+
+Mark tests that use it ``@pytest.mark.stack``. A ``RunningStack`` exposes the ObjectStore,
+the settings, the client env (``environ()`` applies it to ``os.environ`` temporarily), the
+broker, function and MLflow URLs, and the broker's status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from readmission.config import Settings
+from readmission.localstack import (
+    StackConfig,
+    StackInfo,
+    Supervisor,
+    settings_for,
+    store_for,
+)
+from readmission.storage import ObjectStore
+
+DEFAULT_TEST_ENV = {"TRAIN_WORKERS": "2"}
+
+
+@dataclass
+class RunningStack:
+    config: StackConfig
+    info: StackInfo
+    store: ObjectStore
+    settings: Settings
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.state_dir
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client needs: S3 endpoint and keys, MLflow URI, broker and predict URLs."""
+        return dict(self.info.env)
+
+    @property
+    def s3_url(self) -> str:
+        return self.info.s3_url
+
+    @property
+    def broker_url(self) -> str:
+        return self.info.broker_url
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.info.mlflow_uri
+
+    @property
+    def filer_url(self) -> str:
+        return self.info.filer_url
+
+    @property
+    def function_urls(self) -> dict[str, list[str]]:
+        """Knative Service name -> URLs of its running replicas."""
+        return {name: list(urls) for name, urls in self.info.services.items()}
+
+    @property
+    def predict_url(self) -> str | None:
+        return self.info.env.get("PREDICT_URL")
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return dict(self.info.ports)
+
+    def has_function(self, service: str) -> bool:
+        return bool(self.info.services.get(service))
+
+    @contextlib.contextmanager
+    def environ(self) -> Iterator[dict[str, str]]:
+        """os.environ with the stack's client env, restored afterwards."""
+        saved = dict(os.environ)
+        os.environ.update(self.info.env)
+        try:
+            yield dict(os.environ)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def broker_status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.broker_url}/status", timeout=5) as response:
+            return json.loads(response.read())
+
+    def log(self, name: str, lines: int = 200) -> str:
+        return Supervisor(self.config).tail(name, lines)
+
+    def wait_for(
+        self, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.5
+    ) -> Any:
+        """Poll ``check()`` until it returns something truthy; that value, or None on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = check()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(interval)
+
+
+@contextlib.contextmanager
+def running_stack(state_dir: Path, env: Mapping[str, str] | None = None) -> Iterator[RunningStack]:
+    """Start the stack on free ports with its state in ``state_dir``; stop it afterwards."""
+    extra = {**DEFAULT_TEST_ENV, **(env or {}), "LOCAL_PORTS": "free", "STATE_DIR": str(state_dir)}
+    config = StackConfig.from_env(state_dir=state_dir, extra_env=extra)
+    supervisor = Supervisor(config)
+    try:
+        info = supervisor.up(log=lambda _line: None)
+        yield RunningStack(config, info, store_for(info.env), settings_for(info.env))
+    finally:
+        supervisor.down(log=lambda _line: None)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """One real stack for the whole test session (started on first use)."""
+    with running_stack(tmp_path_factory.mktemp("stack") / "state") as running:
+        yield running

@@ -1,0 +1,94 @@
+"""The supervisor's configuration (readmission/localstack/config.py), without starting anything."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from readmission.localstack.config import (
+    StackConfig,
+    assign_ports,
+    function_specs,
+    functions_from_manifests,
+)
+from readmission.localstack.progress import Snapshot, done_condition
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_function_entry_points_come_from_the_service_manifests(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "infra", tmp_path / "infra")
+    (tmp_path / "infra" / "knative" / "extra.yaml").write_text(
+        "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: extra}\n"
+        "spec: {template: {spec: {containers: [{args: ['--target', 'go', "
+        "'--source=functions/extra/main.py', '--signature-type=cloudevent']}]}}}\n"
+    )
+    specs = {spec.service: spec for spec in function_specs(tmp_path)}
+    assert specs["extra"].target == "go" and specs["extra"].signature == "cloudevent"
+    assert specs["extra"].source == "functions/extra/main.py"
+    assert specs["events-adapter"].source == "events/adapter.py"  # from the design table
+    from_manifests = {s.service: s for s in functions_from_manifests(ROOT / "infra" / "knative")}
+    for name, spec in from_manifests.items():  # the manifest wins over the design table
+        assert specs[name] == spec
+
+
+def test_a_missing_function_file_is_skipped_not_started(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "infra", tmp_path / "infra")
+    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "adapter.py").write_text("")
+    config = StackConfig.from_env(root=tmp_path, extra_env={"TRAIN_WORKERS": "3"})
+    assert [s.service for s in config.present_functions()] == ["events-adapter"]
+    assert "train" in {s.service for s in config.missing_functions()}
+    assert config.process_names() == ["events-adapter"]
+
+
+def test_train_replicas_get_their_own_ports_and_free_mode_gives_distinct_ports() -> None:
+    config = StackConfig.from_env(root=ROOT, extra_env={"TRAIN_WORKERS": "3", "LOCAL_PORTS": ""})
+    ports = assign_ports(config)
+    trains = [ports[n] for n in config.process_names() if n.startswith("train-")]
+    if trains:
+        assert trains == [8111, 8112, 8113]
+    assert ports["s3"] == 8333 and ports["s3.grpc"] == 18333 and ports["broker"] == 8100
+    assert len(set(ports.values())) == len(ports)
+    free = assign_ports(StackConfig.from_env(root=ROOT, extra_env={"LOCAL_PORTS": "free"}))
+    assert len(set(free.values())) == len(free)
+    assert free.keys() >= {"s3", "s3.grpc", "filer", "master", "volume", "mlflow", "broker"}
+
+
+def _snapshot(**changes: object) -> Snapshot:
+    base: dict = {
+        "manifest": None,
+        "jobs": 0,
+        "results": 0,
+        "model_metadata": False,
+        "champion_dataset": None,
+        "rejected": False,
+        "broker": None,
+    }
+    return Snapshot(**(base | changes))
+
+
+def test_wait_condition_follows_the_functions_that_exist(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "infra", tmp_path / "infra")
+    config = StackConfig.from_env(root=tmp_path)
+    what, done = done_condition(config, "d1")
+    assert "raw event" in what
+    broker = {"delivered_by_type": {}, "dead_lettered_by_type": {"io.readmission.raw.created": 1}}
+    assert done(_snapshot(broker=broker)) and not done(_snapshot())
+
+    (tmp_path / "functions" / "ingest").mkdir(parents=True)
+    (tmp_path / "functions" / "ingest" / "main.py").write_text("")
+    what, done = done_condition(config, "d1")
+    assert "job spec" in what
+    manifest = {"jobs": ["d1/00-a.json", "d1/00-b.json"]}
+    assert not done(_snapshot(manifest=manifest, jobs=1))
+    assert done(_snapshot(manifest=manifest, jobs=2))
+
+    for name in ("train", "aggregate"):
+        (tmp_path / "functions" / name).mkdir()
+        (tmp_path / "functions" / name / "main.py").write_text("")
+    what, done = done_condition(config, "d1")
+    assert "champion" in what
+    assert not done(_snapshot(manifest=manifest, jobs=2, results=2))
+    assert done(_snapshot(model_metadata=True))
+    assert done(_snapshot(champion_dataset="d1")) and not done(_snapshot(champion_dataset="d0"))
