@@ -1,0 +1,82 @@
+"""Knative Service `train`: a job spec landed (io.readmission.job.created) → MLflow run + result.
+
+Thin entry point; the work is `readmission.training.train_job`. One fit per process at a time
+(containerConcurrency 1) on one BLAS/OpenMP thread: the parallelism is the number of processes.
+A job spec that is missing, not JSON, or invalid is a MalformedEvent (400: not retried, sent to
+the dead-letter sink); object-store or MLflow failures raise (500) so the broker retries.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy/scikit-learn are imported: one thread per fit (see readmission.training).
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
+import functools  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+from typing import Any  # noqa: E402
+
+import functions_framework  # noqa: E402
+
+from readmission import keys, tracking  # noqa: E402
+from readmission.config import Settings  # noqa: E402
+from readmission.handler import MalformedEvent, object_ref, reply_empty_on_success  # noqa: E402
+from readmission.storage import ObjectStore  # noqa: E402
+from readmission.training import InvalidJobSpec, JobSpec, train_job  # noqa: E402
+
+EVENT_TYPE = "io.readmission.job.created"
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+log = logging.getLogger("train")
+reply_empty_on_success()
+tracking.warm_up()
+
+
+@functools.cache
+def _context() -> tuple[Settings, ObjectStore]:
+    """Settings and the S3 client, built once per process on the first event."""
+    settings = Settings.from_env()
+    return settings, ObjectStore.from_settings(settings)
+
+
+def read_job_spec(
+    store: ObjectStore, settings: Settings, bucket: str, key: str
+) -> tuple[JobSpec, dict[str, Any]]:
+    """The job spec behind an event (parsed and as read), or MalformedEvent saying why it
+    cannot be run."""
+    data = store.get_bytes_if_exists(bucket, key)
+    if data is None:
+        raise MalformedEvent(f"job spec s3://{bucket}/{key} does not exist")
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MalformedEvent(f"job spec s3://{bucket}/{key} is not JSON: {error}") from error
+    try:
+        job = JobSpec.parse(document, settings.buckets.datasets)
+    except InvalidJobSpec as error:
+        raise MalformedEvent(f"s3://{bucket}/{key}: {error}") from error
+    if job.key != key:
+        raise MalformedEvent(f"job spec s3://{bucket}/{key} describes job {job.key}")
+    return job, document
+
+
+@functions_framework.cloud_event
+def train(event: Any) -> None:
+    settings, store = _context()
+    ref = object_ref(event, EVENT_TYPE, settings.buckets.jobs)
+    try:
+        keys.parse_job_key(ref.key)
+    except ValueError as error:
+        raise MalformedEvent(str(error)) from error
+    job, document = read_job_spec(store, settings, ref.bucket, ref.key)
+    result = train_job(store, settings, document)
+    log.info(
+        "event %s: job %s done: run %s, validation f1_weighted %s",
+        event["id"],
+        job.key,
+        result.get("run_id"),
+        result.get("metrics", {}).get("validation", {}).get("f1_weighted"),
+    )

@@ -1,0 +1,198 @@
+"""Model definitions: one scikit-learn Pipeline owns preprocessing AND the classifier.
+
+Training, the MLflow model and the exported ONNX graph are the same object, so the encoders
+can never drift apart between training and serving. The pipeline's input is the frame that
+`to_model_frame` builds: the 47 contract FEATURES, numeric ones as float32 with NaN for
+missing, categorical ones as str with the contract's MISSING_MARKER ("?") for missing, exactly
+what the predict function feeds the ONNX graph.
+
+Encoders, per algorithm (all convertible by skl2onnx, all tolerant of unseen categories):
+
+* logistic_regression: median imputation + standard scaling of the numeric features; sparse
+  one-hot of the categoricals, where categories seen fewer than `MIN_FREQUENCY` times in the
+  training data (most of the ~700 ICD-9 codes per diagnosis column) share one "infrequent"
+  column; a category never seen in training encodes as all zeros (handle_unknown="ignore").
+* trees (decision_tree, random_forest, gradient_boosting, hist_gradient_boosting): median
+  imputation of numerics and ordinal codes for categoricals (unknown -> -1): 47 float32
+  columns. gradient_boosting (3 classes x 100 trees) then keeps the GB_MAX_FEATURES columns
+  a shallow decision tree ranks highest (SelectFromModel, learned at fit, in the ONNX graph).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.compose import ColumnTransformer
+from sklearn.ensemble import (
+    GradientBoostingClassifier,
+    HistGradientBoostingClassifier,
+    RandomForestClassifier,
+)
+from sklearn.feature_selection import SelectFromModel
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
+from sklearn.tree import DecisionTreeClassifier
+
+from readmission.contract import (
+    CATEGORICAL_FEATURES,
+    FEATURES,
+    MISSING_MARKER,
+    NUMERIC_FEATURES,
+    TARGET,
+)
+
+RANDOM_STATE = 42
+# One-hot (logistic regression): categories rarer than this share the "infrequent" column.
+MIN_FREQUENCY = 100
+# Ordinal code of a category the encoder did not see in training (trees).
+UNKNOWN_CODE = -1
+# gradient_boosting fits 3 x 100 trees on the columns a depth-6 decision tree ranks highest:
+# 20 of 47 keep its validation F1 and ROC-AUC (16 lose 0.009 F1) at ~3/4 of the fit time.
+GB_MAX_FEATURES = 20
+GB_SELECTOR_DEPTH = 6
+
+ALGORITHMS: tuple[str, ...] = (
+    "logistic_regression",
+    "decision_tree",
+    "random_forest",
+    "gradient_boosting",
+    "hist_gradient_boosting",
+)
+
+PREPROCESS_STEP = "preprocess"
+SELECT_STEP = "select"
+MODEL_STEP = "model"
+
+
+class UnknownAlgorithm(ValueError):
+    """The algorithm name is not one of ALGORITHMS."""
+
+
+def make_classifier(algorithm: str) -> Any:
+    """The classifier with the original project's hyperparameters, random_state fixed."""
+    if algorithm == "logistic_regression":
+        return LogisticRegression(max_iter=1000, random_state=RANDOM_STATE)
+    if algorithm == "decision_tree":
+        return DecisionTreeClassifier(max_depth=10, random_state=RANDOM_STATE)
+    if algorithm == "random_forest":
+        # n_jobs=1: the pipeline's parallelism is one fit per process.
+        return RandomForestClassifier(
+            n_estimators=100, max_depth=10, n_jobs=1, random_state=RANDOM_STATE
+        )
+    if algorithm == "gradient_boosting":
+        return GradientBoostingClassifier(n_estimators=100, max_depth=5, random_state=RANDOM_STATE)
+    if algorithm == "hist_gradient_boosting":
+        return HistGradientBoostingClassifier(random_state=RANDOM_STATE)
+    raise UnknownAlgorithm(
+        f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}"
+    )
+
+
+def _one_hot_preprocessor() -> ColumnTransformer:
+    numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
+    categorical = OneHotEncoder(
+        handle_unknown="ignore",
+        min_frequency=MIN_FREQUENCY,
+        sparse_output=True,
+        dtype=np.float32,
+    )
+    return ColumnTransformer(
+        [
+            ("numeric", numeric, list(NUMERIC_FEATURES)),
+            ("categorical", categorical, list(CATEGORICAL_FEATURES)),
+        ],
+        sparse_threshold=1.0,
+        verbose_feature_names_out=False,
+    )
+
+
+def _ordinal_preprocessor() -> ColumnTransformer:
+    numeric = SimpleImputer(strategy="median")
+    categorical = OrdinalEncoder(
+        handle_unknown="use_encoded_value", unknown_value=UNKNOWN_CODE, dtype=np.float32
+    )
+    return ColumnTransformer(
+        [
+            ("numeric", numeric, list(NUMERIC_FEATURES)),
+            ("categorical", categorical, list(CATEGORICAL_FEATURES)),
+        ],
+        sparse_threshold=0.0,
+        verbose_feature_names_out=False,
+    )
+
+
+def build_pipeline(algorithm: str) -> Pipeline:
+    """An unfitted Pipeline (preprocess [-> select] -> model) for one of ALGORITHMS."""
+    classifier = make_classifier(algorithm)
+    if algorithm == "logistic_regression":
+        return Pipeline([(PREPROCESS_STEP, _one_hot_preprocessor()), (MODEL_STEP, classifier)])
+    steps: list[tuple[str, Any]] = [(PREPROCESS_STEP, _ordinal_preprocessor())]
+    if algorithm == "gradient_boosting":
+        ranker = DecisionTreeClassifier(max_depth=GB_SELECTOR_DEPTH, random_state=RANDOM_STATE)
+        steps.append(
+            (
+                SELECT_STEP,
+                SelectFromModel(ranker, max_features=GB_MAX_FEATURES, threshold=-np.inf),
+            )
+        )
+    steps.append((MODEL_STEP, classifier))
+    return Pipeline(steps)
+
+
+def to_model_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The model input for a contract frame: the 47 FEATURES in contract order.
+
+    Numeric features become float32 with NaN for missing; categorical ones become pandas
+    strings (`str` dtype) with MISSING_MARKER for missing (NA, None or an empty string);
+    non-string values (e.g. the integer 1) become their text ("1"). Extra columns (ids, the
+    target) are dropped; a missing feature column raises KeyError. Vectorised (Arrow strings):
+    ~0.3 s for 71k rows.
+    """
+    missing = [c for c in FEATURES if c not in df.columns]
+    if missing:
+        raise KeyError(f"the frame lacks feature columns: {', '.join(missing)}")
+    columns: dict[str, Any] = {}
+    for column in FEATURES:
+        values = df[column].reset_index(drop=True)
+        if column in NUMERIC_FEATURES:
+            numbers = pd.to_numeric(values, errors="coerce")
+            columns[column] = pd.Series(numbers.to_numpy(dtype=np.float32, na_value=np.nan))
+        else:
+            text = values.astype("string[pyarrow]").fillna(MISSING_MARKER)
+            text = text.mask(text == "", MISSING_MARKER)
+            columns[column] = text.astype("str")
+    return pd.DataFrame(columns, index=pd.RangeIndex(len(df)))
+
+
+def target_values(df: pd.DataFrame) -> np.ndarray:
+    """The target column as a numpy array of str (the class labels)."""
+    return df[TARGET].astype(str).to_numpy(dtype=object)
+
+
+def classifier_params(pipeline: Pipeline) -> dict[str, Any]:
+    """The classifier's hyperparameters (for MLflow params)."""
+    return dict(pipeline.named_steps[MODEL_STEP].get_params(deep=False))
+
+
+def n_model_features(pipeline: Pipeline) -> int:
+    """Number of columns the fitted preprocessing (and selection) hands the classifier."""
+    return len(pipeline[:-1].get_feature_names_out())
+
+
+def learned_categories(pipeline: Pipeline) -> dict[str, list[str]]:
+    """column -> the categories the fitted encoder learned for it (sorted as the encoder keeps
+    them). Other values encode as unknown: -1 (trees) or all-zero one-hot (logistic)."""
+    preprocess = pipeline.named_steps[PREPROCESS_STEP]
+    result: dict[str, list[str]] = {}
+    for _name, transformer, columns in preprocess.transformers_:
+        encoder = transformer[-1] if isinstance(transformer, Pipeline) else transformer
+        categories = getattr(encoder, "categories_", None)
+        if categories is None:
+            continue
+        for column, values in zip(columns, categories, strict=True):
+            result[column] = [str(v) for v in values]
+    return result

@@ -1,0 +1,260 @@
+"""MLflow helpers for the training step: one run per training job, found again by its tags.
+
+A job's run carries the tags `job_key` (the job spec's key) and `dataset_id`, and the
+deterministic name `<dataset_id>-<ii>-<algorithm>`. A run is *complete* when it is FINISHED and
+carries the tag `readmission.complete=true`, which is set after the model was logged, as the
+last write before the run is terminated.
+
+The sklearn model is logged in MLflow's default skops format. skops refuses to load types it
+does not trust (e.g. `sklearn.tree._tree.Tree`), so `log_pipeline` records TRUSTED_TYPES in the
+MLmodel file (`skops_trusted_types`); `mlflow.sklearn.load_model(uri)` then needs nothing else
+than `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true` (see `load_pipeline`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.sklearn
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from sklearn.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+JOB_KEY_TAG = "job_key"
+DATASET_TAG = "dataset_id"
+COMPLETE_TAG = "readmission.complete"
+MODEL_NAME = "model"
+ALLOW_DESERIALIZATION = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+# Rows of the training frame stored as the model's input example.
+INPUT_EXAMPLE_ROWS = 3
+_PACKAGE = "readmission-pipeline"
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    """A client for one tracking server; also points the fluent API (log_model) at it."""
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """Id of the experiment `name`, created if missing (safe when workers race to create it)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    try:
+        return str(client.create_experiment(name))
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)
+
+
+def run_name(dataset_id: str, cumulative_index: int, algorithm: str) -> str:
+    return f"{dataset_id}-{cumulative_index:02d}-{algorithm}"
+
+
+def job_runs(client: MlflowClient, exp_id: str, job_key: str) -> list[Run]:
+    """Every active (not deleted) run of the job, oldest first (then by run id)."""
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.{JOB_KEY_TAG} = '{job_key}'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        max_results=1000,
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def is_complete(run: Run) -> bool:
+    return run.info.status == "FINISHED" and run.data.tags.get(COMPLETE_TAG) == "true"
+
+
+def discard_incomplete(client: MlflowClient, runs: list[Run]) -> list[Run]:
+    """Mark every incomplete run (RUNNING/FAILED/KILLED, or FINISHED without its model) of a
+    killed attempt FAILED and delete it; return the complete runs.
+
+    The broker redelivers a job only after the previous attempt failed or timed out, so an
+    incomplete run is stale. Should its attempt still be alive, its next MLflow write fails on
+    the deleted run and it raises (the redelivery then reuses whichever run completed).
+    """
+    complete = []
+    for run in runs:
+        if is_complete(run):
+            complete.append(run)
+            continue
+        run_id = run.info.run_id
+        log.warning("deleting stale run %s (status %s) of job", run_id, run.info.status)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run_id, status="FAILED")
+        client.delete_run(run_id)
+    return complete
+
+
+def keep_first_complete(client: MlflowClient, runs: list[Run]) -> Run | None:
+    """The oldest complete run; other complete runs (concurrent twins) are deleted so exactly
+    one finished run per job remains, whichever attempt converges first."""
+    complete = [run for run in runs if is_complete(run)]
+    if not complete:
+        return None
+    keep, *twins = complete
+    for twin in twins:
+        log.warning("deleting duplicate run %s (keeping %s)", twin.info.run_id, keep.info.run_id)
+        client.delete_run(twin.info.run_id)
+    return keep
+
+
+@functools.cache
+def code_version() -> str:
+    """CODE_VERSION if set, else `git describe` of the checkout, else the package version."""
+    explicit = os.environ.get("CODE_VERSION", "").strip()
+    if explicit:
+        return explicit
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=_REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        if described:
+            return described
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return metadata.version(_PACKAGE)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def warm_up() -> None:
+    """Import what the first model log would import lazily (skops, pyfunc: seconds), so a
+    function process pays it at start-up instead of in its first job."""
+    import mlflow.models.utils
+    import mlflow.pyfunc  # noqa: F401
+    import skops.io  # noqa: F401
+
+
+def _param_value(value: Any) -> str:
+    return "None" if value is None else str(value)[:500]
+
+
+def log_run_data(
+    client: MlflowClient,
+    run_id: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float | None],
+) -> None:
+    """All params and metrics of a run in one request (None metrics are skipped)."""
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric(name, float(value), now, 0)
+            for name, value in sorted(metrics.items())
+            if value is not None
+        ],
+        params=[Param(name, _param_value(value)) for name, value in sorted(params.items())],
+    )
+
+
+# The types skops does not trust by default that our five pipelines contain (checked for
+# every algorithm by tests/test_training.py). Recorded in each MLmodel so loading needs nothing
+# more; a static list, because computing it per model costs a full skops dump and load
+# (~2 s for a random forest).
+TRUSTED_TYPES = (
+    "numpy.dtype",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.tree._tree.Tree",
+)
+
+
+def untrusted_types(pipeline: Pipeline) -> list[str]:
+    """The types skops will not load without being told to trust them (dumps the model)."""
+    import skops.io
+
+    return sorted(skops.io.get_untrusted_types(data=skops.io.dumps(pipeline)))
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the logged model (given explicitly: MLflow's inference of them
+    loads the model in a subprocess, seconds per run)."""
+    names = ("scikit-learn", "pandas", "numpy", "scipy", "skops", "cloudpickle")
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def log_pipeline(run_id: str, pipeline: Pipeline, frame: pd.DataFrame) -> str:
+    """Log the fitted pipeline as the run's model `model` with signature and input example;
+    returns the model URI `runs:/<run_id>/model`."""
+    example = frame.head(INPUT_EXAMPLE_ROWS)
+    signature = infer_signature(example, pipeline.predict(example))
+    with mlflow.start_run(run_id=run_id):
+        mlflow.sklearn.log_model(
+            pipeline,
+            name=MODEL_NAME,
+            signature=signature,
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            skops_trusted_types=list(TRUSTED_TYPES),
+        )  # MLflow loads the saved model back and predicts the example: a free load check
+    return f"runs:/{run_id}/{MODEL_NAME}"
+
+
+@contextmanager
+def deserialization_allowed() -> Iterator[None]:
+    """MLflow refuses to deserialize a model unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION is
+    true; our models come from our own tracking server, so allow it for one load."""
+    previous = os.environ.get(ALLOW_DESERIALIZATION)
+    os.environ[ALLOW_DESERIALIZATION] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ALLOW_DESERIALIZATION, None)
+        else:
+            os.environ[ALLOW_DESERIALIZATION] = previous
+
+
+def load_pipeline(model_uri: str) -> Pipeline:
+    """The fitted pipeline behind `runs:/<run_id>/model` (or any MLflow model URI)."""
+    with deserialization_allowed():
+        return mlflow.sklearn.load_model(model_uri)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a result document needs from a complete run."""
+
+    run_id: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+def run_record(run: Run) -> RunRecord:
+    return RunRecord(run.info.run_id, dict(run.data.params), dict(run.data.metrics))

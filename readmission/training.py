@@ -1,0 +1,345 @@
+"""The training step: one job spec in, one MLflow run and one result document out.
+
+`train_job` is idempotent and safe under redelivery:
+
+1. if the result object exists, it is returned and nothing else happens;
+2. if a complete MLflow run of the job exists (a previous attempt died after finishing the run
+   but before writing the result), it is reused; incomplete runs of killed attempts are marked
+   FAILED and deleted, so exactly one finished run per job remains;
+3. otherwise the batches 0..i and the validation split are read, the pipeline is fitted (one
+   thread), evaluated on both, and logged to MLflow (params, metrics, model);
+4. the result document is written LAST: its arrival fires the aggregator.
+
+The result is built from the finished run in both cases 2 and 3, so a redelivered job writes a
+byte-identical document.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+from sklearn.pipeline import Pipeline
+from threadpoolctl import threadpool_limits
+
+from readmission import keys, tracking
+from readmission.config import Settings
+from readmission.features import (
+    ALGORITHMS,
+    build_pipeline,
+    classifier_params,
+    n_model_features,
+    target_values,
+    to_model_frame,
+)
+from readmission.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = (
+    "accuracy",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+    "f1_macro",
+    "roc_auc_ovr",
+)
+# MLflow metric prefixes of the two splits, and the result document's names for them.
+SPLIT_PREFIXES = {"train": "train_", "validation": "val_"}
+# BLAS/OpenMP threads of one fit: parallelism comes from one fit per process.
+FIT_THREADS = 1
+
+
+class InvalidJobSpec(ValueError):
+    """The job spec is not a job this step can run (no retry can fix it)."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    dataset_id: str
+    cumulative_index: int
+    algorithm: str
+    training_rows: int
+    batch_keys: tuple[str, ...]
+    validation_key: str
+    datasets_bucket: str
+
+    @property
+    def key(self) -> str:
+        return keys.job_key(self.dataset_id, self.cumulative_index, self.algorithm)
+
+    @property
+    def result_key(self) -> str:
+        return keys.result_key(self.dataset_id, self.cumulative_index, self.algorithm)
+
+    @property
+    def run_name(self) -> str:
+        return tracking.run_name(self.dataset_id, self.cumulative_index, self.algorithm)
+
+    @classmethod
+    def parse(cls, document: Any, default_bucket: str) -> JobSpec:
+        """Validate a job spec document (docs/design.md); InvalidJobSpec says what is wrong."""
+        if not isinstance(document, Mapping):
+            raise InvalidJobSpec("the job spec must be a JSON object")
+        problems = []
+
+        def text(name: str, required: bool = True) -> str:
+            value = document.get(name)
+            if isinstance(value, str) and value:
+                return value
+            if required or value is not None:
+                problems.append(f"{name} must be a non-empty string")
+            return ""
+
+        def integer(name: str) -> int:
+            value = document.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+            problems.append(f"{name} must be a non-negative integer")
+            return 0
+
+        dataset_id = text("dataset_id")
+        cumulative_index = integer("cumulative_index")
+        algorithm = text("algorithm")
+        if algorithm and algorithm not in ALGORITHMS:
+            problems.append(f"algorithm {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        training_rows = integer("training_rows")
+        batch_keys = document.get("batch_keys")
+        if (
+            not isinstance(batch_keys, list)
+            or not batch_keys
+            or not all(isinstance(k, str) and k for k in batch_keys)
+        ):
+            problems.append("batch_keys must be a non-empty list of object keys")
+            batch_keys = []
+        validation_key = text("validation_key")
+        bucket = text("datasets_bucket", required=False) or default_bucket
+        if problems:
+            raise InvalidJobSpec("invalid job spec: " + "; ".join(problems))
+        return cls(
+            dataset_id,
+            cumulative_index,
+            algorithm,
+            training_rows,
+            tuple(batch_keys),
+            validation_key,
+            bucket,
+        )
+
+
+@dataclass(frozen=True)
+class FitTiming:
+    cpu_seconds: float
+    wall_seconds: float
+
+
+def read_parquet(store: ObjectStore, bucket: str, key: str) -> pd.DataFrame:
+    return pd.read_parquet(io.BytesIO(store.get_bytes(bucket, key)))
+
+
+def read_training_data(store: ObjectStore, job: JobSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows = batches 0..i concatenated, validation rows), as contract frames."""
+    batches = [read_parquet(store, job.datasets_bucket, key) for key in job.batch_keys]
+    train = pd.concat(batches, ignore_index=True) if len(batches) > 1 else batches[0]
+    validation = read_parquet(store, job.datasets_bucket, job.validation_key)
+    if len(train) != job.training_rows:
+        log.warning(
+            "job %s announces %d training rows, its batches hold %d",
+            job.key,
+            job.training_rows,
+            len(train),
+        )
+    return train, validation
+
+
+def fit_timed(pipeline: Pipeline, frame: pd.DataFrame, y: np.ndarray) -> FitTiming:
+    """Fit on one thread; CPU seconds of this process and wall seconds of the fit."""
+    with threadpool_limits(limits=FIT_THREADS):
+        cpu, wall = time.process_time(), time.perf_counter()
+        pipeline.fit(frame, y)
+        return FitTiming(time.process_time() - cpu, time.perf_counter() - wall)
+
+
+def compute_metrics(
+    pipeline: Pipeline, frame: pd.DataFrame, y_true: np.ndarray
+) -> dict[str, float | None]:
+    """The METRIC_NAMES on one split; roc_auc_ovr is None when a class is absent from it."""
+    with threadpool_limits(limits=FIT_THREADS):
+        probabilities = pipeline.predict_proba(frame)
+    classes = np.asarray(pipeline.classes_)
+    predicted = classes[np.argmax(probabilities, axis=1)]
+    metrics: dict[str, float | None] = {
+        "accuracy": float(accuracy_score(y_true, predicted)),
+        "precision_weighted": float(
+            precision_score(y_true, predicted, average="weighted", zero_division=0)
+        ),
+        "recall_weighted": float(
+            recall_score(y_true, predicted, average="weighted", zero_division=0)
+        ),
+        "f1_weighted": float(f1_score(y_true, predicted, average="weighted", zero_division=0)),
+        "f1_macro": float(f1_score(y_true, predicted, average="macro", zero_division=0)),
+    }
+    try:
+        metrics["roc_auc_ovr"] = float(
+            roc_auc_score(
+                y_true, probabilities, multi_class="ovr", average="weighted", labels=classes
+            )
+        )
+    except ValueError as error:
+        log.warning("ROC-AUC undefined on this split: %s", error)
+        metrics["roc_auc_ovr"] = None
+    return metrics
+
+
+def _run_params(job: JobSpec, pipeline: Pipeline, n_samples: int) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "model_type": job.algorithm,
+        "cumulative_idx": job.cumulative_index,
+        "n_samples": n_samples,
+        "n_features": n_model_features(pipeline),
+        "n_input_columns": len(pipeline.feature_names_in_),
+        "dataset_id": job.dataset_id,
+        "code_version": tracking.code_version(),
+    }
+    params.update({f"model__{name}": value for name, value in classifier_params(pipeline).items()})
+    return params
+
+
+def _run_metrics(
+    timing: FitTiming, train: Mapping[str, float | None], validation: Mapping[str, float | None]
+) -> dict[str, float | None]:
+    metrics: dict[str, float | None] = {
+        "fit_seconds": timing.wall_seconds,
+        "fit_cpu_seconds": timing.cpu_seconds,
+    }
+    for split, values in (("train", train), ("validation", validation)):
+        prefix = SPLIT_PREFIXES[split]
+        metrics.update({f"{prefix}{name}": value for name, value in values.items()})
+    return metrics
+
+
+def fit_and_log(
+    store: ObjectStore, client: MlflowClient, exp_id: str, job: JobSpec
+) -> tracking.RunRecord:
+    """Fit, evaluate and log one job as a new complete MLflow run."""
+    train, validation = read_training_data(store, job)
+    x_train, y_train = to_model_frame(train), target_values(train)
+    x_val, y_val = to_model_frame(validation), target_values(validation)
+    pipeline = build_pipeline(job.algorithm)
+    timing = fit_timed(pipeline, x_train, y_train)
+    train_metrics = compute_metrics(pipeline, x_train, y_train)
+    val_metrics = compute_metrics(pipeline, x_val, y_val)
+    log.info(
+        "job %s: fitted %s on %d rows in %.1fs (cpu %.1fs); validation f1_weighted %.4f",
+        job.key,
+        job.algorithm,
+        len(x_train),
+        timing.wall_seconds,
+        timing.cpu_seconds,
+        val_metrics["f1_weighted"],
+    )
+
+    started = time.perf_counter()
+    run = client.create_run(
+        exp_id,
+        run_name=job.run_name,
+        tags={
+            tracking.JOB_KEY_TAG: job.key,
+            tracking.DATASET_TAG: job.dataset_id,
+            "algorithm": job.algorithm,
+            "cumulative_index": str(job.cumulative_index),
+        },
+    )
+    run_id = run.info.run_id
+    try:
+        tracking.log_run_data(
+            client,
+            run_id,
+            _run_params(job, pipeline, len(x_train)),
+            _run_metrics(timing, train_metrics, val_metrics),
+        )
+        tracking.log_pipeline(run_id, pipeline, x_train)
+        # MLflow's cost for this job (create, params, metrics, model), logged for the budget.
+        client.log_metric(run_id, "mlflow_seconds", time.perf_counter() - started)
+        client.set_tag(run_id, tracking.COMPLETE_TAG, "true")
+        client.set_terminated(run_id, status="FINISHED")
+    except BaseException:
+        try:
+            client.set_terminated(run_id, status="FAILED")
+        except Exception:  # the original error matters more
+            log.exception("could not mark run %s FAILED", run_id)
+        raise
+    log.info(
+        "job %s: MLflow run %s logged in %.2fs", job.key, run_id, time.perf_counter() - started
+    )
+    return tracking.run_record(client.get_run(run_id))
+
+
+def result_document(job: JobSpec, record: tracking.RunRecord) -> dict[str, Any]:
+    """The result document (docs/design.md) of a complete run."""
+    metrics: dict[str, dict[str, float | None]] = {}
+    for split, prefix in SPLIT_PREFIXES.items():
+        metrics[split] = {name: record.metrics.get(f"{prefix}{name}") for name in METRIC_NAMES}
+    return {
+        "dataset_id": job.dataset_id,
+        "cumulative_index": job.cumulative_index,
+        "algorithm": job.algorithm,
+        "training_rows": int(record.params["n_samples"]),
+        "n_features": int(record.params["n_features"]),
+        "run_id": record.run_id,
+        "model_uri": f"runs:/{record.run_id}/{tracking.MODEL_NAME}",
+        "fit_seconds": record.metrics["fit_seconds"],
+        "fit_cpu_seconds": record.metrics.get("fit_cpu_seconds"),
+        "metrics": metrics,
+    }
+
+
+def train_job(
+    store: ObjectStore,
+    settings: Settings,
+    job_spec: Mapping[str, Any],
+    client: MlflowClient | None = None,
+) -> dict[str, Any]:
+    """Run one training job (see the module docstring); returns the result document.
+
+    InvalidJobSpec for a malformed spec; anything else that fails (object store, MLflow) raises
+    as it is, so the event is retried.
+    """
+    job = JobSpec.parse(job_spec, settings.buckets.datasets)
+    results_bucket = settings.buckets.results
+    existing = store.get_json_if_exists(results_bucket, job.result_key)
+    if existing is not None:
+        log.info("job %s: result exists, nothing to do", job.key)
+        return existing
+
+    client = client or tracking.client_for(settings.mlflow_tracking_uri)
+    exp_id = tracking.experiment_id(client, settings.mlflow_experiment)
+    complete = tracking.discard_incomplete(client, tracking.job_runs(client, exp_id, job.key))
+    reused = tracking.keep_first_complete(client, complete)
+    if reused is not None:
+        log.info("job %s: reusing finished run %s", job.key, reused.info.run_id)
+        record = tracking.run_record(reused)
+    else:
+        record = fit_and_log(store, client, exp_id, job)
+        # A concurrent twin may have finished too: converge on the oldest complete run.
+        kept = tracking.keep_first_complete(client, tracking.job_runs(client, exp_id, job.key))
+        if kept is not None and kept.info.run_id != record.run_id:
+            record = tracking.run_record(kept)
+
+    result = result_document(job, record)
+    store.put_json(results_bucket, job.result_key, result)
+    return result

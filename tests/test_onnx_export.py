@@ -1,0 +1,170 @@
+"""ONNX export of every algorithm's pipeline, and parity with scikit-learn on real data."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+from test_features import real_sample
+from threadpoolctl import threadpool_limits
+
+from readmission.contract import (
+    CATEGORICAL_FEATURES,
+    FEATURES,
+    MISSING_MARKER,
+    NUMERIC_FEATURES,
+)
+from readmission.features import ALGORITHMS, build_pipeline, target_values, to_model_frame
+from readmission.onnx_export import (
+    PARITY_TOLERANCE,
+    ExportedModel,
+    ParityError,
+    check_parity,
+    export_onnx,
+)
+
+TRAIN_ROWS, PARITY_ROWS = 4000, 3000
+
+
+@functools.cache
+def fitted(algorithm: str):  # type: ignore[no-untyped-def]
+    train, _ = real_sample(TRAIN_ROWS, PARITY_ROWS)
+    return build_pipeline(algorithm).fit(to_model_frame(train), target_values(train))
+
+
+@functools.cache
+def exported(algorithm: str) -> ExportedModel:
+    return export_onnx(fitted(algorithm))
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Fit on one OpenMP/BLAS thread as the train function does: on a busy 2-core machine
+    HistGradientBoosting's OpenMP threads otherwise spin for minutes."""
+    with threadpool_limits(limits=1):
+        yield
+
+
+def parity_frame() -> pd.DataFrame:
+    """Real validation rows plus unseen categories and missing values of every kind."""
+    _, validation = real_sample(TRAIN_ROWS, PARITY_ROWS)
+    frame = validation.copy()
+    frame.loc[0:39, "diag_1"] = "999.99"  # an ICD-9 code no training row has
+    frame.loc[40:79, "medical_specialty"] = "Astrology"
+    frame.loc[80:99, "admission_source_id"] = "42"
+    frame.loc[100:139, "num_medications"] = np.nan
+    frame.loc[140:179, "time_in_hospital"] = np.nan
+    frame.loc[180:219, "race"] = pd.NA
+    frame.loc[220:259, "payer_code"] = ""
+    frame.loc[260:299, "glyburide-metformin"] = "Up-and-down"  # unseen, in a renamed input
+    return frame
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_export_passes_parity_on_real_rows_with_unknowns_and_missing(algorithm: str) -> None:
+    report = check_parity(fitted(algorithm), exported(algorithm).onnx_bytes, parity_frame())
+    assert report.rows == PARITY_ROWS
+    assert report.argmax_mismatches == 0 and report.label_mismatches == 0
+    assert report.max_abs_diff <= PARITY_TOLERANCE
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_graph_follows_the_onnx_contract(algorithm: str) -> None:
+    model = exported(algorithm)
+    graph = onnx.load_from_string(model.onnx_bytes).graph
+
+    assert [spec["column"] for spec in model.inputs] == list(FEATURES)
+    by_name = {graph_input.name: graph_input for graph_input in graph.input}
+    assert set(by_name) == {spec["onnx_name"] for spec in model.inputs}
+    for spec in model.inputs:
+        tensor = by_name[spec["onnx_name"]].type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        assert dims == [None, 1], spec
+        if spec["column"] in NUMERIC_FEATURES:
+            assert spec["kind"] == "numeric" and "categories" not in spec
+            assert tensor.elem_type == onnx.TensorProto.FLOAT
+        else:
+            assert spec["kind"] == "categorical"
+            assert tensor.elem_type == onnx.TensorProto.STRING
+            assert spec["categories"] and all(isinstance(c, str) for c in spec["categories"])
+    renamed = {s["column"]: s["onnx_name"] for s in model.inputs if s["column"] != s["onnx_name"]}
+    assert "glyburide-metformin" in renamed and "-" not in "".join(renamed.values())
+
+    assert model.classes == ["<30", ">30", "NO"]
+    assert model.outputs == {"label": "label", "probabilities": "probabilities"}
+    outputs = {o.name: o.type.tensor_type for o in graph.output}
+    assert list(outputs) == ["label", "probabilities"]
+    assert outputs["label"].elem_type == onnx.TensorProto.STRING
+    assert outputs["probabilities"].elem_type == onnx.TensorProto.FLOAT
+    assert outputs["probabilities"].shape.dim[1].dim_value == 3
+    assert "ZipMap" not in {node.op_type for node in graph.node}
+
+
+def hand_built_feeds(rows: list[dict[str, object]], inputs: list[dict]) -> dict[str, np.ndarray]:
+    """The feed rules of docs/training.md, without pandas, as the predict function applies them."""
+    feeds: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        values = [row.get(spec["column"]) for row in rows]
+        if spec["kind"] == "numeric":
+            column = [
+                math.nan if v is None or v == "" or v == MISSING_MARKER else float(v)  # type: ignore[arg-type]
+                for v in values
+            ]
+            feeds[spec["onnx_name"]] = np.array(column, dtype=np.float32).reshape(-1, 1)
+        else:
+            column = [MISSING_MARKER if v is None or v == "" else str(v) for v in values]
+            feeds[spec["onnx_name"]] = np.array(column, dtype=object).reshape(-1, 1)
+    return feeds
+
+
+def test_feed_rules_reproduce_the_pipeline_from_plain_json_rows() -> None:
+    algorithm = "gradient_boosting"
+    frame = parity_frame().head(200)
+    rows = []
+    for record in frame[list(FEATURES)].to_dict(orient="records"):
+        row: dict[str, object] = {}
+        for column, value in record.items():
+            missing = (
+                value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
+            )
+            row[column] = None if missing else value
+        rows.append(row)
+    model = exported(algorithm)
+    session = ort.InferenceSession(model.onnx_bytes, providers=["CPUExecutionProvider"])
+    labels, probabilities = session.run(
+        ["label", "probabilities"], hand_built_feeds(rows, model.inputs)
+    )
+    expected = fitted(algorithm).predict_proba(to_model_frame(frame))
+    assert np.max(np.abs(probabilities - expected)) <= PARITY_TOLERANCE
+    assert list(labels) == list(np.asarray(model.classes)[expected.argmax(axis=1)])
+    # Categorical values the frame had as NA arrive as "?", the contract's missing marker.
+    assert set(CATEGORICAL_FEATURES) <= {s["column"] for s in model.inputs}
+
+
+def test_parity_check_catches_a_different_model() -> None:
+    frame = parity_frame()
+    wrong = exported("decision_tree").onnx_bytes
+    with pytest.raises(ParityError, match="differs from the pipeline"):
+        check_parity(fitted("gradient_boosting"), wrong, frame)
+
+
+def test_parity_check_is_strict_about_the_tolerance() -> None:
+    model = exported("logistic_regression").onnx_bytes
+    report = check_parity(fitted("logistic_regression"), model, parity_frame())
+    assert report.max_abs_diff > 0  # float32 graph vs float64 sklearn: never bit-identical
+    with pytest.raises(ParityError, match="tolerance"):
+        check_parity(
+            fitted("logistic_regression"), model, parity_frame(), tolerance=report.max_abs_diff / 2
+        )
+
+
+def test_export_with_sample_frame_checks_parity() -> None:
+    pipeline = fitted("decision_tree")
+    model = export_onnx(pipeline, parity_frame().head(500))
+    assert model.onnx_bytes == exported("decision_tree").onnx_bytes

@@ -1,0 +1,279 @@
+"""train_job and the train function against a real SeaweedFS S3 server and a real MLflow server."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent
+from conftest_seaweed import SeaweedServer
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+from mlflow_server import MlflowServer
+from sklearn.metrics import f1_score
+from test_features import generated_frame, real_sample
+from threadpoolctl import threadpool_limits
+
+from readmission import keys, tracking
+from readmission.config import Buckets, Settings
+from readmission.features import ALGORITHMS, build_pipeline, target_values, to_model_frame
+from readmission.storage import ObjectStore, json_bytes
+from readmission.training import (
+    METRIC_NAMES,
+    InvalidJobSpec,
+    JobSpec,
+    train_job,
+)
+
+pytestmark = pytest.mark.stack
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET_ID = "0123456789abcdef"
+BATCH_ROWS, VALIDATION_ROWS = 1500, 1000
+
+
+@dataclass
+class Env:
+    store: ObjectStore
+    settings: Settings
+    client: MlflowClient
+    server_env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    seaweed = SeaweedServer().start()
+    server = MlflowServer()
+    try:
+        server.start()
+        settings = Settings(
+            s3_endpoint_url=seaweed.endpoint_url,
+            buckets=Buckets(),
+            mlflow_tracking_uri=server.uri,
+            mlflow_experiment="training-test",
+        )
+        store = ObjectStore(seaweed.client())
+        store.ensure_buckets(settings.buckets.all())
+        train, validation = real_sample(2 * BATCH_ROWS, VALIDATION_ROWS)
+        for index in range(2):
+            batch = train.iloc[index * BATCH_ROWS : (index + 1) * BATCH_ROWS]
+            store.put_bytes(
+                settings.buckets.datasets, keys.batch_key(DATASET_ID, index), parquet(batch)
+            )
+        store.put_bytes(
+            settings.buckets.datasets, keys.validation_key(DATASET_ID), parquet(validation)
+        )
+        server_env = {**seaweed.env(), "MLFLOW_TRACKING_URI": server.uri}
+        yield Env(store, settings, MlflowClient(server.uri), server_env)
+    finally:
+        server.stop()
+        seaweed.stop()
+
+
+def parquet(frame: Any) -> bytes:
+    buffer = io.BytesIO()
+    frame.reset_index(drop=True).to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def job_spec(cumulative_index: int, algorithm: str) -> dict[str, Any]:
+    return {
+        "dataset_id": DATASET_ID,
+        "cumulative_index": cumulative_index,
+        "algorithm": algorithm,
+        "training_rows": BATCH_ROWS * (cumulative_index + 1),
+        "batch_keys": [keys.batch_key(DATASET_ID, i) for i in range(cumulative_index + 1)],
+        "validation_key": keys.validation_key(DATASET_ID),
+        "test_key": keys.test_key(DATASET_ID),
+        "datasets_bucket": "datasets",
+        "manifest_key": keys.manifest_key(DATASET_ID),
+    }
+
+
+def runs_of(env: Env, job: dict[str, Any], view: int = ViewType.ACTIVE_ONLY) -> list[Any]:
+    experiment = env.client.get_experiment_by_name(env.settings.mlflow_experiment)
+    assert experiment is not None
+    key = keys.job_key(DATASET_ID, job["cumulative_index"], job["algorithm"])
+    return env.client.search_runs(
+        [experiment.experiment_id], f"tags.job_key = '{key}'", run_view_type=view
+    )
+
+
+def result_bytes(env: Env, job: dict[str, Any]) -> bytes | None:
+    key = keys.result_key(DATASET_ID, job["cumulative_index"], job["algorithm"])
+    return env.store.get_bytes_if_exists(env.settings.buckets.results, key)
+
+
+def test_train_job_logs_one_run_and_writes_the_result(env: Env) -> None:
+    job = job_spec(1, "random_forest")
+    result = train_job(env.store, env.settings, job)
+
+    assert json.loads(result_bytes(env, job) or b"null") == result
+    assert result["dataset_id"] == DATASET_ID and result["cumulative_index"] == 1
+    assert result["algorithm"] == "random_forest"
+    assert result["training_rows"] == 2 * BATCH_ROWS
+    assert result["n_features"] == 47
+    assert result["model_uri"] == f"runs:/{result['run_id']}/model"
+    assert result["fit_seconds"] > 0
+    for split in ("train", "validation"):
+        assert set(result["metrics"][split]) == set(METRIC_NAMES)
+        assert all(0.0 <= v <= 1.0 for v in result["metrics"][split].values())
+    assert (
+        result["metrics"]["train"]["f1_weighted"] > result["metrics"]["validation"]["f1_weighted"]
+    )
+
+    [run] = runs_of(env, job)
+    assert run.info.run_id == result["run_id"]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == f"{DATASET_ID}-01-random_forest"
+    assert run.data.tags["dataset_id"] == DATASET_ID
+    assert run.data.tags["job_key"] == f"{DATASET_ID}/01-random_forest.json"
+    params = run.data.params
+    assert params["model_type"] == "random_forest"
+    assert params["cumulative_idx"] == "1"
+    assert params["n_samples"] == str(2 * BATCH_ROWS)
+    assert params["n_features"] == "47"
+    assert params["dataset_id"] == DATASET_ID
+    assert params["code_version"]
+    assert params["model__n_estimators"] == "100" and params["model__max_depth"] == "10"
+    metrics = run.data.metrics
+    assert metrics["val_f1_weighted"] == result["metrics"]["validation"]["f1_weighted"]
+    assert metrics["train_roc_auc_ovr"] == result["metrics"]["train"]["roc_auc_ovr"]
+    assert metrics["fit_seconds"] == result["fit_seconds"]
+
+    # The logged model loads (skops, trusted types recorded) and reproduces the metric.
+    pipeline = tracking.load_pipeline(result["model_uri"])
+    _, validation = real_sample(2 * BATCH_ROWS, VALIDATION_ROWS)
+    predicted = pipeline.predict(to_model_frame(validation))
+    f1 = f1_score(target_values(validation), predicted, average="weighted", zero_division=0)
+    assert np.isclose(f1, result["metrics"]["validation"]["f1_weighted"])
+
+
+def test_second_call_returns_the_result_without_a_new_run(env: Env) -> None:
+    job = job_spec(0, "decision_tree")
+    first = train_job(env.store, env.settings, job)
+    stored = result_bytes(env, job)
+    second = train_job(env.store, env.settings, job)
+    assert second == first
+    assert result_bytes(env, job) == stored
+    assert len(runs_of(env, job, ViewType.ALL)) == 1
+
+
+def test_finished_run_is_reused_when_the_result_is_missing(env: Env) -> None:
+    job = job_spec(0, "logistic_regression")
+    first = train_job(env.store, env.settings, job)
+    before = result_bytes(env, job)
+    env.store.delete(env.settings.buckets.results, keys.result_key(DATASET_ID, 0, job["algorithm"]))
+
+    again = train_job(env.store, env.settings, job)
+
+    assert again["run_id"] == first["run_id"]
+    assert result_bytes(env, job) == before  # byte-identical redelivery
+    assert len(runs_of(env, job, ViewType.ALL)) == 1
+
+
+def test_stale_runs_of_a_killed_attempt_are_removed(env: Env) -> None:
+    job = job_spec(0, "hist_gradient_boosting")
+    experiment_id = tracking.experiment_id(env.client, env.settings.mlflow_experiment)
+    key = keys.job_key(DATASET_ID, 0, job["algorithm"])
+    stale_running = env.client.create_run(experiment_id, tags={"job_key": key})
+    stale_failed = env.client.create_run(experiment_id, tags={"job_key": key})
+    env.client.set_terminated(stale_failed.info.run_id, status="FAILED")
+
+    result = train_job(env.store, env.settings, job)
+
+    [run] = runs_of(env, job)
+    assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
+    for stale in (stale_running, stale_failed):
+        info = env.client.get_run(stale.info.run_id).info
+        assert info.lifecycle_stage == "deleted" and info.status == "FAILED"
+
+
+def test_invalid_job_specs_are_refused_before_any_work() -> None:
+    with pytest.raises(InvalidJobSpec, match="algorithm 'xgboost'"):
+        JobSpec.parse({**job_spec(0, "xgboost")}, "datasets")
+    with pytest.raises(InvalidJobSpec, match="batch_keys"):
+        JobSpec.parse({**job_spec(0, "decision_tree"), "batch_keys": []}, "datasets")
+    with pytest.raises(InvalidJobSpec, match="cumulative_index"):
+        JobSpec.parse({**job_spec(0, "decision_tree"), "cumulative_index": "0"}, "datasets")
+    with pytest.raises(InvalidJobSpec, match="JSON object"):
+        JobSpec.parse([1, 2], "datasets")
+
+
+# --- the functions-framework entry point ----------------------------------------------------
+
+
+@pytest.fixture
+def function_client(env: Env, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from functions_framework import create_app
+
+    for name, value in env.server_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT", env.settings.mlflow_experiment)
+    app = create_app("train", str(ROOT / "functions" / "train" / "main.py"), "cloudevent")
+    return app.test_client()
+
+
+def post_event(client: Any, bucket: str, key: str, event_type: str = "io.readmission.job.created"):  # type: ignore[no-untyped-def]
+    event = CloudEvent(
+        {"type": event_type, "source": f"s3://{bucket}", "subject": key, "id": key},
+        {"bucket": bucket, "key": key, "size": 1, "etag": "x", "origin": "seaweedfs"},
+    )
+    headers, body = to_binary(event)
+    return client.post("/", headers=headers, data=body)
+
+
+def test_function_trains_a_job_and_replies_204(env: Env, function_client: Any) -> None:
+    job = job_spec(1, "decision_tree")
+    key = keys.job_key(DATASET_ID, 1, "decision_tree")
+    env.store.put_bytes(env.settings.buckets.jobs, key, json_bytes(job))
+
+    response = post_event(function_client, env.settings.buckets.jobs, key)
+
+    assert response.status_code == 204 and response.get_data() == b""
+    assert (
+        json.loads(result_bytes(env, job) or b"null")["run_id"] == runs_of(env, job)[0].info.run_id
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, b"does not exist"),
+        (b"{not json", b"is not JSON"),
+        (json_bytes({"dataset_id": DATASET_ID}), b"invalid job spec"),
+        (json_bytes(job_spec(0, "random_forest")), b"describes job"),  # under another key
+    ],
+)
+def test_function_answers_400_to_a_malformed_job(
+    env: Env, function_client: Any, content: bytes | None, message: bytes
+) -> None:
+    key = keys.job_key(DATASET_ID, 3, "decision_tree")
+    if content is None:
+        env.store.delete(env.settings.buckets.jobs, key)
+    else:
+        env.store.put_bytes(env.settings.buckets.jobs, key, content)
+    response = post_event(function_client, env.settings.buckets.jobs, key)
+    assert response.status_code == 400
+    assert message in response.get_data()
+    assert result_bytes(env, job_spec(3, "decision_tree")) is None
+
+
+def test_function_answers_400_to_an_event_of_another_bucket(function_client: Any) -> None:
+    response = post_event(function_client, "raw", "x/00-decision_tree.json")
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_recorded_trusted_types_cover_every_pipeline(algorithm: str) -> None:
+    train = generated_frame(400)
+    with threadpool_limits(limits=1):
+        pipeline = build_pipeline(algorithm).fit(to_model_frame(train), target_values(train))
+    assert set(tracking.untrusted_types(pipeline)) <= set(tracking.TRUSTED_TYPES)
