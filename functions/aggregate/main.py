@@ -1,0 +1,41 @@
+"""Knative Service ``aggregate``: fan-in of training results (io.readmission.result.created).
+
+Thin entry point: the event names a result object; its key gives the dataset id, and
+`readmission.aggregate.aggregate_dataset` does the rest (nothing until every job of the
+dataset has a result; then select, test, export, check parity, register, publish).
+A key that is not a result key answers 400 (MalformedEvent, dead-lettered); anything
+transient (S3 or MLflow down, lease held too long, a failed parity check) raises: 500, retried.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import functions_framework
+from cloudevents.http import CloudEvent
+
+from readmission.aggregate import AggregateOutcome, aggregate_dataset
+from readmission.config import Settings
+from readmission.handler import MalformedEvent, object_ref, reply_empty_on_success
+from readmission.keys import parse_job_key
+from readmission.storage import ObjectStore
+
+reply_empty_on_success()
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+log = logging.getLogger("aggregate")
+
+RESULT_CREATED = "io.readmission.result.created"
+
+
+@functions_framework.cloud_event
+def aggregate(event: CloudEvent) -> None:
+    settings = Settings.from_env()
+    ref = object_ref(event, RESULT_CREATED, settings.buckets.results)
+    try:
+        dataset_id, _, _ = parse_job_key(ref.key)
+    except ValueError as error:
+        raise MalformedEvent(str(error)) from error
+    outcome: AggregateOutcome = aggregate_dataset(
+        ObjectStore.from_settings(settings), settings, dataset_id
+    )
+    log.info("event %s (%s): %s", event["id"], ref.key, outcome)

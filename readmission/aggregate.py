@@ -1,0 +1,462 @@
+"""The aggregator: fan-in of a dataset's training results into one served champion.
+
+Fired by every result object. While a dataset's manifest lists jobs without a result it does
+nothing ("waiting k of n"). When all are in, it
+
+1. selects the best result by validation `Settings.selection_metric` (ROC-AUC breaks ties,
+   then the job key, i.e. fewer training rows and then the algorithm name);
+2. loads that run's model from MLflow and evaluates it ONCE on the held-out test split;
+3. exports it to ONNX and checks parity on the WHOLE test split (same argmax, max |Δp| <=
+   1e-4): a failure raises, so the event is retried and finally dead-lettered, and nothing is
+   registered or written;
+4. registers it (once per dataset, see readmission.registry) as `Settings.registered_model`;
+5. logs the learning curve, the ONNX file, the metadata and the test metrics to the winning run;
+6. writes `models/<id>/model.onnx`, `learning_curve.{csv,md,png}`, moves the `champion` alias,
+   writes `<id>/metadata.json` and LAST `champion/metadata.json` (the key predict polls).
+
+Idempotent and race-safe: an S3 lease (conditional PUT) serialises invocations per dataset,
+registration converges on one version per dataset, every object is written only if its bytes
+differ, and a dataset whose `<id>/metadata.json` exists is done: a redelivered event only
+re-syncs `champion/metadata.json` if the registry's champion is this dataset's version and the
+file disagrees (a crash between the two writes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from readmission import keys, lease, registry, tracking
+from readmission.config import Settings
+from readmission.features import target_values, to_model_frame
+from readmission.learning_curve import build_learning_curve, to_csv, to_markdown, to_png
+from readmission.onnx_export import (
+    PARITY_TOLERANCE,
+    ExportedModel,
+    ParityReport,
+    check_parity,
+    export_onnx,
+)
+from readmission.storage import ObjectStore, json_bytes
+from readmission.training import compute_metrics
+
+log = logging.getLogger(__name__)
+
+TIE_BREAK_METRIC = "roc_auc_ovr"
+LEASE_TTL_SECONDS = 900.0  # longer than the Trigger's 10-minute delivery timeout
+LEASE_WAIT_SECONDS = 120.0
+ARTIFACT_DIR = "aggregate"  # where the winning run gets the aggregator's artifacts
+ONNX_SAMPLE_ROWS = 100
+MODEL_DESCRIPTION = (
+    "Hospital readmission (<30, >30, NO) classifier of the Diabetes 130-US hospitals pipeline. "
+    "One version per dataset (tag dataset_id): the best of its training runs by validation "
+    "selection metric. Alias `champion` = the version the predict function serves (as ONNX)."
+)
+
+Exporter = Callable[[Any, pd.DataFrame], ExportedModel]
+
+
+class InconsistentRegistry(RuntimeError):
+    """The registry holds a version for this dataset that the selection does not explain."""
+
+
+@dataclass(frozen=True)
+class AggregateOutcome:
+    dataset_id: str
+    status: str  # no_manifest | waiting | aggregated | already_aggregated
+    message: str
+    results_found: int = 0
+    results_expected: int = 0
+    version: str | None = None
+    champion_written: bool = False
+
+    def __str__(self) -> str:
+        return f"dataset {self.dataset_id}: {self.message}"
+
+
+# --- pure helpers -------------------------------------------------------------------------
+
+
+def lease_key(dataset_id: str) -> str:
+    """The aggregator's lease object in the models bucket (fires no event: not in the table)."""
+    return f"{dataset_id}/aggregate.lease"
+
+
+def _score(result: Mapping[str, Any], metric: str) -> float:
+    value = result.get("metrics", {}).get("validation", {}).get(metric)
+    if not isinstance(value, int | float) or math.isnan(value):
+        return -math.inf
+    return float(value)
+
+
+def select_best(results: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:
+    """Highest validation `metric`; ties: higher validation ROC-AUC, then the smaller job key
+    (fewer training rows, then algorithm name). Deterministic for any input order."""
+    if not results:
+        raise ValueError("no results to select from")
+    if all(_score(r, metric) == -math.inf for r in results):
+        raise ValueError(f"no result has the validation metric {metric!r} (SELECTION_METRIC)")
+
+    def order(result: Mapping[str, Any]) -> tuple[float, float, str]:
+        job = keys.job_name(int(result["cumulative_index"]), str(result["algorithm"]))
+        return (-_score(result, metric), -_score(result, TIE_BREAK_METRIC), job)
+
+    return min(results, key=order)
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses and tuples as plain JSON-able values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def build_metadata(
+    *,
+    settings: Settings,
+    dataset_id: str,
+    version: Any,
+    best: Mapping[str, Any],
+    exported: ExportedModel,
+    onnx_sha256: str,
+    test_metrics: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The document design.md fixes for models/<id>/metadata.json and champion/metadata.json."""
+    outputs = _plain(exported.outputs)
+    return {
+        "model_name": settings.registered_model,
+        "version": str(version.version),
+        "run_id": best["run_id"],
+        "dataset_id": dataset_id,
+        "algorithm": best["algorithm"],
+        "training_rows": int(best["training_rows"]),
+        "cumulative_index": int(best["cumulative_index"]),
+        "registered_at": registry.registered_at(version),
+        "model_bucket": settings.buckets.models,
+        "model_key": keys.model_key(dataset_id),
+        "model_sha256": onnx_sha256,
+        "classes": [str(c) for c in exported.classes],
+        "inputs": _plain(exported.inputs),
+        "outputs": outputs,
+        "metrics": {
+            "validation": dict(best["metrics"]["validation"]),
+            "test": dict(test_metrics),
+        },
+        "selection_metric": settings.selection_metric,
+        "learning_curve": {
+            "csv": keys.learning_curve_key(dataset_id, "csv"),
+            "md": keys.learning_curve_key(dataset_id, "md"),
+            "png": keys.learning_curve_key(dataset_id, "png"),
+        },
+    }
+
+
+def describe(best: Mapping[str, Any], test: Mapping[str, Any], metric: str, dataset_id: str) -> str:
+    """The registered version's description: algorithm, rows, validation and test scores, date."""
+    validation = best["metrics"]["validation"]
+
+    def fmt(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, int | float) else "n/a"
+
+    return (
+        f"{best['algorithm']} trained on {int(best['training_rows']):,} rows "
+        f"(dataset {dataset_id}, cumulative set {best['cumulative_index']}, run "
+        f"{best['run_id']}). Validation {metric} {fmt(validation.get(metric))}, ROC-AUC "
+        f"{fmt(validation.get('roc_auc_ovr'))}; test {metric} {fmt(test.get(metric))}, "
+        f"ROC-AUC {fmt(test.get('roc_auc_ovr'))}, accuracy {fmt(test.get('accuracy'))}. "
+        f"Selected by validation {metric} on {datetime.now(UTC):%Y-%m-%d}."
+    )
+
+
+# --- object-store helpers -----------------------------------------------------------------
+
+
+def write_if_changed(
+    store: ObjectStore, bucket: str, key: str, data: bytes, content_type: str
+) -> bool:
+    """PUT unless the object already holds exactly these bytes. True if this call wrote."""
+    if store.get_bytes_if_exists(bucket, key) == data:
+        return False
+    store.put_bytes(bucket, key, data, content_type)
+    return True
+
+
+def read_parquet(store: ObjectStore, bucket: str, key: str) -> pd.DataFrame:
+    return pd.read_parquet(io.BytesIO(store.get_bytes(bucket, key)))
+
+
+# --- the step -----------------------------------------------------------------------------
+
+
+def aggregate_dataset(
+    store: ObjectStore,
+    settings: Settings,
+    dataset_id: str,
+    *,
+    parity_tolerance: float = PARITY_TOLERANCE,
+    exporter: Exporter | None = None,
+    lease_ttl: float = LEASE_TTL_SECONDS,
+    lease_wait: float = LEASE_WAIT_SECONDS,
+) -> AggregateOutcome:
+    """Aggregate one dataset if all its results are in (see the module docstring)."""
+    buckets = settings.buckets
+    manifest = store.get_json_if_exists(buckets.datasets, keys.manifest_key(dataset_id))
+    if manifest is None:
+        # Ingest writes the manifest before the job specs, so results exist only after their
+        # manifest: this event is stale (the dataset was removed). Nothing to retry.
+        log.warning("no manifest for dataset %s: ignoring the result event", dataset_id)
+        return AggregateOutcome(dataset_id, "no_manifest", "no manifest: nothing to aggregate")
+    expected = list(manifest["jobs"])
+    present = set(store.list_keys(buckets.results, f"{dataset_id}/"))
+    found = [key for key in expected if key in present]
+    if len(found) < len(expected):
+        return AggregateOutcome(
+            dataset_id,
+            "waiting",
+            f"waiting ({len(found)} of {len(expected)} results)",
+            len(found),
+            len(expected),
+        )
+    client = registry.client_for(settings.mlflow_tracking_uri)
+    done = _already_aggregated(store, settings, client, dataset_id, len(expected))
+    if done is not None:
+        return done
+    with lease.acquire(
+        store,
+        buckets.models,
+        lease_key(dataset_id),
+        ttl_seconds=lease_ttl,
+        wait_seconds=lease_wait,
+        purpose=f"aggregate {dataset_id}",
+    ):
+        done = _already_aggregated(store, settings, client, dataset_id, len(expected))
+        if done is not None:
+            return done
+        results = [store.get_json(buckets.results, key) for key in expected]
+        return _aggregate(store, settings, client, manifest, results, parity_tolerance, exporter)
+
+
+def _already_aggregated(
+    store: ObjectStore, settings: Settings, client: MlflowClient, dataset_id: str, n: int
+) -> AggregateOutcome | None:
+    """The outcome if the dataset is done (its metadata.json exists), else None.
+
+    Re-syncs champion/metadata.json only when the registry's champion is this dataset's
+    version and the file disagrees (the previous invocation died between the two writes).
+    """
+    buckets = settings.buckets
+    data = store.get_bytes_if_exists(buckets.models, keys.model_metadata_key(dataset_id))
+    if data is None:
+        return None
+    version = str(json.loads(data)["version"])
+    current = registry.champion(client, settings.registered_model)
+    rewritten = False
+    if current is not None and current.version == version:
+        rewritten = write_if_changed(
+            store, buckets.models, keys.CHAMPION_METADATA_KEY, data, "application/json"
+        )
+    message = f"already aggregated (version {version})"
+    if rewritten:
+        message += "; champion/metadata.json re-synced"
+    return AggregateOutcome(
+        dataset_id, "already_aggregated", message, n, n, version, champion_written=rewritten
+    )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The selected model, tested and exported, its parity proven: ready to register."""
+
+    best: Mapping[str, Any]
+    test_metrics: dict[str, float | None]
+    exported: ExportedModel
+    parity: ParityReport
+    curve_files: dict[str, tuple[bytes, str]]  # extension -> (bytes, content type)
+
+    @property
+    def onnx_sha256(self) -> str:
+        return hashlib.sha256(self.exported.onnx_bytes).hexdigest()
+
+
+def prepare_candidate(
+    store: ObjectStore,
+    settings: Settings,
+    manifest: Mapping[str, Any],
+    results: list[dict[str, Any]],
+    parity_tolerance: float,
+    exporter: Exporter | None,
+) -> Candidate:
+    """Select, test once, export and check parity on the WHOLE test split (ParityError: loud,
+    retried, then dead-lettered, before anything is registered or written)."""
+    dataset_id = str(manifest["dataset_id"])
+    best = select_best(results, settings.selection_metric)
+    log.info(
+        "dataset %s: best of %d results by validation %s is %s (run %s)",
+        dataset_id,
+        len(results),
+        settings.selection_metric,
+        keys.job_name(int(best["cumulative_index"]), best["algorithm"]),
+        best["run_id"],
+    )
+    test = read_parquet(store, settings.buckets.datasets, manifest["test"]["key"])
+    frame, y_test = to_model_frame(test), target_values(test)
+    pipeline = tracking.load_pipeline(best["model_uri"])
+    test_metrics = compute_metrics(pipeline, frame, y_test)  # the only look at the test split
+    exported = (exporter or export_onnx)(pipeline, frame.head(ONNX_SAMPLE_ROWS))
+    parity = check_parity(pipeline, exported.onnx_bytes, frame, tolerance=parity_tolerance)
+    curve = build_learning_curve(dataset_id, results)
+    curve_files = {
+        "csv": (to_csv(curve), "text/csv"),
+        "md": (to_markdown(curve).encode(), "text/markdown"),
+        "png": (to_png(curve), "image/png"),
+    }
+    return Candidate(best, test_metrics, exported, parity, curve_files)
+
+
+def register(
+    client: MlflowClient, settings: Settings, dataset_id: str, candidate: Candidate
+) -> tuple[Any, bool]:
+    """The dataset's one registered version (created by this call or not)."""
+    best, name, metric = candidate.best, settings.registered_model, settings.selection_metric
+    version, created = registry.register_once(
+        client,
+        name,
+        best["model_uri"],
+        dataset_id,
+        tags={
+            "selection_metric": metric,
+            "algorithm": str(best["algorithm"]),
+            "training_rows": str(best["training_rows"]),
+            "run_id": str(best["run_id"]),
+        },
+        description=describe(best, candidate.test_metrics, metric, dataset_id),
+    )
+    registry.ensure_model_description(client, name, MODEL_DESCRIPTION)
+    registered_run = version.tags.get("run_id") or version.run_id
+    if registered_run and registered_run != best["run_id"]:
+        raise InconsistentRegistry(
+            f"version {version.version} of {name} is registered for dataset {dataset_id} from "
+            f"run {registered_run}, but the selection picks run {best['run_id']}"
+        )
+    return version, created
+
+
+def publish(
+    store: ObjectStore,
+    client: MlflowClient,
+    settings: Settings,
+    dataset_id: str,
+    version: Any,
+    metadata_bytes: bytes,
+    candidate: Candidate,
+) -> bool:
+    """Models bucket and alias, in the order predict relies on: the ONNX and the curve, the
+    alias, <id>/metadata.json, and LAST champion/metadata.json. True if the latter was written."""
+    models = settings.buckets.models
+    write_if_changed(
+        store,
+        models,
+        keys.model_key(dataset_id),
+        candidate.exported.onnx_bytes,
+        "application/octet-stream",
+    )
+    for extension, (data, content_type) in candidate.curve_files.items():
+        key = keys.learning_curve_key(dataset_id, extension)
+        write_if_changed(store, models, key, data, content_type)
+    registry.set_champion(client, settings.registered_model, version.version)
+    metadata_key = keys.model_metadata_key(dataset_id)
+    write_if_changed(store, models, metadata_key, metadata_bytes, "application/json")
+    return write_if_changed(
+        store, models, keys.CHAMPION_METADATA_KEY, metadata_bytes, "application/json"
+    )
+
+
+def _aggregate(
+    store: ObjectStore,
+    settings: Settings,
+    client: MlflowClient,
+    manifest: Mapping[str, Any],
+    results: list[dict[str, Any]],
+    parity_tolerance: float,
+    exporter: Exporter | None,
+) -> AggregateOutcome:
+    started = time.monotonic()
+    dataset_id = str(manifest["dataset_id"])
+    candidate = prepare_candidate(store, settings, manifest, results, parity_tolerance, exporter)
+    version, created = register(client, settings, dataset_id, candidate)
+    best, metric = candidate.best, settings.selection_metric
+    metadata = build_metadata(
+        settings=settings,
+        dataset_id=dataset_id,
+        version=version,
+        best=best,
+        exported=candidate.exported,
+        onnx_sha256=candidate.onnx_sha256,
+        test_metrics=candidate.test_metrics,
+    )
+    metadata_bytes = json_bytes(metadata)
+    _log_to_run(client, best["run_id"], candidate, metadata_bytes)
+    champion_written = publish(
+        store, client, settings, dataset_id, version, metadata_bytes, candidate
+    )
+    message = (
+        f"aggregated: {best['algorithm']} on {int(best['training_rows']):,} rows "
+        f"{'registered' if created else 'found registered'} as {settings.registered_model} "
+        f"version {version.version} (champion); validation {metric} "
+        f"{best['metrics']['validation'].get(metric):.4f}, test {metric} "
+        f"{candidate.test_metrics[metric]:.4f}; ONNX parity on {candidate.parity.rows:,} test "
+        f"rows (max |dp| {candidate.parity.max_abs_diff:.2g}); {time.monotonic() - started:.1f}s"
+    )
+    n = len(results)
+    return AggregateOutcome(
+        dataset_id, "aggregated", message, n, n, str(version.version), champion_written
+    )
+
+
+def _log_to_run(
+    client: MlflowClient, run_id: str, candidate: Candidate, metadata_bytes: bytes
+) -> None:
+    """The aggregator's artifacts and the test metrics on the winning run (once)."""
+    present = {Path(f.path).name for f in client.list_artifacts(run_id, ARTIFACT_DIR)}
+    if "metadata.json" in present:
+        return
+    timestamp = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric(f"test_{name}", float(value), timestamp, 0)
+            for name, value in sorted(candidate.test_metrics.items())
+            if value is not None
+        ],
+    )
+    client.set_tag(run_id, "aggregate.champion", "true")
+    with tempfile.TemporaryDirectory(prefix="aggregate-") as tmp:
+        folder = Path(tmp)
+        (folder / "model.onnx").write_bytes(candidate.exported.onnx_bytes)
+        for extension, (data, _) in candidate.curve_files.items():
+            (folder / f"learning_curve.{extension}").write_bytes(data)
+        # metadata.json last: its presence means the run has all of them.
+        client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
+        (folder / "metadata.json").write_bytes(metadata_bytes)
+        client.log_artifact(run_id, str(folder / "metadata.json"), ARTIFACT_DIR)

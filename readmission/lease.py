@@ -1,0 +1,129 @@
+"""A lease object in S3: at most one holder at a time, built on conditional PUTs.
+
+`PUT` with `If-None-Match: *` creates the object only if it does not exist (SeaweedFS >= 3.8x,
+MinIO and AWS S3 answer 412 PreconditionFailed otherwise); a holder that died leaves a lease
+that expires after `ttl_seconds` and is taken over with `If-Match: <etag>`, so two callers
+cannot both take over the same expired lease. The lease guards long steps (the aggregator) on
+top of their own idempotency; it is a second line, never the only one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from readmission.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+_CONFLICT = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+
+
+class LeaseBusy(RuntimeError):
+    """Another holder kept the lease for longer than we were willing to wait (transient)."""
+
+
+@dataclass
+class Lease:
+    store: ObjectStore
+    bucket: str
+    key: str
+    owner: str
+    etag: str
+
+    def release(self) -> None:
+        """Delete the lease if we still own it (an expired lease may have been taken over)."""
+        current = _read(self.store, self.bucket, self.key)
+        if current is not None and current[0].get("owner") == self.owner:
+            self.store.delete(self.bucket, self.key)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _is_conflict(error: ClientError) -> bool:
+    code = str(error.response.get("Error", {}).get("Code"))
+    status = str(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+    return code in _CONFLICT or status in _CONFLICT
+
+
+def _read(store: ObjectStore, bucket: str, key: str) -> tuple[dict[str, Any], str] | None:
+    try:
+        response = store.client.get_object(Bucket=bucket, Key=key)
+    except ClientError as error:
+        if str(error.response.get("Error", {}).get("Code")) in {"NoSuchKey", "404", "NotFound"}:
+            return None
+        raise
+    try:
+        document = json.loads(response["Body"].read())
+    except ValueError:
+        document = {}
+    return document, response["ETag"]
+
+
+def _put(store: ObjectStore, bucket: str, key: str, body: bytes, **condition: str) -> str | None:
+    """Conditional PUT: the new ETag, or None when the condition failed."""
+    try:
+        response = store.client.put_object(
+            Bucket=bucket, Key=key, Body=body, ContentType="application/json", **condition
+        )
+    except ClientError as error:
+        if _is_conflict(error):
+            return None
+        raise
+    return str(response["ETag"])
+
+
+def try_acquire(
+    store: ObjectStore, bucket: str, key: str, ttl_seconds: float, purpose: str = ""
+) -> Lease | None:
+    """Take the lease now, or None if someone else holds an unexpired one."""
+    owner = uuid.uuid4().hex
+    body = json.dumps(
+        {"owner": owner, "expires_at": time.time() + ttl_seconds, "purpose": purpose}
+    ).encode()
+    etag = _put(store, bucket, key, body, IfNoneMatch="*")
+    if etag is not None:
+        return Lease(store, bucket, key, owner, etag)
+    current = _read(store, bucket, key)
+    if current is None:  # released between our PUT and GET: try once more
+        etag = _put(store, bucket, key, body, IfNoneMatch="*")
+        return None if etag is None else Lease(store, bucket, key, owner, etag)
+    document, current_etag = current
+    expires_at = document.get("expires_at")
+    if isinstance(expires_at, int | float) and expires_at > time.time():
+        return None
+    log.warning(
+        "lease s3://%s/%s expired (holder %s): taking it over", bucket, key, document.get("owner")
+    )
+    etag = _put(store, bucket, key, body, IfMatch=current_etag)
+    return None if etag is None else Lease(store, bucket, key, owner, etag)
+
+
+def acquire(
+    store: ObjectStore,
+    bucket: str,
+    key: str,
+    ttl_seconds: float,
+    wait_seconds: float,
+    purpose: str = "",
+    poll_seconds: float = 0.5,
+) -> Lease:
+    """Take the lease, waiting up to `wait_seconds` for a holder to finish; else LeaseBusy."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        lease = try_acquire(store, bucket, key, ttl_seconds, purpose)
+        if lease is not None:
+            return lease
+        if time.monotonic() >= deadline:
+            raise LeaseBusy(f"s3://{bucket}/{key} is held by another invocation")
+        time.sleep(poll_seconds)

@@ -1,0 +1,509 @@
+"""The aggregator against a REAL SeaweedFS S3 server and a REAL MLflow server.
+
+Scenario: a few thousand rows sampled from the real CSV (env DIABETES_CSV), ingested by
+readmission.ingest into manifest + Parquet batches + job specs, every job trained by
+readmission.training.train_job (a real MLflow run, skops model), its result document
+parked in a staging bucket and copied to the results bucket when a test wants it to arrive.
+Then the aggregator is exercised: waiting, a tampered ONNX, the aggregation itself,
+redelivery, concurrency, a second dataset taking over the champion.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+from conftest_seaweed import SeaweedServer
+from mlflow import MlflowClient
+from mlflow_server import MlflowServer
+
+from readmission import keys, lease, registry, tracking
+from readmission.aggregate import (
+    AggregateOutcome,
+    aggregate_dataset,
+    lease_key,
+    select_best,
+)
+from readmission.config import Buckets, Settings
+from readmission.features import target_values, to_model_frame
+from readmission.ingest import ingest_object
+from readmission.onnx_export import ExportedModel, ParityError, export_onnx, run_onnx
+from readmission.storage import ObjectStore, json_bytes
+from readmission.training import compute_metrics, train_job
+
+ROOT = Path(__file__).resolve().parents[1]
+CSV = Path(os.environ.get("DIABETES_CSV") or ROOT / "../shared/data/diabetic_data.csv.gz")
+SAMPLE_ROWS = 4000
+BATCH_ROWS = 1000
+ALGORITHMS = ("logistic_regression", "decision_tree", "random_forest")
+MODEL_NAME = "diabetes_readmission_model"
+
+pytestmark = pytest.mark.stack
+
+
+# --- servers ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[SeaweedServer, MlflowServer]]:
+    seaweed = SeaweedServer().start()
+    mlflow_server = MlflowServer()
+    try:
+        mlflow_server.start()
+        yield seaweed, mlflow_server
+    finally:
+        mlflow_server.stop()
+        seaweed.stop()
+
+
+@pytest.fixture(scope="module")
+def settings(servers: tuple[SeaweedServer, MlflowServer]) -> Iterator[Settings]:
+    seaweed, mlflow_server = servers
+    env = {**seaweed.env(), "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield Settings(
+            s3_endpoint_url=seaweed.endpoint_url,
+            buckets=Buckets(),
+            batch_rows=BATCH_ROWS,
+            algorithms=ALGORITHMS,
+            mlflow_tracking_uri=mlflow_server.uri,
+            mlflow_experiment="aggregate-test",
+            registered_model=MODEL_NAME,
+        )
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def store(settings: Settings) -> ObjectStore:
+    object_store = ObjectStore.from_settings(settings)
+    object_store.ensure_buckets(settings.buckets.all())
+    return object_store
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> MlflowClient:
+    return registry.client_for(settings.mlflow_tracking_uri)
+
+
+# --- the scenario: ingest, train, results -------------------------------------------------
+
+
+def sample_csv(rows: int, seed: int) -> bytes:
+    """Header + `rows` lines drawn at random from the real file."""
+    if not CSV.exists():
+        pytest.fail(f"the diabetes CSV is missing: {CSV} (set DIABETES_CSV)")
+    with gzip.open(CSV, "rt") if CSV.suffix == ".gz" else CSV.open() as handle:
+        header, *lines = handle.read().splitlines()
+    picked = random.Random(seed).sample(lines, rows)
+    return ("\n".join([header, *picked]) + "\n").encode()
+
+
+def read_split(store: ObjectStore, key: str) -> pd.DataFrame:
+    return pd.read_parquet(io.BytesIO(store.get_bytes("datasets", key)))
+
+
+@dataclass
+class Scenario:
+    dataset_id: str
+    manifest: dict[str, Any]
+    results: dict[str, dict[str, Any]]  # result key -> document (not all written yet)
+
+
+@pytest.fixture(scope="module")
+def scenario(store: ObjectStore, settings: Settings, client: MlflowClient) -> Scenario:
+    data = sample_csv(SAMPLE_ROWS, seed=7)
+    store.put_bytes("raw", "sample.csv", data, "text/csv")
+    outcome = ingest_object(store, settings, "raw", "sample.csv")
+    dataset_id = keys.content_id(data)
+    assert outcome.dataset_id == dataset_id
+    manifest = store.get_json("datasets", keys.manifest_key(dataset_id))
+    assert len(manifest["jobs"]) == len(ALGORITHMS) * len(manifest["cumulative_sets"]) >= 6
+    # The training step itself, with its results parked in a staging bucket: each test
+    # decides when a result "arrives" in the results bucket.
+    staging = replace(settings, buckets=replace(settings.buckets, results="results-staging"))
+    store.ensure_buckets(["results-staging"])
+    results = {
+        key: train_job(store, staging, store.get_json("jobs", key), client)
+        for key in manifest["jobs"]
+    }
+    return Scenario(dataset_id, manifest, results)
+
+
+def write_results(store: ObjectStore, scenario: Scenario, keys_: list[str]) -> None:
+    for key in keys_:
+        store.put_json("results", key, scenario.results[key])
+
+
+def versions(client: MlflowClient, dataset_id: str | None = None) -> list[Any]:
+    found = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    return sorted(
+        (v for v in found if dataset_id is None or v.tags.get("dataset_id") == dataset_id),
+        key=lambda v: int(v.version),
+    )
+
+
+def model_objects(store: ObjectStore) -> dict[str, tuple[str, Any]]:
+    """key -> (etag, last modified) of every object in the models bucket."""
+    out = {}
+    for key in store.list_keys("models"):
+        head = store.client.head_object(Bucket="models", Key=key)
+        out[key] = (head["ETag"], head["LastModified"])
+    return out
+
+
+def tampered_exporter(pipeline: Any, sample: pd.DataFrame) -> ExportedModel:
+    """A real export whose `probabilities` output is then scaled by 0.98 inside the graph:
+    an ONNX file that no longer reproduces the pipeline (argmax unchanged)."""
+    exported = export_onnx(pipeline)
+    model = onnx.load_from_string(exported.onnx_bytes)
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["probabilities_raw" if o == "probabilities" else o for o in node.output]
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.98, np.float32), "scale"))
+    graph.node.append(
+        onnx.helper.make_node("Mul", ["probabilities_raw", "scale"], ["probabilities"])
+    )
+    onnx.checker.check_model(model)
+    return replace(exported, onnx_bytes=model.SerializeToString())
+
+
+# --- selection (pure) ----------------------------------------------------------------------
+
+
+def _result(index: int, algorithm: str, f1: float | None, auc: float | None) -> dict[str, Any]:
+    validation = {"f1_weighted": f1, "roc_auc_ovr": auc}
+    return {
+        "cumulative_index": index,
+        "algorithm": algorithm,
+        "metrics": {"validation": validation},
+    }
+
+
+def test_selection_by_metric_then_auc_then_job_key_in_any_order() -> None:
+    results = [
+        _result(2, "random_forest", 0.55, 0.60),
+        _result(1, "gradient_boosting", 0.56, 0.61),
+        _result(0, "logistic_regression", 0.56, 0.65),  # ties on F1, wins on AUC
+        _result(3, "decision_tree", None, 0.99),  # no F1: never selected
+    ]
+    for ordering in (results, results[::-1], results[1:] + results[:1]):
+        assert select_best(ordering, "f1_weighted")["algorithm"] == "logistic_regression"
+    twins = [_result(3, "decision_tree", 0.5, 0.6), _result(1, "random_forest", 0.5, 0.6)]
+    assert select_best(twins, "f1_weighted")["cumulative_index"] == 1  # smaller job key
+    assert select_best(twins[::-1], "f1_weighted")["cumulative_index"] == 1
+    assert select_best(results, "roc_auc_ovr")["algorithm"] == "decision_tree"
+    with pytest.raises(ValueError, match="f1_wieghted"):
+        select_best(results, "f1_wieghted")
+
+
+# --- tests, in order: the module's state builds up ----------------------------------------
+
+
+def test_waits_until_every_listed_job_has_a_result(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    jobs = scenario.manifest["jobs"]
+    outcome = aggregate_dataset(store, settings, scenario.dataset_id)
+    assert (outcome.status, outcome.results_found, outcome.results_expected) == (
+        "waiting",
+        0,
+        len(jobs),
+    )
+    write_results(store, scenario, jobs[:-1])
+    outcome = aggregate_dataset(store, settings, scenario.dataset_id)
+    assert outcome.status == "waiting"
+    assert outcome.message == f"waiting ({len(jobs) - 1} of {len(jobs)} results)"
+    assert store.list_keys("models") == []
+    assert client.search_registered_models() == []
+
+
+def test_a_result_without_manifest_is_logged_and_ignored(
+    store: ObjectStore, settings: Settings
+) -> None:
+    outcome = aggregate_dataset(store, settings, "0123456789abcdef")
+    assert outcome.status == "no_manifest"
+    assert store.list_keys("models") == []
+
+
+def test_tampered_onnx_fails_parity_and_registers_nothing(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    write_results(store, scenario, scenario.manifest["jobs"][-1:])
+    with pytest.raises(ParityError, match="tolerance"):
+        aggregate_dataset(store, settings, scenario.dataset_id, exporter=tampered_exporter)
+    assert versions(client) == []
+    assert store.list_keys("models") == []  # nothing written, and the lease was released
+
+
+def test_aggregates_all_results_into_one_champion(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    dataset_id = scenario.dataset_id
+    outcome = aggregate_dataset(store, settings, dataset_id)
+    assert outcome.status == "aggregated", outcome
+    assert outcome.champion_written and outcome.version == "1"
+
+    # the selection: best validation F1, computed here independently
+    results = list(scenario.results.values())
+    top = max(r["metrics"]["validation"]["f1_weighted"] for r in results)
+    best = select_best(results, "f1_weighted")
+    assert best["metrics"]["validation"]["f1_weighted"] == top
+
+    # the registry: exactly one version, alias champion, tags and description
+    [version] = versions(client)
+    assert version.tags["dataset_id"] == dataset_id
+    assert version.tags["selection_metric"] == "f1_weighted"
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "1"
+    assert best["algorithm"] in version.description
+    assert (
+        f"{best['training_rows']:,} rows" in version.description and "test" in version.description
+    )
+
+    # the models bucket
+    prefix = f"{dataset_id}/"
+    assert sorted(store.list_keys("models")) == sorted(
+        [
+            "champion/metadata.json",
+            prefix + "learning_curve.csv",
+            prefix + "learning_curve.md",
+            prefix + "learning_curve.png",
+            prefix + "metadata.json",
+            prefix + "model.onnx",
+        ]
+    )
+    metadata = store.get_json("models", prefix + "metadata.json")
+    assert store.get_bytes("models", "champion/metadata.json") == json_bytes(metadata)
+    onnx_bytes = store.get_bytes("models", metadata["model_key"])
+    assert metadata["model_sha256"] == hashlib.sha256(onnx_bytes).hexdigest()
+    assert metadata["version"] == "1" and metadata["run_id"] == best["run_id"]
+    assert metadata["algorithm"] == best["algorithm"]
+    assert metadata["classes"] == sorted(["<30", ">30", "NO"])
+    assert len(metadata["inputs"]) == 47
+    assert metadata["outputs"] == {"label": "label", "probabilities": "probabilities"}
+    assert metadata["registered_at"].endswith("Z")
+    assert set(metadata["metrics"]["test"]) == {
+        "accuracy",
+        "precision_weighted",
+        "recall_weighted",
+        "f1_weighted",
+        "f1_macro",
+        "roc_auc_ovr",
+    }
+
+    # the served ONNX reproduces the registered model on the whole test split
+    test = read_split(store, scenario.manifest["test"]["key"])
+    model = tracking.load_pipeline(f"models:/{MODEL_NAME}@champion")
+    labels, probabilities = run_onnx(onnx_bytes, test)
+    assert (labels == model.classes_[probabilities.argmax(axis=1)]).all()
+    expected = model.predict_proba(to_model_frame(test))
+    assert np.max(np.abs(probabilities - expected)) <= 1e-4
+    assert (probabilities.argmax(axis=1) == expected.argmax(axis=1)).all()
+    test_metrics = compute_metrics(model, to_model_frame(test), target_values(test))
+    assert metadata["metrics"]["test"] == pytest.approx(test_metrics)
+
+    # the learning curve covers every result
+    curve = store.get_bytes("models", prefix + "learning_curve.csv").decode().splitlines()
+    assert len(curve) == 1 + len(scenario.manifest["cumulative_sets"])
+    assert store.get_bytes("models", prefix + "learning_curve.png").startswith(b"\x89PNG")
+    assert "Verdict" in store.get_bytes("models", prefix + "learning_curve.md").decode()
+
+    # ... and the winning run got the artifacts and the test metrics
+    artifacts = {Path(f.path).name for f in client.list_artifacts(best["run_id"], "aggregate")}
+    assert artifacts == {
+        "learning_curve.csv",
+        "learning_curve.md",
+        "learning_curve.png",
+        "metadata.json",
+        "model.onnx",
+    }
+    run = client.get_run(best["run_id"])
+    assert run.data.metrics["test_f1_weighted"] == pytest.approx(test_metrics["f1_weighted"])
+
+
+def test_redelivery_and_concurrent_calls_change_nothing(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    before = model_objects(store)
+    time.sleep(1.1)  # LastModified has a resolution of one second: a rewrite would show
+    outcome = aggregate_dataset(store, settings, scenario.dataset_id)
+    assert outcome.status == "already_aggregated" and not outcome.champion_written
+
+    outcomes: list[AggregateOutcome] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            outcomes.append(aggregate_dataset(store, settings, scenario.dataset_id))
+        except BaseException as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert errors == [] and [o.status for o in outcomes] == ["already_aggregated"] * 2
+    assert len(versions(client)) == 1
+    assert model_objects(store) == before  # no object rewritten (same ETag, same time)
+
+
+def test_a_lost_champion_file_is_resynced_from_the_registry(
+    store: ObjectStore, settings: Settings, scenario: Scenario
+) -> None:
+    # The previous invocation died between <id>/metadata.json and champion/metadata.json.
+    expected = store.get_bytes("models", f"{scenario.dataset_id}/metadata.json")
+    store.delete("models", "champion/metadata.json")
+    outcome = aggregate_dataset(store, settings, scenario.dataset_id)
+    assert outcome.status == "already_aggregated" and outcome.champion_written
+    assert store.get_bytes("models", "champion/metadata.json") == expected
+
+
+def copy_dataset(store: ObjectStore, scenario: Scenario, new_id: str) -> Scenario:
+    """The same data under another dataset id (manifest, splits and results rewritten)."""
+    old = scenario.dataset_id
+    text = json.dumps(scenario.manifest).replace(old, new_id)
+    manifest = json.loads(text)
+    for key in store.list_keys("datasets", f"{old}/"):
+        store.copy("datasets", key, "datasets", key.replace(old, new_id, 1))
+    store.put_json("datasets", keys.manifest_key(new_id), manifest)
+    results = {
+        key.replace(old, new_id, 1): {**doc, "dataset_id": new_id}
+        for key, doc in scenario.results.items()
+    }
+    return Scenario(new_id, manifest, results)
+
+
+def test_concurrent_first_aggregation_registers_exactly_once(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    second = copy_dataset(store, scenario, "feedfacecafebeef")
+    write_results(store, second, list(second.results))
+    outcomes: list[AggregateOutcome] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            outcomes.append(aggregate_dataset(store, settings, second.dataset_id))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert errors == []
+    assert sorted(o.status for o in outcomes) == ["aggregated", "already_aggregated"]
+    [version] = versions(client, second.dataset_id)
+    assert len(versions(client)) == 2
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == version.version
+    champion = store.get_json("models", "champion/metadata.json")
+    assert champion["dataset_id"] == second.dataset_id and champion["version"] == version.version
+    assert not store.exists("models", lease_key(second.dataset_id))
+
+    # A late redelivery for the FIRST dataset must not take the champion back.
+    before = model_objects(store)
+    time.sleep(1.1)
+    outcome = aggregate_dataset(store, settings, scenario.dataset_id)
+    assert outcome.status == "already_aggregated" and not outcome.champion_written
+    assert model_objects(store) == before
+
+
+def test_registration_converges_on_the_lowest_version(
+    settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    # A twin registration (two callers racing past the lease): both converge on the lowest.
+    run_uri = next(iter(scenario.results.values()))["model_uri"]
+    dataset_id = "0000000000000042"
+    first = mlflow.register_model(run_uri, MODEL_NAME, tags={"dataset_id": dataset_id})
+    twin = mlflow.register_model(run_uri, MODEL_NAME, tags={"dataset_id": dataset_id})
+    assert int(twin.version) > int(first.version)
+    kept, created = registry.register_once(
+        client, MODEL_NAME, run_uri, dataset_id, tags={}, description="x"
+    )
+    assert (kept.version, created) == (first.version, False)
+    assert [v.version for v in versions(client, dataset_id)] == [first.version]
+
+
+def test_lease_admits_one_holder_and_expires(store: ObjectStore) -> None:
+    held = lease.try_acquire(store, "models", "lease-test/aggregate.lease", ttl_seconds=60)
+    assert held is not None
+    assert lease.try_acquire(store, "models", "lease-test/aggregate.lease", ttl_seconds=60) is None
+    with pytest.raises(lease.LeaseBusy):
+        lease.acquire(store, "models", "lease-test/aggregate.lease", 60, wait_seconds=0.6)
+    held.release()
+    short = lease.try_acquire(store, "models", "lease-test/aggregate.lease", ttl_seconds=0.5)
+    assert short is not None
+    time.sleep(1.0)
+    taker = lease.try_acquire(store, "models", "lease-test/aggregate.lease", ttl_seconds=60)
+    assert taker is not None  # the expired lease was taken over
+    short.release()  # no longer ours: must not delete the taker's lease
+    assert store.exists("models", "lease-test/aggregate.lease")
+    taker.release()
+    assert not store.exists("models", "lease-test/aggregate.lease")
+
+
+def test_concurrent_lease_attempts_have_one_winner(store: ObjectStore) -> None:
+    for trial in range(3):
+        key = f"lease-race/{trial}.lease"
+        winners: list[lease.Lease] = []
+
+        def attempt(key: str = key, winners: list[lease.Lease] = winners) -> None:
+            held = lease.try_acquire(store, "models", key, ttl_seconds=60)
+            if held is not None:
+                winners.append(held)
+
+        threads = [threading.Thread(target=attempt) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(winners) == 1
+        winners[0].release()
+
+
+def post_result_event(app: Any, key: str, bucket: str = "results") -> Any:
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-type": "io.readmission.result.created",
+        "ce-source": f"s3://{bucket}",
+        "ce-id": hashlib.sha256(key.encode()).hexdigest()[:32],
+        "ce-subject": key,
+        "Content-Type": "application/json",
+    }
+    body = json.dumps({"bucket": bucket, "key": key, "size": 1, "etag": "x", "origin": "seaweedfs"})
+    return app.test_client().post("/", headers=headers, data=body)
+
+
+def test_function_entry_point(store: ObjectStore, settings: Settings, scenario: Scenario) -> None:
+    from functions_framework import create_app
+
+    app = create_app("aggregate", str(ROOT / "functions/aggregate/main.py"), "cloudevent")
+    before = model_objects(store)
+    reply = post_result_event(app, scenario.manifest["jobs"][0])
+    assert (reply.status_code, reply.data) == (204, b"")
+    assert model_objects(store) == before
+    assert post_result_event(app, "not-a-result-key.txt").status_code == 400
+    assert post_result_event(app, scenario.manifest["jobs"][0], bucket="jobs").status_code == 400
