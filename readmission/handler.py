@@ -10,6 +10,7 @@ Knative does not retry; it goes to the dead-letter sink) when the event is malfo
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,14 +24,21 @@ class MalformedEvent(BadRequest):
     """An event no retry can fix: answered 400, so Knative routes it to the dead-letter sink."""
 
 
+def max_event_bytes() -> int:
+    """EVENT_MAX_BYTES (default 1 MiB): the largest CloudEvent body a function reads."""
+    return int(os.environ.get("EVENT_MAX_BYTES", "").strip() or 1024 * 1024)
+
+
 def reply_empty_on_success() -> None:
-    """Turn functions-framework's 200 "OK" into 204 with an empty body.
+    """Turn functions-framework's 200 "OK" into 204 with an empty body, and limit body size.
 
     Call it at import time of a function module: functions-framework executes the module inside
     the Flask application context, so `flask.current_app` is the app that will serve it.
     """
 
     app = flask.current_app
+    # Pipeline events are small object references: refuse big bodies (413) before reading them.
+    app.config["MAX_CONTENT_LENGTH"] = max_event_bytes()
 
     @app.after_request
     def _empty_reply(response: flask.Response) -> flask.Response:

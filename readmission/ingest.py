@@ -107,6 +107,7 @@ def ingest_object(store: ObjectStore, settings: Settings, bucket: str, key: str)
     manifest = store.get_json_if_exists(settings.buckets.datasets, keys.manifest_key(dataset_id))
     if manifest is not None:
         written = _write_jobs(store, settings, manifest)
+        write_receipt(store, settings, bucket, key, info.etag, dataset_id)
         return IngestOutcome(
             ALREADY_INGESTED, bucket, key, dataset_id, tuple(written), len(manifest["jobs"])
         )
@@ -142,6 +143,7 @@ def _ingest_table(
     ):
         written.append(f"{datasets}/{keys.manifest_key(dataset_id)}")
     written += _write_jobs(store, settings, manifest)
+    write_receipt(store, settings, info.bucket, info.key, info.etag, dataset_id)
     timer.lap("write_manifest_jobs")
     return IngestOutcome(
         INGESTED,
@@ -417,3 +419,28 @@ def _reject(
         written.append(f"{rejected}/{report_key}")
     store.delete(info.bucket, info.key)
     return IngestOutcome(REJECTED, info.bucket, info.key, None, tuple(written), 0, tuple(problems))
+
+
+# --------------------------------------------------------------------------- receipts
+
+
+def receipt_document(bucket: str, key: str, etag: str, dataset_id: str) -> dict[str, Any]:
+    """What an ingest receipt says: this raw object version is (part of) that dataset."""
+    return {"bucket": bucket, "key": key, "etag": etag.strip('"'), "dataset_id": dataset_id}
+
+
+def write_receipt(
+    store: ObjectStore, settings: Settings, bucket: str, key: str, etag: str, dataset_id: str
+) -> str:
+    """Record that this raw object version was ingested; returns the receipt's key.
+
+    Written once the dataset's manifest and job specs exist (keys.receipt_key names it by
+    bucket, key and ETag), so the reconciler knows the object needs no event. Canonical JSON
+    without timestamps: a redelivery writes nothing. The datasets bucket fires no event.
+    """
+    datasets = settings.buckets.datasets
+    receipt = keys.receipt_key(bucket, key, etag)
+    data = json_bytes(receipt_document(bucket, key, etag, dataset_id))
+    if store.get_bytes_if_exists(datasets, receipt) != data:
+        store.put_bytes(datasets, receipt, data, JSON_TYPE)
+    return receipt

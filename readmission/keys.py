@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 CHAMPION_METADATA_KEY = "champion/metadata.json"
+RECEIPTS_PREFIX = "sources/"
 
 
 def content_id(data: bytes) -> str:
@@ -72,3 +73,13 @@ def rejected_report_key(content_hash: str, original_key: str) -> str:
 
 def dead_letter_key(event_type: str, event_id: str) -> str:
     return f"{event_type}/{event_id}.json"
+
+
+def receipt_key(bucket: str, key: str, etag: str) -> str:
+    """Key (in the datasets bucket) of the ingest receipt of one raw object version.
+
+    Dataset ids are 16 hex characters, so the ``sources/`` prefix cannot clash with them.
+    """
+    version = etag.strip('"')
+    digest = hashlib.sha256(f"{bucket}/{key}/{version}".encode()).hexdigest()
+    return f"{RECEIPTS_PREFIX}{digest[:32]}.json"

@@ -149,10 +149,11 @@ def stop_all(recorded_processes: list[Process], run_dir: Path, grace: float = 10
     return [p.name for p in running]
 
 
-def http_status(url: str, timeout: float = 2.0) -> int | None:
-    """The HTTP status a GET gets, or None when nothing answers."""
+def http_status(url: str, timeout: float = 2.0, method: str = "GET") -> int | None:
+    """The HTTP status a request with no body gets, or None when nothing answers."""
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return int(response.status)
     except urllib.error.HTTPError as error:
         return int(error.code)

@@ -223,7 +223,23 @@ def test_same_bytes_under_another_name_is_the_same_dataset(
     )
     assert outcome.status == ingest.ALREADY_INGESTED
     assert outcome.dataset_id == first.dataset_id and outcome.written == ()
-    assert store.writes == [] and snapshot(store, settings) == before
+    # The one write is this object version's receipt (it fires no event): the reconciler
+    # then knows the copy was handled and does not re-emit it.
+    info = store.head(settings.buckets.raw, "again/copy-of-diabetic.csv")
+    assert info is not None
+    receipt = keys.receipt_key(info.bucket, info.key, info.etag)
+    assert store.writes == [f"put {settings.buckets.datasets}/{receipt}"]
+    assert store.get_json(settings.buckets.datasets, receipt)["dataset_id"] == first.dataset_id
+    after = snapshot(store, settings)
+    assert {k: v for k, v in after.items() if not k.endswith(receipt)} == before
+    store.writes.clear()
+    again = ingest.ingest_object(
+        store, settings, settings.buckets.raw, "again/copy-of-diabetic.csv"
+    )
+    assert again.status == ingest.ALREADY_INGESTED and store.writes == []
+    # Leave the module's shared state as it was for the tests that follow.
+    store.delete(settings.buckets.raw, "again/copy-of-diabetic.csv")
+    store.delete(settings.buckets.datasets, receipt)
 
 
 def test_redelivered_event_changes_nothing(

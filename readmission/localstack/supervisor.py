@@ -103,6 +103,7 @@ class Supervisor:
             log("start failed: stopping what was started")
             self.down(log=lambda _: None)
             raise
+        self._reconcile_now(info, log)
         if failed:
             urls = {f"http://{HOST}:{ports[name]}" for name in failed}
             info.services = {
@@ -113,6 +114,16 @@ class Supervisor:
             _write_atomic(config.path("services.json"), json.dumps(info.services, indent=2))
             info.save()
         return info
+
+    def _reconcile_now(self, info: StackInfo, log: Callable[[str], None]) -> None:
+        """Fire every PingSource once: the reconciler runs on start, then on its schedule, and
+        picks up what a previous run of the stack left half-done (docs/reliability.md)."""
+        from events.routing import load_routing
+
+        for source in load_routing(self.config.root / "infra" / "knative").pings:
+            url = f"{info.broker_url}/pingsources/{source.name}"
+            if processes.http_status(url, method="POST") not in (200, 202, 204):
+                log(f"warning: could not fire PingSource {source.name} ({url})")
 
     def _check_ports_free(self, ports: dict[str, int]) -> None:
         busy = {name: port for name, port in ports.items() if processes.port_in_use(port)}
@@ -215,7 +226,10 @@ class Supervisor:
             f"--workers={config.mlflow_workers}",
         ]
         log(f"starting mlflow     ({env_for_clients['MLFLOW_TRACKING_URI']})")
-        self._start("mlflow", mlflow_cmd, base_env, config.state_dir)
+        # The job-execution workers (huey, several processes and GB of memory) serve MLflow
+        # features this pipeline does not use.
+        mlflow_env = {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self._start("mlflow", mlflow_cmd, mlflow_env, config.state_dir)
 
         checks: dict[str, Callable[[], bool]] = {
             "mlflow": lambda: (
