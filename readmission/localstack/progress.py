@@ -179,20 +179,76 @@ def report(info: StackInfo) -> str:
         size = sum(o.size for o in objects)
         lines.append(f"  {bucket:<12} {len(objects):>5} objects {size / 1e6:10.2f} MB")
     champion = store.get_json_if_exists(settings.buckets.models, CHAMPION_METADATA_KEY)
+    dataset_id = _last_dataset(info) or (champion or {}).get("dataset_id")
+    manifest = (
+        store.get_json_if_exists(settings.buckets.datasets, manifest_key(dataset_id))
+        if dataset_id
+        else None
+    )
+    if manifest:
+        lines += ["", *describe_manifest(manifest)]
+    if dataset_id:
+        curve = learning_curve_text(store, settings, dataset_id)
+        if curve:
+            lines += ["", curve.rstrip()]
+    lines.append("")
     if champion:
-        validation = (champion.get("metrics") or {}).get("validation") or {}
-        lines.append(
-            f"champion: {champion.get('algorithm')} on {champion.get('training_rows')} rows "
-            f"(dataset {champion.get('dataset_id')}, model version {champion.get('version')}), "
-            f"validation {settings.selection_metric} = {validation.get(settings.selection_metric)}"
-        )
-        lines.append(f"  model: s3://{champion.get('model_bucket')}/{champion.get('model_key')}")
+        lines += describe_champion(champion, settings.selection_metric)
     else:
         lines.append("champion: none yet")
     lines.append(f"MLflow UI: {info.mlflow_uri}")
     if "PREDICT_URL" in info.env:
         lines.append(f"predict:   {info.env['PREDICT_URL']}")
     return "\n".join(lines)
+
+
+def _last_dataset(info: StackInfo) -> str | None:
+    path = Path(info.state_dir, "last-upload.json")
+    return json.loads(path.read_text()).get("dataset_id") if path.exists() else None
+
+
+def describe_manifest(manifest: dict[str, Any]) -> list[str]:
+    rows = manifest["rows"]
+    sets = manifest["cumulative_sets"]
+    return [
+        f"dataset {manifest['dataset_id']} (s3://{manifest['source']['bucket']}/"
+        f"{manifest['source']['key']}): {rows['total']:,} rows -> train {rows['train']:,}, "
+        f"validation {rows['validation']:,}, test {rows['test']:,} (patient-grouped, stratified)",
+        f"  {len(manifest['batches'])} training batches of up to {manifest['batch_rows']:,} rows: "
+        + ", ".join(f"{b['rows']:,}" for b in manifest["batches"]),
+        f"  {len(sets)} cumulative sets: " + ", ".join(f"{s['rows']:,}" for s in sets),
+        f"  {len(manifest['jobs'])} training jobs = {len(sets)} sets x "
+        f"{len(manifest['algorithms'])} algorithms ({', '.join(manifest['algorithms'])})",
+    ]
+
+
+def learning_curve_text(store: Any, settings: Any, dataset_id: str) -> str | None:
+    """The learning-curve table and verdict, once the dataset has training results."""
+    try:  # pipeline-only modules (pandas is not needed, but matplotlib is imported lazily)
+        from readmission.learning_curve import build_learning_curve, load_results, render_text
+    except ImportError:
+        return None
+    results = load_results(store, settings.buckets.results, dataset_id)
+    return render_text(build_learning_curve(dataset_id, results)) if results else None
+
+
+def describe_champion(champion: dict[str, Any], selection_metric: str) -> list[str]:
+    metrics = champion.get("metrics") or {}
+    names = ("f1_weighted", "f1_macro", "roc_auc_ovr", "accuracy")
+    lines = [
+        f"champion: {champion.get('algorithm')} on {champion.get('training_rows'):,} rows "
+        f"(dataset {champion.get('dataset_id')}, registered model "
+        f"{champion.get('model_name')} version {champion.get('version')}, alias champion; "
+        f"selected by validation {selection_metric})",
+    ]
+    for split in ("validation", "test"):
+        scores = metrics.get(split) or {}
+        lines.append(
+            f"  {split:<10} "
+            + "  ".join(f"{n} {scores[n]:.4f}" for n in names if isinstance(scores.get(n), float))
+        )
+    lines.append(f"  model: s3://{champion.get('model_bucket')}/{champion.get('model_key')}")
+    return lines
 
 
 def dead_letters(info: StackInfo) -> list[dict[str, Any]]:

@@ -1,0 +1,221 @@
+// The predict function's web page. Plain JS, no dependencies. Every value from the server or
+// the user is written with textContent / value / setAttribute, never innerHTML.
+"use strict";
+
+const GROUPS = [
+  ["Demographics", ["race", "gender", "age", "weight", "payer_code", "medical_specialty"]],
+  ["Admission", ["admission_type_id", "discharge_disposition_id", "admission_source_id",
+    "time_in_hospital"]],
+  ["Diagnoses", ["diag_1", "diag_2", "diag_3", "number_diagnoses"]],
+  ["Labs", ["max_glu_serum", "A1Cresult", "num_lab_procedures"]],
+  ["Medications", ["metformin", "repaglinide", "nateglinide", "chlorpropamide", "glimepiride",
+    "acetohexamide", "glipizide", "glyburide", "tolbutamide", "pioglitazone", "rosiglitazone",
+    "acarbose", "miglitol", "troglitazone", "tolazamide", "examide", "citoglipton", "insulin",
+    "glyburide-metformin", "glipizide-metformin", "glimepiride-pioglitazone",
+    "metformin-rosiglitazone", "metformin-pioglitazone", "change", "diabetesMed",
+    "num_medications"]],
+  ["Utilisation", ["num_procedures", "number_outpatient", "number_emergency",
+    "number_inpatient"]],
+];
+
+const $ = (id) => document.getElementById(id);
+let modelInfo = null;
+
+function el(tag, attrs, text) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function fieldId(column) { return "f-" + column.replace(/[^A-Za-z0-9_-]/g, "_"); }
+
+function buildForm(info) {
+  const groups = $("groups");
+  groups.replaceChildren();
+  const byColumn = new Map(info.inputs.map((spec) => [spec.column, spec]));
+  const placed = new Set();
+  const sections = GROUPS.map(([title, columns]) => [title, columns.filter((c) => byColumn.has(c))]);
+  const rest = info.inputs.map((s) => s.column).filter((c) => !GROUPS.some(([, cs]) => cs.includes(c)));
+  if (rest.length) sections.push(["Other", rest]);
+  for (const [title, columns] of sections) {
+    if (!columns.length) continue;
+    const fieldset = el("fieldset");
+    fieldset.append(el("legend", {}, title));
+    const grid = el("div", { class: "fields" });
+    for (const column of columns) {
+      const spec = byColumn.get(column);
+      placed.add(column);
+      const label = el("label", { for: fieldId(column) }, column);
+      const input = el("input", { id: fieldId(column), name: column, autocomplete: "off" });
+      input.dataset.kind = spec.kind;
+      if (spec.kind === "numeric") {
+        input.setAttribute("inputmode", "decimal");
+      } else if (Array.isArray(spec.categories)) {
+        const list = el("datalist", { id: fieldId(column) + "-list" });
+        for (const category of spec.categories) list.append(el("option", { value: category }));
+        input.setAttribute("list", fieldId(column) + "-list");
+        label.append(list);
+      }
+      label.append(input);
+      grid.append(label);
+    }
+    fieldset.append(grid);
+    groups.append(fieldset);
+  }
+  fillExample(info);
+}
+
+function fillExample(info) {
+  for (const spec of info.inputs) {
+    const input = $(fieldId(spec.column));
+    const value = info.example ? info.example[spec.column] : null;
+    input.value = value === null || value === undefined ? "" : String(value);
+  }
+}
+
+function readForm(info) {
+  const features = {};
+  for (const spec of info.inputs) {
+    const raw = $(fieldId(spec.column)).value.trim();
+    if (raw === "") features[spec.column] = null;
+    else if (spec.kind === "numeric" && Number.isFinite(Number(raw))) features[spec.column] = Number(raw);
+    else features[spec.column] = raw;
+  }
+  return features;
+}
+
+function showError(body, status) {
+  const box = $("error");
+  const parts = [body && body.error ? body.error : "request failed (HTTP " + status + ")"];
+  if (body && body.field) parts.push("Field: " + body.field);
+  if (body && Array.isArray(body.allowed)) {
+    const shown = body.allowed.slice(0, 25).join(", ");
+    parts.push("Allowed: " + shown + (body.allowed.length > 25 ? ", …" : ""));
+  }
+  box.textContent = parts.join("\n");
+  box.hidden = false;
+  $("result").hidden = true;
+  $("result-empty").hidden = true;
+  if (body && body.field) {
+    const input = document.getElementById(fieldId(body.field));
+    if (input) input.setAttribute("aria-invalid", "true");
+  }
+}
+
+function showResult(body, classes) {
+  $("result-empty").hidden = true;
+  $("result").hidden = false;
+  $("result-class").textContent = body.readmission_prediction;
+  $("result-version").textContent = body.model_version;
+  const bars = $("bars");
+  bars.replaceChildren();
+  for (const name of classes) {
+    const p = Number(body.probabilities[name]) || 0;
+    const row = el("div", { class: "bar" + (name === body.readmission_prediction ? " top" : ""),
+      "data-class": name });
+    const track = el("div", { class: "track" });
+    const fill = el("div", { class: "fill" });
+    fill.style.width = (Math.max(0, Math.min(1, p)) * 100).toFixed(1) + "%";
+    track.append(fill);
+    row.append(el("span", { class: "name" }, name), track, el("span", { class: "value" }, (p * 100).toFixed(1) + " %"));
+    bars.append(row);
+  }
+  const warnings = $("result-warnings");
+  warnings.replaceChildren(...(body.warnings || []).map((w) => el("li", {}, w)));
+}
+
+async function submit(event) {
+  event.preventDefault();
+  if (!modelInfo) return;
+  $("error").hidden = true;
+  for (const input of document.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+  $("submit").disabled = true;
+  try {
+    const response = await fetch("/predict", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ features: readForm(modelInfo) }),
+    });
+    let body = null;
+    try { body = await response.json(); } catch (e) { body = null; }
+    if (response.ok) showResult(body, modelInfo.classes);
+    else showError(body, response.status);
+  } catch (err) {
+    showError({ error: "network error: " + err }, 0);
+  } finally {
+    $("submit").disabled = false;
+  }
+}
+
+function fmt(value) {
+  if (typeof value === "number") return Number.isInteger(value) ? value.toLocaleString("en") : value.toFixed(4);
+  return value === null || value === undefined ? "–" : String(value);
+}
+
+function buildCard(info) {
+  const facts = $("card-facts");
+  facts.replaceChildren();
+  const rows = [["Model", info.name], ["Version", info.version], ["Algorithm", info.algorithm],
+    ["Training rows", info.training_rows], ["Dataset", info.dataset_id],
+    ["Selection metric", info.selection_metric], ["Registered", info.registered_at]];
+  for (const [name, value] of rows) facts.append(el("dt", {}, name), el("dd", {}, fmt(value)));
+  const metrics = info.metrics || {};
+  const splits = Object.keys(metrics).filter((s) => metrics[s] && typeof metrics[s] === "object");
+  const table = $("card-metrics");
+  const head = el("tr");
+  head.append(el("th", {}, "metric"), ...splits.map((s) => el("th", {}, s)));
+  table.tHead.replaceChildren(head);
+  const names = [...new Set(splits.flatMap((s) => Object.keys(metrics[s])))];
+  table.tBodies[0].replaceChildren(...names.map((name) => {
+    const tr = el("tr");
+    tr.append(el("td", {}, name), ...splits.map((s) => el("td", {}, fmt(metrics[s][name]))));
+    return tr;
+  }));
+  const img = $("learning-curve");
+  if (info.learning_curve_png) {
+    img.onload = () => { img.hidden = false; $("learning-curve-missing").hidden = true; };
+    img.onerror = () => { img.hidden = true; $("learning-curve-missing").hidden = false; };
+    img.src = info.learning_curve_png + "?v=" + encodeURIComponent(info.version);
+  } else {
+    $("learning-curve-missing").hidden = false;
+  }
+  const curve = Array.isArray(info.learning_curve) ? info.learning_curve : [];
+  const curveTable = $("curve-table");
+  if (curve.length) {
+    const columns = Object.keys(curve[0]);
+    const tr = el("tr");
+    tr.append(...columns.map((c) => el("th", {}, c)));
+    curveTable.tHead.replaceChildren(tr);
+    curveTable.tBodies[0].replaceChildren(...curve.map((row) => {
+      const r = el("tr");
+      r.append(...columns.map((c) => el("td", {}, fmt(row[c]))));
+      return r;
+    }));
+    curveTable.hidden = false;
+  }
+}
+
+async function init() {
+  $("patient-form").addEventListener("submit", submit);
+  $("reset").addEventListener("click", () => modelInfo && fillExample(modelInfo));
+  for (let attempt = 0; attempt < 60; attempt++) {
+    try {
+      const response = await fetch("/model-info");
+      if (response.ok) {
+        modelInfo = await response.json();
+        buildForm(modelInfo);
+        buildCard(modelInfo);
+        $("status").textContent = "Model " + modelInfo.name + " version " + modelInfo.version + " is ready.";
+        $("submit").disabled = false;
+        return;
+      }
+      $("status").textContent = "Waiting for the model (HTTP " + response.status + ")…";
+    } catch (err) {
+      $("status").textContent = "Cannot reach the server: " + err;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+  }
+}
+
+document.addEventListener("DOMContentLoaded", init);

@@ -1,0 +1,164 @@
+"""KServe V2 (Open Inference Protocol) mapping onto `LoadedModel`, transport-free.
+
+Convention: one input tensor per feature, named by the metadata's `onnx_name` (the column name
+is accepted too), shape `[N, 1]` (or `[N]`), datatype `FP32` (numeric) or `BYTES`
+(categorical), `data` flat or nested row-major. Outputs: `label` (BYTES `[N]`) and
+`probabilities` (FP32 `[N, C]`, columns in the order of `parameters.classes`). Validation is the
+same as for /predict (the tensors are turned into rows).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from readmission.serving import InputError, LoadedModel, Prediction
+
+
+def server_metadata(version: str) -> dict[str, Any]:
+    return {"name": "readmission-predict", "version": version, "extensions": []}
+
+
+def model_metadata(model: LoadedModel) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "versions": [model.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {
+                "name": spec.onnx_name,
+                "datatype": "FP32" if spec.numeric else "BYTES",
+                "shape": [-1, 1],
+                "parameters": {"column": spec.column},
+            }
+            for spec in model.inputs
+        ],
+        "outputs": [
+            {"name": model.label_output, "datatype": "BYTES", "shape": [-1]},
+            {
+                "name": model.probabilities_output,
+                "datatype": "FP32",
+                "shape": [-1, len(model.classes)],
+                "parameters": {"classes": model.classes},
+            },
+        ],
+    }
+
+
+def _flatten(data: Any, name: str) -> list[Any]:
+    if not isinstance(data, list):
+        raise InputError(f"input {name}: data must be a list", name, kind="invalid_tensor")
+    if data and all(isinstance(item, list) for item in data):
+        flat: list[Any] = []
+        for item in data:
+            flat.extend(_flatten(item, name))
+        return flat
+    return data
+
+
+def request_rows(model: LoadedModel, body: Any) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """Rows (column -> value) from a V2 infer request, and the requested output names."""
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
+        raise InputError(
+            "the body must be a JSON object with an 'inputs' list",
+            "inputs",
+            kind="invalid_body",
+            status=400,
+        )
+    by_name = {}
+    for spec in model.inputs:
+        by_name[spec.onnx_name] = spec
+        by_name.setdefault(spec.column, spec)
+    columns: dict[str, list[Any]] = {}
+    count: int | None = None
+    for tensor in body["inputs"]:
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise InputError("each input tensor needs a name", "inputs", kind="invalid_tensor")
+        name = tensor["name"]
+        spec = by_name.get(name)
+        if spec is None:
+            raise InputError(f"unknown input tensor {name!r}", name, kind="unknown_input")
+        datatype = tensor.get("datatype")
+        wanted = "FP32" if spec.numeric else "BYTES"
+        if datatype not in (wanted, "FP64", "INT64", "INT32") or (
+            not spec.numeric and datatype != "BYTES"
+        ):
+            raise InputError(
+                f"input {name}: datatype must be {wanted}", name, kind="invalid_tensor"
+            )
+        data = _flatten(tensor.get("data"), name)
+        shape = tensor.get("shape")
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not shape
+            or math.prod(shape) != len(data)
+            or any(d != 1 for d in shape[1:])
+        ):
+            raise InputError(
+                f"input {name}: shape must be [N, 1] matching the data", name, kind="invalid_tensor"
+            )
+        if count is None:
+            count = len(data)
+        elif count != len(data):
+            raise InputError(
+                f"input {name}: every input needs the same number of rows",
+                name,
+                kind="invalid_tensor",
+            )
+        columns[spec.column] = data
+    for spec in model.inputs:
+        if spec.column not in columns:
+            raise InputError(
+                f"missing input tensor {spec.onnx_name!r}", spec.onnx_name, kind="missing_feature"
+            )
+    names = list(columns)
+    rows = [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    outputs = body.get("outputs")
+    requested = None
+    if isinstance(outputs, list):
+        requested = [o.get("name") for o in outputs if isinstance(o, dict)]
+        for name in requested:
+            if name not in (model.label_output, model.probabilities_output):
+                raise InputError(f"unknown output {name!r}", "outputs", kind="unknown_output")
+    return rows, requested
+
+
+def response(
+    model: LoadedModel,
+    predictions: list[Prediction],
+    request_id: str | None,
+    requested: list[str] | None,
+) -> dict[str, Any]:
+    n = len(predictions)
+    outputs = []
+    if requested is None or model.label_output in requested:
+        outputs.append(
+            {
+                "name": model.label_output,
+                "datatype": "BYTES",
+                "shape": [n],
+                "data": [p.label for p in predictions],
+            }
+        )
+    if requested is None or model.probabilities_output in requested:
+        outputs.append(
+            {
+                "name": model.probabilities_output,
+                "datatype": "FP32",
+                "shape": [n, len(model.classes)],
+                "data": [p.probabilities[c] for p in predictions for c in model.classes],
+                "parameters": {"classes": model.classes},
+            }
+        )
+    body: dict[str, Any] = {
+        "model_name": model.name,
+        "model_version": model.version,
+        "outputs": outputs,
+    }
+    if request_id is not None:
+        body["id"] = request_id
+    warnings = [w for p in predictions for w in p.warnings]
+    if warnings:
+        body["parameters"] = {"warnings": warnings}
+    return body

@@ -1,0 +1,229 @@
+"""Test helpers for the predict function: real models on real rows, and a real server process.
+
+Models are the project's own pipeline (`features.build_pipeline`) exported by the real
+`onnx_export.export_onnx`, trained on a sample of the UCI file, with metadata shaped exactly as
+the aggregator writes it (docs/design.md). `FunctionProcess` runs the real functions-framework
+server on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+FUNCTIONS_FRAMEWORK = Path(sys.executable).with_name("functions-framework")
+
+
+@functools.cache
+def sample_frame(every: int = 20) -> Any:
+    """Every `every`-th row of the real UCI file, parsed by the contract (pandas)."""
+    from readmission.contract import parse_csv
+    from readmission.dataset import ensure_dataset, read_dataset_bytes
+
+    os.environ.setdefault("DIABETES_CSV", "../shared/data/diabetic_data.csv.gz")
+    lines = read_dataset_bytes(ensure_dataset()).split(b"\r\n")
+    rows = [line for line in lines[1:] if line][::every]
+    return parse_csv(b"\r\n".join([lines[0], *rows]) + b"\r\n")
+
+
+def patient_rows(n: int, offset: int = 0, every: int = 20) -> list[dict[str, Any]]:
+    """JSON-ready patients (feature -> value) as a client would send them."""
+    import math
+
+    from readmission.contract import FEATURES, NUMERIC_FEATURES
+
+    frame = sample_frame(every).iloc[offset : offset + n]
+    rows = []
+    for record in frame.to_dict("records"):
+        row: dict[str, Any] = {}
+        for column in FEATURES:
+            value = record[column]
+            if column in NUMERIC_FEATURES:
+                row[column] = None if value is None or math.isnan(value) else int(value)
+            else:
+                row[column] = None if value is None or value != value else str(value)
+        rows.append(row)
+    return rows
+
+
+def tiny_png(
+    width: int = 48, height: int = 24, rgb: tuple[int, int, int] = (35, 100, 170)
+) -> bytes:
+    """A valid solid-colour PNG (stands in for the learning-curve plot)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    raw = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+@functools.cache
+def build_model(
+    algorithm: str = "decision_tree", version: str = "1", every: int = 20
+) -> tuple[bytes, dict[str, Any]]:
+    """(ONNX bytes, metadata) of a pipeline fitted on a sample of the real data."""
+    from readmission.features import build_pipeline, target_values, to_model_frame
+    from readmission.onnx_export import export_onnx
+
+    frame = sample_frame(every)
+    pipeline = build_pipeline(algorithm)
+    pipeline.fit(to_model_frame(frame), target_values(frame))
+    exported = export_onnx(pipeline, frame.head(200))
+    digest = hashlib.sha256(exported.onnx_bytes).hexdigest()
+    metadata = {
+        "model_name": "diabetes_readmission_model",
+        "version": version,
+        "run_id": f"run-{version}",
+        "dataset_id": "0123456789abcdef",
+        "algorithm": algorithm,
+        "training_rows": len(frame),
+        "cumulative_index": 0,
+        "registered_at": "2026-01-01T00:00:00Z",
+        "model_bucket": "models",
+        "model_key": f"v{version}/model.onnx",
+        "model_sha256": digest,
+        "classes": list(exported.classes),
+        "inputs": exported.inputs,
+        "outputs": dict(exported.outputs),
+        "metrics": {
+            "validation": {"f1_weighted": 0.51, "roc_auc_ovr": 0.62, "accuracy": 0.55},
+            "test": {"f1_weighted": 0.5, "roc_auc_ovr": 0.61, "accuracy": 0.54},
+        },
+        "selection_metric": "f1_weighted",
+        "learning_curve": {
+            "csv": f"v{version}/learning_curve.csv",
+            "png": f"v{version}/learning_curve.png",
+        },
+    }
+    return exported.onnx_bytes, metadata
+
+
+LEARNING_CURVE_CSV = (
+    b"cumulative_index,training_rows,decision_tree_f1_weighted,decision_tree_roc_auc_ovr\n"
+    b"0,15000,0.5012,0.6101\n1,30000,0.5105,0.6203\n"
+)
+
+
+def write_local_model(
+    directory: Path, algorithm: str = "decision_tree", version: str = "1"
+) -> tuple[Path, Path]:
+    """model.onnx, metadata.json and the learning-curve files in `directory`."""
+    onnx_bytes, metadata = build_model(algorithm, version)
+    directory.mkdir(parents=True, exist_ok=True)
+    model_path = directory / "model.onnx"
+    metadata_path = directory / "metadata.json"
+    model_path.write_bytes(onnx_bytes)
+    (directory / "learning_curve.png").write_bytes(tiny_png())
+    (directory / "learning_curve.csv").write_bytes(LEARNING_CURVE_CSV)
+    tmp = directory / "metadata.json.tmp"
+    tmp.write_text(json.dumps(metadata))
+    tmp.replace(metadata_path)  # atomic: a poller never sees half a file
+    return model_path, metadata_path
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class FunctionProcess:
+    """`functions-framework --target predict` on a free 127.0.0.1 port."""
+
+    def __init__(
+        self, env: dict[str, str], source: Path | None = None, target: str = "predict"
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(tempfile.mkstemp(prefix="predict-", suffix=".log")[1])
+        command = [
+            str(FUNCTIONS_FRAMEWORK),
+            f"--target={target}",
+            f"--source={source or ROOT / 'functions' / 'predict' / 'main.py'}",
+            "--signature-type=http",
+            "--host=127.0.0.1",
+            f"--port={self.port}",
+        ]
+        full_env = {**os.environ, "MODEL_POLL_SECONDS": "0.5", **env}
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+
+    def wait_ready(self, path: str = "/ready", timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"function exited early:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.url}{path} not ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.log.unlink(missing_ok=True)
+
+
+def http(
+    url: str,
+    body: Any = None,
+    *,
+    method: str | None = None,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) without raising on 4xx/5xx."""
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()

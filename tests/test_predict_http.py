@@ -1,0 +1,488 @@
+"""The predict function over HTTP: the real functions-framework process on a free port.
+
+Local-file mode (MODEL_PATH) for the endpoints and every bad input; a real SeaweedFS (keys
+required) for the object-store mode, the learning-curve proxy and the hot swap under load.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest_seaweed import SeaweedServer
+from predict_support import (
+    LEARNING_CURVE_CSV,
+    FunctionProcess,
+    build_model,
+    http,
+    patient_rows,
+    tiny_png,
+    write_local_model,
+)
+
+from readmission.contract import FEATURES
+from readmission.serving_openapi import EXAMPLE_PATIENT, ROUTES
+from readmission.serving_s3 import S3Error, S3Reader
+
+MODEL = "diabetes_readmission_model"
+BATCH_LIMIT = 50
+MAX_BODY = 200_000
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("predict-model")
+    write_local_model(directory)
+    return directory
+
+
+def _start(env: dict[str, str], ready: bool = True) -> FunctionProcess:
+    process = FunctionProcess(env)
+    try:
+        process.wait_ready("/ready" if ready else "/health")
+    except Exception:
+        process.stop()
+        raise
+    return process
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[str]:
+    process = _start(
+        {
+            "MODEL_PATH": str(model_dir / "model.onnx"),
+            "MODEL_METADATA_PATH": str(model_dir / "metadata.json"),
+            "PREDICT_BATCH_LIMIT": str(BATCH_LIMIT),
+            "PREDICT_MAX_BODY_BYTES": str(MAX_BODY),
+        }
+    )
+    try:
+        yield process.url
+    finally:
+        process.stop()
+
+
+def _json(response: tuple[int, dict[str, str], bytes]) -> Any:
+    return json.loads(response[2])
+
+
+# ---- the endpoints --------------------------------------------------------------------------
+def test_predict_one_patient(server: str) -> None:
+    status, headers, body = http(server + "/predict", {"features": EXAMPLE_PATIENT})
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    result = json.loads(body)
+    assert set(result) == {"readmission_prediction", "probabilities", "model_version"}
+    assert result["model_version"] == "1"
+    assert set(result["probabilities"]) == {"NO", ">30", "<30"}
+    assert abs(sum(result["probabilities"].values()) - 1) < 1e-4
+    assert result["readmission_prediction"] == max(
+        result["probabilities"], key=result["probabilities"].get
+    )
+
+
+def test_batch_in_both_forms_matches_single_predictions(server: str) -> None:
+    rows = patient_rows(10)
+    wrapped = _json(http(server + "/predict/batch", {"instances": rows}))
+    bare = _json(http(server + "/predict/batch", rows))
+    assert wrapped == bare and wrapped["count"] == 10 and wrapped["model_version"] == "1"
+    for row, result in zip(rows[:3], wrapped["predictions"], strict=False):
+        single = _json(http(server + "/predict", {"features": row}))
+        assert single["readmission_prediction"] == result["readmission_prediction"]
+        assert single["probabilities"] == result["probabilities"]
+
+
+def test_health_ready_and_model_info(server: str) -> None:
+    assert _json(http(server + "/health")) == {"status": "ok"}
+    assert _json(http(server + "/ready"))["model_version"] == "1"
+    info = _json(http(server + "/model-info"))
+    assert info["name"] == MODEL and info["algorithm"] == "decision_tree"
+    assert info["training_rows"] > 1000 and info["classes"] == ["<30", ">30", "NO"]
+    assert info["metrics"]["test"]["f1_weighted"] == 0.5
+    assert [i["column"] for i in info["inputs"]] == list(FEATURES)
+    assert info["learning_curve"][1]["training_rows"] == "30000"
+    assert info["example"] == EXAMPLE_PATIENT
+    status, headers, png = http(server + info["learning_curve_png"])
+    assert status == 200 and headers["Content-Type"] == "image/png" and png == tiny_png()
+
+
+def test_metrics_names(server: str) -> None:
+    http(server + "/predict", {"features": EXAMPLE_PATIENT})
+    http(server + "/predict", {"features": dict(EXAMPLE_PATIENT, race="Martian")})
+    text = http(server + "/metrics")[2].decode()
+    assert 'predict_requests_total{code="200",endpoint="predict"}' in text
+    assert 'predict_requests_total{code="422",endpoint="predict"}' in text
+    assert 'predict_latency_seconds_bucket{endpoint="predict",le="0.005"}' in text
+    assert 'predictions_total{prediction_class="' in text
+    assert 'predict_errors_total{kind="unknown_category"}' in text
+    assert "predict_requests_in_progress " in text
+    assert 'predict_model_info{algorithm="decision_tree"' in text and 'version="1"' in text
+
+
+def _v2_inputs(rows: list[dict[str, Any]], model_info: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": spec["onnx_name"],
+            "datatype": "FP32" if spec["kind"] == "numeric" else "BYTES",
+            "shape": [len(rows), 1],
+            "data": [row[spec["column"]] for row in rows],
+        }
+        for spec in model_info["inputs"]
+    ]
+
+
+def test_kserve_v2_protocol(server: str) -> None:
+    assert _json(http(server + "/v2/health/live")) == {"live": True}
+    assert _json(http(server + "/v2/health/ready")) == {"ready": True}
+    assert _json(http(server + "/v2"))["name"] == "readmission-predict"
+    meta = _json(http(server + f"/v2/models/{MODEL}"))
+    assert meta["versions"] == ["1"] and len(meta["inputs"]) == len(FEATURES)
+    assert {o["name"] for o in meta["outputs"]} == {"label", "probabilities"}
+    assert _json(http(server + f"/v2/models/{MODEL}/ready")) == {"name": MODEL, "ready": True}
+    info = _json(http(server + "/model-info"))
+    rows = patient_rows(4)
+    response = _json(
+        http(server + f"/v2/models/{MODEL}/infer", {"id": "r1", "inputs": _v2_inputs(rows, info)})
+    )
+    assert response["id"] == "r1" and response["model_version"] == "1"
+    outputs = {o["name"]: o for o in response["outputs"]}
+    assert outputs["label"]["shape"] == [4] and outputs["probabilities"]["shape"] == [4, 3]
+    batch = _json(http(server + "/predict/batch", rows))["predictions"]
+    assert outputs["label"]["data"] == [p["readmission_prediction"] for p in batch]
+    flat = [p["probabilities"][c] for p in batch for c in info["classes"]]
+    assert outputs["probabilities"]["data"] == flat
+    only = _json(
+        http(
+            server + f"/v2/models/{MODEL}/infer",
+            {"inputs": _v2_inputs(rows, info), "outputs": [{"name": "label"}]},
+        )
+    )
+    assert [o["name"] for o in only["outputs"]] == ["label"]
+
+
+# ---- bad input: always 4xx with a JSON error naming the field -------------------------------
+def _without(column: str) -> dict[str, Any]:
+    return {k: v for k, v in EXAMPLE_PATIENT.items() if k != column}
+
+
+BAD_JSON_CASES = [
+    # (path, body, status, field, kind)
+    ("/predict", {"features": _without("insulin")}, 422, "insulin", "missing_feature"),
+    (
+        "/predict",
+        {"features": dict(EXAMPLE_PATIENT, num_procedures="lots")},
+        422,
+        "num_procedures",
+        "invalid_type",
+    ),
+    ("/predict", {"features": dict(EXAMPLE_PATIENT, gender=["F"])}, 422, "gender", "invalid_type"),
+    (
+        "/predict",
+        {"features": dict(EXAMPLE_PATIENT, age="[200-210)")},
+        422,
+        "age",
+        "unknown_category",
+    ),
+    ("/predict", {"features": "Caucasian"}, 422, "features", "invalid_body"),
+    ("/predict", {"patient": EXAMPLE_PATIENT}, 422, "features", "invalid_body"),
+    ("/predict", [EXAMPLE_PATIENT], 422, "features", "invalid_body"),
+    ("/predict/batch", {"instances": "all"}, 422, "instances", "invalid_body"),
+    (
+        "/predict/batch",
+        {"instances": [EXAMPLE_PATIENT] * (BATCH_LIMIT + 1)},
+        413,
+        "instances",
+        "batch_too_large",
+    ),
+    ("/predict/batch", [EXAMPLE_PATIENT, _without("race")], 422, "race", "missing_feature"),
+    ("/predict/batch", [], 422, None, "empty_batch"),
+    (f"/v2/models/{MODEL}/infer", {"inputs": []}, 422, "race", "missing_feature"),
+    (
+        f"/v2/models/{MODEL}/infer",
+        {"inputs": [{"name": "race", "datatype": "BYTES", "shape": [2, 1], "data": ["x"]}]},
+        422,
+        "race",
+        "invalid_tensor",
+    ),
+    (
+        f"/v2/models/{MODEL}/infer",
+        {"inputs": [{"name": "bogus", "datatype": "FP32", "shape": [1, 1], "data": [1]}]},
+        422,
+        "bogus",
+        "unknown_input",
+    ),
+    ("/v2/models/other/infer", {"inputs": []}, 404, "model_name", "unknown_model"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "field", "kind"), BAD_JSON_CASES)
+def test_bad_json_input(
+    server: str, path: str, body: Any, status: int, field: str | None, kind: str
+) -> None:
+    code, headers, raw = http(server + path, body)
+    assert code == status and headers["Content-Type"] == "application/json"
+    error = json.loads(raw)
+    assert (error["field"], error["kind"]) == (field, kind)
+    assert error["error"]
+    if kind == "unknown_category":
+        assert "[70-80)" in error["allowed"]
+    if path == "/predict/batch" and field == "race":
+        assert error["row"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "data", "content_type", "status", "kind"),
+    [
+        ("/predict", b'{"features": ', "application/json", 400, "invalid_json"),
+        ("/predict", b"\xff\xfe", "application/json", 400, "invalid_json"),
+        (
+            "/predict",
+            json.dumps({"features": EXAMPLE_PATIENT}).encode(),
+            "text/plain",
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "/predict/batch",
+            b"[]",
+            "application/x-www-form-urlencoded",
+            415,
+            "unsupported_media_type",
+        ),
+        ("/predict", b" " * (MAX_BODY + 1), "application/json", 413, "body_too_large"),
+        (f"/v2/models/{MODEL}/infer", b"nope", "application/json", 400, "invalid_json"),
+    ],
+)
+def test_bad_body(
+    server: str, path: str, data: bytes, content_type: str, status: int, kind: str
+) -> None:
+    code, _, raw = http(
+        server + path, data=data, headers={"Content-Type": content_type}, method="POST"
+    )
+    assert code == status
+    error = json.loads(raw)
+    assert error["kind"] == kind and "field" in error and error["error"]
+
+
+def test_content_length_is_checked_before_reading(server: str) -> None:
+    """A huge Content-Length is refused at once, without waiting for a body never sent."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000\r\n\r\n"
+        )
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b'"kind":"body_too_large"' in reply
+
+
+def test_unknown_path_and_method(server: str) -> None:
+    code, _, raw = http(server + "/predictions")
+    assert code == 404 and json.loads(raw)["kind"] == "not_found"
+    code, _, raw = http(server + "/predict")
+    assert code == 405 and json.loads(raw)["kind"] == "method_not_allowed"
+    assert http(server + "/assets/../main.py")[0] == 404
+
+
+# ---- OpenAPI --------------------------------------------------------------------------------
+def test_openapi_documents_exactly_what_the_server_answers(server: str) -> None:
+    document = _json(http(server + "/openapi.json"))
+    assert document["openapi"].startswith("3.")
+    documented = {
+        (method.upper(), path) for path, item in document["paths"].items() for method in item
+    }
+    assert documented == set(ROUTES)
+    info = _json(http(server + "/model-info"))
+    bodies = {
+        "/predict": {"features": EXAMPLE_PATIENT},
+        "/predict/batch": [EXAMPLE_PATIENT],
+        "/v2/models/{model_name}/infer": {"inputs": _v2_inputs([EXAMPLE_PATIENT], info)},
+    }
+    for method, template in sorted(documented):
+        path = template.replace("{model_name}", MODEL).replace("{filename}", "app.js")
+        code, _, _ = http(server + path, bodies.get(template), method=method)
+        assert code == 200, (method, path, code)
+    features = document["components"]["schemas"]["Features"]
+    assert features["required"] == list(FEATURES)
+    assert "Caucasian" in features["properties"]["race"]["anyOf"][0]["enum"]
+
+
+def test_openapi_document_is_valid(server: str) -> None:
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(_json(http(server + "/openapi.json")))
+
+
+# ---- other modes ----------------------------------------------------------------------------
+def test_not_ready_until_a_model_appears(tmp_path: Path) -> None:
+    process = _start(
+        {
+            "MODEL_PATH": str(tmp_path / "model.onnx"),
+            "MODEL_METADATA_PATH": str(tmp_path / "metadata.json"),
+        },
+        ready=False,
+    )
+    try:
+        assert http(process.url + "/health")[0] == 200
+        for path in ("/ready", "/v2/health/ready", "/model-info"):
+            code, _, raw = http(process.url + path)
+            assert code == 503 and json.loads(raw)["kind"] == "model_not_ready", path
+        code, _, raw = http(process.url + "/predict", {"features": EXAMPLE_PATIENT})
+        assert code == 503 and json.loads(raw)["kind"] == "model_not_ready"
+        write_local_model(tmp_path)
+        process.wait_ready(timeout=30)
+        assert http(process.url + "/predict", {"features": EXAMPLE_PATIENT})[0] == 200
+    finally:
+        process.stop()
+
+
+def test_unseen_category_policy(model_dir: Path) -> None:
+    process = _start(
+        {
+            "MODEL_PATH": str(model_dir / "model.onnx"),
+            "MODEL_METADATA_PATH": str(model_dir / "metadata.json"),
+            "UNKNOWN_CATEGORY_POLICY": "unseen",
+        }
+    )
+    try:
+        code, _, raw = http(
+            process.url + "/predict",
+            {"features": dict(EXAMPLE_PATIENT, medical_specialty="Astrology")},
+        )
+        assert code == 200
+        assert "medical_specialty" in json.loads(raw)["warnings"][0]
+        document = _json(http(process.url + "/openapi.json"))
+        assert "anyOf" not in document["components"]["schemas"]["Features"]["properties"]["race"]
+    finally:
+        process.stop()
+
+
+@pytest.mark.parametrize("load_mode", ["eager", "background"])
+def test_model_loaded_before_the_fork_serves_in_the_worker(model_dir: Path, load_mode: str) -> None:
+    """gunicorn forks after import: a session with its own thread pool (2 intra-op threads)
+    loaded in the master must still answer in the worker (it is rebuilt there)."""
+    process = _start(
+        {
+            "MODEL_PATH": str(model_dir / "model.onnx"),
+            "MODEL_METADATA_PATH": str(model_dir / "metadata.json"),
+            "MODEL_LOAD": load_mode,
+            "ORT_INTRA_OP_THREADS": "2",
+        }
+    )
+    try:
+        code, _, raw = http(process.url + "/predict/batch", patient_rows(30), timeout=20)
+        assert code == 200 and json.loads(raw)["count"] == 30
+    finally:
+        process.stop()
+
+
+# ---- object-store mode (SeaweedFS with keys) ------------------------------------------------
+def _publish(store: Any, version: str, algorithm: str) -> None:
+    """What the aggregator does: ONNX and plots first, champion metadata last."""
+    onnx_bytes, metadata = build_model(algorithm, version)
+    store.put_object(Bucket="models", Key=metadata["model_key"], Body=onnx_bytes)
+    store.put_object(Bucket="models", Key=metadata["learning_curve"]["png"], Body=tiny_png())
+    store.put_object(
+        Bucket="models", Key=metadata["learning_curve"]["csv"], Body=LEARNING_CURVE_CSV
+    )
+    store.put_object(
+        Bucket="models", Key="champion/metadata.json", Body=json.dumps(metadata).encode()
+    )
+
+
+@pytest.fixture(scope="module")
+def seaweed() -> Iterator[SeaweedServer]:
+    server = SeaweedServer().start()
+    try:
+        server.client().create_bucket(Bucket="models")  # type: ignore[attr-defined]
+        yield server
+    finally:
+        server.stop()
+
+
+def test_s3_reader_signs_requests(seaweed: SeaweedServer) -> None:
+    client: Any = seaweed.client()
+    client.put_object(Bucket="models", Key="dir/a file+x.bin", Body=b"payload")
+    reader = S3Reader(seaweed.endpoint_url, seaweed.access_key, seaweed.secret_key)
+    found = reader.get("models", "dir/a file+x.bin")
+    assert found is not None and found.data == b"payload"
+    assert reader.head_etag("models", "dir/a file+x.bin") == found.etag
+    assert reader.get("models", "missing") is None and reader.head_etag("models", "nx") is None
+    wrong = S3Reader(seaweed.endpoint_url, seaweed.access_key, "not-the-secret")
+    with pytest.raises(S3Error) as info:
+        wrong.get("models", "dir/a file+x.bin")
+    assert info.value.status == 403
+
+
+def test_store_mode_hot_swap_under_load(seaweed: SeaweedServer) -> None:
+    """Continuous requests while the champion changes in the bucket: zero failures."""
+    store: Any = seaweed.client()
+    _publish(store, "1", "decision_tree")
+    process = _start({**seaweed.env(), "MODEL_POLL_SECONDS": "0.3"})
+    rows = patient_rows(5)
+    failures: list[str] = []
+    versions: list[str] = []
+    answers: list[tuple[float, float, str]] = []  # (sent, answered, version)
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            sent = time.monotonic()
+            code, _, raw = http(process.url + "/predict/batch", rows, timeout=10)
+            if code != 200:
+                failures.append(f"{code} {raw[:200]!r}")
+            else:
+                version = json.loads(raw)["model_version"]
+                answers.append((sent, time.monotonic(), version))
+                versions.append(version)
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    try:
+        status, _, png = http(process.url + "/model/learning-curve.png")
+        assert status == 200 and png == tiny_png()
+        assert _json(http(process.url + "/model-info"))["learning_curve"][0]["cumulative_index"]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        _publish(store, "2", "logistic_regression")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not versions or versions[-1] != "2"):
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        process.stop()
+    assert failures == [], failures[:3]
+    assert {version for *_, version in answers} == {"1", "2"}, versions[-5:]
+    # once swapped, never back: a request sent after some answer came from v2 gets v2 (v1
+    # answers arriving later are requests that were in flight on v1, as they should be)
+    first_v2 = min(answered for _, answered, version in answers if version == "2")
+    late = [
+        (sent - first_v2, version)
+        for sent, _, version in answers
+        if version == "1" and sent >= first_v2
+    ]
+    assert late == []
+    assert max(answers)[2] == "2"  # the last request sent was answered by the new model
+
+
+def test_store_mode_wrong_credentials_is_not_ready(seaweed: SeaweedServer) -> None:
+    env = {**seaweed.env(), "AWS_SECRET_ACCESS_KEY": "wrong"}
+    process = _start(env, ready=False)
+    try:
+        code, _, raw = http(process.url + "/ready")
+        assert code == 503 and "403" in json.loads(raw)["detail"]
+    finally:
+        process.stop()

@@ -1,0 +1,331 @@
+"""The serving core (readmission.serving*) without a server: feeds, validation, errors,
+metadata checks, hot swap, and the import rule of the predict image."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from predict_support import ROOT, build_model, patient_rows, sample_frame, write_local_model
+
+from readmission.contract import CATEGORICAL_FEATURES, FEATURES, NUMERIC_FEATURES
+from readmission.serving import (
+    InputError,
+    LoadedModel,
+    ModelLoadError,
+    ModelNotReady,
+    ModelServer,
+    ServingSettings,
+)
+from readmission.serving_openapi import EXAMPLE_PATIENT
+from readmission.serving_sources import LocalModelSource
+
+
+@pytest.fixture(scope="module")
+def model() -> LoadedModel:
+    onnx_bytes, metadata = build_model()
+    return LoadedModel(onnx_bytes, metadata)
+
+
+@pytest.fixture(scope="module")
+def unseen_model() -> LoadedModel:
+    onnx_bytes, metadata = build_model()
+    return LoadedModel(onnx_bytes, metadata, policy="unseen")
+
+
+def _error(model: LoadedModel, rows: list[Any]) -> InputError:
+    with pytest.raises(InputError) as info:
+        model.predict(rows)
+    return info.value
+
+
+# ---- feeds ----------------------------------------------------------------------------------
+def test_feeds_follow_the_onnx_contract(model: LoadedModel) -> None:
+    rows = patient_rows(5)
+    rows[0]["time_in_hospital"] = None
+    rows[1]["num_medications"] = "?"
+    rows[2]["num_lab_procedures"] = "41"
+    rows[3]["race"] = None
+    rows[4]["payer_code"] = ""
+    feeds = model.feeds(rows)
+    assert set(feeds) == {spec.onnx_name for spec in model.inputs}
+    names = {spec.column: spec.onnx_name for spec in model.inputs}
+    for column in NUMERIC_FEATURES:
+        array = feeds[names[column]]
+        assert array.dtype == np.float32 and array.shape == (5, 1)
+    for column in CATEGORICAL_FEATURES:
+        array = feeds[names[column]]
+        assert array.shape == (5, 1) and all(isinstance(v, str) for v in array.ravel())
+    assert math.isnan(feeds[names["time_in_hospital"]][0, 0])
+    assert math.isnan(feeds[names["num_medications"]][1, 0])
+    assert feeds[names["num_lab_procedures"]][2, 0] == 41.0
+    assert feeds[names["race"]][3, 0] == "?"
+    assert feeds[names["payer_code"]][4, 0] == "?"
+
+
+def test_predictions_match_the_exporters_own_feeds(model: LoadedModel) -> None:
+    """Our numpy feeds give exactly what onnx_export.run_onnx gives from the pandas frame."""
+    from readmission.onnx_export import run_onnx
+
+    frame = sample_frame().iloc[:200]
+    labels, probabilities = run_onnx(model.model_bytes, frame)
+    predictions = model.predict(patient_rows(200))
+    assert [p.label for p in predictions] == [str(label) for label in labels]
+    ours = np.array([[p.probabilities[c] for c in model.classes] for p in predictions])
+    assert np.abs(ours - probabilities).max() < 1e-5
+
+
+def test_single_row_path_equals_batch_path(model: LoadedModel) -> None:
+    rows = patient_rows(20)
+    rows[3]["weight"] = None
+    rows[4]["number_inpatient"] = "2"
+    batch = model.predict(rows)
+    for row, expected in zip(rows, batch, strict=True):
+        assert model.predict([row]) == [expected]
+
+
+def test_prediction_shape(model: LoadedModel) -> None:
+    [prediction] = model.predict([EXAMPLE_PATIENT])
+    assert model.classes == sorted(["NO", ">30", "<30"])
+    assert list(prediction.probabilities) == model.classes
+    assert abs(sum(prediction.probabilities.values()) - 1) < 1e-4
+    assert prediction.label == max(prediction.probabilities, key=prediction.probabilities.get)
+    assert prediction.warnings == []
+
+
+def test_extra_keys_are_ignored_and_integers_read_as_codes(model: LoadedModel) -> None:
+    row = dict(EXAMPLE_PATIENT, encounter_id=1, readmitted="NO")
+    row["admission_type_id"] = 1  # the JSON number for the code "1"
+    assert model.predict([row]) == model.predict([EXAMPLE_PATIENT])
+
+
+# ---- validation errors ----------------------------------------------------------------------
+def test_missing_feature_names_the_field(model: LoadedModel) -> None:
+    row = dict(EXAMPLE_PATIENT)
+    del row["A1Cresult"]
+    error = _error(model, [EXAMPLE_PATIENT, row])
+    assert (error.field, error.row, error.kind, error.status) == (
+        "A1Cresult",
+        1,
+        "missing_feature",
+        422,
+    )
+    assert _error(model, [row]).field == "A1Cresult"
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("time_in_hospital", "five"),
+        ("time_in_hospital", True),
+        ("time_in_hospital", [3]),
+        ("time_in_hospital", {"v": 3}),
+        ("time_in_hospital", float("nan")),
+        ("num_medications", float("inf")),
+        ("num_medications", 1e39),
+        ("num_medications", 10**400),
+        ("num_medications", "1e999"),
+        ("num_medications", "NaN"),
+        ("race", 1.5),
+        ("race", False),
+        ("race", ["Caucasian"]),
+        ("gender", {"x": 1}),
+    ],
+)
+def test_wrong_type_names_the_field(model: LoadedModel, column: str, value: Any) -> None:
+    for rows in (
+        [dict(EXAMPLE_PATIENT, **{column: value})],
+        [EXAMPLE_PATIENT, dict(EXAMPLE_PATIENT, **{column: value})],
+    ):
+        error = _error(model, rows)
+        assert (error.field, error.kind, error.status) == (column, "invalid_type", 422)
+        assert error.row == len(rows) - 1
+
+
+def test_unknown_category_is_rejected_with_the_allowed_values(model: LoadedModel) -> None:
+    for rows in (
+        [dict(EXAMPLE_PATIENT, race="Martian")],
+        [EXAMPLE_PATIENT, dict(EXAMPLE_PATIENT, race="Martian")],
+    ):
+        error = _error(model, rows)
+        assert (error.field, error.kind) == ("race", "unknown_category")
+        assert error.allowed is not None and "Caucasian" in error.allowed
+        assert "Martian" in error.message
+        assert error.to_dict()["allowed"] == error.allowed
+
+
+def test_unknown_category_policy_unseen_warns(unseen_model: LoadedModel) -> None:
+    rows = [EXAMPLE_PATIENT, dict(EXAMPLE_PATIENT, diag_1="V99.99")]
+    first, second = unseen_model.predict(rows)
+    assert first.warnings == []
+    assert len(second.warnings) == 1 and "diag_1" in second.warnings[0]
+    [single] = unseen_model.predict([rows[1]])
+    assert single == second
+
+
+def test_rows_must_be_objects_and_batches_non_empty(model: LoadedModel) -> None:
+    error = _error(model, [EXAMPLE_PATIENT, ["not", "a", "row"]])
+    assert (error.kind, error.row) == ("invalid_row", 1)
+    assert _error(model, []).kind == "empty_batch"
+
+
+# ---- metadata and model checks --------------------------------------------------------------
+def test_sha256_mismatch_refuses_the_model() -> None:
+    onnx_bytes, metadata = build_model()
+    with pytest.raises(ModelLoadError, match="sha256"):
+        LoadedModel(onnx_bytes, dict(metadata, model_sha256="0" * 64))
+
+
+def test_metadata_must_describe_the_onnx_inputs() -> None:
+    onnx_bytes, metadata = build_model()
+    renamed = [
+        dict(i, onnx_name="other") if i["column"] == "race" else i for i in metadata["inputs"]
+    ]
+    with pytest.raises(ModelLoadError, match="no input 'other'"):
+        LoadedModel(onnx_bytes, dict(metadata, inputs=renamed))
+    wrong_kind = [
+        dict(i, kind="numeric") if i["column"] == "race" else i for i in metadata["inputs"]
+    ]
+    with pytest.raises(ModelLoadError, match="tensor\\(string\\)"):
+        LoadedModel(onnx_bytes, dict(metadata, inputs=wrong_kind))
+    with pytest.raises(ModelLoadError, match="classes"):
+        LoadedModel(onnx_bytes, {k: v for k, v in metadata.items() if k != "classes"})
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ServingSettings.from_env() == ServingSettings()
+    monkeypatch.setenv("UNKNOWN_CATEGORY_POLICY", "bogus")
+    with pytest.raises(ValueError, match="UNKNOWN_CATEGORY_POLICY"):
+        ServingSettings.from_env()
+    monkeypatch.setenv("UNKNOWN_CATEGORY_POLICY", "unseen")
+    monkeypatch.setenv("MODEL_PATH", "/x.onnx")
+    with pytest.raises(ValueError, match="MODEL_METADATA_PATH"):
+        ServingSettings.from_env()
+
+
+# ---- lifecycle and hot swap -----------------------------------------------------------------
+def test_server_lifecycle_with_local_files(tmp_path: Path) -> None:
+    source = LocalModelSource(str(tmp_path / "model.onnx"), str(tmp_path / "metadata.json"))
+    server = ModelServer(source, ServingSettings(poll_seconds=0))
+    assert not server.ready
+    with pytest.raises(ModelNotReady):
+        server.require_model()
+    assert server.try_load() is False and "missing" in (server.last_error or "")
+    assert server.poll_once() is False  # no metadata yet: nothing to load
+    write_local_model(tmp_path)
+    assert server.poll_once() is True and server.ready
+    assert server.poll_once() is False  # same token: no reload
+    assert source.asset("v1/learning_curve.png").startswith(b"\x89PNG")
+
+
+def test_hot_swap_under_load_drops_nothing(tmp_path: Path) -> None:
+    """Readers predict continuously while the metadata changes twice: zero failures, and
+    every answer comes from a complete model (version 1 or 2, never a mix)."""
+    write_local_model(tmp_path, "decision_tree", "1")
+    source = LocalModelSource(str(tmp_path / "model.onnx"), str(tmp_path / "metadata.json"))
+    server = ModelServer(source, ServingSettings(poll_seconds=0.05))
+    server.load()
+    server.ensure_serving()
+    rows = patient_rows(8)
+    failures: list[BaseException] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                model = server.require_model()
+                predictions = model.predict(rows)
+                assert len(predictions) == len(rows)
+                versions.add(model.version)
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        write_local_model(tmp_path / "v2", "logistic_regression", "2")
+        # Swap the files the way a deploy would: model first, then the metadata naming it.
+        (tmp_path / "model.onnx").write_bytes((tmp_path / "v2" / "model.onnx").read_bytes())
+        (tmp_path / "v2" / "metadata.json").replace(tmp_path / "metadata.json")
+        deadline = time.monotonic() + 20
+        while server.require_model().version != "2" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        server.stop()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    assert server.require_model().version == "2"
+    assert server.require_model().metadata["algorithm"] == "logistic_regression"
+    assert versions == {"1", "2"} and server.swaps == 1
+
+
+def test_failed_reload_keeps_the_old_model(tmp_path: Path) -> None:
+    write_local_model(tmp_path)
+    source = LocalModelSource(str(tmp_path / "model.onnx"), str(tmp_path / "metadata.json"))
+    server = ModelServer(source, ServingSettings(poll_seconds=0))
+    server.load()
+    metadata = json.loads((tmp_path / "metadata.json").read_text())
+    metadata.update(version="2", model_sha256="f" * 64)
+    (tmp_path / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ModelLoadError):
+        server.poll_once()
+    assert server.require_model().version == "1"
+
+
+# ---- import rule ----------------------------------------------------------------------------
+def test_serving_path_imports_no_training_libraries(tmp_path: Path) -> None:
+    """The predict image has no scikit-learn, pandas, pyarrow or mlflow (and skips boto3)."""
+    model_path, metadata_path = write_local_model(tmp_path)
+    main_path = str(ROOT / "functions" / "predict" / "main.py")
+    script = f"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("predict_main", {main_path!r})
+main = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(main)
+main.SERVER.wait_for_loader()
+assert main.SERVER.ready, main.SERVER.last_error
+from readmission.serving_openapi import EXAMPLE_PATIENT
+main.SERVER.require_model().predict([EXAMPLE_PATIENT])
+import readmission.serving_sources, readmission.serving_v2
+print(json.dumps(sorted(sys.modules)))
+"""
+    env = {
+        **os.environ,
+        "MODEL_PATH": str(model_path),
+        "MODEL_METADATA_PATH": str(metadata_path),
+        "MODEL_POLL_SECONDS": "0",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    modules = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert "onnxruntime" in modules and "readmission.serving" in modules
+    for banned in ("sklearn", "pandas", "pyarrow", "mlflow", "skl2onnx", "boto3", "botocore"):
+        assert not any(m == banned or m.startswith(banned + ".") for m in modules), banned
+
+
+def test_example_patient_covers_the_contract() -> None:
+    assert set(EXAMPLE_PATIENT) == set(FEATURES)
