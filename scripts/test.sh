@@ -5,6 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source scripts/bootstrap.sh
+bash scripts/system-deps.sh
 echo "==> ruff"
 ruff check .
 echo "==> pytest"
