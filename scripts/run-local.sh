@@ -9,6 +9,7 @@
 #   scripts/run-local.sh logs [NAME]  last lines of the log files
 #   scripts/run-local.sh dead-letters events that could not be delivered
 #   scripts/run-local.sh report       what the pipeline produced
+#   scripts/run-local.sh predict-example  one prediction over HTTP
 #
 # Env: DIABETES_CSV (default ../shared/data/diabetic_data.csv.gz; .gz is decompressed on the
 # fly; if missing, readmission.dataset.ensure_dataset() fetches the UCI archive), STATE_DIR
@@ -43,6 +44,7 @@ case "$command" in
   logs) shift; stack logs "$@" ;;
   dead-letters) stack dead-letters ;;
   report) stack report ;;
+  predict-example) stack predict-example ;;
   run)
     echo "==> starting the local stack"
     stack up
@@ -54,6 +56,10 @@ case "$command" in
     stack wait --timeout "${WAIT_TIMEOUT:-3600}" || status=$?
     echo "==> produced"
     stack report
+    if [ "$status" -eq 0 ]; then
+      echo "==> an example prediction over HTTP"
+      stack predict-example || true
+    fi
     letters="$(stack dead-letters 2>/dev/null | wc -l)"
     if [ "$letters" -gt 0 ]; then
       echo "==> $letters dead letter(s): scripts/run-local.sh dead-letters"

@@ -9,7 +9,14 @@ from pathlib import Path
 
 from readmission import processes
 from readmission.localstack.config import HOST, StackConfig, StackError, StackInfo
-from readmission.localstack.progress import broker_status, dead_letters, report, upload, wait
+from readmission.localstack.progress import (
+    broker_status,
+    dead_letters,
+    example_prediction,
+    report,
+    upload,
+    wait,
+)
 from readmission.localstack.supervisor import Supervisor
 
 # CLI ---------------------------------------------------------------------------------------------
@@ -59,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     wait_parser.add_argument("--dataset", help="dataset id (default: the last upload)")
     wait_parser.add_argument("--timeout", type=float, default=3600.0)
     commands.add_parser("report", help="what the pipeline produced")
+    commands.add_parser("predict-example", help="one prediction over HTTP from the test split")
     commands.add_parser("dead-letters", help="events that could not be delivered")
     logs_parser = commands.add_parser("logs", help="the last lines of the log files")
     logs_parser.add_argument("name", nargs="?", help="one process (default: all)")
@@ -108,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if wait(info, config, dataset_id, args.timeout) else 1
         if args.command == "report":
             print(report(info))
+            return 0
+        if args.command == "predict-example":
+            print(example_prediction(info))
             return 0
         if args.command == "dead-letters":
             letters = dead_letters(info)

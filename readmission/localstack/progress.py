@@ -84,6 +84,18 @@ def snapshot(info: StackInfo, dataset_id: str) -> Snapshot:
     )
 
 
+def rejection_problems(info: StackInfo, dataset_id: str) -> list[str]:
+    """The problems named in the rejected file's error report, and where the report is."""
+    settings = settings_for(info.env)
+    store = store_for(info.env)
+    lines = []
+    for key in store.list_keys(settings.buckets.rejected, f"{dataset_id}/"):
+        if key.endswith(".error.json"):
+            lines += store.get_json(settings.buckets.rejected, key).get("problems", [])
+            lines.append(f"report: s3://{settings.buckets.rejected}/{key}")
+    return lines
+
+
 def champion_ready(dataset_id: str) -> DoneCondition:
     return lambda s: s.model_metadata or s.champion_dataset == dataset_id
 
@@ -156,7 +168,9 @@ def wait(
                 log(f"  [{time.monotonic() - started:6.0f}s] {line}")
                 last = line
             if snap.rejected:
-                log(f"dataset {dataset_id} was rejected: see the rejected bucket")
+                log(f"dataset {dataset_id} was rejected:")
+                for line in rejection_problems(info, dataset_id):
+                    log(f"  - {line}")
                 return False
             if done(snap):
                 log(f"done: {what}")
@@ -264,3 +278,57 @@ def dead_letters(info: StackInfo) -> list[dict[str, Any]]:
             if line.strip():
                 letters.append({"where": str(fallback), **json.loads(line)})
     return letters
+
+
+# an example prediction over HTTP ------------------------------------------------------------------
+
+
+def example_prediction(info: StackInfo, timeout: float = 60.0) -> str:
+    """POST one patient of the champion's test split to the predict function, as a user would.
+
+    Waits (up to ``timeout``) until predict has loaded the champion (it polls the metadata).
+    """
+    import io
+
+    import pandas as pd
+
+    from readmission.contract import FEATURES, TARGET
+    from readmission.keys import test_key
+
+    url = info.env.get("PREDICT_URL")
+    if not url:
+        return "predict is not running"
+    settings = settings_for(info.env)
+    store = store_for(info.env)
+    champion = store.get_json_if_exists(settings.buckets.models, CHAMPION_METADATA_KEY)
+    if champion is None:
+        return "no champion yet"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/model-info", timeout=5) as response:
+                if str(json.loads(response.read()).get("version")) == str(champion["version"]):
+                    break
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            return f"predict at {url} did not load version {champion['version']} in {timeout}s"
+        time.sleep(1)
+    test = pd.read_parquet(
+        io.BytesIO(store.get_bytes(settings.buckets.datasets, test_key(champion["dataset_id"])))
+    )
+    row = test.iloc[0]
+    features = {c: (None if pd.isna(row[c]) else row[c]) for c in FEATURES}
+    features = {c: (v.item() if hasattr(v, "item") else v) for c, v in features.items()}
+    body = json.dumps({"features": features}).encode()
+    request = urllib.request.Request(
+        f"{url}/predict", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer = json.loads(response.read())
+    shown = {c: features[c] for c in ("age", "gender", "time_in_hospital", "number_inpatient")}
+    return (
+        f"POST {url}/predict  (encounter {row['encounter_id']} of the test split; "
+        f"{json.dumps(shown)} ...; actual {TARGET}={row[TARGET]})\n"
+        f"  -> {json.dumps(answer)}"
+    )
