@@ -37,13 +37,25 @@ class ObjectStore:
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> ObjectStore:
+        """From the settings' endpoint and region, with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY."""
         settings = settings or Settings.from_env()
+        return cls.connect(
+            settings.s3_endpoint_url,
+            settings.aws_region,
+            os.environ.get("AWS_ACCESS_KEY_ID"),
+            os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        )
+
+    @classmethod
+    def connect(
+        cls, endpoint_url: str, region: str, access_key: str | None, secret_key: str | None
+    ) -> ObjectStore:
         client = boto3.client(
             "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.aws_region,
-            aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
-            aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            endpoint_url=endpoint_url,
+            region_name=region,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
             config=Config(
                 s3={"addressing_style": "path"},
                 retries={"max_attempts": 3, "mode": "standard"},

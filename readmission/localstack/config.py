@@ -271,22 +271,11 @@ def settings_for(env: dict[str, str]) -> Settings:
 
 def store_for(env: dict[str, str]) -> Any:
     """An ObjectStore with the stack's endpoint and credentials (without touching os.environ)."""
-    import boto3
-    from botocore.config import Config
-
     from readmission.storage import ObjectStore
 
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["S3_ENDPOINT_URL"],
-        region_name=env.get("AWS_REGION", "us-east-1"),
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        config=Config(
-            s3={"addressing_style": "path"},
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=60,
-        ),
+    return ObjectStore.connect(
+        env["S3_ENDPOINT_URL"],
+        env.get("AWS_REGION", "us-east-1"),
+        env["AWS_ACCESS_KEY_ID"],
+        env["AWS_SECRET_ACCESS_KEY"],
     )
-    return ObjectStore(client)
