@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 CHAMPION_METADATA_KEY = "champion/metadata.json"
 RECEIPTS_PREFIX = "sources/"
@@ -71,8 +72,20 @@ def rejected_report_key(content_hash: str, original_key: str) -> str:
     return f"{content_hash}/{original_key}.error.json"
 
 
+# A CloudEvent's type and id are free text from whoever posted it; they become key segments
+# only when they are plain names (no "/", no "..", not empty), else a digest stands in.
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:-]{0,199}")
+
+
+def _key_segment(value: str) -> str:
+    if _PLAIN_SEGMENT.fullmatch(value) and ".." not in value:
+        return value
+    return "unsafe-" + hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
 def dead_letter_key(event_type: str, event_id: str) -> str:
-    return f"{event_type}/{event_id}.json"
+    """``<type>/<id>.json``; a type or id that is no plain name is replaced by a digest."""
+    return f"{_key_segment(event_type)}/{_key_segment(event_id)}.json"
 
 
 def receipt_key(bucket: str, key: str, etag: str) -> str:

@@ -457,7 +457,7 @@ def check_eventing() -> list[str]:
     broker = brokers.get("readmission")
     if broker is not None:
         delivery = broker.obj.get("spec", {}).get("delivery", {})
-        wanted = {"retry": 5, "backoffPolicy": "exponential", "backoffDelay": "PT0.5S"}
+        wanted = {"retry": 6, "backoffPolicy": "exponential", "backoffDelay": "PT1S"}
         for key, value in wanted.items():
             if delivery.get(key) != value:
                 problems.append(f"{broker.where}: delivery.{key} must be {value!r}")

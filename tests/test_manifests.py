@@ -173,8 +173,8 @@ def test_detects_trigger_timeout_longer_than_service(broken) -> None:
 
 
 def test_detects_changed_broker_delivery(broken) -> None:
-    broken("infra/knative/broker.yaml", _replace("retry: 5", "retry: 2"))
-    assert "delivery.retry must be 5" in _problems("eventing")
+    broken("infra/knative/broker.yaml", _replace("retry: 6", "retry: 2"))
+    assert "delivery.retry must be 6" in _problems("eventing")
 
 
 def test_detects_concurrency_and_scale_mistakes(broken) -> None:
@@ -258,7 +258,7 @@ def test_detects_knative_schema_violation(broken) -> None:
     )
     broken(
         "infra/knative/triggers.yaml",
-        _replace("retry: 3\n", "retry: three\n"),
+        _replace("retry: 5\n", "retry: five\n"),
     )
     problems = _problems("crd-schemas")
     assert "containerConcurrency must be integer" in problems

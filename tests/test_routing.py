@@ -39,10 +39,10 @@ def test_the_projects_manifests_route_each_pipeline_event_to_its_step() -> None:
     assert subscribers(JOB_CREATED) == ["train"]
     assert subscribers(RESULT_CREATED) == ["aggregate"]
     assert subscribers(MODEL_CREATED) == []
-    assert routing.delivery.retry == 5
-    assert routing.delivery.backoff_delay == 0.5
+    assert routing.delivery.retry == 6
+    assert routing.delivery.backoff_delay == 1.0
     [train] = routing.route({"type": JOB_CREATED})
-    assert train.delivery.retry == 3
+    assert train.delivery.retry == 5
     assert train.delivery.backoff_delay == 2.0
     assert train.delivery.timeout == 900.0
     assert str(train.delivery.dead_letter) == "dead-letter"
