@@ -191,6 +191,84 @@ def _is_number(value: Any) -> bool:
     return type(value) in _NUMBER_TYPES
 
 
+class _Slot:
+    """A queued row of `_MicroBatcher`: its inputs, then its answer (or error)."""
+
+    __slots__ = ("error", "event", "label", "lead", "numbers", "probabilities", "texts")
+
+    def __init__(self, numbers: list[float], texts: list[str]) -> None:
+        self.numbers = numbers
+        self.texts = texts
+        self.label: str = ""
+        self.probabilities: list[float] = []
+        self.error: BaseException | None = None
+        self.event: threading.Event | None = None  # only a queued row waits
+        self.lead = False  # set by the finishing leader: this waiter runs the next batch
+
+
+class _MicroBatcher:
+    """Opportunistic micro-batching of concurrent single-row predictions, with no wait window.
+
+    A request that finds no session run in progress runs its row at once, so a lone request
+    never waits. Requests arriving while a run is in progress (onnxruntime releases the GIL)
+    queue up; when the run ends, the finishing thread wakes the first waiter, which takes the
+    queue (up to `max_rows` rows) and runs it as one batch, and so on. A run costs about
+    70 us for one row and 90 us for four (the graph's per-node overhead dominates), so rows
+    that meet share that cost; no request waits longer than the run in progress plus its own
+    batch. How often rows meet depends on how much of a request holds the GIL: measured in
+    docs/predict.md (Benchmark).
+    """
+
+    def __init__(self, run_rows: Any, max_rows: int = 32) -> None:
+        self._run_rows = run_rows
+        self._max_rows = max_rows
+        self._lock = threading.Lock()
+        self._queue: list[_Slot] = []
+        self._busy = False
+
+    def run(self, numbers: list[float], texts: list[str]) -> tuple[str, list[float]]:
+        with self._lock:
+            busy = self._busy
+            self._busy = True
+            if busy:
+                slot = _Slot(numbers, texts)
+                slot.event = threading.Event()
+                self._queue.append(slot)
+        if not busy:  # nobody running: run this row now
+            slot = _Slot(numbers, texts)
+            self._run_batch([slot])
+        else:
+            slot.event.wait()  # type: ignore[union-attr]
+            if slot.lead:  # the previous run handed the queue over to this thread
+                with self._lock:
+                    batch = self._queue[: self._max_rows]
+                    del self._queue[: self._max_rows]
+                self._run_batch(batch)
+        if slot.error is not None:
+            raise slot.error
+        return slot.label, slot.probabilities
+
+    def _run_batch(self, batch: list[_Slot]) -> None:
+        try:
+            labels, probabilities = self._run_rows(
+                [s.numbers for s in batch], [s.texts for s in batch]
+            )
+            for s, label, probs in zip(batch, labels, probabilities, strict=True):
+                s.label, s.probabilities = str(label), probs
+        except BaseException as exc:  # every row of the batch gets the error
+            for s in batch:
+                s.error = exc
+        with self._lock:
+            following = self._queue[0] if self._queue else None
+            if following is None:
+                self._busy = False
+        for s in batch[1:]:  # batch[0] is this thread's own row
+            s.event.set()  # type: ignore[union-attr]
+        if following is not None:  # hand over: that waiter takes the queue, itself first
+            following.lead = True
+            following.event.set()  # type: ignore[union-attr]
+
+
 class LoadedModel:
     """One ONNX model and its metadata: validation, feeds and inference. Immutable."""
 
@@ -229,6 +307,7 @@ class LoadedModel:
         self._categorical_specs = [(s, i) for i, s in enumerate(self.inputs) if not s.numeric]
         self._numeric_names = [s.onnx_name for s, _ in self._numeric_specs]
         self._categorical_names = [s.onnx_name for s, _ in self._categorical_specs]
+        self._batcher = _MicroBatcher(self._run_rows)
         self.loaded_at = time.time()
 
     def _new_session(self) -> ort.InferenceSession:
@@ -430,8 +509,10 @@ class LoadedModel:
                 feeds[spec.onnx_name] = self._categorical(spec, values, warnings)
         return feeds
 
-    def _feeds_one(self, row: Any, warnings: list[list[str]] | None) -> dict[str, np.ndarray]:
-        """The single-row path (latency matters): two numpy arrays, one (1, 1) view per input."""
+    def _values_one(
+        self, row: Any, warnings: list[list[str]] | None
+    ) -> tuple[list[float], list[str]]:
+        """One row validated in one pass: (numeric values, categorical strings), input order."""
         values = self._table([row])[0]
         numbers = []
         for spec, index in self._numeric_specs:
@@ -447,32 +528,65 @@ class LoadedModel:
             if spec.accepted is not None and value not in spec.accepted:
                 self._unknown(spec, (value,), {value}, warnings)
             texts.append(value)
-        feeds = dict(
-            zip(
-                self._numeric_names,
-                np.array(numbers, dtype=np.float32).reshape(-1, 1, 1),
-                strict=True,
-            )
-        )
-        feeds.update(
-            zip(
-                self._categorical_names,
-                np.array(texts, dtype=np.str_).reshape(-1, 1, 1),
-                strict=True,
-            )
-        )
+        return numbers, texts
+
+    def _feeds_rows(
+        self, numbers: list[list[float]], texts: list[list[str]]
+    ) -> dict[str, np.ndarray]:
+        """Feeds of k validated rows: two numpy arrays, one contiguous (k, 1) view per input."""
+        k = len(numbers)
+        numeric = np.array(numbers, dtype=np.float32)
+        text = np.array(texts, dtype=np.str_)
+        if k > 1:  # column-major, so that each input's (k, 1) view is contiguous
+            numeric = np.ascontiguousarray(numeric.T)
+            text = np.ascontiguousarray(text.T)
+        feeds = dict(zip(self._numeric_names, numeric.reshape(-1, k, 1), strict=True))
+        feeds.update(zip(self._categorical_names, text.reshape(-1, k, 1), strict=True))
         return feeds
 
-    def predict(self, rows: Sequence[Any]) -> list[Prediction]:
+    def _feeds_one(self, row: Any, warnings: list[list[str]] | None) -> dict[str, np.ndarray]:
+        """The single-row path (latency matters): two numpy arrays, one (1, 1) view per input."""
+        numbers, texts = self._values_one(row, warnings)
+        return self._feeds_rows([numbers], [texts])
+
+    def predict_lists(
+        self, rows: Sequence[Any]
+    ) -> tuple[list[str], list[list[float]], list[list[str]]]:
+        """(labels, probabilities rounded to 6 digits in `classes` order, warnings per row):
+        the batch path without a Prediction object per row."""
         warnings: list[list[str]] = [[] for _ in rows]
         feeds = self.feeds(rows, warnings if self.policy == "unseen" else None)
         labels, probabilities = self._run([self.label_output, self.probabilities_output], feeds)
-        classes = self.classes
         rounded = np.round(probabilities.astype(np.float64), 6).tolist()
+        return [str(label) for label in labels.tolist()], rounded, warnings
+
+    def predict(self, rows: Sequence[Any]) -> list[Prediction]:
+        labels, rounded, warnings = self.predict_lists(rows)
+        classes = self.classes
         return [
-            Prediction(str(label), dict(zip(classes, probs, strict=True)), warn)
-            for label, probs, warn in zip(labels.tolist(), rounded, warnings, strict=True)
+            Prediction(label, dict(zip(classes, probs, strict=True)), warn)
+            for label, probs, warn in zip(labels, rounded, warnings, strict=True)
         ]
+
+    def predict_one(self, row: Any) -> tuple[str, list[float], list[str]]:
+        """One row: (label, probabilities rounded to 6 digits in `classes` order, warnings).
+
+        Same validation and answer as `predict([row])`, but concurrent single-row calls share
+        one session run (see `_MicroBatcher`): onnxruntime costs about 70 us for 1 row and
+        about 90 us for 4, nearly all of it per-node overhead of the 78 encoding nodes.
+        """
+        warnings: list[list[str]] = [[]]
+        numbers, texts = self._values_one(row, warnings if self.policy == "unseen" else None)
+        label, probabilities = self._batcher.run(numbers, texts)
+        return label, probabilities, warnings[0]
+
+    def _run_rows(
+        self, numbers: list[list[float]], texts: list[list[str]]
+    ) -> tuple[list[Any], list[list[float]]]:
+        labels, probabilities = self._run(
+            [self.label_output, self.probabilities_output], self._feeds_rows(numbers, texts)
+        )
+        return labels.tolist(), np.round(probabilities.astype(np.float64), 6).tolist()
 
     def run_tensors(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Run already-built feeds (KServe V2 path); returns (labels, probabilities)."""

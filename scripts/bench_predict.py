@@ -7,7 +7,9 @@
 * batch throughput (rows/s) of /predict/batch;
 * cold start: process start -> first successful /predict, model fetched from the object store
   (a real SeaweedFS with keys), for MODEL_LOAD=eager and MODEL_LOAD=background;
-* resident memory (RSS) of the function's processes after load.
+* resident memory (RSS) of the function's processes after load;
+* the server's CPU time per single-row request (user + system of gunicorn master and worker,
+  from /proc), for both servers: steadier than req/s when other work shares the machine.
 
     .venv/bin/python scripts/bench_predict.py [--algorithm gradient_boosting] [--rows 20000]
         [--concurrency 16] [--duration 10] [--threads 4] [--workers 1] [--only all|cold|load]
@@ -136,6 +138,17 @@ def known_only(patients: list[dict[str, Any]], metadata: dict[str, Any]) -> list
     ]
 
 
+def publish_champion(store: Any, onnx_bytes: bytes, metadata: dict[str, Any]) -> None:
+    """Publish a champion as the aggregator does: the ONNX object first, then
+    champion/metadata.json naming it (so a poll never sees metadata naming a missing model)."""
+    store.put_object(Bucket=metadata["model_bucket"], Key=metadata["model_key"], Body=onnx_bytes)
+    store.put_object(
+        Bucket=metadata["model_bucket"],
+        Key="champion/metadata.json",
+        Body=json.dumps(metadata).encode(),
+    )
+
+
 # ---- processes ------------------------------------------------------------------------------
 class Function:
     def __init__(self, env: dict[str, str], source: Path, port: int | None = None) -> None:
@@ -176,12 +189,8 @@ class Function:
             time.sleep(0.002)
         raise RuntimeError(f"no successful {path} within {timeout} s")
 
-    def rss_mb(self) -> tuple[float, float]:
-        """(RSS of the worker, PSS of master + workers) in MB.
-
-        PSS (proportional set size) splits the pages the forked worker shares with the
-        gunicorn master between them, so the sum is the memory the function really uses.
-        """
+    def pids(self) -> list[int]:
+        """gunicorn's master, then its workers."""
         pids = [self.process.pid]
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -190,6 +199,27 @@ class Function:
                 continue
             if int(fields[1]) == self.process.pid:  # ppid: gunicorn's workers
                 pids.append(int(stat.parent.name))
+        return pids
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far by master and workers (from /proc/PID/stat).
+
+        CPU per request is steadier than throughput on a shared machine: other processes
+        take wall time from the server, hardly its CPU cost per request."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / ticks
+
+    def rss_mb(self) -> tuple[float, float]:
+        """(RSS of the worker, PSS of master + workers) in MB.
+
+        PSS (proportional set size) splits the pages the forked worker shares with the
+        gunicorn master between them, so the sum is the memory the function really uses.
+        """
+        pids = self.pids()
         rss = (
             int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pids[-1]}/status").read_text()).group(1))
             / 1024
@@ -306,10 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store: Any = seaweed.client()
         store.create_bucket(Bucket="models")
-        store.put_object(Bucket="models", Key=metadata["model_key"], Body=onnx_bytes)
-        store.put_object(
-            Bucket="models", Key="champion/metadata.json", Body=json.dumps(metadata).encode()
-        )
+        publish_champion(store, onnx_bytes, metadata)
         env = {**seaweed.env(), **server_env}
         body = single.read_bytes()
 
@@ -343,13 +370,20 @@ def main(argv: list[str] | None = None) -> int:
                 runs: dict[str, list[dict[str, float]]] = {"predict": [], "trivial": []}
                 for _ in range(args.rounds):  # alternate, keep each one's best round
                     for name, function in (("predict", predict), ("trivial", trivial_function)):
-                        runs[name].append(
-                            hey(function.url + "/predict", single, args.concurrency, args.duration)
+                        cpu = function.cpu_seconds()
+                        url = function.url + "/predict"
+                        run = hey(url, single, args.concurrency, args.duration)
+                        run["cpu_us_per_request"] = (
+                            (function.cpu_seconds() - cpu) / max(1, run["ok"]) * 1e6
                         )
-                        log(f"{name}: {runs[name][-1]}")
+                        runs[name].append(run)
+                        log(f"{name}: {run}")
                 for name, found in runs.items():
                     results[name] = max(found, key=lambda r: r["rps"])
                     results[f"{name}_rounds"] = found
+                    results[f"{name}_cpu_us_per_request"] = statistics.median(
+                        r["cpu_us_per_request"] for r in found
+                    )
                 results["batch"] = hey(predict.url + "/predict/batch", batch, 2, args.duration)
                 results["batch_rows_per_s"] = (
                     results["batch"]["ok"] / args.duration * args.batch_size
@@ -381,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
             f"p50 {t['p50_ms']:.2f} ms p99 {t['p99_ms']:.2f} ms errors {t['errors']}"
         )
         print(f"  ratio predict/trivial: {results['ratio']:.2f}   (target >= 0.7)")
+        pc, tc = results["predict_cpu_us_per_request"], results["trivial_cpu_us_per_request"]
+        results["cpu_ratio"] = tc / pc
+        print(
+            f"  server CPU per request (median of rounds): predict {pc:.0f} us, trivial "
+            f"{tc:.0f} us; trivial/predict {results['cpu_ratio']:.2f}"
+        )
         print(
             f"  batch of {args.batch_size}, c=2: {results['batch_rows_per_s']:.0f} rows/s "
             f"(p50 {results['batch']['p50_ms']:.1f} ms, errors {results['batch']['errors']})"

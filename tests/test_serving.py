@@ -329,3 +329,51 @@ print(json.dumps(sorted(sys.modules)))
 
 def test_example_patient_covers_the_contract() -> None:
     assert set(EXAMPLE_PATIENT) == set(FEATURES)
+
+
+def test_concurrent_single_rows_are_micro_batched_and_answer_their_own_row(
+    model: LoadedModel,
+) -> None:
+    """16 threads call predict_one at once: the batcher groups rows into shared session runs,
+    and every thread gets exactly what predict([its row]) gives; bad rows fail alone."""
+    rows = patient_rows(16)
+    expected = [model.predict([row])[0] for row in rows]
+    runs: list[int] = []
+    batcher = model._batcher
+    original = batcher._run_rows
+
+    def counted(numbers: list[list[float]], texts: list[list[str]]) -> Any:
+        runs.append(len(numbers))
+        time.sleep(0.002)  # a slow session run, so that rows queue behind it
+        return original(numbers, texts)
+
+    failures: list[BaseException] = []
+    start = threading.Barrier(17)
+
+    def worker(index: int) -> None:
+        start.wait()
+        try:
+            for _ in range(20):
+                if index == 0:
+                    with pytest.raises(InputError):
+                        model.predict_one({**rows[0], "race": 3.5})
+                label, probabilities, warnings = model.predict_one(rows[index])
+                want = expected[index]
+                assert label == want.label and warnings == want.warnings
+                assert dict(zip(model.classes, probabilities, strict=True)) == want.probabilities
+        except BaseException as exc:
+            failures.append(exc)
+
+    batcher._run_rows = counted
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        start.wait()
+        for thread in threads:
+            thread.join()
+    finally:
+        batcher._run_rows = original
+    assert not failures, failures[:3]
+    assert sum(runs) == 16 * 20 and max(runs) > 1 and len(runs) < 16 * 20
+    assert not batcher._busy and not batcher._queue
