@@ -58,7 +58,12 @@ from readmission.training import compute_metrics
 log = logging.getLogger(__name__)
 
 TIE_BREAK_METRIC = "roc_auc_ovr"
-LEASE_TTL_SECONDS = 900.0  # longer than the Trigger's 10-minute delivery timeout
+# The lease is renewed every LEASE_RENEW_SECONDS while the aggregator works, so a killed
+# aggregator's lease expires within LEASE_TTL_SECONDS, well inside the LEASE_WAIT_SECONDS its
+# redelivered event waits (a 900 s TTL without renewal blocked the dataset for 15 minutes and
+# dead-lettered the event: every redelivery waited 120 s and gave up).
+LEASE_TTL_SECONDS = 60.0
+LEASE_RENEW_SECONDS = 15.0
 LEASE_WAIT_SECONDS = 120.0
 ARTIFACT_DIR = "aggregate"  # where the winning run gets the aggregator's artifacts
 ONNX_SAMPLE_ROWS = 100
@@ -249,6 +254,7 @@ def aggregate_dataset(
         ttl_seconds=lease_ttl,
         wait_seconds=lease_wait,
         purpose=f"aggregate {dataset_id}",
+        renew_every=min(LEASE_RENEW_SECONDS, lease_ttl / 4),
     ):
         done = _already_aggregated(store, settings, client, dataset_id, len(expected))
         if done is not None:

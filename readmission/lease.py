@@ -3,17 +3,21 @@
 `PUT` with `If-None-Match: *` creates the object only if it does not exist (SeaweedFS >= 3.8x,
 MinIO and AWS S3 answer 412 PreconditionFailed otherwise); a holder that died leaves a lease
 that expires after `ttl_seconds` and is taken over with `If-Match: <etag>`, so two callers
-cannot both take over the same expired lease. The lease guards long steps (the aggregator) on
-top of their own idempotency; it is a second line, never the only one.
+cannot both take over the same expired lease. A live holder keeps its lease by renewing it
+(`keep_alive`: a daemon thread re-PUTs it with `If-Match` every few seconds), so the TTL can be
+short: a holder that was killed (SIGKILL, OOM, evicted pod) blocks the next caller for at most
+one TTL instead of the whole length of the longest step. The lease guards long steps (the
+aggregator) on top of their own idempotency; it is a second line, never the only one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -36,9 +40,44 @@ class Lease:
     key: str
     owner: str
     etag: str
+    purpose: str = ""
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _keeper: threading.Thread | None = field(default=None, repr=False)
+
+    def renew(self, ttl_seconds: float) -> bool:
+        """Push the expiry `ttl_seconds` ahead; False if the lease is no longer ours."""
+        etag = _put(
+            self.store,
+            self.bucket,
+            self.key,
+            _body(self.owner, ttl_seconds, self.purpose),
+            IfMatch=self.etag,
+        )
+        if etag is None:
+            return False
+        self.etag = etag
+        return True
+
+    def keep_alive(self, ttl_seconds: float, every: float) -> None:
+        """Renew the lease every `every` seconds until `release` (a daemon thread)."""
+
+        def run() -> None:
+            while not self._stop.wait(every):
+                try:
+                    if not self.renew(ttl_seconds):
+                        log.warning("lease s3://%s/%s was taken over", self.bucket, self.key)
+                        return
+                except Exception:  # transient S3 error: try again at the next tick
+                    log.exception("could not renew lease s3://%s/%s", self.bucket, self.key)
+
+        self._keeper = threading.Thread(target=run, name=f"lease-{self.key}", daemon=True)
+        self._keeper.start()
 
     def release(self) -> None:
         """Delete the lease if we still own it (an expired lease may have been taken over)."""
+        self._stop.set()
+        if self._keeper is not None:
+            self._keeper.join()
         current = _read(self.store, self.bucket, self.key)
         if current is not None and current[0].get("owner") == self.owner:
             self.store.delete(self.bucket, self.key)
@@ -83,21 +122,25 @@ def _put(store: ObjectStore, bucket: str, key: str, body: bytes, **condition: st
     return str(response["ETag"])
 
 
+def _body(owner: str, ttl_seconds: float, purpose: str) -> bytes:
+    return json.dumps(
+        {"owner": owner, "expires_at": time.time() + ttl_seconds, "purpose": purpose}
+    ).encode()
+
+
 def try_acquire(
     store: ObjectStore, bucket: str, key: str, ttl_seconds: float, purpose: str = ""
 ) -> Lease | None:
     """Take the lease now, or None if someone else holds an unexpired one."""
     owner = uuid.uuid4().hex
-    body = json.dumps(
-        {"owner": owner, "expires_at": time.time() + ttl_seconds, "purpose": purpose}
-    ).encode()
+    body = _body(owner, ttl_seconds, purpose)
     etag = _put(store, bucket, key, body, IfNoneMatch="*")
     if etag is not None:
-        return Lease(store, bucket, key, owner, etag)
+        return Lease(store, bucket, key, owner, etag, purpose)
     current = _read(store, bucket, key)
     if current is None:  # released between our PUT and GET: try once more
         etag = _put(store, bucket, key, body, IfNoneMatch="*")
-        return None if etag is None else Lease(store, bucket, key, owner, etag)
+        return None if etag is None else Lease(store, bucket, key, owner, etag, purpose)
     document, current_etag = current
     expires_at = document.get("expires_at")
     if isinstance(expires_at, int | float) and expires_at > time.time():
@@ -106,7 +149,7 @@ def try_acquire(
         "lease s3://%s/%s expired (holder %s): taking it over", bucket, key, document.get("owner")
     )
     etag = _put(store, bucket, key, body, IfMatch=current_etag)
-    return None if etag is None else Lease(store, bucket, key, owner, etag)
+    return None if etag is None else Lease(store, bucket, key, owner, etag, purpose)
 
 
 def acquire(
@@ -117,12 +160,16 @@ def acquire(
     wait_seconds: float,
     purpose: str = "",
     poll_seconds: float = 0.5,
+    renew_every: float | None = None,
 ) -> Lease:
-    """Take the lease, waiting up to `wait_seconds` for a holder to finish; else LeaseBusy."""
+    """Take the lease, waiting up to `wait_seconds` for a holder to finish; else LeaseBusy.
+    With `renew_every`, the lease is kept alive until released (see `Lease.keep_alive`)."""
     deadline = time.monotonic() + wait_seconds
     while True:
         lease = try_acquire(store, bucket, key, ttl_seconds, purpose)
         if lease is not None:
+            if renew_every:
+                lease.keep_alive(ttl_seconds, renew_every)
             return lease
         if time.monotonic() >= deadline:
             raise LeaseBusy(f"s3://{bucket}/{key} is held by another invocation")
