@@ -16,10 +16,20 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
-from stack import RunningStack
+from stack import RunningStack, running_stack
 
 from events.notifications import RAW_CREATED, event_id
-from readmission.keys import content_id, dead_letter_key, rejected_report_key
+from readmission import keys
+from readmission.dataset import ensure_dataset, read_dataset_bytes
+from readmission.keys import (
+    batch_key,
+    content_id,
+    dead_letter_key,
+    job_key,
+    manifest_key,
+    rejected_report_key,
+    validation_key,
+)
 from readmission.processes import recorded
 
 pytestmark = pytest.mark.stack
@@ -259,3 +269,45 @@ def test_the_reconcile_pingsource_reaches_its_function(stack: RunningStack) -> N
         timeout=60,
     )
     assert delivered, f"ping not delivered; broker log:\n{stack.log('broker')}"
+
+
+def test_the_real_csv_through_real_notifications_gives_batches_and_n_x_4_jobs(
+    tmp_path: Path,
+) -> None:
+    """The whole real file, uploaded to the raw bucket of a stack of its own: the filer
+    webhook, the adapter and the broker fire ingest, which writes the manifest, the Parquet
+    batches and one job spec per (cumulative set, algorithm). The stack stops right after, so
+    the fan-out it starts is cut short."""
+    data = read_dataset_bytes(ensure_dataset())
+    dataset_id = content_id(data)
+    with running_stack(tmp_path / "state", {"TRAIN_WORKERS": "1"}) as own:
+        buckets = own.settings.buckets
+        own.store.put_bytes(buckets.raw, "uploads/diabetic_data.csv", data, "text/csv")
+        manifest = own.wait_for(
+            lambda: own.store.get_json_if_exists(buckets.datasets, manifest_key(dataset_id)),
+            timeout=180,
+        )
+        assert manifest, f"no manifest; ingest log:\n{own.log('ingest')}"
+        n_sets = len(manifest["cumulative_sets"])
+        algorithms = list(own.settings.algorithms)
+        assert (n_sets, len(algorithms)) == (5, 4)
+        assert manifest["rows"] == {
+            "total": 101_766,
+            "train": 71_268,
+            "validation": 15_270,
+            "test": 15_228,
+        }
+        assert [b["rows"] for b in manifest["batches"]] == [15_000] * 4 + [11_268]
+        for key in [batch_key(dataset_id, i) for i in range(n_sets)] + [
+            validation_key(dataset_id),
+            keys.test_key(dataset_id),  # imported bare, pytest would collect it
+        ]:
+            assert own.store.exists(buckets.datasets, key), key
+        expected = {job_key(dataset_id, i, a) for i in range(n_sets) for a in algorithms}
+        jobs = own.wait_for(
+            lambda: set(own.store.list_keys(buckets.jobs, f"{dataset_id}/")) >= expected,
+            timeout=60,
+        )
+        assert jobs, "the 20 job specs did not all appear"
+        assert set(own.store.list_keys(buckets.jobs, f"{dataset_id}/")) == expected
+        assert own.broker_status()["delivered_by_type"].get(RAW_CREATED, 0) >= 1
