@@ -124,15 +124,35 @@ def _signal_group(process: Process, sig: signal.Signals) -> None:
         os.killpg(process.pid, sig)
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group (its leader or a child it started) is alive, zombies
+    aside: a leader that exits first leaves its children running in the group."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _running(process: Process) -> bool:
+    return is_running(process) or group_alive(process.pid)
+
+
 def stop_all(recorded_processes: list[Process], run_dir: Path, grace: float = 10.0) -> list[str]:
     """SIGTERM the process groups together, SIGKILL those still running after ``grace``.
 
-    Returns the names of the processes that were running; their pid files are removed.
+    Waits until every member of each group is gone, not only its leader. Returns the names of
+    the processes that were running; their pid files are removed.
     """
     running = [p for p in recorded_processes if is_running(p)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for process in running:
-            if is_running(process):
+            if _running(process):
                 if sig == signal.SIGKILL:
                     logging.getLogger(__name__).warning(
                         "%s (pid %d) still running %gs after SIGTERM: SIGKILL",
@@ -142,7 +162,7 @@ def stop_all(recorded_processes: list[Process], run_dir: Path, grace: float = 10
                     )
                 _signal_group(process, sig)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(is_running(p) for p in running):
+        while time.monotonic() < deadline and any(_running(p) for p in running):
             time.sleep(0.1)
     for process in recorded_processes:
         (run_dir / f"{process.name}.pid").unlink(missing_ok=True)
