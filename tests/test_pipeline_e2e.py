@@ -92,10 +92,9 @@ def crash_stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def mlflow_client(stack: RunningStack) -> MlflowClient:
-    """A client of this stack's MLflow; also points mlflow's process-wide URIs at it, which
+    """A client of this stack's MLflow; also points mlflow's process-wide tracking URI at it, which
     earlier tests in the same session (with servers of their own) may have set elsewhere."""
     mlflow.set_tracking_uri(stack.mlflow_uri)
-    mlflow.set_registry_uri(stack.mlflow_uri)
     return MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
 
 

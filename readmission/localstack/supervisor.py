@@ -135,6 +135,9 @@ class Supervisor:
     def _process_env(self, env_for_clients: dict[str, str], **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(env_for_clients)
+        # mlflow.set_registry_uri() in the calling process exports MLFLOW_REGISTRY_URI: never let
+        # a stale one send this stack's registrations to another server.
+        env["MLFLOW_REGISTRY_URI"] = env_for_clients["MLFLOW_TRACKING_URI"]
         python_path = [str(self.config.root)]
         if env.get("PYTHONPATH"):
             python_path.append(env["PYTHONPATH"])
