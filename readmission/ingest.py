@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,14 +30,17 @@ from readmission.storage import ObjectInfo, ObjectStore, json_bytes
 
 PARQUET_TYPE = "application/vnd.apache.parquet"
 JSON_TYPE = "application/json"
-# Slowest first: the broker dispatches FIFO, and longest-processing-time-first keeps the
-# parallel training makespan near its lower bound. Algorithms not listed come after these.
-ALGORITHM_COST_ORDER = (
-    "gradient_boosting",
-    "random_forest",
-    "logistic_regression",
-    "decision_tree",
-)
+# Fit seconds per 1,000 training rows of each algorithm on one core (measured with
+# scripts/bench_pipeline.py on the real CSV). Job specs are written in decreasing estimated
+# cost: the broker dispatches FIFO, and longest-processing-time-first keeps the parallel
+# training makespan near its lower bound. An algorithm not listed counts as the costliest.
+ALGORITHM_COST_PER_1000_ROWS = {
+    "gradient_boosting": 0.69,
+    "logistic_regression": 0.15,
+    "random_forest": 0.076,
+    "hist_gradient_boosting": 0.1,
+    "decision_tree": 0.017,
+}
 UPLOAD_THREADS = 4
 
 INGESTED, ALREADY_INGESTED, REJECTED, GONE = "ingested", "already_ingested", "rejected", "gone"
@@ -247,17 +250,20 @@ def _class_counts(labels: np.ndarray) -> dict[str, int]:
     return {name: int(counts[i]) for i, name in enumerate(contract.TARGET_CLASSES)}
 
 
-def job_order(n_sets: int, algorithms: Iterable[str]) -> list[tuple[int, str]]:
-    """(cumulative index, algorithm) pairs, biggest job first (see ALGORITHM_COST_ORDER)."""
+def job_order(set_rows: Sequence[int], algorithms: Iterable[str]) -> list[tuple[int, str]]:
+    """(cumulative index, algorithm) pairs, costliest job first. `set_rows[i]` is the number of
+    training rows of cumulative set i; estimated cost = rows x ALGORITHM_COST_PER_1000_ROWS
+    (an unlisted algorithm counts as the costliest); ties keep the bigger index, then the
+    order of `algorithms`."""
     algorithms = list(dict.fromkeys(algorithms))
+    costliest = max(ALGORITHM_COST_PER_1000_ROWS.values())
 
-    def cost_rank(algorithm: str) -> int:
-        if algorithm in ALGORITHM_COST_ORDER:
-            return ALGORITHM_COST_ORDER.index(algorithm)
-        return len(ALGORITHM_COST_ORDER) + algorithms.index(algorithm)
+    def cost(pair: tuple[int, str]) -> float:
+        index, algorithm = pair
+        return set_rows[index] * ALGORITHM_COST_PER_1000_ROWS.get(algorithm, costliest)
 
-    pairs = [(i, a) for i in range(n_sets) for a in algorithms]
-    return sorted(pairs, key=lambda pair: (-pair[0], cost_rank(pair[1])))
+    pairs = [(i, a) for i in range(len(set_rows)) for a in algorithms]
+    return sorted(pairs, key=lambda pair: (-cost(pair), -pair[0], algorithms.index(pair[1])))
 
 
 def build_manifest(
@@ -303,7 +309,7 @@ def build_manifest(
         "algorithms": list(dict.fromkeys(settings.algorithms)),
         "jobs": [
             keys.job_key(dataset_id, i, a)
-            for i, a in job_order(len(cumulative), settings.algorithms)
+            for i, a in job_order([c["rows"] for c in cumulative], settings.algorithms)
         ],
     }
 
@@ -326,7 +332,7 @@ def job_spec(manifest: dict[str, Any], job_key: str, datasets_bucket: str) -> di
 
 
 def _write_jobs(store: ObjectStore, settings: Settings, manifest: dict[str, Any]) -> list[str]:
-    """Write the missing job specs one by one, in the manifest's (biggest first) order."""
+    """Write the missing job specs one by one, in the manifest's (costliest first) order."""
     written = []
     jobs_bucket = settings.buckets.jobs
     for job_key in manifest["jobs"]:

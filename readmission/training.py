@@ -181,7 +181,14 @@ def compute_metrics(
     with threadpool_limits(limits=FIT_THREADS):
         probabilities = pipeline.predict_proba(frame)
     classes = np.asarray(pipeline.classes_)
-    predicted = classes[np.argmax(probabilities, axis=1)]
+    predicted: np.ndarray = np.argmax(probabilities, axis=1)
+    codes = pd.Categorical(y_true, categories=classes).codes
+    if (codes >= 0).all():
+        # Class indices instead of the labels: the same scores (labels map one to one onto
+        # indices), without sklearn sorting ~70k Python strings per metric (~1.5 s a job).
+        y_true, classes = codes, np.arange(len(classes))
+    else:  # a label the model does not know: score the labels as they are
+        predicted = classes[predicted]
     metrics: dict[str, float | None] = {
         "accuracy": float(accuracy_score(y_true, predicted)),
         "precision_weighted": float(
@@ -232,17 +239,38 @@ def _run_metrics(
     return metrics
 
 
+class _Phases:
+    """Wall seconds of a job's phases, for its log line: `read 0.21 prepare 0.05 ...`."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self._last
+        self._last = now
+
+    def __str__(self) -> str:
+        return " ".join(f"{phase} {seconds:.2f}" for phase, seconds in self.seconds.items())
+
+
 def fit_and_log(
     store: ObjectStore, client: MlflowClient, exp_id: str, job: JobSpec
 ) -> tracking.RunRecord:
     """Fit, evaluate and log one job as a new complete MLflow run."""
+    phases = _Phases()
     train, validation = read_training_data(store, job)
+    phases.mark("read")
     x_train, y_train = to_model_frame(train), target_values(train)
     x_val, y_val = to_model_frame(validation), target_values(validation)
+    phases.mark("prepare")
     pipeline = build_pipeline(job.algorithm)
     timing = fit_timed(pipeline, x_train, y_train)
+    phases.mark("fit")
     train_metrics = compute_metrics(pipeline, x_train, y_train)
     val_metrics = compute_metrics(pipeline, x_val, y_val)
+    phases.mark("metrics")
     log.info(
         "job %s: fitted %s on %d rows in %.1fs (cpu %.1fs); validation f1_weighted %.4f",
         job.key,
@@ -283,9 +311,8 @@ def fit_and_log(
         except Exception:  # the original error matters more
             log.exception("could not mark run %s FAILED", run_id)
         raise
-    log.info(
-        "job %s: MLflow run %s logged in %.2fs", job.key, run_id, time.perf_counter() - started
-    )
+    phases.mark("mlflow")
+    log.info("job %s: MLflow run %s; seconds %s", job.key, run_id, phases)
     return tracking.run_record(client.get_run(run_id))
 
 

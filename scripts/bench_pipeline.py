@@ -53,7 +53,7 @@ def main() -> int:
     info = supervisor.up(log=lambda _line: None)
     print(f"stack up in {time.monotonic() - started:.1f} s ({args.workers} train workers)")
     try:
-        return _run(info, args, cores)
+        return _run(info, args, cores, supervisor)
     finally:
         if args.keep:
             print(f"stack left running: source {state_dir}/env")
@@ -62,10 +62,35 @@ def main() -> int:
             shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _run(info: StackInfo, args: argparse.Namespace, cores: int) -> int:
+def _group_cpu_seconds() -> dict[int, float]:
+    """Process group id -> CPU seconds (user + system) of its live members, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pgid = int(fields[2])
+        # utime, stime, and the reaped children's cutime, cstime (fields 14-17 of stat)
+        cpu = sum(int(value) for value in fields[11:15]) / ticks
+        totals[pgid] = totals.get(pgid, 0.0) + cpu
+    return totals
+
+
+def _cpu_by_process(supervisor: Supervisor) -> dict[str, float]:
+    """Stack process name (train-1, mlflow, ...) -> CPU seconds of its process group."""
+    groups = _group_cpu_seconds()
+    return {p.name: groups.get(p.pid, 0.0) for p in supervisor.running()}
+
+
+def _run(info: StackInfo, args: argparse.Namespace, cores: int, supervisor: Supervisor) -> int:
     settings = settings_for(info.env)
     store = store_for(info.env)
     buckets = settings.buckets
+    cpu_before = _cpu_by_process(supervisor)
     t0 = time.monotonic()
     record = upload(info, args.csv)
     dataset_id = record["dataset_id"]
@@ -89,6 +114,7 @@ def _run(info: StackInfo, args: argparse.Namespace, cores: int) -> int:
                 stages["last result"] = now
         if store.exists(buckets.models, keys.model_metadata_key(dataset_id)):
             stages["champion ready"] = time.monotonic() - t0
+            cpu_after = _cpu_by_process(supervisor)
             break
         time.sleep(0.2)
     else:
@@ -119,6 +145,14 @@ def _run(info: StackInfo, args: argparse.Namespace, cores: int) -> int:
             f"  {r['cumulative_index']:02d}-{r['algorithm']:<24}{r['training_rows']:>7} rows "
             f"{r['fit_seconds']:7.1f} s"
         )
+    cpu_used = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
+    print(
+        f"CPU seconds upload -> champion ready: {sum(cpu_used.values()):.1f} of "
+        f"{cores} cores x {wall:.1f} s = {cores * wall:.1f}; by process:"
+    )
+    for name, seconds in sorted(cpu_used.items(), key=lambda item: -item[1]):
+        if seconds >= 0.05:
+            print(f"  {name:<20}{seconds:8.1f}")
     print(f"wall time upload -> champion ready: {wall:.1f} s (target < 120 s)")
     print(f"compute lower bound max(sum fit / {cores} cores, longest fit): {lower_bound:.1f} s")
     print(f"ratio wall / lower bound: {wall / lower_bound:.2f} (target <= 1.3)")

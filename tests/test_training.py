@@ -277,3 +277,36 @@ def test_recorded_trusted_types_cover_every_pipeline(algorithm: str) -> None:
     with threadpool_limits(limits=1):
         pipeline = build_pipeline(algorithm).fit(to_model_frame(train), target_values(train))
     assert set(tracking.untrusted_types(pipeline)) <= set(tracking.TRUSTED_TYPES)
+
+
+def test_metrics_equal_sklearn_on_the_labels_themselves() -> None:
+    """compute_metrics scores class indices for speed: the figures must be the labels' own."""
+    from sklearn.metrics import accuracy_score, precision_score, roc_auc_score
+
+    from readmission.training import compute_metrics
+
+    frame = generated_frame(900)
+    train, validation = frame.iloc[:600], frame.iloc[600:]
+    pipeline = build_pipeline("decision_tree").fit(to_model_frame(train), target_values(train))
+    x_val, y_val = to_model_frame(validation), target_values(validation)
+    proba = pipeline.predict_proba(x_val)
+    predicted = pipeline.classes_[proba.argmax(axis=1)]
+    expected = {
+        "accuracy": accuracy_score(y_val, predicted),
+        "precision_weighted": precision_score(
+            y_val, predicted, average="weighted", zero_division=0
+        ),
+        "f1_weighted": f1_score(y_val, predicted, average="weighted", zero_division=0),
+        "f1_macro": f1_score(y_val, predicted, average="macro", zero_division=0),
+        "roc_auc_ovr": roc_auc_score(
+            y_val, proba, multi_class="ovr", average="weighted", labels=pipeline.classes_
+        ),
+    }
+    metrics = compute_metrics(pipeline, x_val, y_val)
+    assert {name: metrics[name] for name in expected} == pytest.approx(expected, abs=1e-12)
+    # a label the model never saw: scored on the labels as they are, no crash
+    unknown = y_val.copy()
+    unknown[0] = "never-seen"
+    assert compute_metrics(pipeline, x_val, unknown)["accuracy"] == pytest.approx(
+        accuracy_score(unknown, predicted)
+    )

@@ -17,6 +17,7 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 import functions_framework  # noqa: E402
@@ -65,6 +66,7 @@ def read_job_spec(
 
 @functions_framework.cloud_event
 def train(event: Any) -> None:
+    started = time.perf_counter()
     settings, store = _context()
     ref = object_ref(event, EVENT_TYPE, settings.buckets.jobs)
     try:
@@ -74,9 +76,10 @@ def train(event: Any) -> None:
     job, document = read_job_spec(store, settings, ref.bucket, ref.key)
     result = train_job(store, settings, document)
     log.info(
-        "event %s: job %s done: run %s, validation f1_weighted %s",
+        "event %s: job %s done in %.2fs: run %s, validation f1_weighted %s",
         event["id"],
         job.key,
+        time.perf_counter() - started,
         result.get("run_id"),
         result.get("metrics", {}).get("validation", {}).get("f1_weighted"),
     )

@@ -103,7 +103,9 @@ class StackConfig:
     state_dir: Path
     free_ports: bool = False
     train_workers: int = 1
-    mlflow_workers: int = 2
+    # 1: uvicorn's multi-worker mode binds a socket without IPPROTO_TCP, so asyncio never
+    # sets TCP_NODELAY and every reused connection waits ~40 ms (Nagle x delayed ACK).
+    mlflow_workers: int = 1
     start_timeout: float = 180.0
     strict: bool = False  # a pipeline function that cannot start fails `up` (else: a warning)
     extra_env: dict[str, str] = field(default_factory=dict)  # settings for every process
@@ -134,7 +136,7 @@ class StackConfig:
             state_dir=(root / state if not state.is_absolute() else state).resolve(),
             free_ports=os.environ.get("LOCAL_PORTS", "").strip().lower() == "free",
             train_workers=max(1, _env_int("TRAIN_WORKERS", os.cpu_count() or 1)),
-            mlflow_workers=max(1, _env_int("MLFLOW_WORKERS", 2)),
+            mlflow_workers=max(1, _env_int("MLFLOW_WORKERS", 1)),
             start_timeout=float(_env_int("STACK_START_TIMEOUT", 180)),
             strict=os.environ.get("STACK_STRICT", "").strip() in {"1", "true", "yes"},
             extra_env=extra_env,
