@@ -44,7 +44,13 @@ from mlflow.entities import Metric
 from readmission import keys, lease, registry, tracking
 from readmission.config import Settings
 from readmission.features import target_values, to_model_frame
-from readmission.learning_curve import build_learning_curve, to_csv, to_markdown, to_png
+from readmission.learning_curve import (
+    build_learning_curve,
+    to_csv,
+    to_markdown,
+    to_png,
+    warm_up_png,
+)
 from readmission.onnx_export import (
     PARITY_TOLERANCE,
     ExportedModel,
@@ -95,6 +101,16 @@ class AggregateOutcome:
 
 
 # --- pure helpers -------------------------------------------------------------------------
+
+
+def warm_up() -> None:
+    """Pay at process start what the first aggregation would pay on the pipeline's critical
+    path (~1.5 s): the imports of model loading, ONNX export and onnxruntime, and matplotlib's
+    first figure (font cache)."""
+    import onnxruntime  # noqa: F401  (skl2onnx is imported by readmission.onnx_export)
+
+    tracking.warm_up()
+    warm_up_png()
 
 
 def lease_key(dataset_id: str) -> str:

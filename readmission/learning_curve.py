@@ -213,6 +213,18 @@ def render_text(curve: LearningCurve, tolerance: float = DEFAULT_TOLERANCE) -> s
     return "\n".join(out) + "\n"
 
 
+def warm_up_png() -> None:
+    """Import matplotlib and draw one small figure (loads the font cache): ~0.5 s once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(1, 1), dpi=10)
+    figure.subplots().plot([0, 1], [0, 1], marker="o", label="x")
+    figure.savefig(io.BytesIO(), format="png")
+
+
 def to_png(curve: LearningCurve) -> bytes:
     """Validation F1 (left) and ROC-AUC (right) against training rows, one line per algorithm."""
     import matplotlib

@@ -166,12 +166,23 @@ def read_training_data(store: ObjectStore, job: JobSpec) -> tuple[pd.DataFrame, 
     return train, validation
 
 
-def fit_timed(pipeline: Pipeline, frame: pd.DataFrame, y: np.ndarray) -> FitTiming:
-    """Fit on one thread; CPU seconds of this process and wall seconds of the fit."""
+def fit_with_features(
+    pipeline: Pipeline, frame: pd.DataFrame, y: np.ndarray
+) -> tuple[FitTiming, Any]:
+    """Fit on one thread, as `pipeline.fit` does it (each step's fit_transform, then the
+    classifier's fit), keeping the classifier's input: the training split's metrics then need
+    no second pass through the encoders (~0.8 s on 71k rows). Returns (timing: CPU seconds of
+    this process and wall seconds, the transformed training features)."""
     with threadpool_limits(limits=FIT_THREADS):
         cpu, wall = time.process_time(), time.perf_counter()
-        pipeline.fit(frame, y)
-        return FitTiming(time.process_time() - cpu, time.perf_counter() - wall)
+        features = pipeline[:-1].fit_transform(frame, y)
+        pipeline[-1].fit(features, y)
+        return FitTiming(time.process_time() - cpu, time.perf_counter() - wall), features
+
+
+def fit_timed(pipeline: Pipeline, frame: pd.DataFrame, y: np.ndarray) -> FitTiming:
+    """Fit on one thread; CPU seconds of this process and wall seconds of the fit."""
+    return fit_with_features(pipeline, frame, y)[0]
 
 
 def compute_metrics(
@@ -180,7 +191,13 @@ def compute_metrics(
     """The METRIC_NAMES on one split; roc_auc_ovr is None when a class is absent from it."""
     with threadpool_limits(limits=FIT_THREADS):
         probabilities = pipeline.predict_proba(frame)
-    classes = np.asarray(pipeline.classes_)
+    return score(probabilities, np.asarray(pipeline.classes_), y_true)
+
+
+def score(
+    probabilities: np.ndarray, classes: np.ndarray, y_true: np.ndarray
+) -> dict[str, float | None]:
+    """The METRIC_NAMES of predicted probabilities (columns in `classes` order)."""
     predicted: np.ndarray = np.argmax(probabilities, axis=1)
     codes = pd.Categorical(y_true, categories=classes).codes
     if (codes >= 0).all():
@@ -266,9 +283,11 @@ def fit_and_log(
     x_val, y_val = to_model_frame(validation), target_values(validation)
     phases.mark("prepare")
     pipeline = build_pipeline(job.algorithm)
-    timing = fit_timed(pipeline, x_train, y_train)
+    timing, features = fit_with_features(pipeline, x_train, y_train)
     phases.mark("fit")
-    train_metrics = compute_metrics(pipeline, x_train, y_train)
+    with threadpool_limits(limits=FIT_THREADS):
+        train_probabilities = pipeline[-1].predict_proba(features)
+    train_metrics = score(train_probabilities, np.asarray(pipeline.classes_), y_train)
     val_metrics = compute_metrics(pipeline, x_val, y_val)
     phases.mark("metrics")
     log.info(

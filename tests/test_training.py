@@ -310,3 +310,23 @@ def test_metrics_equal_sklearn_on_the_labels_themselves() -> None:
     assert compute_metrics(pipeline, x_val, unknown)["accuracy"] == pytest.approx(
         accuracy_score(unknown, predicted)
     )
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_fit_with_features_is_pipeline_fit(algorithm: str) -> None:
+    """Fitting step by step (to keep the training features) gives the model `fit` gives, and
+    the kept features give the training split's own predictions."""
+    from readmission.training import fit_with_features
+
+    frame = generated_frame(700)
+    train, validation = frame.iloc[:500], frame.iloc[500:]
+    x_train, y_train = to_model_frame(train), target_values(train)
+    x_val = to_model_frame(validation)
+    with threadpool_limits(limits=1):
+        reference = build_pipeline(algorithm).fit(x_train, y_train)
+        pipeline = build_pipeline(algorithm)
+        _, features = fit_with_features(pipeline, x_train, y_train)
+        np.testing.assert_array_equal(pipeline.predict_proba(x_val), reference.predict_proba(x_val))
+        np.testing.assert_array_equal(
+            pipeline[-1].predict_proba(features), reference.predict_proba(x_train)
+        )

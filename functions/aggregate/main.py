@@ -9,12 +9,13 @@ transient (S3 or MLflow down, lease held too long, a failed parity check) raises
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from readmission.aggregate import AggregateOutcome, aggregate_dataset
+from readmission.aggregate import AggregateOutcome, aggregate_dataset, warm_up
 from readmission.config import Settings
 from readmission.handler import MalformedEvent, object_ref, reply_empty_on_success
 from readmission.keys import parse_job_key
@@ -25,17 +26,23 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 log = logging.getLogger("aggregate")
 
 RESULT_CREATED = "io.readmission.result.created"
+warm_up()
+
+
+@functools.cache
+def _context() -> tuple[Settings, ObjectStore]:
+    """Settings and the S3 client, built once per process on the first event."""
+    settings = Settings.from_env()
+    return settings, ObjectStore.from_settings(settings)
 
 
 @functions_framework.cloud_event
 def aggregate(event: CloudEvent) -> None:
-    settings = Settings.from_env()
+    settings, store = _context()
     ref = object_ref(event, RESULT_CREATED, settings.buckets.results)
     try:
         dataset_id, _, _ = parse_job_key(ref.key)
     except ValueError as error:
         raise MalformedEvent(str(error)) from error
-    outcome: AggregateOutcome = aggregate_dataset(
-        ObjectStore.from_settings(settings), settings, dataset_id
-    )
+    outcome: AggregateOutcome = aggregate_dataset(store, settings, dataset_id)
     log.info("event %s (%s): %s", event["id"], ref.key, outcome)
