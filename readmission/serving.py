@@ -137,10 +137,11 @@ class ModelLoadError(RuntimeError):
 @dataclass(frozen=True)
 class InputSpec:
     column: str
-    onnx_name: str
+    onnx_name: str  # the ONNX input tensor holding this column
     numeric: bool
     categories: tuple[str, ...] | None  # None: any string is accepted
     accepted: frozenset[str] | None  # categories plus the missing marker
+    index: int | None = None  # position in a packed [N, k] tensor; None: its own [N, 1] input
 
     def schema(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -148,6 +149,8 @@ class InputSpec:
             "onnx_name": self.onnx_name,
             "kind": "numeric" if self.numeric else "categorical",
         }
+        if self.index is not None:
+            entry["index"] = self.index
         if self.categories is not None:
             entry["categories"] = list(self.categories)
         return entry
@@ -175,6 +178,9 @@ def parse_inputs(metadata: Mapping[str, Any]) -> tuple[InputSpec, ...]:
         cats = None
         if kind == "categorical" and isinstance(categories, list):
             cats = tuple(str(c) for c in categories)
+        index = item.get("index")
+        if index is not None and (type(index) is not int or index < 0):
+            raise ModelLoadError(f"input {item['column']}: index must be a non-negative integer")
         specs.append(
             InputSpec(
                 column=item["column"],
@@ -182,9 +188,51 @@ def parse_inputs(metadata: Mapping[str, Any]) -> tuple[InputSpec, ...]:
                 numeric=kind == "numeric",
                 categories=cats,
                 accepted=None if cats is None else frozenset(cats) | {MISSING_MARKER},
+                index=index,
             )
         )
     return tuple(specs)
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """How the metadata's columns map onto the graph's input tensors.
+
+    packed (this project's exports): one float tensor [N, n_numeric] and one string tensor
+    [N, n_categorical], each column at its `index`; per_column (older exports, or a graph
+    converted feature by feature): one [N, 1] tensor per column.
+    """
+
+    packed: bool
+    numeric_tensor: str  # packed only
+    categorical_tensor: str  # packed only
+    # positions (in the metadata's input order) of the numeric / categorical columns, in the
+    # order their values are fed: by index when packed, else as listed
+    numeric_order: tuple[int, ...]
+    categorical_order: tuple[int, ...]
+
+
+def input_layout(inputs: Sequence[InputSpec]) -> InputLayout:
+    """The layout of the inputs, or ModelLoadError if they are neither packed nor per column."""
+    numeric = [i for i, spec in enumerate(inputs) if spec.numeric]
+    categorical = [i for i, spec in enumerate(inputs) if not spec.numeric]
+    names = [spec.onnx_name for spec in inputs]
+    if len(set(names)) == len(names) and all(spec.index is None for spec in inputs):
+        return InputLayout(False, "", "", tuple(numeric), tuple(categorical))
+    tensors = []
+    orders = []
+    for group, kind in ((numeric, "numeric"), (categorical, "categorical")):
+        group_names = {inputs[i].onnx_name for i in group}
+        if len(group_names) > 1:
+            raise ModelLoadError(f"the {kind} inputs span several tensors: {sorted(group_names)}")
+        indexes = sorted(inputs[i].index for i in group if inputs[i].index is not None)
+        if indexes != list(range(len(group))):
+            raise ModelLoadError(f"the {kind} inputs' indexes must be 0..{len(group) - 1}")
+        tensors.append(group_names.pop() if group_names else "")
+        orders.append(tuple(sorted(group, key=lambda i: inputs[i].index)))  # type: ignore[arg-type, return-value]
+    if tensors[0] and tensors[0] == tensors[1]:
+        raise ModelLoadError("numeric and categorical inputs share one tensor")
+    return InputLayout(True, tensors[0], tensors[1], orders[0], orders[1])
 
 
 def _is_number(value: Any) -> bool:
@@ -212,9 +260,10 @@ class _MicroBatcher:
     A request that finds no session run in progress runs its row at once, so a lone request
     never waits. Requests arriving while a run is in progress (onnxruntime releases the GIL)
     queue up; when the run ends, the finishing thread wakes the first waiter, which takes the
-    queue (up to `max_rows` rows) and runs it as one batch, and so on. A run costs about
-    70 us for one row and 90 us for four (the graph's per-node overhead dominates), so rows
-    that meet share that cost; no request waits longer than the run in progress plus its own
+    queue (up to `max_rows` rows) and runs it as one batch, and so on. A gradient-boosting run
+    costs about 16 us for one row and 35 us for four with warm caches (several times more
+    inside a busy server, whose HTTP work between runs evicts the 300 trees), so rows that
+    meet share that cost; no request waits longer than the run in progress plus its own
     batch. How often rows meet depends on how much of a request holds the GIL: measured in
     docs/predict.md (Benchmark).
     """
@@ -294,6 +343,7 @@ class LoadedModel:
             raise ModelLoadError("metadata has no 'classes' list")
         self.classes = [str(c) for c in classes]
         self.inputs = parse_inputs(metadata)
+        self.layout = input_layout(self.inputs)
         outputs = metadata.get("outputs") or {}
         self.label_output = str(outputs.get("label", "label"))
         self.probabilities_output = str(outputs.get("probabilities", "probabilities"))
@@ -303,8 +353,9 @@ class LoadedModel:
         self._check_session()
         self._run = self._fast_run(self.session)
         self._getter = itemgetter(*(spec.column for spec in self.inputs))
-        self._numeric_specs = [(s, i) for i, s in enumerate(self.inputs) if s.numeric]
-        self._categorical_specs = [(s, i) for i, s in enumerate(self.inputs) if not s.numeric]
+        layout = self.layout
+        self._numeric_specs = [(self.inputs[i], i) for i in layout.numeric_order]
+        self._categorical_specs = [(self.inputs[i], i) for i in layout.categorical_order]
         self._numeric_names = [s.onnx_name for s, _ in self._numeric_specs]
         self._categorical_names = [s.onnx_name for s, _ in self._categorical_specs]
         self._batcher = _MicroBatcher(self._run_rows)
@@ -345,6 +396,36 @@ class LoadedModel:
         return session.run
 
     def _check_session(self) -> None:
+        if self.layout.packed:
+            self._check_packed_session()
+        else:
+            self._check_per_column_session()
+        outputs = {o.name for o in self.session.get_outputs()}
+        for name in (self.label_output, self.probabilities_output):
+            if name not in outputs:
+                raise ModelLoadError(f"the ONNX model has no output {name!r}")
+
+    def _check_packed_session(self) -> None:
+        layout = self.layout
+        session_inputs = {i.name: i for i in self.session.get_inputs()}
+        wanted = {}
+        if layout.numeric_order:
+            wanted[layout.numeric_tensor] = ("tensor(float)", len(layout.numeric_order))
+        if layout.categorical_order:
+            wanted[layout.categorical_tensor] = ("tensor(string)", len(layout.categorical_order))
+        if set(session_inputs) != set(wanted):
+            raise ModelLoadError(
+                f"the ONNX inputs {sorted(session_inputs)} are not the metadata's {sorted(wanted)}"
+            )
+        for name, (onnx_type, width) in wanted.items():
+            graph_input = session_inputs[name]
+            if graph_input.type != onnx_type:
+                raise ModelLoadError(f"ONNX input {name} is {graph_input.type}, not {onnx_type}")
+            shape = list(graph_input.shape)
+            if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != width):
+                raise ModelLoadError(f"ONNX input {name} has shape {shape}, not [N, {width}]")
+
+    def _check_per_column_session(self) -> None:
         session_inputs = {i.name: i.type for i in self.session.get_inputs()}
         for spec in self.inputs:
             onnx_type = session_inputs.pop(spec.onnx_name, None)
@@ -355,10 +436,6 @@ class LoadedModel:
                 raise ModelLoadError(f"ONNX input {spec.onnx_name} is {onnx_type}, not {wanted}")
         if session_inputs:
             raise ModelLoadError(f"ONNX inputs missing from metadata: {sorted(session_inputs)}")
-        outputs = {o.name for o in self.session.get_outputs()}
-        for name in (self.label_output, self.probabilities_output):
-            if name not in outputs:
-                raise ModelLoadError(f"the ONNX model has no output {name!r}")
 
     # ---- validation and feeds -------------------------------------------------------------
     def _table(self, rows: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -501,12 +578,22 @@ class LoadedModel:
         if len(rows) == 1:
             return self._feeds_one(rows[0], warnings)
         columns = zip(*self._table(rows), strict=True)
-        feeds: dict[str, np.ndarray] = {}
+        arrays: list[np.ndarray] = []
         for spec, values in zip(self.inputs, columns, strict=True):
             if spec.numeric:
-                feeds[spec.onnx_name] = self._numeric(spec, values)
+                arrays.append(self._numeric(spec, values))
             else:
-                feeds[spec.onnx_name] = self._categorical(spec, values, warnings)
+                arrays.append(self._categorical(spec, values, warnings))
+        layout = self.layout
+        if not layout.packed:
+            return {spec.onnx_name: array for spec, array in zip(self.inputs, arrays, strict=True)}
+        feeds: dict[str, np.ndarray] = {}
+        for name, order in (
+            (layout.numeric_tensor, layout.numeric_order),
+            (layout.categorical_tensor, layout.categorical_order),
+        ):
+            if order:
+                feeds[name] = np.hstack([arrays[i] for i in order])
         return feeds
 
     def _values_one(
@@ -533,9 +620,18 @@ class LoadedModel:
     def _feeds_rows(
         self, numbers: list[list[float]], texts: list[list[str]]
     ) -> dict[str, np.ndarray]:
-        """Feeds of k validated rows: two numpy arrays, one contiguous (k, 1) view per input."""
+        """Feeds of k validated rows: packed, the two (k, n) arrays; per column, one
+        contiguous (k, 1) view per input."""
         k = len(numbers)
         numeric = np.array(numbers, dtype=np.float32)
+        layout = self.layout
+        if layout.packed:
+            feeds = {}
+            if layout.numeric_order:
+                feeds[layout.numeric_tensor] = numeric
+            if layout.categorical_order:
+                feeds[layout.categorical_tensor] = np.array(texts, dtype=object)
+            return feeds
         text = np.array(texts, dtype=np.str_)
         if k > 1:  # column-major, so that each input's (k, 1) view is contiguous
             numeric = np.ascontiguousarray(numeric.T)
@@ -572,8 +668,7 @@ class LoadedModel:
         """One row: (label, probabilities rounded to 6 digits in `classes` order, warnings).
 
         Same validation and answer as `predict([row])`, but concurrent single-row calls share
-        one session run (see `_MicroBatcher`): onnxruntime costs about 70 us for 1 row and
-        about 90 us for 4, nearly all of it per-node overhead of the 78 encoding nodes.
+        one session run (see `_MicroBatcher`).
         """
         warnings: list[list[str]] = [[]]
         numbers, texts = self._values_one(row, warnings if self.policy == "unseen" else None)

@@ -1,8 +1,9 @@
 """KServe V2 (Open Inference Protocol) mapping onto `LoadedModel`, transport-free.
 
-Convention: one input tensor per feature, named by the metadata's `onnx_name` (the column name
-is accepted too), shape `[N, 1]` (or `[N]`), datatype `FP32` (numeric) or `BYTES`
-(categorical), `data` flat or nested row-major. Outputs: `label` (BYTES `[N]`) and
+Convention: one input tensor per feature, named by its contract column (a per-column graph's
+`onnx_name` is accepted too), shape `[N, 1]` (or `[N]`), datatype `FP32` (numeric) or `BYTES`
+(categorical), `data` flat or nested row-major. The server packs the columns into the graph's
+own input tensors. Outputs: `label` (BYTES `[N]`) and
 `probabilities` (FP32 `[N, C]`, columns in the order of `parameters.classes`). Validation is the
 same as for /predict (the tensors are turned into rows).
 """
@@ -26,7 +27,7 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
         "platform": "onnxruntime_onnx",
         "inputs": [
             {
-                "name": spec.onnx_name,
+                "name": spec.column,
                 "datatype": "FP32" if spec.numeric else "BYTES",
                 "shape": [-1, 1],
                 "parameters": {"column": spec.column},
@@ -65,10 +66,10 @@ def request_rows(model: LoadedModel, body: Any) -> tuple[list[dict[str, Any]], l
             kind="invalid_body",
             status=400,
         )
-    by_name = {}
-    for spec in model.inputs:
-        by_name[spec.onnx_name] = spec
-        by_name.setdefault(spec.column, spec)
+    by_name = {spec.column: spec for spec in model.inputs}
+    if not model.layout.packed:  # each column has its own graph input: its name is accepted
+        for spec in model.inputs:
+            by_name.setdefault(spec.onnx_name, spec)
     columns: dict[str, list[Any]] = {}
     count: int | None = None
     for tensor in body["inputs"]:
@@ -110,7 +111,7 @@ def request_rows(model: LoadedModel, body: Any) -> tuple[list[dict[str, Any]], l
     for spec in model.inputs:
         if spec.column not in columns:
             raise InputError(
-                f"missing input tensor {spec.onnx_name!r}", spec.onnx_name, kind="missing_feature"
+                f"missing input tensor {spec.column!r}", spec.column, kind="missing_feature"
             )
     names = list(columns)
     rows = [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]

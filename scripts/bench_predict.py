@@ -64,10 +64,17 @@ def log(message: str) -> None:
 
 
 # ---- the model ------------------------------------------------------------------------------
+_MODEL_CODE = ("features.py", "onnx_export.py", "contract.py")
+
+
 def realistic_model(algorithm: str, rows: int, cache: Path) -> tuple[bytes, dict[str, Any]]:
     cache.mkdir(parents=True, exist_ok=True)
-    onnx_path = cache / f"{algorithm}-{rows}.onnx"
-    meta_path = cache / f"{algorithm}-{rows}.json"
+    # the cache is keyed on the code that builds the model: an export change retrains
+    code = hashlib.sha256(
+        b"".join((ROOT / "readmission" / name).read_bytes() for name in _MODEL_CODE)
+    ).hexdigest()[:12]
+    onnx_path = cache / f"{algorithm}-{rows}-{code}.onnx"
+    meta_path = cache / f"{algorithm}-{rows}-{code}.json"
     if onnx_path.exists() and meta_path.exists():
         return onnx_path.read_bytes(), json.loads(meta_path.read_text())
     log(f"training {algorithm} on {rows} rows (cached in {cache}) ...")

@@ -86,6 +86,51 @@ def tiny_png(
 
 
 @functools.cache
+def build_per_column_model(
+    algorithm: str = "decision_tree", every: int = 20
+) -> tuple[bytes, dict[str, Any]]:
+    """The model of `build_model` exported as before the packed graph: skl2onnx converting the
+    whole pipeline, one [N, 1] input per column (names with '-' renamed by skl2onnx)."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+
+    from readmission.contract import FEATURES, NUMERIC_FEATURES
+    from readmission.features import build_pipeline, target_values, to_model_frame
+    from readmission.onnx_export import TARGET_OPSET
+
+    frame = sample_frame(every)
+    pipeline = build_pipeline(algorithm)
+    pipeline.fit(to_model_frame(frame), target_values(frame))
+    classifier = pipeline[-1]
+    model = convert_sklearn(
+        pipeline,
+        initial_types=[
+            (
+                c,
+                FloatTensorType([None, 1])
+                if c in NUMERIC_FEATURES
+                else StringTensorType([None, 1]),
+            )
+            for c in FEATURES
+        ],
+        options={id(classifier): {"zipmap": False}},
+        target_opset=TARGET_OPSET,
+        final_types=[
+            ("label", StringTensorType([None])),
+            ("probabilities", FloatTensorType([None, len(classifier.classes_)])),
+        ],
+    )
+    _, metadata = build_model(algorithm, every=every)
+    names = [graph_input.name for graph_input in model.graph.input]
+    inputs = []
+    for spec, name in zip(metadata["inputs"], names, strict=True):
+        spec = {k: v for k, v in spec.items() if k != "index"}
+        inputs.append(dict(spec, onnx_name=name))
+    onnx_bytes = model.SerializeToString()
+    digest = hashlib.sha256(onnx_bytes).hexdigest()
+    return onnx_bytes, dict(metadata, inputs=inputs, model_sha256=digest)
+
+
 def build_model(
     algorithm: str = "decision_tree", version: str = "1", every: int = 20
 ) -> tuple[bytes, dict[str, Any]]:

@@ -80,21 +80,23 @@ def test_graph_follows_the_onnx_contract(algorithm: str) -> None:
     graph = onnx.load_from_string(model.onnx_bytes).graph
 
     assert [spec["column"] for spec in model.inputs] == list(FEATURES)
-    by_name = {graph_input.name: graph_input for graph_input in graph.input}
-    assert set(by_name) == {spec["onnx_name"] for spec in model.inputs}
+    inputs = {graph_input.name: graph_input.type.tensor_type for graph_input in graph.input}
+    assert list(inputs) == ["numeric", "categorical"]
+    for name, elem_type, width in (
+        ("numeric", onnx.TensorProto.FLOAT, len(NUMERIC_FEATURES)),
+        ("categorical", onnx.TensorProto.STRING, len(CATEGORICAL_FEATURES)),
+    ):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[name].shape.dim]
+        assert dims == [None, width] and inputs[name].elem_type == elem_type
     for spec in model.inputs:
-        tensor = by_name[spec["onnx_name"]].type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-        assert dims == [None, 1], spec
         if spec["column"] in NUMERIC_FEATURES:
             assert spec["kind"] == "numeric" and "categories" not in spec
-            assert tensor.elem_type == onnx.TensorProto.FLOAT
+            assert spec["onnx_name"] == "numeric"
+            assert spec["index"] == NUMERIC_FEATURES.index(spec["column"])
         else:
-            assert spec["kind"] == "categorical"
-            assert tensor.elem_type == onnx.TensorProto.STRING
+            assert spec["kind"] == "categorical" and spec["onnx_name"] == "categorical"
+            assert spec["index"] == CATEGORICAL_FEATURES.index(spec["column"])
             assert spec["categories"] and all(isinstance(c, str) for c in spec["categories"])
-    renamed = {s["column"]: s["onnx_name"] for s in model.inputs if s["column"] != s["onnx_name"]}
-    assert "glyburide-metformin" in renamed and "-" not in "".join(renamed.values())
 
     assert model.classes == ["<30", ">30", "NO"]
     assert model.outputs == {"label": "label", "probabilities": "probabilities"}
@@ -103,12 +105,22 @@ def test_graph_follows_the_onnx_contract(algorithm: str) -> None:
     assert outputs["label"].elem_type == onnx.TensorProto.STRING
     assert outputs["probabilities"].elem_type == onnx.TensorProto.FLOAT
     assert outputs["probabilities"].shape.dim[1].dim_value == 3
-    assert "ZipMap" not in {node.op_type for node in graph.node}
+    op_types = [node.op_type for node in graph.node]
+    assert "ZipMap" not in op_types
+    # one encoder for all 39 columns, not one per column
+    assert op_types.count("LabelEncoder") == 1
 
 
 def hand_built_feeds(rows: list[dict[str, object]], inputs: list[dict]) -> dict[str, np.ndarray]:
-    """The feed rules of docs/training.md, without pandas, as the predict function applies them."""
-    feeds: dict[str, np.ndarray] = {}
+    """The feed rules of docs/training.md, without pandas, as the predict function applies them:
+    each column's values at its `index` of its `onnx_name` tensor."""
+    widths: dict[str, int] = {}
+    for spec in inputs:
+        widths[spec["onnx_name"]] = max(widths.get(spec["onnx_name"], 0), spec["index"] + 1)
+    feeds = {
+        name: np.empty((len(rows), width), dtype=np.float32 if name == "numeric" else object)
+        for name, width in widths.items()
+    }
     for spec in inputs:
         values = [row.get(spec["column"]) for row in rows]
         if spec["kind"] == "numeric":
@@ -116,10 +128,9 @@ def hand_built_feeds(rows: list[dict[str, object]], inputs: list[dict]) -> dict[
                 math.nan if v is None or v == "" or v == MISSING_MARKER else float(v)  # type: ignore[arg-type]
                 for v in values
             ]
-            feeds[spec["onnx_name"]] = np.array(column, dtype=np.float32).reshape(-1, 1)
         else:
             column = [MISSING_MARKER if v is None or v == "" else str(v) for v in values]
-            feeds[spec["onnx_name"]] = np.array(column, dtype=object).reshape(-1, 1)
+        feeds[spec["onnx_name"]][:, spec["index"]] = column
     return feeds
 
 

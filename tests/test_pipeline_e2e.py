@@ -186,14 +186,18 @@ def http_json(url: str, body: Any | None = None, timeout: float = 10.0) -> tuple
 def onnx_predict(onnx_bytes: bytes, metadata: dict[str, Any], frame: pd.DataFrame) -> tuple:
     """(labels, probabilities) of the ONNX file, fed per the metadata's input contract."""
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    feeds = {}
-    for spec in metadata["inputs"]:
+    columns: dict[str, dict[int, np.ndarray]] = {}
+    for spec in metadata["inputs"]:  # each column at its index of its tensor
         values = frame[spec["column"]]
         if spec["kind"] == "numeric":
             array = values.to_numpy(dtype=np.float32, na_value=np.nan)
         else:
             array = values.astype(object).to_numpy()
-        feeds[spec["onnx_name"]] = array.reshape(-1, 1)
+        columns.setdefault(spec["onnx_name"], {})[spec["index"]] = array
+    feeds = {
+        name: np.column_stack([by_index[i] for i in range(len(by_index))])
+        for name, by_index in columns.items()
+    }
     outputs = metadata["outputs"]
     labels, probabilities = session.run([outputs["label"], outputs["probabilities"]], feeds)
     return np.asarray(labels), np.asarray(probabilities)

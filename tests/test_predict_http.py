@@ -124,15 +124,16 @@ def test_metrics_names(server: str) -> None:
     assert 'predict_model_info{algorithm="decision_tree"' in text and 'version="1"' in text
 
 
-def _v2_inputs(rows: list[dict[str, Any]], model_info: dict[str, Any]) -> list[dict[str, Any]]:
+def _v2_inputs(rows: list[dict[str, Any]], v2_metadata: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request a V2 client builds from GET /v2/models/{name}: one tensor per input."""
     return [
         {
-            "name": spec["onnx_name"],
-            "datatype": "FP32" if spec["kind"] == "numeric" else "BYTES",
+            "name": tensor["name"],
+            "datatype": tensor["datatype"],
             "shape": [len(rows), 1],
-            "data": [row[spec["column"]] for row in rows],
+            "data": [row[tensor["parameters"]["column"]] for row in rows],
         }
-        for spec in model_info["inputs"]
+        for tensor in v2_metadata["inputs"]
     ]
 
 
@@ -141,13 +142,13 @@ def test_kserve_v2_protocol(server: str) -> None:
     assert _json(http(server + "/v2/health/ready")) == {"ready": True}
     assert _json(http(server + "/v2"))["name"] == "readmission-predict"
     meta = _json(http(server + f"/v2/models/{MODEL}"))
-    assert meta["versions"] == ["1"] and len(meta["inputs"]) == len(FEATURES)
+    assert meta["versions"] == ["1"] and [i["name"] for i in meta["inputs"]] == list(FEATURES)
     assert {o["name"] for o in meta["outputs"]} == {"label", "probabilities"}
     assert _json(http(server + f"/v2/models/{MODEL}/ready")) == {"name": MODEL, "ready": True}
     info = _json(http(server + "/model-info"))
     rows = patient_rows(4)
     response = _json(
-        http(server + f"/v2/models/{MODEL}/infer", {"id": "r1", "inputs": _v2_inputs(rows, info)})
+        http(server + f"/v2/models/{MODEL}/infer", {"id": "r1", "inputs": _v2_inputs(rows, meta)})
     )
     assert response["id"] == "r1" and response["model_version"] == "1"
     outputs = {o["name"]: o for o in response["outputs"]}
@@ -159,7 +160,7 @@ def test_kserve_v2_protocol(server: str) -> None:
     only = _json(
         http(
             server + f"/v2/models/{MODEL}/infer",
-            {"inputs": _v2_inputs(rows, info), "outputs": [{"name": "label"}]},
+            {"inputs": _v2_inputs(rows, meta), "outputs": [{"name": "label"}]},
         )
     )
     assert [o["name"] for o in only["outputs"]] == ["label"]
@@ -303,11 +304,11 @@ def test_openapi_documents_exactly_what_the_server_answers(server: str) -> None:
         (method.upper(), path) for path, item in document["paths"].items() for method in item
     }
     assert documented == set(ROUTES)
-    info = _json(http(server + "/model-info"))
+    v2_metadata = _json(http(server + f"/v2/models/{MODEL}"))
     bodies = {
         "/predict": {"features": EXAMPLE_PATIENT},
         "/predict/batch": [EXAMPLE_PATIENT],
-        "/v2/models/{model_name}/infer": {"inputs": _v2_inputs([EXAMPLE_PATIENT], info)},
+        "/v2/models/{model_name}/infer": {"inputs": _v2_inputs([EXAMPLE_PATIENT], v2_metadata)},
     }
     for method, template in sorted(documented):
         path = template.replace("{model_name}", MODEL).replace("{filename}", "app.js")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from predict_support import ROOT, build_model, patient_rows, sample_frame, write_local_model
 
-from readmission.contract import CATEGORICAL_FEATURES, FEATURES, NUMERIC_FEATURES
+from readmission.contract import FEATURES
 from readmission.serving import (
     InputError,
     LoadedModel,
@@ -57,19 +57,43 @@ def test_feeds_follow_the_onnx_contract(model: LoadedModel) -> None:
     rows[3]["race"] = None
     rows[4]["payer_code"] = ""
     feeds = model.feeds(rows)
-    assert set(feeds) == {spec.onnx_name for spec in model.inputs}
-    names = {spec.column: spec.onnx_name for spec in model.inputs}
-    for column in NUMERIC_FEATURES:
-        array = feeds[names[column]]
-        assert array.dtype == np.float32 and array.shape == (5, 1)
-    for column in CATEGORICAL_FEATURES:
-        array = feeds[names[column]]
-        assert array.shape == (5, 1) and all(isinstance(v, str) for v in array.ravel())
-    assert math.isnan(feeds[names["time_in_hospital"]][0, 0])
-    assert math.isnan(feeds[names["num_medications"]][1, 0])
-    assert feeds[names["num_lab_procedures"]][2, 0] == 41.0
-    assert feeds[names["race"]][3, 0] == "?"
-    assert feeds[names["payer_code"]][4, 0] == "?"
+    assert set(feeds) == {"numeric", "categorical"}
+    assert feeds["numeric"].dtype == np.float32 and feeds["numeric"].shape == (5, 8)
+    assert feeds["categorical"].shape == (5, 39)
+    assert all(isinstance(v, str) for v in feeds["categorical"].ravel())
+    spec = {s.column: s for s in model.inputs}
+
+    def cell(row: int, column: str) -> Any:
+        return feeds[spec[column].onnx_name][row, spec[column].index]
+
+    assert [s.column for s in model.inputs] == list(FEATURES)
+    assert math.isnan(cell(0, "time_in_hospital"))
+    assert math.isnan(cell(1, "num_medications"))
+    assert cell(2, "num_lab_procedures") == 41.0
+    assert cell(3, "race") == "?"
+    assert cell(4, "payer_code") == "?"
+    assert cell(0, "race") == rows[0]["race"]
+    # the single-row path builds the same tensors
+    one = model._feeds_one(rows[2], None)
+    np.testing.assert_array_equal(one["numeric"], feeds["numeric"][2:3])
+    assert one["categorical"].tolist() == feeds["categorical"][2:3].tolist()
+
+
+def test_a_per_column_export_is_still_served_the_same() -> None:
+    """Champions exported before the packed graph (one [N, 1] input per column) still load,
+    and give the packed graph's predictions."""
+    from predict_support import build_per_column_model
+
+    packed_bytes, metadata = build_model()
+    per_column_bytes, per_column_metadata = build_per_column_model()
+    packed = LoadedModel(packed_bytes, metadata)
+    per_column = LoadedModel(per_column_bytes, per_column_metadata)
+    assert not per_column.layout.packed and packed.layout.packed
+    assert len(per_column.session.get_inputs()) == 47
+    rows = patient_rows(50)
+    assert per_column.predict(rows) == packed.predict(rows)
+    assert per_column.predict([rows[0]]) == packed.predict([rows[0]])
+    assert per_column.predict_one(rows[1]) == packed.predict_one(rows[1])
 
 
 def test_predictions_match_the_exporters_own_feeds(model: LoadedModel) -> None:
@@ -187,16 +211,26 @@ def test_sha256_mismatch_refuses_the_model() -> None:
 
 def test_metadata_must_describe_the_onnx_inputs() -> None:
     onnx_bytes, metadata = build_model()
-    renamed = [
-        dict(i, onnx_name="other") if i["column"] == "race" else i for i in metadata["inputs"]
-    ]
-    with pytest.raises(ModelLoadError, match="no input 'other'"):
-        LoadedModel(onnx_bytes, dict(metadata, inputs=renamed))
-    wrong_kind = [
-        dict(i, kind="numeric") if i["column"] == "race" else i for i in metadata["inputs"]
-    ]
-    with pytest.raises(ModelLoadError, match="tensor\\(string\\)"):
-        LoadedModel(onnx_bytes, dict(metadata, inputs=wrong_kind))
+
+    def changed(column: str, **change: Any) -> dict[str, Any]:
+        inputs = [dict(i, **change) if i["column"] == column else i for i in metadata["inputs"]]
+        return dict(metadata, inputs=inputs)
+
+    with pytest.raises(ModelLoadError, match="span several tensors"):
+        LoadedModel(onnx_bytes, changed("race", onnx_name="other"))
+    with pytest.raises(ModelLoadError, match="span several tensors"):
+        LoadedModel(onnx_bytes, changed("race", kind="numeric"))
+    with pytest.raises(ModelLoadError, match=r"indexes must be 0\.\.38"):
+        LoadedModel(onnx_bytes, changed("race", index=99))
+    renamed = dict(
+        metadata,
+        inputs=[
+            dict(i, onnx_name="numbers") if i["kind"] == "numeric" else i
+            for i in metadata["inputs"]
+        ],
+    )
+    with pytest.raises(ModelLoadError, match="not the metadata's"):
+        LoadedModel(onnx_bytes, renamed)
     with pytest.raises(ModelLoadError, match="classes"):
         LoadedModel(onnx_bytes, {k: v for k, v in metadata.items() if k != "classes"})
 
