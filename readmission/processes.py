@@ -17,7 +17,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,19 +124,22 @@ def _signal_group(process: Process, sig: signal.Signals) -> None:
         os.killpg(process.pid, sig)
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the group (its leader or a child it started) is alive, zombies
-    aside: a leader that exits first leaves its children running in the group."""
+def proc_stats() -> Iterator[list[str]]:
+    """The fields of /proc/<pid>/stat after the command name, for every process now: [0] is
+    the state, [2] the process group, [11:15] utime, stime, cutime, cstime in clock ticks."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            yield Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group (its leader or a child it started) is alive, zombies
+    aside: a leader that exits first leaves its children running in the group."""
+    return any(fields[0] != "Z" and int(fields[2]) == pgid for fields in proc_stats())
 
 
 def _running(process: Process) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from readmission import keys  # noqa: E402
+from readmission import keys, processes  # noqa: E402
 from readmission.localstack.config import StackConfig, StackInfo, settings_for, store_for  # noqa: E402
 from readmission.localstack.progress import upload  # noqa: E402
 from readmission.localstack.supervisor import Supervisor  # noqa: E402
@@ -66,17 +66,10 @@ def _group_cpu_seconds() -> dict[int, float]:
     """Process group id -> CPU seconds (user + system) of its live members, from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
     totals: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
+    for fields in processes.proc_stats():
         pgid = int(fields[2])
-        # utime, stime, and the reaped children's cutime, cstime (fields 14-17 of stat)
-        cpu = sum(int(value) for value in fields[11:15]) / ticks
-        totals[pgid] = totals.get(pgid, 0.0) + cpu
+        # utime, stime, and the reaped children's cutime, cstime
+        totals[pgid] = totals.get(pgid, 0.0) + sum(int(v) for v in fields[11:15]) / ticks
     return totals
 
 
