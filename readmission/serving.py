@@ -229,7 +229,7 @@ def input_layout(inputs: Sequence[InputSpec]) -> InputLayout:
         if indexes != list(range(len(group))):
             raise ModelLoadError(f"the {kind} inputs' indexes must be 0..{len(group) - 1}")
         tensors.append(group_names.pop() if group_names else "")
-        orders.append(tuple(sorted(group, key=lambda i: inputs[i].index)))  # type: ignore[arg-type, return-value]
+        orders.append(tuple(sorted(group, key=lambda i: inputs[i].index or 0)))
     if tensors[0] and tensors[0] == tensors[1]:
         raise ModelLoadError("numeric and categorical inputs share one tensor")
     return InputLayout(True, tensors[0], tensors[1], orders[0], orders[1])
