@@ -4,11 +4,13 @@ Knative's broker treats any reply that is neither empty nor a CloudEvent as a fa
 redelivers it, but functions-framework answers "OK" after a cloudevent function returns.
 `reply_empty_on_success()` fixes that for the app that is loading the function module, and
 `object_ref()` reads the object reference every pipeline event carries, answering 400 (which
-Knative does not retry; it goes to the dead-letter sink) when the event is malformed.
+Knative does not retry; it goes to the dead-letter sink) when the event is malformed, and
+`function_context()` gives a handler its settings and an S3 client.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -17,11 +19,26 @@ from typing import Any
 import flask
 from werkzeug.exceptions import BadRequest
 
+from readmission.config import Settings
+from readmission.storage import ObjectStore
+
 log = logging.getLogger(__name__)
 
 
 class MalformedEvent(BadRequest):
     """An event no retry can fix: answered 400, so Knative routes it to the dead-letter sink."""
+
+
+@functools.cache
+def _store_for(settings: Settings) -> ObjectStore:
+    return ObjectStore.from_settings(settings)
+
+
+def function_context() -> tuple[Settings, ObjectStore]:
+    """The settings in the environment now, and an S3 client for them: built once per
+    distinct settings (a boto3 client costs ~50 ms of CPU), not once per event."""
+    settings = Settings.from_env()
+    return settings, _store_for(settings)
 
 
 def max_event_bytes() -> int:

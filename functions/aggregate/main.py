@@ -9,17 +9,14 @@ transient (S3 or MLflow down, lease held too long, a failed parity check) raises
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import functions_framework
 from cloudevents.http import CloudEvent
 
 from readmission.aggregate import AggregateOutcome, aggregate_dataset, warm_up
-from readmission.config import Settings
-from readmission.handler import MalformedEvent, object_ref, reply_empty_on_success
+from readmission.handler import MalformedEvent, function_context, object_ref, reply_empty_on_success
 from readmission.keys import parse_job_key
-from readmission.storage import ObjectStore
 
 reply_empty_on_success()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -29,16 +26,9 @@ RESULT_CREATED = "io.readmission.result.created"
 warm_up()
 
 
-@functools.cache
-def _context() -> tuple[Settings, ObjectStore]:
-    """Settings and the S3 client, built once per process on the first event."""
-    settings = Settings.from_env()
-    return settings, ObjectStore.from_settings(settings)
-
-
 @functions_framework.cloud_event
 def aggregate(event: CloudEvent) -> None:
-    settings, store = _context()
+    settings, store = function_context()
     ref = object_ref(event, RESULT_CREATED, settings.buckets.results)
     try:
         dataset_id, _, _ = parse_job_key(ref.key)

@@ -14,10 +14,9 @@ from typing import Any
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from readmission.config import Settings
-from readmission.handler import reply_empty_on_success
+from readmission.handler import function_context, reply_empty_on_success
 from readmission.keys import dead_letter_key
-from readmission.storage import ObjectStore, json_bytes
+from readmission.storage import json_bytes
 
 reply_empty_on_success()
 
@@ -52,8 +51,7 @@ def dead_letter_document(event: CloudEvent) -> dict[str, Any]:
 
 @functions_framework.cloud_event
 def dead_letter(event: CloudEvent) -> None:
-    settings = Settings.from_env()
-    store = ObjectStore.from_settings(settings)
+    settings, store = function_context()
     key = dead_letter_key(event["type"], event["id"])
     document = json_bytes(dead_letter_document(event))
     store.put_if_absent(settings.buckets.dead_letter, key, document, "application/json")

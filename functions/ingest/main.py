@@ -7,17 +7,14 @@ object-store failure raises (500) so the broker retries.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
 import functions_framework
 
 from readmission import contract
-from readmission.config import Settings
-from readmission.handler import object_ref, reply_empty_on_success
+from readmission.handler import function_context, object_ref, reply_empty_on_success
 from readmission.ingest import ingest_object
-from readmission.storage import ObjectStore
 
 EVENT_TYPE = "io.readmission.raw.created"
 
@@ -27,16 +24,9 @@ reply_empty_on_success()
 contract.arrow_schema()  # imports pandas/pyarrow now, at process start, not in the first event
 
 
-@functools.cache
-def _context() -> tuple[Settings, ObjectStore]:
-    """Settings and the S3 client, built once per process on the first event."""
-    settings = Settings.from_env()
-    return settings, ObjectStore.from_settings(settings)
-
-
 @functions_framework.cloud_event
 def ingest(event: Any) -> None:
-    settings, store = _context()
+    settings, store = function_context()
     ref = object_ref(event, EVENT_TYPE, settings.buckets.raw)
     outcome = ingest_object(store, settings, ref.bucket, ref.key)
     log.info("event %s: %s", event["id"], outcome.summary())

@@ -12,29 +12,20 @@ readmission.config.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Any
 
 import functions_framework
 
-from readmission.config import Settings
-from readmission.handler import MalformedEvent, reply_empty_on_success
+from readmission.handler import MalformedEvent, function_context, reply_empty_on_success
 from readmission.reconcile import reconcile, sink_emitter
-from readmission.storage import ObjectStore
 
 PING = "dev.knative.sources.ping"
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 log = logging.getLogger("reconcile")
 reply_empty_on_success()
-
-
-@functools.cache
-def _context() -> tuple[Settings, ObjectStore]:
-    settings = Settings.from_env()
-    return settings, ObjectStore.from_settings(settings)
 
 
 @functions_framework.cloud_event
@@ -44,7 +35,7 @@ def reconcile_ping(event: Any) -> None:
     sink = os.environ.get("K_SINK", "").strip()
     if not sink:
         raise RuntimeError("K_SINK is not set: nowhere to re-emit events")
-    settings, store = _context()
+    settings, store = function_context()
     report = reconcile(store, settings, sink_emitter(sink))
     log.info("ping %s: %s", event["id"], report.summary())
     if report.failed:

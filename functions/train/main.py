@@ -14,7 +14,6 @@ import os
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
-import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
@@ -24,7 +23,7 @@ import functions_framework  # noqa: E402
 
 from readmission import keys, tracking  # noqa: E402
 from readmission.config import Settings  # noqa: E402
-from readmission.handler import MalformedEvent, object_ref, reply_empty_on_success  # noqa: E402
+from readmission.handler import MalformedEvent, function_context, object_ref, reply_empty_on_success  # noqa: E402
 from readmission.storage import ObjectStore  # noqa: E402
 from readmission.training import InvalidJobSpec, JobSpec, train_job  # noqa: E402
 
@@ -34,13 +33,6 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 log = logging.getLogger("train")
 reply_empty_on_success()
 tracking.warm_up()
-
-
-@functools.cache
-def _context() -> tuple[Settings, ObjectStore]:
-    """Settings and the S3 client, built once per process on the first event."""
-    settings = Settings.from_env()
-    return settings, ObjectStore.from_settings(settings)
 
 
 def read_job_spec(
@@ -67,7 +59,7 @@ def read_job_spec(
 @functions_framework.cloud_event
 def train(event: Any) -> None:
     started = time.perf_counter()
-    settings, store = _context()
+    settings, store = function_context()
     ref = object_ref(event, EVENT_TYPE, settings.buckets.jobs)
     try:
         keys.parse_job_key(ref.key)
