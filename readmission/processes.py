@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,21 @@ def is_running(process: Process) -> bool:
 def _signal_group(process: Process, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, sig)
+
+
+def stop_popen_group(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM the process group of a child started with start_new_session=True, SIGKILL it if
+    the leader is still running after `grace` seconds, and reap the leader."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 def proc_stats() -> Iterator[list[str]]:

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest_seaweed import SeaweedServer  # noqa: E402
 from predict_support import free_port  # noqa: E402
 
+from readmission.processes import stop_popen_group  # noqa: E402
 from readmission.serving_openapi import EXAMPLE_PATIENT  # noqa: E402
 
 FUNCTIONS_FRAMEWORK = Path(sys.executable).with_name("functions-framework")
@@ -238,13 +238,7 @@ class Function:
         return rss, pss
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_popen_group(self.process)
 
 
 def hey(url: str, body_file: Path, concurrency: int, duration: float) -> dict[str, float]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+
+from readmission.processes import stop_popen_group
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
@@ -89,13 +90,8 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server not ready after {timeout:.0f}s; see {self.log_path}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        if self.process is not None:
+            stop_popen_group(self.process)
         self.process = None
         if not os.environ.get("KEEP_MLFLOW_DIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -25,6 +24,8 @@ import zlib
 from contextlib import closing
 from pathlib import Path
 from typing import Any
+
+from readmission.processes import stop_popen_group
 
 ROOT = Path(__file__).resolve().parents[1]
 FUNCTIONS_FRAMEWORK = Path(sys.executable).with_name("functions-framework")
@@ -243,13 +244,7 @@ class FunctionProcess:
         raise RuntimeError(f"{self.url}{path} not ready:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_popen_group(self.process)
         self.log.unlink(missing_ok=True)
 
 
