@@ -31,7 +31,13 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from readmission.contract import CATEGORICAL_FEATURES, FEATURES, NUMERIC_FEATURES
-from readmission.features import MODEL_STEP, PREPROCESS_STEP, learned_categories, to_model_frame
+from readmission.features import (
+    MODEL_STEP,
+    PREPROCESS_STEP,
+    learned_categories,
+    n_model_features,
+    to_model_frame,
+)
 
 LABEL_OUTPUT = "label"
 PROBABILITIES_OUTPUT = "probabilities"
@@ -321,19 +327,11 @@ def _classifier_model(classifier: Any, n_features: int, n_classes: int) -> onnx.
     )
 
 
-def _n_model_features(pipeline: Pipeline) -> int:
-    classifier = pipeline.named_steps[MODEL_STEP]
-    n = getattr(classifier, "n_features_in_", None)
-    if n is None:
-        raise ValueError("the classifier is not fitted")
-    return int(n)
-
-
 def build_graph(pipeline: Pipeline) -> onnx.ModelProto:
     """The ONNX model of a fitted pipeline (the contract in the module docstring)."""
     classifier = pipeline.named_steps[MODEL_STEP]
     n_classes = len(classifier.classes_)
-    classifier_model = _classifier_model(classifier, _n_model_features(pipeline), n_classes)
+    classifier_model = _classifier_model(classifier, n_model_features(pipeline), n_classes)
     builder = _GraphBuilder()
     features = _preprocessing(builder, pipeline)
     classifier_graph = classifier_model.graph
@@ -372,10 +370,10 @@ def build_graph(pipeline: Pipeline) -> onnx.ModelProto:
     return model
 
 
-def input_specs(pipeline: Pipeline | None = None) -> list[dict[str, Any]]:
-    """The metadata's `inputs`: per contract column, its tensor, position and (categorical,
-    with a pipeline) the categories the model learned."""
-    categories = learned_categories(pipeline) if pipeline is not None else {}
+def input_specs(pipeline: Pipeline) -> list[dict[str, Any]]:
+    """The metadata's `inputs`: per contract column, its tensor, position and (categorical)
+    the categories the model learned."""
+    categories = learned_categories(pipeline)
     inputs: list[dict[str, Any]] = []
     for column in FEATURES:
         if column in NUMERIC_FEATURES:
