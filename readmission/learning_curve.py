@@ -213,26 +213,26 @@ def render_text(curve: LearningCurve, tolerance: float = DEFAULT_TOLERANCE) -> s
     return "\n".join(out) + "\n"
 
 
-def warm_up_png() -> None:
-    """Import matplotlib and draw one small figure (loads the font cache): ~0.5 s once."""
+def _figure(**kwargs: Any) -> Any:
+    """A matplotlib Figure on the Agg backend (no display; matplotlib imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(1, 1), dpi=10)
+    return Figure(**kwargs)
+
+
+def warm_up_png() -> None:
+    """Import matplotlib and draw one small figure (loads the font cache): ~0.5 s once."""
+    figure = _figure(figsize=(1, 1), dpi=10)
     figure.subplots().plot([0, 1], [0, 1], marker="o", label="x")
     figure.savefig(io.BytesIO(), format="png")
 
 
 def to_png(curve: LearningCurve) -> bytes:
     """Validation F1 (left) and ROC-AUC (right) against training rows, one line per algorithm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(11, 4.5), dpi=110, layout="constrained")
+    figure = _figure(figsize=(11, 4.5), dpi=110, layout="constrained")
     axes = figure.subplots(1, 2)
     for ax, metric in zip(axes, (F1, AUC), strict=True):
         for algorithm in curve.algorithms:
