@@ -777,15 +777,19 @@ def exported_metrics() -> set[str] | None:
     path = ROOT / "readmission" / "serving_metrics.py"
     if not path.exists():
         return None
-    suffix = {"Counter": "_total", "Info": "_info", "Histogram": "", "Gauge": "", "Summary": ""}
     found = re.findall(
-        r"\b(Counter|Histogram|Gauge|Info|Summary)\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"",
+        r"\b(Counter|Histogram|Gauge|Info|InfoMetricFamily|Summary)\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"",
         path.read_text(encoding="utf-8"),
     )
-    return {
-        name if kind != "Counter" or name.endswith("_total") else name + suffix[kind]
-        for kind, name in found
-    } | {name + "_info" for kind, name in found if kind == "Info"}
+    names = set()
+    for kind, name in found:
+        if kind in ("Info", "InfoMetricFamily"):
+            names.add(name + "_info")
+        elif kind == "Counter" and not name.endswith("_total"):
+            names.add(name + "_total")
+        else:
+            names.add(name)
+    return names
 
 
 def metric_names(expr: str) -> set[str]:

@@ -7,6 +7,8 @@ required) for the object-store mode, the learning-curve proxy and the hot swap u
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -27,6 +29,7 @@ from predict_support import (
 )
 
 from readmission.contract import FEATURES
+from readmission.localstack.supervisor import PREDICT_SERVER_ENV
 from readmission.serving_openapi import EXAMPLE_PATIENT, ROUTES
 from readmission.serving_s3 import S3Error, S3Reader
 
@@ -54,8 +57,12 @@ def _start(env: dict[str, str], ready: bool = True) -> FunctionProcess:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[str]:
+    """The function as the local stack and the Knative Service run it: one single-threaded
+    gunicorn worker per core (WORKERS=2 at least, so the metrics are summed across workers)."""
     process = _start(
         {
+            **PREDICT_SERVER_ENV,
+            "WORKERS": str(max(2, int(PREDICT_SERVER_ENV["WORKERS"]))),
             "MODEL_PATH": str(model_dir / "model.onnx"),
             "MODEL_METADATA_PATH": str(model_dir / "metadata.json"),
             "PREDICT_BATCH_LIMIT": str(BATCH_LIMIT),
@@ -387,6 +394,91 @@ def test_model_loaded_before_the_fork_serves_in_the_worker(model_dir: Path, load
         process.stop()
 
 
+def _metric(text: str, series: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _worker_pids(process: FunctionProcess) -> set[int]:
+    """gunicorn's workers: the children of its master."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == process.process.pid and fields[0] != "Z":
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def _predict_concurrently(url: str, requests: int, clients: int = 4) -> None:
+    codes: list[int] = []
+
+    def client(n: int) -> None:
+        codes.extend(http(url + "/predict", {"features": EXAMPLE_PATIENT})[0] for _ in range(n))
+
+    threads = [threading.Thread(target=client, args=(requests // clients,)) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert codes == [200] * requests
+
+
+def test_metrics_are_summed_across_workers_and_survive_a_worker_crash(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    metrics_dir = tmp_path / "metrics"
+    process = _start(
+        {
+            "MODEL_PATH": str(model_dir / "model.onnx"),
+            "MODEL_METADATA_PATH": str(model_dir / "metadata.json"),
+            "WORKERS": "2",
+            "THREADS": "1",
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        }
+    )
+    answered = 'predict_requests_total{code="200",endpoint="predict"}'
+    try:
+        _predict_concurrently(process.url, 40)
+        workers = _worker_pids(process)
+        assert len(workers) == 2
+        # both workers answered (each writes its own files), and every scrape counts all 40,
+        # whichever worker answers it
+        histogram_pids = {int(p.stem.rsplit("_", 1)[1]) for p in metrics_dir.glob("histogram_*")}
+        assert histogram_pids == workers
+        for _ in range(6):
+            text = http(process.url + "/metrics")[2].decode()
+            assert _metric(text, answered) == 40
+            assert _metric(text, "predict_requests_in_progress") == 0
+            assert 'predict_model_info{algorithm="decision_tree"' in text
+            assert "process_resident_memory_bytes" not in text  # would be one worker's
+
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            replaced = _worker_pids(process)
+            if len(replaced) == 2 and victim not in replaced:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"gunicorn did not replace worker {victim}")
+        process.wait_ready()
+        _predict_concurrently(process.url, 8)
+        # the dead worker's counts stay; its in-progress gauge is forgotten by its replacement
+        for _ in range(6):
+            text = http(process.url + "/metrics")[2].decode()
+            assert _metric(text, answered) == 48
+            assert _metric(text, "predict_requests_in_progress") == 0
+        assert not list(metrics_dir.glob(f"gauge_live*_{victim}.db"))
+    finally:
+        process.stop()
+
+
 # ---- object-store mode (SeaweedFS with keys) ------------------------------------------------
 def _publish(store: Any, version: str, algorithm: str) -> None:
     """What the aggregator does: ONNX and plots first, champion metadata last."""
@@ -477,6 +569,45 @@ def test_store_mode_hot_swap_under_load(seaweed: SeaweedServer) -> None:
     ]
     assert late == []
     assert max(answers)[2] == "2"  # the last request sent was answered by the new model
+
+
+def test_store_mode_hot_swap_reaches_every_worker(seaweed: SeaweedServer) -> None:
+    """With two workers, each polls and swaps on its own: no request fails, and within a few
+    poll intervals every answer, whichever worker gives it, comes from the new model."""
+    store: Any = seaweed.client()
+    _publish(store, "1", "decision_tree")
+    process = _start({**seaweed.env(), "MODEL_POLL_SECONDS": "0.3", "WORKERS": "2", "THREADS": "1"})
+    results: list[tuple[int, str]] = []
+    lock = threading.Lock()
+
+    def client(stop: threading.Event) -> None:
+        while not stop.is_set():
+            code, _, raw = http(process.url + "/predict", {"features": EXAMPLE_PATIENT})
+            with lock:
+                results.append((code, json.loads(raw).get("model_version", "") if raw else ""))
+
+    stop = threading.Event()
+    threads = [threading.Thread(target=client, args=(stop,)) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        _publish(store, "2", "logistic_regression")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with lock:
+                tail = results[-40:]
+            if len(tail) == 40 and all(version == "2" for _, version in tail):
+                break
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        process.stop()
+    assert {code for code, _ in results} == {200}
+    assert {version for _, version in results} == {"1", "2"}
+    assert all(version == "2" for _, version in results[-40:]), results[-40:]
 
 
 def test_store_mode_wrong_credentials_is_not_ready(seaweed: SeaweedServer) -> None:

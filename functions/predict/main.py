@@ -69,9 +69,10 @@ if SETTINGS.load_mode == "eager":
     SERVER.try_load()  # before gunicorn binds: the port opens with a model ready
 else:
     SERVER.start_background_load()  # overlaps the model fetch with the server start
-# gunicorn imports this module in its master, then forks the worker: finish any load before the
-# fork (no lock held across it), then start the poll thread in the worker.
+# gunicorn imports this module in its master, then forks the worker(s): finish any load before
+# the fork (no lock held across it), then start the poll thread in each worker.
 os.register_at_fork(before=SERVER.wait_for_loader, after_in_child=SERVER.after_fork_in_child)
+os.register_at_fork(after_in_child=metrics.forget_dead_workers)
 
 
 # ---- responses ------------------------------------------------------------------------------

@@ -33,6 +33,10 @@ _SINGLE_THREADED = {
     "VECLIB_MAXIMUM_THREADS": "1",
 }
 
+# The predict function: one single-threaded gunicorn worker per core. Each worker is a process
+# with its own interpreter lock; measured in docs/predict.md (Benchmark).
+PREDICT_SERVER_ENV = {"WORKERS": str(os.cpu_count() or 1), "THREADS": "1"}
+
 
 def _service_urls(config: StackConfig, ports: dict[str, int]) -> dict[str, list[str]]:
     services: dict[str, list[str]] = {}
@@ -205,6 +209,8 @@ class Supervisor:
                     extra |= {**_SINGLE_THREADED, "THREADS": "2", "TRAIN_REPLICA": name}
                 elif spec.service == "aggregate":
                     extra |= {"THREADS": "2"}
+                elif spec.service == "predict":
+                    extra |= PREDICT_SERVER_ENV
                 else:
                     extra |= {"THREADS": "4"}
                 cmd = [
