@@ -12,7 +12,9 @@ import signal
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,40 @@ def test_batch_in_both_forms_matches_single_predictions(server: str) -> None:
         single = _json(http(server + "/predict", {"features": row}))
         assert single["readmission_prediction"] == result["readmission_prediction"]
         assert single["probabilities"] == result["probabilities"]
+
+
+def _post_in_pieces(url: str, body: bytes, *, chunked: bool) -> tuple[int, bytes]:
+    """POST a body written in 1000-byte pieces with pauses: with a Content-Length, or chunked."""
+    target = urllib.parse.urlsplit(url)
+    connection = HTTPConnection(target.hostname, target.port, timeout=30)
+    try:
+        connection.putrequest("POST", target.path)
+        connection.putheader("Content-Type", "application/json")
+        if chunked:
+            connection.putheader("Transfer-Encoding", "chunked")
+        else:
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders()
+        for start in range(0, len(body), 1000):
+            piece = body[start : start + 1000]
+            connection.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            time.sleep(0.002)
+        if chunked:
+            connection.send(b"0\r\n\r\n")
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_arriving_in_pieces_is_read_whole(server: str, chunked: bool) -> None:
+    rows = patient_rows(BATCH_LIMIT)
+    body = json.dumps({"instances": rows}).encode()
+    assert len(body) > 20_000  # many socket reads
+    status, raw = _post_in_pieces(server + "/predict/batch", body, chunked=chunked)
+    assert status == 200, raw[:300]
+    assert json.loads(raw) == _json(http(server + "/predict/batch", rows))
 
 
 def test_health_ready_and_model_info(server: str) -> None:

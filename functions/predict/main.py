@@ -30,6 +30,11 @@ try:  # a C JSON codec (base dependency): 3-5x faster on 1000-row batches
 except ImportError:  # pragma: no cover - the stdlib then does it all
     orjson = None
 
+try:  # functions-framework serves with gunicorn (see _read_body)
+    from gunicorn.http.body import LengthReader as _LengthReader
+except ImportError:  # pragma: no cover
+    _LengthReader = None
+
 from readmission import serving_metrics as metrics
 from readmission import serving_v2 as v2
 from readmission.serving import (
@@ -149,6 +154,29 @@ def _drain(request: flask.Request, budget: int) -> bool:
     return not request.stream.read(1)
 
 
+def _read_body(request: flask.Request, most: int) -> bytes:
+    """Up to `most` bytes of the request body.
+
+    gunicorn's `wsgi.input` reads its length-delimited reader 1 KiB at a time and copies the
+    rest of each 8 KiB socket chunk back on every call (~4 ms of a 1 MB batch). A body with a
+    Content-Length that nobody has started reading is read from that reader directly (8 KiB
+    socket reads, one copy); anything else (chunked, another server) goes through werkzeug.
+    """
+    length = request.content_length
+    body = request.environ.get("wsgi.input")
+    reader = getattr(body, "reader", None)
+    buffered = getattr(body, "buf", None)
+    if (
+        length is not None
+        and _LengthReader is not None
+        and isinstance(reader, _LengthReader)
+        and buffered is not None
+        and buffered.tell() == 0
+    ):
+        return reader.read(min(length, most))
+    return request.stream.read(most)
+
+
 def _read_json(request: flask.Request) -> Any:
     """The JSON body, after checking its size (Content-Length first) and its content type.
 
@@ -166,7 +194,7 @@ def _read_json(request: flask.Request) -> Any:
         raise InputError(
             "Content-Type must be application/json", None, kind="unsupported_media_type", status=415
         )
-    data = request.stream.read(limit + 1)
+    data = _read_body(request, limit + 1)
     if len(data) > limit:
         raise BodyTooLarge(limit, unread=not _drain(request, DRAIN_BYTES))
     try:

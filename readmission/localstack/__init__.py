@@ -18,7 +18,7 @@ as the tests do), ``S3_PORT`` (8333), ``FILER_PORT`` (8888), ``MASTER_PORT`` (93
 ``BROKER_PORT`` (8100), ``FUNCTIONS_PORT`` (8101: events-adapter, then dead-letter +1,
 ingest +2, aggregate +3, predict +4, reconcile +5, other Services +6.., train replicas from
 +10), ``TRAIN_WORKERS`` (cores),
-``MLFLOW_WORKERS`` (2), ``STACK_START_TIMEOUT`` (180 s), ``STACK_STRICT`` (unset: a pipeline
+``MLFLOW_WORKERS`` (1), ``STACK_START_TIMEOUT`` (180 s), ``STACK_STRICT`` (unset: a pipeline
 function that crashes at start is reported and its Service left without replicas; ``1``: fail).
 """
 
