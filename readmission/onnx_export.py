@@ -15,6 +15,7 @@ pipeline's predict_proba.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,17 +135,23 @@ class _GraphBuilder:
         return output
 
 
-def _vocabulary(categories: list[list[str]]) -> list[str]:
-    """Every category string of every column, once, sorted."""
-    return sorted({value for column in categories for value in column})
-
-
 def _column_lookup(
-    builder: _GraphBuilder, categorical: str, vocabulary: list[str], table: np.ndarray
+    builder: _GraphBuilder,
+    categorical: str,
+    codes: Sequence[Mapping[str, float]],
+    default: float,
+    dtype: type,
 ) -> str:
-    """table[j * (V + 1) + u] for every cell: u = the cell's position in `vocabulary` (V if
-    absent), j = its column. One LabelEncoder and one Gather for all 39 columns."""
+    """[N, 39] of `dtype`: codes[j][value] for every cell of column j, `default` for a value
+    column j does not know. One LabelEncoder over the sorted vocabulary of all columns (V
+    strings; absent -> V) and one Gather of table[j * (V + 1) + u] serve all 39 columns."""
+    vocabulary = sorted({value for column in codes for value in column})
     size = len(vocabulary)
+    position = {value: u for u, value in enumerate(vocabulary)}
+    table = np.full((len(codes), size + 1), default, dtype=dtype)
+    for j, column in enumerate(codes):
+        for value, code in column.items():
+            table[j, position[value]] = code
     index = builder.node(
         "LabelEncoder",
         [categorical],
@@ -156,21 +163,18 @@ def _column_lookup(
     )
     offsets = np.arange(len(CATEGORICAL_FEATURES), dtype=np.int64).reshape(1, -1) * (size + 1)
     flat = builder.node("Add", [index, builder.constant("column_offsets", offsets)], "flat")
-    return builder.node("Gather", [builder.constant("table", table), flat], "looked_up", axis=0)
+    return builder.node(
+        "Gather", [builder.constant("table", table.reshape(-1)), flat], "looked_up", axis=0
+    )
 
 
 def _ordinal_codes(builder: _GraphBuilder, categorical: str, encoder: OrdinalEncoder) -> str:
     """float32 [N, 39]: each column's OrdinalEncoder code, unknown_value for unseen values."""
-    categories = [[str(c) for c in column] for column in encoder.categories_]
-    vocabulary = _vocabulary(categories)
-    size = len(vocabulary)
-    unknown = float(encoder.unknown_value)
-    table = np.full((len(categories), size + 1), unknown, dtype=np.float32)
-    position = {value: u for u, value in enumerate(vocabulary)}
-    for j, column in enumerate(categories):
-        for code, value in enumerate(column):
-            table[j, position[value]] = code
-    return _column_lookup(builder, categorical, vocabulary, table.reshape(-1))
+    codes = [
+        {str(value): float(code) for code, value in enumerate(column)}
+        for column in encoder.categories_
+    ]
+    return _column_lookup(builder, categorical, codes, float(encoder.unknown_value), np.float32)
 
 
 def _one_hot_block_columns(encoder: OneHotEncoder) -> list[dict[str, int]]:
@@ -209,15 +213,8 @@ def _one_hot(builder: _GraphBuilder, categorical: str, encoder: OneHotEncoder) -
         raise ValueError("the ONNX export needs OneHotEncoder(handle_unknown='ignore')")
     blocks = _one_hot_block_columns(encoder)
     width = 1 + max((max(block.values()) for block in blocks if block), default=-1)
-    vocabulary = _vocabulary([list(block) for block in blocks])
-    size = len(vocabulary)
-    sentinel = width  # an extra column that takes every unseen value, then dropped
-    table = np.full((len(blocks), size + 1), sentinel, dtype=np.int64)
-    position = {value: u for u, value in enumerate(vocabulary)}
-    for j, block in enumerate(blocks):
-        for value, column in block.items():
-            table[j, position[value]] = column
-    columns = _column_lookup(builder, categorical, vocabulary, table.reshape(-1))
+    # unseen values go to an extra column `width`, dropped after the scatter
+    columns = _column_lookup(builder, categorical, blocks, width, np.int64)
     rows = builder.node(
         "Slice",
         [
@@ -376,22 +373,15 @@ def input_specs(pipeline: Pipeline) -> list[dict[str, Any]]:
     categories = learned_categories(pipeline)
     inputs: list[dict[str, Any]] = []
     for column in FEATURES:
-        if column in NUMERIC_FEATURES:
-            spec = {
-                "column": column,
-                "onnx_name": NUMERIC_INPUT,
-                "index": NUMERIC_FEATURES.index(column),
-                "kind": "numeric",
-            }
-        else:
-            spec = {
-                "column": column,
-                "onnx_name": CATEGORICAL_INPUT,
-                "index": CATEGORICAL_FEATURES.index(column),
-                "kind": "categorical",
-            }
-            if column in categories:
-                spec["categories"] = categories[column]
+        numeric = column in NUMERIC_FEATURES
+        spec: dict[str, Any] = {
+            "column": column,
+            "onnx_name": NUMERIC_INPUT if numeric else CATEGORICAL_INPUT,
+            "index": (NUMERIC_FEATURES if numeric else CATEGORICAL_FEATURES).index(column),
+            "kind": "numeric" if numeric else "categorical",
+        }
+        if not numeric and column in categories:
+            spec["categories"] = categories[column]
         inputs.append(spec)
     return inputs
 
