@@ -140,14 +140,15 @@ def stop_popen_group(process: subprocess.Popen[Any], grace: float = 10.0) -> Non
         process.wait(timeout=10)
 
 
-def proc_stats() -> Iterator[list[str]]:
-    """The fields of /proc/<pid>/stat after the command name, for every process now: [0] is
-    the state, [2] the process group, [11:15] utime, stime, cutime, cstime in clock ticks."""
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command name) for every process now: [0]
+    is the state, [1] the parent, [2] the process group, [11:15] utime, stime, cutime, cstime
+    in clock ticks."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            yield Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            yield int(entry), Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # the process ended meanwhile
             continue
 
@@ -155,7 +156,14 @@ def proc_stats() -> Iterator[list[str]]:
 def group_alive(pgid: int) -> bool:
     """Whether any process of the group (its leader or a child it started) is alive, zombies
     aside: a leader that exits first leaves its children running in the group."""
-    return any(fields[0] != "Z" and int(fields[2]) == pgid for fields in proc_stats())
+    return any(fields[0] != "Z" and int(fields[2]) == pgid for _, fields in proc_stats())
+
+
+def child_pids(parent: int) -> list[int]:
+    """The live children of a process, zombies aside (e.g. gunicorn's workers of its master)."""
+    return sorted(
+        pid for pid, fields in proc_stats() if fields[0] != "Z" and int(fields[1]) == parent
+    )
 
 
 def _running(process: Process) -> bool:

@@ -66,7 +66,7 @@ def _group_cpu_seconds() -> dict[int, float]:
     """Process group id -> CPU seconds (user + system) of its live members, from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
     totals: dict[int, float] = {}
-    for fields in processes.proc_stats():
+    for _, fields in processes.proc_stats():
         pgid = int(fields[2])
         # utime, stime, and the reaped children's cutime, cstime
         totals[pgid] = totals.get(pgid, 0.0) + sum(int(v) for v in fields[11:15]) / ticks

@@ -44,7 +44,7 @@ from conftest_seaweed import SeaweedServer  # noqa: E402
 from predict_support import free_port  # noqa: E402
 
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV  # noqa: E402
-from readmission.processes import stop_popen_group  # noqa: E402
+from readmission.processes import child_pids, stop_popen_group  # noqa: E402
 from readmission.serving_openapi import EXAMPLE_PATIENT  # noqa: E402
 
 FUNCTIONS_FRAMEWORK = Path(sys.executable).with_name("functions-framework")
@@ -199,15 +199,7 @@ class Function:
 
     def pids(self) -> list[int]:
         """gunicorn's master, then its workers."""
-        pids = [self.process.pid]
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.process.pid:  # ppid: gunicorn's workers
-                pids.append(int(stat.parent.name))
-        return pids
+        return [self.process.pid, *child_pids(self.process.pid)]
 
     def cpu_seconds(self) -> float:
         """User + system CPU time used so far by master and workers (from /proc/PID/stat).
