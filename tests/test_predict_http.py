@@ -32,6 +32,7 @@ from predict_support import (
 
 from readmission.contract import FEATURES
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV
+from readmission.processes import child_pids
 from readmission.serving_openapi import EXAMPLE_PATIENT, ROUTES
 from readmission.serving_s3 import S3Error, S3Reader
 
@@ -48,9 +49,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _start(env: dict[str, str], ready: bool = True) -> FunctionProcess:
+    """The function, answering, with all its gunicorn workers running."""
     process = FunctionProcess(env)
     try:
         process.wait_ready("/ready" if ready else "/health")
+        _workers(process, int(env.get("WORKERS", "1")))
     except Exception:
         process.stop()
         raise
@@ -437,17 +440,16 @@ def _metric(text: str, series: str) -> float | None:
     return None
 
 
-def _worker_pids(process: FunctionProcess) -> set[int]:
-    """gunicorn's workers: the children of its master."""
-    pids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == process.process.pid and fields[0] != "Z":
-            pids.add(int(stat.parent.name))
-    return pids
+def _workers(process: FunctionProcess, count: int, gone: int | None = None) -> set[int]:
+    """gunicorn's `count` workers (the children of its master) once all run and `gone` is not
+    one of them: the master forks them one after the other, and replaces a dead one."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        workers = set(child_pids(process.process.pid))
+        if len(workers) == count and gone not in workers:
+            return workers
+        time.sleep(0.05)
+    raise AssertionError(f"gunicorn's workers: {child_pids(process.process.pid)}, not {count}")
 
 
 def _predict_concurrently(url: str, requests: int, clients: int = 4) -> None:
@@ -479,9 +481,9 @@ def test_metrics_are_summed_across_workers_and_survive_a_worker_crash(
     )
     answered = 'predict_requests_total{code="200",endpoint="predict"}'
     try:
+        workers = _workers(process, 2)
         _predict_concurrently(process.url, 40)
-        workers = _worker_pids(process)
-        assert len(workers) == 2
+        assert set(child_pids(process.process.pid)) == workers
         # both workers answered (each writes its own files), and every scrape counts all 40,
         # whichever worker answers it
         histogram_pids = {int(p.stem.rsplit("_", 1)[1]) for p in metrics_dir.glob("histogram_*")}
@@ -495,14 +497,7 @@ def test_metrics_are_summed_across_workers_and_survive_a_worker_crash(
 
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            replaced = _worker_pids(process)
-            if len(replaced) == 2 and victim not in replaced:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError(f"gunicorn did not replace worker {victim}")
+        _workers(process, 2, gone=victim)
         process.wait_ready()
         _predict_concurrently(process.url, 8)
         # the dead worker's counts stay; its in-progress gauge is forgotten by its replacement
