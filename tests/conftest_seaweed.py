@@ -26,6 +26,8 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from readmission.processes import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 WEED = Path(sys.executable).with_name("weed")
 GRPC_OFFSET = 10_000  # SeaweedFS listens on port + 10000 for gRPC unless told otherwise
@@ -49,12 +51,6 @@ def free_port_pair() -> int:
         if port + GRPC_OFFSET < 65536 and _port_free(port + GRPC_OFFSET):
             return port
     raise RuntimeError("no free port pair found on 127.0.0.1")
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class SeaweedServer:

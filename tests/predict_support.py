@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -21,11 +20,10 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from readmission.processes import stop_popen_group
+from readmission.processes import free_port, stop_popen_group
 
 ROOT = Path(__file__).resolve().parents[1]
 FUNCTIONS_FRAMEWORK = Path(sys.executable).with_name("functions-framework")
@@ -193,12 +191,6 @@ def write_local_model(
     tmp.write_text(json.dumps(metadata))
     tmp.replace(metadata_path)  # atomic: a poller never sees half a file
     return model_path, metadata_path
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class FunctionProcess:
