@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"  memory after load: worker RSS {results['rss_worker_background_mb']:.0f} MB, "
-            f"master+worker PSS {results['pss_total_background_mb']:.0f} MB"
+            f"master+workers PSS {results['pss_total_background_mb']:.0f} MB"
         )
     print(json.dumps(results))
     return 0
