@@ -14,9 +14,11 @@ than `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true` (see `load_pipeline`).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +34,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.models.model import ModelInfo
 from sklearn.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -164,13 +167,19 @@ def log_run_data(
     run_id: str,
     params: Mapping[str, Any],
     metrics: Mapping[str, float | None],
+    model_id: str | None = None,
 ) -> None:
-    """All params and metrics of a run in one request (None metrics are skipped)."""
+    """Params and metrics of a run in one request (None metrics are skipped); with `model_id`
+    the metrics are also the logged model's (MLflow 3 links them to it).
+
+    Log a run's metrics after its model, linked by `model_id`: metrics already on the run when
+    a model is logged make MLflow re-read each one's history to link it (one request per
+    metric: ~28 more requests per run here)."""
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,
         metrics=[
-            Metric(name, float(value), now, 0)
+            Metric(name, float(value), now, 0, model_id=model_id)
             for name, value in sorted(metrics.items())
             if value is not None
         ],
@@ -223,14 +232,15 @@ def sklearn_model_format() -> str:
     return value
 
 
-def log_pipeline(run_id: str, pipeline: Pipeline, frame: pd.DataFrame) -> str:
+def log_pipeline(run_id: str, pipeline: Pipeline, frame: pd.DataFrame) -> ModelInfo:
     """Log the fitted pipeline as the run's model `model` with signature and input example;
-    returns the model URI `runs:/<run_id>/model`."""
+    returns MLflow's ModelInfo (`model_id`: the logged model, which `log_run_data` links the
+    run's metrics to). The model is also `runs:/<run_id>/model`."""
     example = frame.head(INPUT_EXAMPLE_ROWS)
     signature = infer_signature(example, pipeline.predict(example))
     model_format = sklearn_model_format()
-    with mlflow.start_run(run_id=run_id):
-        mlflow.sklearn.log_model(
+    with mlflow.start_run(run_id=run_id), compact_skops_schema():
+        return mlflow.sklearn.log_model(
             pipeline,
             name=MODEL_NAME,
             signature=signature,
@@ -239,7 +249,54 @@ def log_pipeline(run_id: str, pipeline: Pipeline, frame: pd.DataFrame) -> str:
             serialization_format=model_format,
             skops_trusted_types=list(TRUSTED_TYPES) if model_format == "skops" else None,
         )  # MLflow loads the saved model back and predicts the example: a free load check
-    return f"runs:/{run_id}/{MODEL_NAME}"
+
+
+class _CompactJson:
+    """What skops' writer uses of the json module, with `dumps` ignoring `indent`."""
+
+    loads = staticmethod(json.loads)
+
+    @staticmethod
+    def dumps(obj: Any, indent: int | None = None, **kwargs: Any) -> str:
+        return json.dumps(obj, **kwargs)
+
+
+_skops_lock = threading.Lock()
+_skops_savers = 0
+
+
+@contextmanager
+def compact_skops_schema() -> Iterator[None]:
+    """While inside, skops writes its `schema.json` without indentation.
+
+    skops dumps that schema with `json.dumps(state, indent=2)`, which Python runs in its
+    pure-Python encoder (the C one only serves indent=None): ~2/3 of the save time of a
+    300-tree model, and the indentation doubles the file (11.5 MB instead of 5.2 MB for
+    gradient boosting, uploaded to MLflow for every run). skops reads the schema with
+    `json.loads`, so the saved model is the same document. Nested and concurrent use is safe
+    (a count of active savers); if skops no longer writes through its module's `json`, nothing
+    is changed."""
+    global _skops_savers
+    try:
+        from skops.io import _persist
+    except ImportError:  # pragma: no cover - skops is a dependency
+        yield
+        return
+    with _skops_lock:
+        if _skops_savers == 0 and getattr(_persist, "json", None) is not json:
+            patchable = False
+        else:
+            patchable = True
+            _persist.json = _CompactJson  # type: ignore[assignment]
+            _skops_savers += 1
+    try:
+        yield
+    finally:
+        if patchable:
+            with _skops_lock:
+                _skops_savers -= 1
+                if _skops_savers == 0:
+                    _persist.json = json
 
 
 @contextmanager

@@ -313,13 +313,15 @@ def fit_and_log(
     )
     run_id = run.info.run_id
     try:
+        tracking.log_run_data(client, run_id, _run_params(job, pipeline, len(x_train)), {})
+        model = tracking.log_pipeline(run_id, pipeline, x_train)
         tracking.log_run_data(
             client,
             run_id,
-            _run_params(job, pipeline, len(x_train)),
+            {},
             _run_metrics(timing, train_metrics, val_metrics),
+            model_id=model.model_id,
         )
-        tracking.log_pipeline(run_id, pipeline, x_train)
         # MLflow's cost for this job (create, params, metrics, model), logged for the budget.
         client.log_metric(run_id, "mlflow_seconds", time.perf_counter() - started)
         client.set_tag(run_id, tracking.COMPLETE_TAG, "true")

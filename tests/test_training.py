@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
 import numpy as np
 import pytest
+import skops.io
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 from conftest_seaweed import SeaweedServer
@@ -147,6 +150,15 @@ def test_train_job_logs_one_run_and_writes_the_result(env: Env) -> None:
     assert metrics["val_f1_weighted"] == result["metrics"]["validation"]["f1_weighted"]
     assert metrics["train_roc_auc_ovr"] == result["metrics"]["train"]["roc_auc_ovr"]
     assert metrics["fit_seconds"] == result["fit_seconds"]
+    # The metrics are also the logged model's (logged after it, linked by its id).
+    [output] = run.outputs.model_outputs
+    model_metrics = {m.key: m.value for m in env.client.get_logged_model(output.model_id).metrics}
+    assert model_metrics["val_f1_weighted"] == metrics["val_f1_weighted"]
+    assert model_metrics["train_accuracy"] == metrics["train_accuracy"]
+    # skops' schema was written without indentation (see tracking.compact_skops_schema).
+    skops_file = mlflow.artifacts.download_artifacts(f"{result['model_uri']}/model.skops")
+    with zipfile.ZipFile(skops_file) as archive:
+        assert archive.read("schema.json").startswith(b'{"__class__": "Pipeline"')
 
     # The logged model loads (skops, trusted types recorded) and reproduces the metric.
     pipeline = tracking.load_pipeline(result["model_uri"])
@@ -277,6 +289,40 @@ def test_recorded_trusted_types_cover_every_pipeline(algorithm: str) -> None:
     with threadpool_limits(limits=1):
         pipeline = build_pipeline(algorithm).fit(to_model_frame(train), target_values(train))
     assert set(tracking.untrusted_types(pipeline)) <= set(tracking.TRUSTED_TYPES)
+
+
+def test_compact_skops_schema_writes_the_same_model_and_restores_skops() -> None:
+    from skops.io import _persist
+
+    train = generated_frame(300)
+    with threadpool_limits(limits=1):
+        pipeline = build_pipeline("gradient_boosting").fit(
+            to_model_frame(train), target_values(train)
+        )
+    indented = skops.io.dumps(pipeline)
+    with tracking.compact_skops_schema(), tracking.compact_skops_schema():  # nests
+        compact = skops.io.dumps(pipeline)
+    assert _persist.json is json
+    assert len(compact) < len(indented)
+
+    def schema(data: bytes) -> Any:
+        """The schema without what differs between any two dumps (object ids, file names)."""
+
+        def strip(node: Any) -> Any:
+            if isinstance(node, dict):
+                return {k: strip(v) for k, v in node.items() if k not in ("__id__", "file")}
+            return [strip(v) for v in node] if isinstance(node, list) else node
+
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return strip(json.loads(archive.read("schema.json")))
+
+    assert schema(compact) == schema(indented)
+    loaded = skops.io.loads(compact, trusted=list(tracking.TRUSTED_TYPES))
+    frame = to_model_frame(train)
+    assert np.array_equal(loaded.predict_proba(frame), pipeline.predict_proba(frame))
+    with pytest.raises(RuntimeError), tracking.compact_skops_schema():
+        raise RuntimeError("a failed save")
+    assert _persist.json is json
 
 
 def test_metrics_equal_sklearn_on_the_labels_themselves() -> None:
