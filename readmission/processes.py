@@ -170,30 +170,61 @@ def _running(process: Process) -> bool:
     return is_running(process) or group_alive(process.pid)
 
 
-def stop_all(recorded_processes: list[Process], run_dir: Path, grace: float = 10.0) -> list[str]:
-    """SIGTERM the process groups together, SIGKILL those still running after ``grace``.
+@dataclass(frozen=True)
+class StopStage:
+    """Processes stopped together: SIGTERM, then SIGKILL after `grace` seconds. `slow_exit`
+    says why a SIGKILL is expected (logged as information instead of a warning)."""
+
+    names: frozenset[str] | None  # None: every process that no other stage names
+    grace: float = 10.0
+    slow_exit: str = ""
+
+
+def stop_all(
+    recorded_processes: list[Process],
+    run_dir: Path,
+    grace: float = 10.0,
+    stages: Sequence[StopStage] = (),
+) -> list[str]:
+    """Stop the recorded process groups, stage after stage (default: all together, SIGKILL
+    after ``grace`` seconds), then remove their pid files.
 
     Waits until every member of each group is gone, not only its leader. Returns the names of
-    the processes that were running; their pid files are removed.
+    the processes that were running.
     """
     running = [p for p in recorded_processes if is_running(p)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for process in running:
-            if _running(process):
-                if sig == signal.SIGKILL:
-                    logging.getLogger(__name__).warning(
-                        "%s (pid %d) still running %gs after SIGTERM: SIGKILL",
-                        process.name,
-                        process.pid,
-                        grace,
-                    )
-                _signal_group(process, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_running(p) for p in running):
-            time.sleep(0.1)
+    named = set().union(*(stage.names for stage in stages if stage.names is not None))
+    for stage in stages or (StopStage(None, grace),):
+        _stop_together(
+            [
+                p
+                for p in running
+                if (p.name in stage.names if stage.names is not None else p.name not in named)
+            ],
+            stage,
+        )
     for process in recorded_processes:
         (run_dir / f"{process.name}.pid").unlink(missing_ok=True)
     return [p.name for p in running]
+
+
+def _stop_together(group: list[Process], stage: StopStage) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for process in group:
+            if _running(process):
+                if sig == signal.SIGKILL:
+                    logging.getLogger(__name__).log(
+                        logging.INFO if stage.slow_exit else logging.WARNING,
+                        "%s (pid %d) still running %gs after SIGTERM: SIGKILL%s",
+                        process.name,
+                        process.pid,
+                        stage.grace,
+                        f" ({stage.slow_exit})" if stage.slow_exit else "",
+                    )
+                _signal_group(process, sig)
+        deadline = time.monotonic() + stage.grace
+        while time.monotonic() < deadline and any(_running(p) for p in group):
+            time.sleep(0.1)
 
 
 def http_status(url: str, timeout: float = 2.0, method: str = "GET") -> int | None:

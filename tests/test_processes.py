@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from readmission import processes
 
@@ -79,3 +81,50 @@ def _group_of(pid: int) -> int | None:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def test_stop_all_stops_stage_after_stage(tmp_path: Path, caplog: Any) -> None:
+    """Each stage is gone before the next one gets SIGTERM; a stage's slow process gets SIGKILL
+    after that stage's grace, logged as expected (info), not as a warning."""
+    run_dir, log_dir = tmp_path / "run", tmp_path / "logs"
+    # Records when it got SIGTERM; `stubborn` ignores SIGTERM.
+    script = (
+        "import signal, sys, time\n"
+        "def term(*_):\n"
+        "    open(sys.argv[1], 'w').write(repr(time.time()))\n"
+        "    if sys.argv[2] == 'polite': sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "print('up', flush=True)\n"
+        "while True: time.sleep(0.05)\n"
+    )
+    started = {
+        name: processes.start(
+            name,
+            [sys.executable, "-c", script, str(tmp_path / f"{name}.term"), manner],
+            run_dir=run_dir,
+            log_dir=log_dir,
+            env=dict(os.environ),
+            cwd=tmp_path,
+        )
+        for name, manner in (("client", "polite"), ("server", "polite"), ("store", "stubborn"))
+    }
+    for process in started.values():
+        assert processes.wait_until(lambda p=process: "up" in p.log.read_text(), timeout=10)
+    stages = (
+        processes.StopStage(None),
+        processes.StopStage(frozenset({"server"})),
+        processes.StopStage(frozenset({"store"}), grace=1.0, slow_exit="as expected"),
+    )
+    caplog.set_level(logging.INFO, logger="readmission.processes")
+    began = time.monotonic()
+    stopped = processes.stop_all(processes.recorded(run_dir), run_dir, stages=stages)
+
+    assert sorted(stopped) == ["client", "server", "store"]
+    assert not any(_alive(p.pid) for p in started.values())
+    term = {name: float((tmp_path / f"{name}.term").read_text()) for name in started}
+    assert term["client"] < term["server"] < term["store"]
+    assert 1.0 <= time.monotonic() - began < 10
+    [kill] = [r for r in caplog.records if "SIGKILL" in r.getMessage()]
+    assert kill.levelno == logging.INFO and "store" in kill.getMessage()
+    assert "as expected" in kill.getMessage()
+    assert list(run_dir.glob("*.pid")) == []

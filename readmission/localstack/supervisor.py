@@ -35,6 +35,21 @@ _SINGLE_THREADED = {
 
 # The predict function: one single-threaded gunicorn worker per core. Each worker is a process
 # with its own interpreter lock; measured in docs/predict.md (Benchmark).
+# `down` stops the clients first (functions, broker, events adapter), then the MLflow server,
+# then the object store they all write to. `weed server` then takes ~16 s to exit: its filer
+# waits 15 s for the metadata stream of its own S3 gateway before it gives up. Nothing writes to
+# it any more at that point, and it has every acknowledged write in its files already (needles
+# in the volume's .dat/.idx, filer entries in leveldb's journal, written before it answers), so
+# it gets SIGKILL after 3 s, as the tests' SeaweedFS server does after 1 s.
+STOP_STAGES = (
+    processes.StopStage(None),
+    processes.StopStage(frozenset({"mlflow"})),
+    processes.StopStage(
+        frozenset({"seaweedfs"}),
+        grace=3.0,
+        slow_exit="expected: its filer waits 15 s for its own S3 gateway; nothing writes to it",
+    ),
+)
 PREDICT_SERVER_ENV = {"WORKERS": str(os.cpu_count() or 1), "THREADS": "1"}
 
 
@@ -299,7 +314,7 @@ class Supervisor:
     # down / status ---------------------------------------------------------------------------
     def down(self, log: Callable[[str], None] = print) -> list[str]:
         recorded = processes.recorded(self.run_dir)
-        stopped = processes.stop_all(recorded, self.run_dir)
+        stopped = processes.stop_all(recorded, self.run_dir, stages=STOP_STAGES)
         for process in recorded:
             if process.name in stopped:
                 log(f"stopped {process.name} (pid {process.pid})")
