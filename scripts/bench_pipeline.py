@@ -22,13 +22,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from readmission import keys, processes  # noqa: E402
 from readmission.localstack.config import StackConfig, StackInfo, settings_for, store_for  # noqa: E402
-from readmission.localstack.progress import upload  # noqa: E402
+from readmission.localstack.progress import rejection_problems, upload  # noqa: E402
 from readmission.localstack.supervisor import Supervisor  # noqa: E402
 
 DEFAULT_CSV = ROOT.parent / "shared" / "data" / "diabetic_data.csv.gz"
@@ -79,6 +80,27 @@ def _cpu_by_process(supervisor: Supervisor) -> dict[str, float]:
     return {p.name: groups.get(p.pid, 0.0) for p in supervisor.running()}
 
 
+def _note_stages(
+    store: Any, buckets: Any, dataset_id: str, stages: dict[str, float], now: float
+) -> None:
+    """Record the time of the listing-based stages first seen now ("rejected" if the ingest
+    refused the upload)."""
+    manifest = store.get_json_if_exists(buckets.datasets, keys.manifest_key(dataset_id))
+    if not manifest:
+        if any(k.endswith(".error.json") for k in store.list_keys(buckets.rejected, dataset_id)):
+            stages["rejected"] = now
+        return
+    stages.setdefault("manifest", now)
+    n_jobs = len(manifest["jobs"])
+    if "job specs" not in stages and len(store.list_keys(buckets.jobs, f"{dataset_id}/")) == n_jobs:
+        stages["job specs"] = now
+    results = len(store.list_keys(buckets.results, f"{dataset_id}/"))
+    if results:
+        stages.setdefault("first result", now)
+    if results == n_jobs:
+        stages["last result"] = now
+
+
 def _run(info: StackInfo, args: argparse.Namespace, cores: int, supervisor: Supervisor) -> int:
     settings = settings_for(info.env)
     store = store_for(info.env)
@@ -90,24 +112,22 @@ def _run(info: StackInfo, args: argparse.Namespace, cores: int, supervisor: Supe
     uploaded = time.monotonic() - t0
     stages: dict[str, float] = {}
     deadline = t0 + args.timeout
+    own_cpu = time.process_time()
+    next_listing = 0.0
+    # The champion's metadata is checked every 0.2 s (one HEAD request); the other stages
+    # every 1 s (they need listings): polling costs CPU on the 2 cores the pipeline uses.
     while time.monotonic() < deadline:
         now = time.monotonic() - t0
-        manifest = store.get_json_if_exists(buckets.datasets, keys.manifest_key(dataset_id))
-        if manifest and "manifest" not in stages:
-            stages["manifest"] = now
-        if manifest:
-            n_jobs = len(manifest["jobs"])
-            jobs = len(store.list_keys(buckets.jobs, f"{dataset_id}/"))
-            results = len(store.list_keys(buckets.results, f"{dataset_id}/"))
-            if jobs == n_jobs and "job specs" not in stages:
-                stages["job specs"] = now
-            if results and "first result" not in stages:
-                stages["first result"] = now
-            if results == n_jobs and "last result" not in stages:
-                stages["last result"] = now
+        if now >= next_listing and "last result" not in stages:
+            next_listing = now + 1.0
+            _note_stages(store, buckets, dataset_id, stages, now)
+            if "rejected" in stages:
+                print(f"the ingest rejected the upload: {rejection_problems(info, dataset_id)}")
+                return 1
         if store.exists(buckets.models, keys.model_metadata_key(dataset_id)):
             stages["champion ready"] = time.monotonic() - t0
             cpu_after = _cpu_by_process(supervisor)
+            polling_cpu = time.process_time() - own_cpu
             break
         time.sleep(0.2)
     else:
@@ -125,7 +145,7 @@ def _run(info: StackInfo, args: argparse.Namespace, cores: int, supervisor: Supe
     champion = store.get_json(buckets.models, keys.model_metadata_key(dataset_id))
 
     print(f"dataset {dataset_id}: {record['size']:,} bytes uploaded in {uploaded:.2f} s")
-    print("stage                 seconds after upload")
+    print("stage                 seconds after upload (champion: +-0.2 s, the others +-1 s)")
     for name, seconds in stages.items():
         print(f"  {name:<20}{seconds:8.1f}")
     print(
@@ -146,6 +166,7 @@ def _run(info: StackInfo, args: argparse.Namespace, cores: int, supervisor: Supe
     for name, seconds in sorted(cpu_used.items(), key=lambda item: -item[1]):
         if seconds >= 0.05:
             print(f"  {name:<20}{seconds:8.1f}")
+    print(f"  (this benchmark's own polling: {polling_cpu:.1f} CPU s)")
     print(f"wall time upload -> champion ready: {wall:.1f} s (target < 120 s)")
     print(f"compute lower bound max(sum fit / {cores} cores, longest fit): {lower_bound:.1f} s")
     print(f"ratio wall / lower bound: {wall / lower_bound:.2f} (target <= 1.3)")

@@ -35,13 +35,15 @@ _SINGLE_THREADED = {
 
 # The predict function: one single-threaded gunicorn worker per core. Each worker is a process
 # with its own interpreter lock; measured in docs/predict.md (Benchmark).
-# `down` stops the clients first (functions, broker, events adapter), then the MLflow server,
+# `down` stops the events adapter first (the way in: a notification it is still forwarding gets
+# its answer from a live broker), then the broker and the functions, then the MLflow server,
 # then the object store they all write to. `weed server` then takes ~16 s to exit: its filer
 # waits 15 s for the metadata stream of its own S3 gateway before it gives up. Nothing writes to
 # it any more at that point, and it has every acknowledged write in its files already (needles
 # in the volume's .dat/.idx, filer entries in leveldb's journal, written before it answers), so
 # it gets SIGKILL after 3 s, as the tests' SeaweedFS server does after 1 s.
 STOP_STAGES = (
+    processes.StopStage(frozenset({"events-adapter"})),
     processes.StopStage(None),
     processes.StopStage(frozenset({"mlflow"})),
     processes.StopStage(
@@ -226,6 +228,12 @@ class Supervisor:
                     extra |= {"THREADS": "2"}
                 elif spec.service == "predict":
                     extra |= PREDICT_SERVER_ENV
+                elif spec.service == "events-adapter":
+                    # gunicorn's sync worker (THREADS=1) closes each connection after its
+                    # answer. With threads, the SeaweedFS webhook client keeps a connection
+                    # open, and gunicorn 26's threaded worker, stopping, waits in one select
+                    # for the whole 30 s graceful timeout before it drops that idle connection.
+                    extra |= {"THREADS": "1"}
                 else:
                     extra |= {"THREADS": "4"}
                 cmd = [
