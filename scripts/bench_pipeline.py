@@ -87,7 +87,8 @@ def _note_stages(
     refused the upload)."""
     manifest = store.get_json_if_exists(buckets.datasets, keys.manifest_key(dataset_id))
     if not manifest:
-        if any(k.endswith(".error.json") for k in store.list_keys(buckets.rejected, dataset_id)):
+        rejected = store.list_keys(buckets.rejected, f"{dataset_id}/")
+        if any(key.endswith(".error.json") for key in rejected):
             stages["rejected"] = now
         return
     stages.setdefault("manifest", now)

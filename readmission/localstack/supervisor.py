@@ -33,8 +33,6 @@ _SINGLE_THREADED = {
     "VECLIB_MAXIMUM_THREADS": "1",
 }
 
-# The predict function: one single-threaded gunicorn worker per core. Each worker is a process
-# with its own interpreter lock; measured in docs/predict.md (Benchmark).
 # `down` stops the events adapter first (the way in: a notification it is still forwarding gets
 # its answer from a live broker), then the broker and the functions, then the MLflow server,
 # then the object store they all write to. `weed server` then takes ~16 s to exit: its filer
@@ -52,6 +50,8 @@ STOP_STAGES = (
         slow_exit="expected: its filer waits 15 s for its own S3 gateway; nothing writes to it",
     ),
 )
+# The predict function: one single-threaded gunicorn worker per core. Each worker is a process
+# with its own interpreter lock; measured in docs/predict.md (Benchmark).
 PREDICT_SERVER_ENV = {"WORKERS": str(os.cpu_count() or 1), "THREADS": "1"}
 
 
