@@ -283,10 +283,8 @@ def compact_skops_schema() -> Iterator[None]:
         yield
         return
     with _skops_lock:
-        if _skops_savers == 0 and getattr(_persist, "json", None) is not json:
-            patchable = False
-        else:
-            patchable = True
+        patchable = _skops_savers > 0 or getattr(_persist, "json", None) is json
+        if patchable:
             _persist.json = _CompactJson  # type: ignore[assignment]
             _skops_savers += 1
     try:
