@@ -81,16 +81,13 @@ def _cpu_by_process(supervisor: Supervisor) -> dict[str, float]:
 
 
 def _note_stages(
-    store: Any, buckets: Any, dataset_id: str, stages: dict[str, float], now: float
-) -> None:
-    """Record the time of the listing-based stages first seen now ("rejected" if the ingest
-    refused the upload)."""
+    info: StackInfo, store: Any, buckets: Any, dataset_id: str, stages: dict[str, float], now: float
+) -> list[str]:
+    """Record the time of the listing-based stages first seen now; returns the problems the
+    ingest named if it rejected the upload (else [])."""
     manifest = store.get_json_if_exists(buckets.datasets, keys.manifest_key(dataset_id))
     if not manifest:
-        rejected = store.list_keys(buckets.rejected, f"{dataset_id}/")
-        if any(key.endswith(".error.json") for key in rejected):
-            stages["rejected"] = now
-        return
+        return rejection_problems(info, dataset_id)
     stages.setdefault("manifest", now)
     n_jobs = len(manifest["jobs"])
     if "job specs" not in stages and len(store.list_keys(buckets.jobs, f"{dataset_id}/")) == n_jobs:
@@ -100,6 +97,7 @@ def _note_stages(
         stages.setdefault("first result", now)
     if results == n_jobs:
         stages["last result"] = now
+    return []
 
 
 def _run(info: StackInfo, args: argparse.Namespace, cores: int, supervisor: Supervisor) -> int:
@@ -121,9 +119,9 @@ def _run(info: StackInfo, args: argparse.Namespace, cores: int, supervisor: Supe
         now = time.monotonic() - t0
         if now >= next_listing and "last result" not in stages:
             next_listing = now + 1.0
-            _note_stages(store, buckets, dataset_id, stages, now)
-            if "rejected" in stages:
-                print(f"the ingest rejected the upload: {rejection_problems(info, dataset_id)}")
+            problems = _note_stages(info, store, buckets, dataset_id, stages, now)
+            if problems:
+                print(f"the ingest rejected the upload: {problems}")
                 return 1
         if store.exists(buckets.models, keys.model_metadata_key(dataset_id)):
             stages["champion ready"] = time.monotonic() - t0
