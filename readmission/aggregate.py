@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
@@ -59,7 +60,7 @@ from readmission.onnx_export import (
     export_onnx,
 )
 from readmission.storage import ObjectStore, json_bytes
-from readmission.training import compute_metrics
+from readmission.training import predict_probabilities, score
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ TIE_BREAK_METRIC = "roc_auc_ovr"
 LEASE_TTL_SECONDS = 60.0
 LEASE_RENEW_SECONDS = 15.0
 LEASE_WAIT_SECONDS = 120.0
+# With this many results missing (a train worker idles), the best so far is prepared ahead.
+PREPARE_AHEAD_WHEN_MISSING = 1
 ARTIFACT_DIR = "aggregate"  # where the winning run gets the aggregator's artifacts
 ONNX_SAMPLE_ROWS = 100
 MODEL_DESCRIPTION = (
@@ -252,13 +255,15 @@ def aggregate_dataset(
     present = set(store.list_keys(buckets.results, f"{dataset_id}/"))
     found = [key for key in expected if key in present]
     if len(found) < len(expected):
-        return AggregateOutcome(
-            dataset_id,
-            "waiting",
-            f"waiting ({len(found)} of {len(expected)} results)",
-            len(found),
-            len(expected),
-        )
+        message = f"waiting ({len(found)} of {len(expected)} results)"
+        if (
+            found
+            and len(expected) - len(found) <= PREPARE_AHEAD_WHEN_MISSING
+            and exporter is None
+            and PREPARED_AHEAD.prepare(store, settings, manifest, found, parity_tolerance)
+        ):
+            message += "; the best so far is tested and exported ahead"
+        return AggregateOutcome(dataset_id, "waiting", message, len(found), len(expected))
     client = registry.client_for(settings.mlflow_tracking_uri)
     done = _already_aggregated(store, settings, client, dataset_id, len(expected))
     if done is not None:
@@ -307,18 +312,122 @@ def _already_aggregated(
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """The selected model, tested and exported, its parity proven: ready to register."""
+class TestedModel:
+    """The selected run's model, tested once, exported and its ONNX parity proven."""
 
     best: Mapping[str, Any]
     test_metrics: dict[str, float | None]
     exported: ExportedModel
     parity: ParityReport
+
+
+@dataclass(frozen=True)
+class Candidate(TestedModel):
+    """A TestedModel with the dataset's learning curve: ready to register and publish."""
+
     curve_files: dict[str, tuple[bytes, str]]  # extension -> (bytes, content type)
+    prepared_ahead: bool = False  # the TestedModel came from PreparedAhead
 
     @property
     def onnx_sha256(self) -> str:
         return hashlib.sha256(self.exported.onnx_bytes).hexdigest()
+
+
+def test_and_export(
+    store: ObjectStore,
+    settings: Settings,
+    manifest: Mapping[str, Any],
+    best: Mapping[str, Any],
+    parity_tolerance: float,
+    exporter: Exporter | None,
+) -> TestedModel:
+    """Load `best`'s model, score it once on the held-out test split, export it to ONNX and
+    check parity on the WHOLE test split (ParityError: loud, retried, then dead-lettered,
+    before anything is registered or written)."""
+    test = read_parquet(store, settings.buckets.datasets, manifest["test"]["key"])
+    frame, y_test = to_model_frame(test), target_values(test)
+    pipeline = tracking.load_pipeline(best["model_uri"])
+    probabilities = predict_probabilities(pipeline, frame)
+    # the only look at the test split
+    test_metrics = score(probabilities, np.asarray(pipeline.classes_), y_test)
+    exported = (exporter or export_onnx)(pipeline, frame.head(ONNX_SAMPLE_ROWS))
+    parity = check_parity(
+        pipeline, exported.onnx_bytes, frame, tolerance=parity_tolerance, expected=probabilities
+    )
+    return TestedModel(best, test_metrics, exported, parity)
+
+
+class PreparedAhead:
+    """The TestedModel of the best result so far, made while a dataset's last result is still
+    being trained (this process only, one at a time, at most one kept).
+
+    When one result is missing, one train worker is idle: loading, testing and exporting the
+    best model so far (~2 s) then costs no wall time, and if the last result does not beat it
+    the fan-in only has to register and publish. Purely an optimisation: the final invocation
+    re-selects from all results and uses the prepared model only if it is the same run, tested
+    on the same split with the same tolerance; a lost or wrong guess changes nothing else.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # held while preparing: `take` waits for a preparation
+        self._key: tuple[Any, ...] | None = None
+        self._tested: TestedModel | None = None
+
+    @staticmethod
+    def key(
+        manifest: Mapping[str, Any], best: Mapping[str, Any], parity_tolerance: float
+    ) -> tuple[Any, ...]:
+        return (
+            str(manifest["dataset_id"]),
+            str(best["run_id"]),
+            str(best["model_uri"]),
+            str(manifest["test"]["key"]),
+            parity_tolerance,
+        )
+
+    def prepare(
+        self,
+        store: ObjectStore,
+        settings: Settings,
+        manifest: Mapping[str, Any],
+        result_keys: Sequence[str],
+        parity_tolerance: float,
+    ) -> bool:
+        """Prepare the best of the results so far (`result_keys`); True if it is prepared.
+        Never raises: a failure is logged, and the fan-in will meet it again and report it."""
+        with self._lock:
+            try:
+                results = [store.get_json(settings.buckets.results, key) for key in result_keys]
+                best = select_best(results, settings.selection_metric)
+                key = self.key(manifest, best, parity_tolerance)
+                if key != self._key:
+                    self._key, self._tested = None, None
+                    self._tested = test_and_export(
+                        store, settings, manifest, best, parity_tolerance, None
+                    )
+                    self._key = key
+                return True
+            except Exception:
+                log.warning(
+                    "dataset %s: could not prepare the best model so far ahead of the last "
+                    "result (the fan-in will do it)",
+                    manifest.get("dataset_id"),
+                    exc_info=True,
+                )
+                return False
+
+    def take(
+        self, manifest: Mapping[str, Any], best: Mapping[str, Any], parity_tolerance: float
+    ) -> TestedModel | None:
+        """The prepared TestedModel of exactly this selection (then forgotten), else None."""
+        with self._lock:
+            if self._key != self.key(manifest, best, parity_tolerance):
+                return None
+            tested, self._key, self._tested = self._tested, None, None
+            return tested
+
+
+PREPARED_AHEAD = PreparedAhead()
 
 
 def prepare_candidate(
@@ -329,8 +438,8 @@ def prepare_candidate(
     parity_tolerance: float,
     exporter: Exporter | None,
 ) -> Candidate:
-    """Select, test once, export and check parity on the WHOLE test split (ParityError: loud,
-    retried, then dead-lettered, before anything is registered or written)."""
+    """Select, test once, export and check parity (see `test_and_export`), and draw the
+    learning curve of all results."""
     dataset_id = str(manifest["dataset_id"])
     best = select_best(results, settings.selection_metric)
     log.info(
@@ -341,19 +450,24 @@ def prepare_candidate(
         keys.job_name(int(best["cumulative_index"]), best["algorithm"]),
         best["run_id"],
     )
-    test = read_parquet(store, settings.buckets.datasets, manifest["test"]["key"])
-    frame, y_test = to_model_frame(test), target_values(test)
-    pipeline = tracking.load_pipeline(best["model_uri"])
-    test_metrics = compute_metrics(pipeline, frame, y_test)  # the only look at the test split
-    exported = (exporter or export_onnx)(pipeline, frame.head(ONNX_SAMPLE_ROWS))
-    parity = check_parity(pipeline, exported.onnx_bytes, frame, tolerance=parity_tolerance)
+    tested = None if exporter is not None else PREPARED_AHEAD.take(manifest, best, parity_tolerance)
+    prepared_ahead = tested is not None
+    if tested is None:
+        tested = test_and_export(store, settings, manifest, best, parity_tolerance, exporter)
     curve = build_learning_curve(dataset_id, results)
     curve_files = {
         "csv": (to_csv(curve), "text/csv"),
         "md": (to_markdown(curve).encode(), "text/markdown"),
         "png": (to_png(curve), "image/png"),
     }
-    return Candidate(best, test_metrics, exported, parity, curve_files)
+    return Candidate(
+        best=tested.best,
+        test_metrics=tested.test_metrics,
+        exported=tested.exported,
+        parity=tested.parity,
+        curve_files=curve_files,
+        prepared_ahead=prepared_ahead,
+    )
 
 
 def register(
@@ -448,7 +562,9 @@ def _aggregate(
         f"version {version.version} (champion); validation {metric} "
         f"{best['metrics']['validation'].get(metric):.4f}, test {metric} "
         f"{candidate.test_metrics[metric]:.4f}; ONNX parity on {candidate.parity.rows:,} test "
-        f"rows (max |dp| {candidate.parity.max_abs_diff:.2g}); {time.monotonic() - started:.1f}s"
+        f"rows (max |dp| {candidate.parity.max_abs_diff:.2g})"
+        f"{', tested and exported ahead' if candidate.prepared_ahead else ''}; "
+        f"{time.monotonic() - started:.1f}s"
     )
     n = len(results)
     return AggregateOutcome(

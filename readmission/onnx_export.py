@@ -432,14 +432,17 @@ def check_parity(
     onnx_bytes: bytes,
     frame: pd.DataFrame,
     tolerance: float = PARITY_TOLERANCE,
+    expected: np.ndarray | None = None,
 ) -> ParityReport:
     """Compare onnxruntime with pipeline.predict_proba on every row of the frame.
 
     Requires the same argmax class on every row and max |p_onnx - p_sklearn| <= tolerance;
-    raises ParityError saying how far off it is otherwise.
+    raises ParityError saying how far off it is otherwise. `expected`: the pipeline's
+    probabilities on this frame when the caller has them already (computed here otherwise).
     """
     model_frame = to_model_frame(frame)
-    expected = pipeline.predict_proba(model_frame)
+    if expected is None:
+        expected = pipeline.predict_proba(model_frame)
     classes = np.asarray([str(c) for c in pipeline.named_steps[MODEL_STEP].classes_], dtype=object)
     labels, probabilities = run_onnx(onnx_bytes, model_frame)
     if probabilities.shape != expected.shape:

@@ -189,9 +189,13 @@ def compute_metrics(
     pipeline: Pipeline, frame: pd.DataFrame, y_true: np.ndarray
 ) -> dict[str, float | None]:
     """The METRIC_NAMES on one split; roc_auc_ovr is None when a class is absent from it."""
+    return score(predict_probabilities(pipeline, frame), np.asarray(pipeline.classes_), y_true)
+
+
+def predict_probabilities(pipeline: Pipeline, frame: pd.DataFrame) -> np.ndarray:
+    """pipeline.predict_proba on FIT_THREADS threads (columns in pipeline.classes_ order)."""
     with threadpool_limits(limits=FIT_THREADS):
-        probabilities = pipeline.predict_proba(frame)
-    return score(probabilities, np.asarray(pipeline.classes_), y_true)
+        return pipeline.predict_proba(frame)
 
 
 def score(

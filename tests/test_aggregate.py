@@ -234,8 +234,11 @@ def test_waits_until_every_listed_job_has_a_result(
     write_results(store, scenario, jobs[:-1])
     outcome = aggregate_dataset(store, settings, scenario.dataset_id)
     assert outcome.status == "waiting"
-    assert outcome.message == f"waiting ({len(jobs) - 1} of {len(jobs)} results)"
-    assert store.list_keys("models") == []
+    assert outcome.message == (
+        f"waiting ({len(jobs) - 1} of {len(jobs)} results); "
+        "the best so far is tested and exported ahead"
+    )
+    assert store.list_keys("models") == []  # preparing ahead writes nothing
     assert client.search_registered_models() == []
 
 
@@ -445,6 +448,50 @@ def test_registration_converges_on_the_lowest_version(
     )
     assert (kept.version, created) == (first.version, False)
     assert [v.version for v in versions(client, dataset_id)] == [first.version]
+
+
+def test_the_best_so_far_is_prepared_ahead_and_used_only_if_still_the_best(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    best = select_best(list(scenario.results.values()), settings.selection_metric)
+    best_job = keys.job_name(int(best["cumulative_index"]), str(best["algorithm"]))
+
+    def last_result_arrives(dataset: Scenario, last: str) -> AggregateOutcome:
+        write_results(store, dataset, [key for key in dataset.results if key != last])
+        waiting = aggregate_dataset(store, settings, dataset.dataset_id)
+        assert waiting.status == "waiting" and waiting.message.endswith("exported ahead")
+        assert store.list_keys("models", f"{dataset.dataset_id}/") == []
+        assert versions(client, dataset.dataset_id) == []
+        write_results(store, dataset, [last])
+        outcome = aggregate_dataset(store, settings, dataset.dataset_id)
+        assert outcome.status == "aggregated", outcome
+        metadata = store.get_json("models", f"{dataset.dataset_id}/metadata.json")
+        assert metadata["run_id"] == best["run_id"]  # the selection of all results
+        return outcome
+
+    # The last result is not the best: the model prepared ahead is the one published.
+    first = copy_dataset(store, scenario, "00000000000a4ead")
+    other = next(key for key in first.results if not key.endswith(f"/{best_job}.json"))
+    assert "tested and exported ahead" in last_result_arrives(first, other).message
+    # The last result is the best: the guess (the runner-up) is not used.
+    second = copy_dataset(store, scenario, "00000000000b4ead")
+    last = next(key for key in second.results if key.endswith(f"/{best_job}.json"))
+    assert "ahead" not in last_result_arrives(second, last).message
+
+
+def test_a_failed_preparation_ahead_only_leaves_the_work_to_the_fan_in(
+    store: ObjectStore, settings: Settings, scenario: Scenario
+) -> None:
+    broken = copy_dataset(store, scenario, "00000000000c4ead")
+    store.delete("datasets", broken.manifest["test"]["key"])  # nothing to test on
+    jobs = list(broken.results)
+    write_results(store, broken, jobs[:-1])
+    outcome = aggregate_dataset(store, settings, broken.dataset_id)
+    assert (outcome.status, outcome.message) == (
+        "waiting",
+        f"waiting ({len(jobs) - 1} of {len(jobs)} results)",
+    )
+    assert store.list_keys("models", f"{broken.dataset_id}/") == []
 
 
 def test_lease_admits_one_holder_and_expires(store: ObjectStore) -> None:
