@@ -14,13 +14,14 @@ than `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true` (see `load_pipeline`).
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -239,7 +240,7 @@ def log_pipeline(run_id: str, pipeline: Pipeline, frame: pd.DataFrame) -> ModelI
     example = frame.head(INPUT_EXAMPLE_ROWS)
     signature = infer_signature(example, pipeline.predict(example))
     model_format = sklearn_model_format()
-    with mlflow.start_run(run_id=run_id), compact_skops_schema():
+    with mlflow.start_run(run_id=run_id), compact_skops_schema(), no_serving_input_recheck():
         return mlflow.sklearn.log_model(
             pipeline,
             name=MODEL_NAME,
@@ -248,7 +249,7 @@ def log_pipeline(run_id: str, pipeline: Pipeline, frame: pd.DataFrame) -> ModelI
             pip_requirements=pip_requirements(),
             serialization_format=model_format,
             skops_trusted_types=list(TRUSTED_TYPES) if model_format == "skops" else None,
-        )  # MLflow loads the saved model back and predicts the example: a free load check
+        )  # the sklearn flavour loads the saved file back (trusted types): a load check
 
 
 class _CompactJson:
@@ -261,8 +262,47 @@ class _CompactJson:
         return json.dumps(obj, **kwargs)
 
 
-_skops_lock = threading.Lock()
-_skops_savers = 0
+class _SharedPatch:
+    """`module.attribute = replacement` while at least one caller is inside `active()`; the
+    original is restored when the last one leaves (nested and concurrent use is counted, so
+    it is safe from several threads). It patches only if `applies(current value)`: if the
+    library has changed what it calls, nothing is changed."""
+
+    def __init__(
+        self, module: str, attribute: str, replacement: Any, applies: Callable[[Any], bool]
+    ) -> None:
+        self._module, self._attribute = module, attribute
+        self._replacement, self._applies = replacement, applies
+        self._lock = threading.Lock()
+        self._users = 0
+        self._original: Any = None
+
+    @contextmanager
+    def active(self) -> Iterator[bool]:
+        """Yields whether the patch is in place."""
+        try:
+            module = importlib.import_module(self._module)
+        except ImportError:  # pragma: no cover - both patched libraries are dependencies
+            yield False
+            return
+        with self._lock:
+            patched = self._users > 0 or self._applies(getattr(module, self._attribute, None))
+            if patched:
+                if self._users == 0:
+                    self._original = getattr(module, self._attribute)
+                    setattr(module, self._attribute, self._replacement)
+                self._users += 1
+        try:
+            yield patched
+        finally:
+            if patched:
+                with self._lock:
+                    self._users -= 1
+                    if self._users == 0:
+                        setattr(module, self._attribute, self._original)
+
+
+_COMPACT_SKOPS = _SharedPatch("skops.io._persist", "json", _CompactJson, lambda now: now is json)
 
 
 @contextmanager
@@ -273,28 +313,37 @@ def compact_skops_schema() -> Iterator[None]:
     pure-Python encoder (the C one only serves indent=None): ~2/3 of the save time of a
     300-tree model, and the indentation doubles the file (11.5 MB instead of 5.2 MB for
     gradient boosting, uploaded to MLflow for every run). skops reads the schema with
-    `json.loads`, so the saved model is the same document. Nested and concurrent use is safe
-    (a count of active savers); if skops no longer writes through its module's `json`, nothing
-    is changed."""
-    global _skops_savers
-    try:
-        from skops.io import _persist
-    except ImportError:  # pragma: no cover - skops is a dependency
+    `json.loads`, so the saved model is the same document. Safe to nest and to use from
+    several threads; if skops no longer writes through its module's `json`, nothing is
+    changed."""
+    with _COMPACT_SKOPS.active():
         yield
-        return
-    with _skops_lock:
-        patchable = _skops_savers > 0 or getattr(_persist, "json", None) is json
-        if patchable:
-            _persist.json = _CompactJson  # type: ignore[assignment]
-            _skops_savers += 1
-    try:
+
+
+def _no_serving_input_recheck(model_uri: str, serving_input: Any) -> None:
+    return None
+
+
+_NO_SERVING_INPUT_RECHECK = _SharedPatch(
+    "mlflow.models.utils", "_validate_serving_input", _no_serving_input_recheck, callable
+)
+
+
+@contextmanager
+def no_serving_input_recheck() -> Iterator[None]:
+    """While inside, MLflow's log_model does not load the saved model a second time to
+    predict its input example (`mlflow.models.utils._validate_serving_input`, which
+    `mlflow.sklearn.log_model` offers no switch for).
+
+    That check costs a third of log_model's CPU (~0.2 s per run: another skops load of the
+    whole model) and its failure is only a logged warning. What it would find is covered
+    otherwise: the sklearn flavour loads the saved file back once itself (trusted types),
+    `log_pipeline` predicts the example with the pipeline for the signature, and
+    tests/test_training.py serves every algorithm's logged model its serving input example
+    through pyfunc, where a failure fails. Safe to nest and to use from several threads; if
+    MLflow no longer has that function, nothing is changed."""
+    with _NO_SERVING_INPUT_RECHECK.active():
         yield
-    finally:
-        if patchable:
-            with _skops_lock:
-                _skops_savers -= 1
-                if _skops_savers == 0:
-                    _persist.json = json
 
 
 @contextmanager

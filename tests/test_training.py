@@ -291,6 +291,51 @@ def test_recorded_trusted_types_cover_every_pipeline(algorithm: str) -> None:
     assert set(tracking.untrusted_types(pipeline)) <= set(tracking.TRUSTED_TYPES)
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_logged_model_serves_its_input_example_through_pyfunc(
+    env: Env, algorithm: str
+) -> None:
+    """What MLflow's own input-example check on log_model does (tracking.log_pipeline skips
+    it: there a failure is only a warning): load the logged model through pyfunc and answer
+    its serving_input_example.json on the scoring server's /invocations path."""
+    import mlflow.pyfunc
+    from mlflow.pyfunc import scoring_server
+
+    train = generated_frame(400)
+    frame = to_model_frame(train)
+    with threadpool_limits(limits=1):
+        pipeline = build_pipeline(algorithm).fit(frame, target_values(train))
+    client = tracking.client_for(env.settings.mlflow_tracking_uri)  # and the fluent API
+    run_id = client.create_run(tracking.experiment_id(client, "serving-input-test")).info.run_id
+    tracking.log_pipeline(run_id, pipeline, frame)
+    model_uri = f"runs:/{run_id}/{tracking.MODEL_NAME}"
+    with tracking.deserialization_allowed():
+        model = mlflow.pyfunc.load_model(model_uri)
+    serving_input = Path(
+        mlflow.artifacts.download_artifacts(f"{model_uri}/serving_input_example.json")
+    ).read_text()
+    answer = scoring_server.invocations(
+        serving_input, "application/json", model, model.metadata.get_input_schema()
+    )
+    assert answer.status == 200, answer.response
+    predictions = json.loads(answer.response)["predictions"]
+    rows = json.loads(serving_input)["dataframe_split"]["data"]
+    assert predictions == list(pipeline.predict(frame.head(len(rows))))
+
+
+def test_no_serving_input_recheck_restores_mlflow() -> None:
+    import mlflow.models.utils
+
+    original = mlflow.models.utils._validate_serving_input
+    with tracking.no_serving_input_recheck(), tracking.no_serving_input_recheck():  # nests
+        assert mlflow.models.utils._validate_serving_input is not original
+        assert mlflow.models.utils._validate_serving_input(model_uri="x", serving_input="") is None
+    assert mlflow.models.utils._validate_serving_input is original
+    with pytest.raises(RuntimeError), tracking.no_serving_input_recheck():
+        raise RuntimeError("a failed log_model")
+    assert mlflow.models.utils._validate_serving_input is original
+
+
 def test_compact_skops_schema_writes_the_same_model_and_restores_skops() -> None:
     from skops.io import _persist
 
