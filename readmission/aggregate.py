@@ -72,8 +72,6 @@ TIE_BREAK_METRIC = "roc_auc_ovr"
 LEASE_TTL_SECONDS = 60.0
 LEASE_RENEW_SECONDS = 15.0
 LEASE_WAIT_SECONDS = 120.0
-# With this many results missing (a train worker idles), the best so far is prepared ahead.
-PREPARE_AHEAD_WHEN_MISSING = 1
 ARTIFACT_DIR = "aggregate"  # where the winning run gets the aggregator's artifacts
 ONNX_SAMPLE_ROWS = 100
 MODEL_DESCRIPTION = (
@@ -258,7 +256,7 @@ def aggregate_dataset(
         message = f"waiting ({len(found)} of {len(expected)} results)"
         if (
             found
-            and len(expected) - len(found) <= PREPARE_AHEAD_WHEN_MISSING
+            and len(expected) - len(found) <= settings.prepare_ahead_missing
             and exporter is None
             and PREPARED_AHEAD.prepare(store, settings, manifest, found, parity_tolerance)
         ):
@@ -358,14 +356,16 @@ def test_and_export(
 
 
 class PreparedAhead:
-    """The TestedModel of the best result so far, made while a dataset's last result is still
-    being trained (this process only, one at a time, at most one kept).
+    """The TestedModel of the best result so far, made while a dataset's last results are
+    still being trained (Settings.prepare_ahead_missing; this process only, one at a time, at
+    most one kept).
 
-    When one result is missing, one train worker is idle: loading, testing and exporting the
-    best model so far (~2 s) then costs no wall time, and if the last result does not beat it
-    the fan-in only has to register and publish. Purely an optimisation: the final invocation
-    re-selects from all results and uses the prepared model only if it is the same run, tested
-    on the same split with the same tolerance; a lost or wrong guess changes nothing else.
+    The last jobs are the smallest (the manifest orders them costliest first) and never fill
+    every core: loading, testing and exporting the best model so far (~2 s) then runs beside
+    them, and if they do not beat it, the fan-in after the last result only has to register
+    and publish. Purely an optimisation: the fan-in re-selects from all results and uses the
+    prepared model only if it is the same run, tested on the same split with the same
+    tolerance; a lost or wrong guess changes nothing else.
     """
 
     def __init__(self) -> None:

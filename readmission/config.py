@@ -71,6 +71,9 @@ class Settings:
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
     mlflow_experiment: str = "diabetes_readmission_prediction"
     registered_model: str = "diabetes_readmission_model"
+    # The aggregator tests and exports the best result so far ahead once at most this many
+    # results are missing (the last jobs then run on the other workers; 0: never).
+    prepare_ahead_missing: int = 2
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -82,6 +85,9 @@ class Settings:
         batch_rows = _env_int("BATCH_ROWS", cls.batch_rows)
         if batch_rows < 1:
             raise ValueError(f"BATCH_ROWS must be positive, got {batch_rows}")
+        prepare_ahead_missing = _env_int("PREPARE_AHEAD_MISSING", cls.prepare_ahead_missing)
+        if prepare_ahead_missing < 0:
+            raise ValueError(f"PREPARE_AHEAD_MISSING must be >= 0, got {prepare_ahead_missing}")
         return cls(
             s3_endpoint_url=_env("S3_ENDPOINT_URL", cls.s3_endpoint_url),
             aws_region=_env("AWS_REGION", cls.aws_region),
@@ -94,4 +100,5 @@ class Settings:
             mlflow_tracking_uri=_env("MLFLOW_TRACKING_URI", cls.mlflow_tracking_uri),
             mlflow_experiment=_env("MLFLOW_EXPERIMENT", cls.mlflow_experiment),
             registered_model=_env("REGISTERED_MODEL", cls.registered_model),
+            prepare_ahead_missing=prepare_ahead_missing,
         )

@@ -218,6 +218,16 @@ def test_selection_by_metric_then_auc_then_job_key_in_any_order() -> None:
         select_best(results, "f1_wieghted")
 
 
+def test_prepare_ahead_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PREPARE_AHEAD_MISSING", raising=False)
+    assert Settings.from_env().prepare_ahead_missing == 2
+    monkeypatch.setenv("PREPARE_AHEAD_MISSING", "0")  # never
+    assert Settings.from_env().prepare_ahead_missing == 0
+    monkeypatch.setenv("PREPARE_AHEAD_MISSING", "-1")
+    with pytest.raises(ValueError, match="PREPARE_AHEAD_MISSING"):
+        Settings.from_env()
+
+
 # --- tests, in order: the module's state builds up ----------------------------------------
 
 
