@@ -81,6 +81,11 @@ class ObjectStore:
     def get_bytes(self, bucket: str, key: str) -> bytes:
         return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
+    def get_with_etag(self, bucket: str, key: str) -> tuple[bytes, str]:
+        """The object's bytes and the ETag of exactly those bytes."""
+        response = self.client.get_object(Bucket=bucket, Key=key)
+        return response["Body"].read(), response["ETag"].strip('"')
+
     def get_bytes_if_exists(self, bucket: str, key: str) -> bytes | None:
         try:
             return self.get_bytes(bucket, key)

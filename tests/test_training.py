@@ -12,6 +12,7 @@ from typing import Any
 
 import mlflow.artifacts
 import numpy as np
+import pandas as pd
 import pytest
 import skops.io
 from cloudevents.conversion import to_binary
@@ -32,6 +33,8 @@ from readmission.training import (
     METRIC_NAMES,
     InvalidJobSpec,
     JobSpec,
+    ModelDataCache,
+    read_model_data,
     train_job,
 )
 
@@ -166,6 +169,42 @@ def test_train_job_logs_one_run_and_writes_the_result(env: Env) -> None:
     predicted = pipeline.predict(to_model_frame(validation))
     f1 = f1_score(target_values(validation), predicted, average="weighted", zero_division=0)
     assert np.isclose(f1, result["metrics"]["validation"]["f1_weighted"])
+
+
+def test_model_data_is_read_once_per_process_and_again_when_rewritten(env: Env) -> None:
+    store, bucket = env.store, env.settings.buckets.datasets
+    cache = ModelDataCache()
+    job = JobSpec.parse(job_spec(1, "decision_tree"), bucket)
+    train, validation = read_model_data(store, job, cache)
+    # the same as converting the concatenated rows of the objects
+    rows = pd.concat(
+        [pd.read_parquet(io.BytesIO(store.get_bytes(bucket, k))) for k in job.batch_keys],
+        ignore_index=True,
+    )
+    pd.testing.assert_frame_equal(train.frame, to_model_frame(rows))
+    assert np.array_equal(train.target, target_values(rows)) and len(rows) == 2 * BATCH_ROWS
+    rows = pd.read_parquet(io.BytesIO(store.get_bytes(bucket, job.validation_key)))
+    pd.testing.assert_frame_equal(validation.frame, to_model_frame(rows))
+
+    # the next job of the same dataset gets the very objects converted before
+    first = JobSpec.parse(job_spec(0, "random_forest"), bucket)
+    batch_0, validation_again = read_model_data(store, first, cache)
+    assert validation_again is validation
+    assert batch_0 is cache.get(store, bucket, first.batch_keys[0], DATASET_ID)
+
+    # an object rewritten under its key is read again
+    key, original = first.batch_keys[0], store.get_bytes(bucket, first.batch_keys[0])
+    try:
+        store.put_bytes(bucket, key, parquet(pd.read_parquet(io.BytesIO(original)).head(10)))
+        assert len(cache.get(store, bucket, key, DATASET_ID).frame) == 10
+    finally:
+        store.put_bytes(bucket, key, original)
+    restored = cache.get(store, bucket, key, DATASET_ID)
+    assert len(restored.frame) == BATCH_ROWS
+    assert cache.get(store, bucket, key, DATASET_ID) is restored
+    # another dataset's objects replace this one's
+    cache.get(store, bucket, key, "fedcba9876543210")
+    assert cache.get(store, bucket, key, DATASET_ID) is not restored
 
 
 def test_second_call_returns_the_result_without_a_new_run(env: Env) -> None:
