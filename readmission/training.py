@@ -28,13 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
-from sklearn.metrics import (
-    accuracy_score,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
@@ -261,16 +255,18 @@ def score(
         y_true, classes = codes, np.arange(len(classes))
     else:  # a label the model does not know: score the labels as they are
         predicted = classes[predicted]
+    # One pass for the per-class figures (over the labels present in either array, as
+    # precision_score & co. do), averaged here exactly as sklearn averages them: a quarter of
+    # the cost of four separate calls.
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, predicted, average=None, zero_division=0
+    )
     metrics: dict[str, float | None] = {
         "accuracy": float(accuracy_score(y_true, predicted)),
-        "precision_weighted": float(
-            precision_score(y_true, predicted, average="weighted", zero_division=0)
-        ),
-        "recall_weighted": float(
-            recall_score(y_true, predicted, average="weighted", zero_division=0)
-        ),
-        "f1_weighted": float(f1_score(y_true, predicted, average="weighted", zero_division=0)),
-        "f1_macro": float(f1_score(y_true, predicted, average="macro", zero_division=0)),
+        "precision_weighted": float(np.average(precision, weights=support)),
+        "recall_weighted": float(np.average(recall, weights=support)),
+        "f1_weighted": float(np.average(f1, weights=support)),
+        "f1_macro": float(np.average(f1)),
     }
     try:
         metrics["roc_auc_ovr"] = float(

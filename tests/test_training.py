@@ -434,12 +434,48 @@ def test_metrics_equal_sklearn_on_the_labels_themselves() -> None:
     }
     metrics = compute_metrics(pipeline, x_val, y_val)
     assert {name: metrics[name] for name in expected} == pytest.approx(expected, abs=1e-12)
+    assert metrics == pytest.approx(label_metrics(y_val, predicted) | expected, abs=1e-12)
     # a label the model never saw: scored on the labels as they are, no crash
     unknown = y_val.copy()
     unknown[0] = "never-seen"
-    assert compute_metrics(pipeline, x_val, unknown)["accuracy"] == pytest.approx(
-        accuracy_score(unknown, predicted)
+    metrics = compute_metrics(pipeline, x_val, unknown)
+    assert {n: metrics[n] for n in LABEL_METRICS} == pytest.approx(
+        label_metrics(unknown, predicted), abs=1e-12
     )
+
+
+LABEL_METRICS = ("accuracy", "precision_weighted", "recall_weighted", "f1_weighted", "f1_macro")
+
+
+def label_metrics(y_true: Any, predicted: Any) -> dict[str, float]:
+    """The label metrics as sklearn's own functions compute them, one call each."""
+    from sklearn.metrics import accuracy_score, precision_score, recall_score
+
+    return {
+        "accuracy": accuracy_score(y_true, predicted),
+        "precision_weighted": precision_score(
+            y_true, predicted, average="weighted", zero_division=0
+        ),
+        "recall_weighted": recall_score(y_true, predicted, average="weighted", zero_division=0),
+        "f1_weighted": f1_score(y_true, predicted, average="weighted", zero_division=0),
+        "f1_macro": f1_score(y_true, predicted, average="macro", zero_division=0),
+    }
+
+
+def test_label_metrics_average_over_the_labels_present_as_sklearn_does() -> None:
+    from readmission.training import score
+
+    classes = np.array(["<30", ">30", "NO"])
+    rng = np.random.default_rng(3)
+    probabilities = rng.random((200, 3))
+    probabilities[:, 0] = 0.0  # "<30" is never predicted ...
+    y_true = rng.choice(classes[1:], 200)  # ... nor present: macro F1 is over two labels
+    metrics = score(probabilities, classes, y_true)
+    predicted = classes[probabilities.argmax(axis=1)]
+    assert {n: metrics[n] for n in LABEL_METRICS} == pytest.approx(
+        label_metrics(y_true, predicted), abs=1e-12
+    )
+    assert metrics["roc_auc_ovr"] is None  # undefined without a "<30" row
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
