@@ -157,8 +157,8 @@ class ModelDataCache:
     A train replica fits batches 0..i of the same dataset job after job: with this it reads,
     decodes and converts each batch and the validation split once, not once per job (on the
     real file ~60 batch reads in all become ~12; the frames hold ~40 MB). Entries are keyed
-    by object key and ETag, so every use costs one HEAD request and an object rewritten under
-    its key is read again.
+    by object key and ETag, so every cached use costs one HEAD request and an object rewritten
+    under its key is read again.
     """
 
     def __init__(self) -> None:
@@ -167,13 +167,14 @@ class ModelDataCache:
         self._entries: dict[tuple[str, str], tuple[str, ModelData]] = {}
 
     def get(self, store: ObjectStore, bucket: str, key: str, dataset_id: str) -> ModelData:
-        info = store.head(bucket, key)
         with self._lock:
             if dataset_id != self._dataset_id:
                 self._dataset_id, self._entries = dataset_id, {}
             cached = self._entries.get((bucket, key))
-        if cached is not None and info is not None and cached[0] == info.etag:
-            return cached[1]
+        if cached is not None:
+            info = store.head(bucket, key)
+            if info is not None and cached[0] == info.etag:
+                return cached[1]
         data, etag = store.get_with_etag(bucket, key)  # raises if the object is gone
         rows = pd.read_parquet(io.BytesIO(data))
         entry = ModelData(to_model_frame(rows), target_values(rows))
