@@ -66,6 +66,9 @@ ALGORITHMS: tuple[str, ...] = (
 PREPROCESS_STEP = "preprocess"
 SELECT_STEP = "select"
 MODEL_STEP = "model"
+# the steps of logistic_regression's categorical encoding: ordinal codes, then one-hot
+CODES_STEP = "codes"
+ONE_HOT_STEP = "one_hot"
 
 
 class UnknownAlgorithm(ValueError):
@@ -92,13 +95,31 @@ def make_classifier(algorithm: str) -> Any:
     )
 
 
+def _ordinal_encoder() -> OrdinalEncoder:
+    return OrdinalEncoder(
+        handle_unknown="use_encoded_value", unknown_value=UNKNOWN_CODE, dtype=np.float32
+    )
+
+
 def _one_hot_preprocessor() -> ColumnTransformer:
     numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
-    categorical = OneHotEncoder(
-        handle_unknown="ignore",
-        min_frequency=MIN_FREQUENCY,
-        sparse_output=True,
-        dtype=np.float32,
+    # One-hot of the ordinal codes, not of the strings: the same output, column for column
+    # (codes follow the sorted categories; an unseen value's code, -1, is unknown to the
+    # one-hot step too), but min_frequency counts numbers with numpy instead of strings with
+    # a Python Counter: the fit on 71k rows takes ~0.5 s instead of ~2 s.
+    categorical = Pipeline(
+        [
+            (CODES_STEP, _ordinal_encoder()),
+            (
+                ONE_HOT_STEP,
+                OneHotEncoder(
+                    handle_unknown="ignore",
+                    min_frequency=MIN_FREQUENCY,
+                    sparse_output=True,
+                    dtype=np.float32,
+                ),
+            ),
+        ]
     )
     return ColumnTransformer(
         [
@@ -112,13 +133,10 @@ def _one_hot_preprocessor() -> ColumnTransformer:
 
 def _ordinal_preprocessor() -> ColumnTransformer:
     numeric = SimpleImputer(strategy="median")
-    categorical = OrdinalEncoder(
-        handle_unknown="use_encoded_value", unknown_value=UNKNOWN_CODE, dtype=np.float32
-    )
     return ColumnTransformer(
         [
             ("numeric", numeric, list(NUMERIC_FEATURES)),
-            ("categorical", categorical, list(CATEGORICAL_FEATURES)),
+            ("categorical", _ordinal_encoder(), list(CATEGORICAL_FEATURES)),
         ],
         sparse_threshold=0.0,
         verbose_feature_names_out=False,
@@ -146,11 +164,17 @@ def build_pipeline(algorithm: str) -> Pipeline:
 def to_model_frame(df: pd.DataFrame) -> pd.DataFrame:
     """The model input for a contract frame: the 47 FEATURES in contract order.
 
-    Numeric features become float32 with NaN for missing; categorical ones become pandas
-    strings (`str` dtype) with MISSING_MARKER for missing (NA, None or an empty string);
+    Numeric features become float32 with NaN for missing; categorical ones become Python
+    strings (`object` dtype) with MISSING_MARKER for missing (NA, None or an empty string);
     non-string values (e.g. the integer 1) become their text ("1"). Extra columns (ids, the
     target) are dropped; a missing feature column raises KeyError. Vectorised (Arrow strings):
-    ~0.3 s for 71k rows.
+    ~0.4 s for 71k rows.
+
+    Each distinct value of a column is one str object that its rows share. scikit-learn's
+    encoders work on object arrays: Arrow-backed `str` columns would be converted on every
+    fit and transform, into a new str object per cell whose hash is computed again. Shared
+    objects halve the ordinal encoding's time (~0.4 instead of ~0.8 s for 71k rows) and
+    hold ~8 bytes per cell.
     """
     missing = [c for c in FEATURES if c not in df.columns]
     if missing:
@@ -164,7 +188,9 @@ def to_model_frame(df: pd.DataFrame) -> pd.DataFrame:
         else:
             text = values.astype("string[pyarrow]").fillna(MISSING_MARKER)
             text = text.mask(text == "", MISSING_MARKER)
-            columns[column] = text.astype("str")
+            codes, uniques = pd.factorize(text)  # no NA left: every code >= 0
+            shared = np.asarray(uniques, dtype=object)[codes]
+            columns[column] = pd.Series(shared, dtype=object)
     return pd.DataFrame(columns, index=pd.RangeIndex(len(df)))
 
 
@@ -189,7 +215,8 @@ def learned_categories(pipeline: Pipeline) -> dict[str, list[str]]:
     preprocess = pipeline.named_steps[PREPROCESS_STEP]
     result: dict[str, list[str]] = {}
     for _name, transformer, columns in preprocess.transformers_:
-        encoder = transformer[-1] if isinstance(transformer, Pipeline) else transformer
+        # the step that sees the strings: the first (one-hot follows ordinal codes)
+        encoder = transformer[0] if isinstance(transformer, Pipeline) else transformer
         categories = getattr(encoder, "categories_", None)
         if categories is None:
             continue

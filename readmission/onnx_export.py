@@ -177,24 +177,39 @@ def _ordinal_codes(builder: _GraphBuilder, categorical: str, encoder: OrdinalEnc
     return _column_lookup(builder, categorical, codes, float(encoder.unknown_value), np.float32)
 
 
-def _one_hot_block_columns(encoder: OneHotEncoder) -> list[dict[str, int]]:
+def _category_names(codes: OrdinalEncoder, one_hot: OneHotEncoder) -> list[list[str]]:
+    """Per input column, the one-hot encoder's categories (ordinal codes) as the strings
+    that those codes encode."""
+    names: list[list[str]] = []
+    for strings, column in zip(codes.categories_, one_hot.categories_, strict=True):
+        positions = np.asarray(column, dtype=np.float64)
+        if not np.all((positions == np.round(positions)) & (positions >= 0)):
+            raise ValueError("the one-hot step after ordinal codes saw a code that is not one")
+        names.append([str(strings[int(p)]) for p in positions])
+    return names
+
+
+def _one_hot_block_columns(codes: OrdinalEncoder, one_hot: OneHotEncoder) -> list[dict[str, int]]:
     """Per input column: category -> its output column in the encoder's (dense) output.
 
     Columns are laid out feature by feature; within a feature the frequent categories in
     `categories_` order, then one column shared by the infrequent ones (scikit-learn's layout
-    with min_frequency and no `drop`). Verified against encoder.transform by the caller's
-    parity check."""
-    if encoder.drop is not None:
+    with min_frequency and no `drop`), keyed by the strings the codes stand for. Verified
+    against the pipeline by the caller's parity check."""
+    if one_hot.drop is not None:
         raise ValueError("OneHotEncoder(drop=...) is not supported by the ONNX export")
-    infrequent = getattr(encoder, "infrequent_categories_", None) or [None] * len(
-        encoder.categories_
-    )
+    names = _category_names(codes, one_hot)
+    infrequent = getattr(one_hot, "infrequent_categories_", None) or [None] * len(names)
     offset = 0
     blocks: list[dict[str, int]] = []
-    for column, rare in zip(encoder.categories_, infrequent, strict=True):
-        rare_values = {str(v) for v in rare} if rare is not None else set()
+    for j, (column, rare) in enumerate(zip(names, infrequent, strict=True)):
+        rare_values = (
+            {column[i] for i in np.flatnonzero(np.isin(one_hot.categories_[j], rare))}
+            if rare is not None
+            else set()
+        )
         block: dict[str, int] = {}
-        for value in (str(v) for v in column):
+        for value in column:
             if value not in rare_values:
                 block[value] = offset + len(block)
         width = len(block)
@@ -207,11 +222,14 @@ def _one_hot_block_columns(encoder: OneHotEncoder) -> list[dict[str, int]]:
     return blocks
 
 
-def _one_hot(builder: _GraphBuilder, categorical: str, encoder: OneHotEncoder) -> str:
-    """float32 [N, D]: the OneHotEncoder's output (handle_unknown='ignore': unseen = zeros)."""
-    if encoder.handle_unknown != "ignore":
+def _one_hot(
+    builder: _GraphBuilder, categorical: str, codes: OrdinalEncoder, one_hot: OneHotEncoder
+) -> str:
+    """float32 [N, D]: the one-hot of the OrdinalEncoder's codes (unseen values have the
+    code -1, which the one-hot step ignores (handle_unknown='ignore'): all zeros)."""
+    if one_hot.handle_unknown != "ignore":
         raise ValueError("the ONNX export needs OneHotEncoder(handle_unknown='ignore')")
-    blocks = _one_hot_block_columns(encoder)
+    blocks = _one_hot_block_columns(codes, one_hot)
     width = 1 + max((max(block.values()) for block in blocks if block), default=-1)
     # unseen values go to an extra column `width`, dropped after the scatter
     columns = _column_lookup(builder, categorical, blocks, width, np.int64)
@@ -281,6 +299,16 @@ def _numeric_part(builder: _GraphBuilder, numeric: str, transformer: Any) -> str
     return current
 
 
+def _is_codes_then_one_hot(transformer: Any) -> bool:
+    """Whether the transformer is Pipeline([OrdinalEncoder, OneHotEncoder])."""
+    return (
+        isinstance(transformer, Pipeline)
+        and len(transformer.steps) == 2
+        and isinstance(transformer.steps[0][1], OrdinalEncoder)
+        and isinstance(transformer.steps[1][1], OneHotEncoder)
+    )
+
+
 def _preprocessing(builder: _GraphBuilder, pipeline: Pipeline) -> str:
     """The graph from the two inputs to the classifier's input (preprocess, then select)."""
     preprocess = pipeline.named_steps[PREPROCESS_STEP]
@@ -294,8 +322,9 @@ def _preprocessing(builder: _GraphBuilder, pipeline: Pipeline) -> str:
             parts.append(_numeric_part(builder, NUMERIC_INPUT, transformer))
         elif tuple(columns) == CATEGORICAL_FEATURES and isinstance(transformer, OrdinalEncoder):
             parts.append(_ordinal_codes(builder, CATEGORICAL_INPUT, transformer))
-        elif tuple(columns) == CATEGORICAL_FEATURES and isinstance(transformer, OneHotEncoder):
-            parts.append(_one_hot(builder, CATEGORICAL_INPUT, transformer))
+        elif tuple(columns) == CATEGORICAL_FEATURES and _is_codes_then_one_hot(transformer):
+            codes, one_hot = (step for _, step in transformer.steps)
+            parts.append(_one_hot(builder, CATEGORICAL_INPUT, codes, one_hot))
         else:
             raise ValueError(f"no ONNX export for the {name!r} transformer {transformer!r}")
     current = builder.node("Concat", parts, "preprocessed", axis=1)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
+from sklearn.preprocessing import OneHotEncoder
 from threadpoolctl import threadpool_limits
 
 from readmission import contract
@@ -24,6 +25,7 @@ from readmission.features import (
     ALGORITHMS,
     GB_MAX_FEATURES,
     MODEL_STEP,
+    ONE_HOT_STEP,
     UnknownAlgorithm,
     build_pipeline,
     classifier_params,
@@ -100,6 +102,10 @@ def test_model_frame_has_the_contract_features_and_types() -> None:
     assert model.loc[1, "race"] == MISSING_MARKER
     assert np.isnan(model.loc[2, "time_in_hospital"])
     assert "?" not in set(model["gender"]) - {MISSING_MARKER}
+    # one str object per distinct value, shared by its rows (what sklearn's encoders hash)
+    for column in CATEGORICAL_FEATURES:
+        assert model[column].dtype == object
+        assert len({id(v) for v in model[column]}) == model[column].nunique()
 
 
 def test_model_frame_is_idempotent_and_rejects_missing_columns() -> None:
@@ -157,12 +163,33 @@ def test_encoders_keep_the_features_few_for_trees() -> None:
     assert one_hot > len(FEATURES)
 
 
-def test_learned_categories_include_the_missing_marker() -> None:
+@pytest.mark.parametrize("algorithm", ["decision_tree", "logistic_regression"])
+def test_learned_categories_include_the_missing_marker(algorithm: str) -> None:
     train = generated_frame(500)
-    pipeline = build_pipeline("decision_tree").fit(to_model_frame(train), target_values(train))
+    pipeline = build_pipeline(algorithm).fit(to_model_frame(train), target_values(train))
     categories = learned_categories(pipeline)
     assert set(categories) == set(CATEGORICAL_FEATURES)
     assert categories["race"] == ["?", "a", "b", "c"]
+
+
+def test_logistic_one_hot_of_codes_equals_a_one_hot_of_the_strings() -> None:
+    """The logistic pipeline one-hot encodes ordinal codes (fast); its output must be, column
+    for column, scikit-learn's one-hot of the strings with the same settings: infrequent
+    categories sharing a column, unseen values all zeros."""
+    train, validation = real_sample(6000, 3000)
+    x_train, x_validation = to_model_frame(train), to_model_frame(validation)
+    x_validation.loc[:30, "diag_1"] = "V99.9"  # unseen
+    x_validation.loc[:10, "race"] = "never-seen"
+    preprocess = build_pipeline("logistic_regression")[0].fit(x_train, target_values(train))
+    codes_then_one_hot = preprocess.named_transformers_["categorical"]
+    settings = codes_then_one_hot.named_steps[ONE_HOT_STEP].get_params()
+    of_strings = OneHotEncoder(**settings).fit(x_train[list(CATEGORICAL_FEATURES)])
+    assert any(c is not None for c in of_strings.infrequent_categories_)
+    for frame in (x_train, x_validation):
+        expected = of_strings.transform(frame[list(CATEGORICAL_FEATURES)])
+        actual = codes_then_one_hot.transform(frame[list(CATEGORICAL_FEATURES)])
+        assert actual.shape == expected.shape
+        assert (actual != expected).nnz == 0
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
