@@ -32,7 +32,7 @@ import mlflow
 import mlflow.sklearn
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, ViewType
+from mlflow.entities import Metric, Param, Run, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
@@ -52,7 +52,12 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
-    """A client for one tracking server; also points the fluent API (log_model) at it."""
+    """A client for one tracking server; also points the fluent API (log_model) at it.
+
+    Unless the environment says otherwise, MLflow does not print "View run ... at <url>" when a
+    run ends (`MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT`, default here "true"): a function's log
+    has no use for it, and MLflow reads the run once more to build it."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)
 
@@ -179,13 +184,36 @@ def log_run_data(
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,
-        metrics=[
-            Metric(name, float(value), now, 0, model_id=model_id)
-            for name, value in sorted(metrics.items())
-            if value is not None
-        ],
+        metrics=_metrics(metrics, now, model_id),
         params=[Param(name, _param_value(value)) for name, value in sorted(params.items())],
     )
+
+
+def _metrics(values: Mapping[str, float | None], now: int, model_id: str | None) -> list[Metric]:
+    return [
+        Metric(name, float(value), now, 0, model_id=model_id)
+        for name, value in sorted(values.items())
+        if value is not None
+    ]
+
+
+def complete_run(
+    client: MlflowClient,
+    run_id: str,
+    model_metrics: Mapping[str, float | None],
+    model_id: str,
+    run_metrics: Mapping[str, float] | None = None,
+) -> None:
+    """End a run whose params and model are logged: its metrics (`model_metrics` linked to the
+    logged model, as `log_run_data` does; `run_metrics` the run's alone) and the COMPLETE_TAG in
+    one request, then status FINISHED."""
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=_metrics(model_metrics, now, model_id) + _metrics(run_metrics or {}, now, None),
+        tags=[RunTag(COMPLETE_TAG, "true")],
+    )
+    client.set_terminated(run_id, status="FINISHED")
 
 
 # The types skops does not trust by default that our five pipelines contain (checked for

@@ -366,17 +366,15 @@ def fit_and_log(
     try:
         tracking.log_run_data(client, run_id, _run_params(job, pipeline, len(x_train)), {})
         model = tracking.log_pipeline(run_id, pipeline, x_train)
-        tracking.log_run_data(
+        # MLflow's cost for this job (create, params, model), logged for the budget.
+        mlflow_seconds = time.perf_counter() - started
+        tracking.complete_run(
             client,
             run_id,
-            {},
             _run_metrics(timing, train_metrics, val_metrics),
-            model_id=model.model_id,
+            model.model_id,
+            {"mlflow_seconds": mlflow_seconds},
         )
-        # MLflow's cost for this job (create, params, metrics, model), logged for the budget.
-        client.log_metric(run_id, "mlflow_seconds", time.perf_counter() - started)
-        client.set_tag(run_id, tracking.COMPLETE_TAG, "true")
-        client.set_terminated(run_id, status="FINISHED")
     except BaseException:
         try:
             client.set_terminated(run_id, status="FAILED")
