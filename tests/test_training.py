@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -373,6 +374,50 @@ def test_no_serving_input_recheck_restores_mlflow() -> None:
     with pytest.raises(RuntimeError), tracking.no_serving_input_recheck():
         raise RuntimeError("a failed log_model")
     assert mlflow.models.utils._validate_serving_input is original
+
+
+def test_no_skops_reload_check_skips_mlflows_reload_in_this_thread_only(tmp_path: Path) -> None:
+    """MLflow's sklearn flavour loads a model it saved in skops format back, and fails on types
+    outside skops_trusted_types: with no trusted types a tree model fails, unless the reload
+    is skipped. Other threads keep loading; nesting and errors restore skops."""
+    import mlflow.sklearn
+    from mlflow.exceptions import MlflowException
+
+    train = generated_frame(200)
+    with threadpool_limits(limits=1):
+        pipeline = build_pipeline("decision_tree").fit(to_model_frame(train), target_values(train))
+
+    def save(name: str) -> None:
+        mlflow.sklearn.save_model(
+            pipeline, tmp_path / name, serialization_format="skops", skops_trusted_types=[]
+        )
+
+    with pytest.raises(MlflowException, match="untrusted types"):
+        save("checked")
+    original = skops.io.load
+    saved = skops.io.dumps(pipeline)
+    (tmp_path / "model.skops").write_bytes(saved)
+    with tracking.no_skops_reload_check(), tracking.no_skops_reload_check():  # nests
+        save("unchecked")
+        assert skops.io.load(tmp_path / "model.skops") is None
+        loaded: list[Any] = []
+        worker = threading.Thread(
+            target=lambda: loaded.append(
+                skops.io.load(tmp_path / "model.skops", trusted=list(tracking.TRUSTED_TYPES))
+            )
+        )
+        worker.start()
+        worker.join()
+        assert type(loaded[0]) is type(pipeline)
+    assert skops.io.load is original
+    reloaded = skops.io.load(
+        tmp_path / "unchecked" / "model.skops", trusted=list(tracking.TRUSTED_TYPES)
+    )
+    frame = to_model_frame(train)
+    assert np.array_equal(reloaded.predict_proba(frame), pipeline.predict_proba(frame))
+    with pytest.raises(RuntimeError), tracking.no_skops_reload_check():
+        raise RuntimeError("a failed log_model")
+    assert skops.io.load is original
 
 
 def test_compact_skops_schema_writes_the_same_model_and_restores_skops() -> None:
