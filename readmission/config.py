@@ -73,7 +73,7 @@ class Settings:
     registered_model: str = "diabetes_readmission_model"
     # The aggregator tests and exports the best result so far ahead once at most this many
     # results are missing (the last jobs then run on the other workers; 0: never).
-    prepare_ahead_missing: int = 2
+    prepare_ahead_missing: int = 4
 
     @classmethod
     def from_env(cls) -> Settings:

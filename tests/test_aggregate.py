@@ -220,7 +220,7 @@ def test_selection_by_metric_then_auc_then_job_key_in_any_order() -> None:
 
 def test_prepare_ahead_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PREPARE_AHEAD_MISSING", raising=False)
-    assert Settings.from_env().prepare_ahead_missing == 2
+    assert Settings.from_env().prepare_ahead_missing == 4
     monkeypatch.setenv("PREPARE_AHEAD_MISSING", "0")  # never
     assert Settings.from_env().prepare_ahead_missing == 0
     monkeypatch.setenv("PREPARE_AHEAD_MISSING", "-1")
