@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import stat
 import urllib.error
@@ -19,7 +20,7 @@ from cloudevents.http import CloudEvent
 from stack import RunningStack, running_stack
 
 from events.notifications import RAW_CREATED, event_id
-from readmission import keys
+from readmission import keys, seaweed
 from readmission.dataset import ensure_dataset, read_dataset_bytes
 from readmission.keys import (
     batch_key,
@@ -84,6 +85,25 @@ def _http_status(method: str, url: str, body: bytes | None = None) -> int:
             return response.status
     except urllib.error.HTTPError as error:
         return error.code
+
+
+def test_every_bucket_has_its_volumes_before_its_first_write(stack: RunningStack) -> None:
+    """`up` has SeaweedFS create each bucket's volumes (seaweed.grow_volumes), so no first
+    write waits for them. The dead-letter bucket is written only on failures: none here."""
+    master = f"http://127.0.0.1:{stack.ports['master']}"
+    with urllib.request.urlopen(f"{master}/vol/status", timeout=10) as reply:
+        topology = json.loads(reply.read())["Volumes"]["DataCenters"]
+    collections = {
+        volume["Collection"]
+        for racks in topology.values()
+        for servers in racks.values()
+        for volumes in servers.values()
+        for volume in volumes
+    }
+    assert set(stack.settings.buckets.all()) <= collections
+    assert not stack.store.list_keys(stack.settings.buckets.dead_letter, "")
+    unreachable = "http://127.0.0.1:9"  # discard port: nothing listens
+    assert seaweed.grow_volumes(unreachable, ["raw"], timeout=1) == ["raw"]
 
 
 def test_filer_and_volume_http_apis_refuse_unsigned_requests(stack: RunningStack) -> None:

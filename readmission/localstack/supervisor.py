@@ -120,6 +120,11 @@ class Supervisor:
             self._wait_ready(
                 {"buckets": lambda: self._buckets_ready(env_for_clients)}, deadline, log
             )
+            not_grown = seaweed.grow_volumes(
+                f"http://{HOST}:{ports['master']}", settings_for(env_for_clients).buckets.all()
+            )
+            if not_grown:
+                log(f"could not allocate volumes ahead for {', '.join(not_grown)}: not needed")
         except BaseException:
             log("start failed: stopping what was started")
             self.down(log=lambda _: None)
