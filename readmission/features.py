@@ -11,7 +11,8 @@ Encoders, per algorithm (all convertible by skl2onnx, all tolerant of unseen cat
 * logistic_regression: median imputation + standard scaling of the numeric features; sparse
   one-hot of the categoricals, where categories seen fewer than `MIN_FREQUENCY` times in the
   training data (most of the ~700 ICD-9 codes per diagnosis column) share one "infrequent"
-  column; a category never seen in training encodes as all zeros (handle_unknown="ignore").
+  column; a category never seen in training encodes as all zeros (handle_unknown="ignore");
+  each one-hot column scaled to unit variance (not centred: it stays sparse).
 * trees (decision_tree, random_forest, gradient_boosting, hist_gradient_boosting): median
   imputation of numerics and ordinal codes for categoricals (unknown -> -1): 47 float32
   columns. gradient_boosting (3 classes x 100 trees) then keeps the GB_MAX_FEATURES columns
@@ -66,9 +67,10 @@ ALGORITHMS: tuple[str, ...] = (
 PREPROCESS_STEP = "preprocess"
 SELECT_STEP = "select"
 MODEL_STEP = "model"
-# the steps of logistic_regression's categorical encoding: ordinal codes, then one-hot
+# the steps of logistic_regression's categorical encoding: ordinal codes, one-hot, scaling
 CODES_STEP = "codes"
 ONE_HOT_STEP = "one_hot"
+SCALE_STEP = "scale"
 
 
 class UnknownAlgorithm(ValueError):
@@ -107,6 +109,9 @@ def _one_hot_preprocessor() -> ColumnTransformer:
     # (codes follow the sorted categories; an unseen value's code, -1, is unknown to the
     # one-hot step too), but min_frequency counts numbers with numpy instead of strings with
     # a Python Counter: the fit on 71k rows takes ~0.5 s instead of ~2 s.
+    # Then each one-hot column is divided by its standard deviation (sparse, not centred):
+    # lbfgs converges in fewer iterations (71k rows: 116 instead of 326; the five sets'
+    # fits 14.7 instead of 26.5 CPU s) at the same validation scores (docs/training.md).
     categorical = Pipeline(
         [
             (CODES_STEP, _ordinal_encoder()),
@@ -119,6 +124,7 @@ def _one_hot_preprocessor() -> ColumnTransformer:
                     dtype=np.float32,
                 ),
             ),
+            (SCALE_STEP, StandardScaler(with_mean=False)),
         ]
     )
     return ColumnTransformer(

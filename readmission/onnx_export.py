@@ -300,13 +300,29 @@ def _numeric_part(builder: _GraphBuilder, numeric: str, transformer: Any) -> str
 
 
 def _is_codes_then_one_hot(transformer: Any) -> bool:
-    """Whether the transformer is Pipeline([OrdinalEncoder, OneHotEncoder])."""
+    """Whether the transformer is Pipeline([OrdinalEncoder, OneHotEncoder]), optionally with a
+    StandardScaler(with_mean=False) after the one-hot step."""
+    steps = [step for _, step in transformer.steps] if isinstance(transformer, Pipeline) else []
     return (
-        isinstance(transformer, Pipeline)
-        and len(transformer.steps) == 2
-        and isinstance(transformer.steps[0][1], OrdinalEncoder)
-        and isinstance(transformer.steps[1][1], OneHotEncoder)
+        len(steps) in (2, 3)
+        and isinstance(steps[0], OrdinalEncoder)
+        and isinstance(steps[1], OneHotEncoder)
+        and all(isinstance(step, StandardScaler) and not step.with_mean for step in steps[2:])
     )
+
+
+def _scaled_one_hot(builder: _GraphBuilder, categorical: str, transformer: Pipeline) -> str:
+    """float32 [N, D]: the one-hot of the ordinal codes, times 1 / scale_ of the scaler after
+    it (scikit-learn scales sparse columns by multiplying with the reciprocal)."""
+    codes, one_hot, *scalers = (step for _, step in transformer.steps)
+    current = _one_hot(builder, categorical, codes, one_hot)
+    for scaler in scalers:
+        if scaler.with_std:
+            factors = (1.0 / scaler.scale_).astype(np.float32).reshape(1, -1)
+            current = builder.node(
+                "Mul", [current, builder.constant("one_hot_factors", factors)], "one_hot_scaled"
+            )
+    return current
 
 
 def _preprocessing(builder: _GraphBuilder, pipeline: Pipeline) -> str:
@@ -323,8 +339,7 @@ def _preprocessing(builder: _GraphBuilder, pipeline: Pipeline) -> str:
         elif tuple(columns) == CATEGORICAL_FEATURES and isinstance(transformer, OrdinalEncoder):
             parts.append(_ordinal_codes(builder, CATEGORICAL_INPUT, transformer))
         elif tuple(columns) == CATEGORICAL_FEATURES and _is_codes_then_one_hot(transformer):
-            codes, one_hot = (step for _, step in transformer.steps)
-            parts.append(_one_hot(builder, CATEGORICAL_INPUT, codes, one_hot))
+            parts.append(_scaled_one_hot(builder, CATEGORICAL_INPUT, transformer))
         else:
             raise ValueError(f"no ONNX export for the {name!r} transformer {transformer!r}")
     current = builder.node("Concat", parts, "preprocessed", axis=1)
