@@ -28,27 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SEAWEED_PORTS = ("master", "volume", "filer", "s3")
-
-
-def grow_volumes(master_url: str, buckets: Iterable[str], timeout: float = 10.0) -> list[str]:
-    """Have SeaweedFS create each bucket's volumes now, so that the first object written to a
-    bucket does not wait ~0.2 s for them. Asks the master for a file id in each bucket's
-    collection (`/dir/assign`, which creates the volumes if the collection has none, and
-    nothing else: the id is never written). Returns the buckets it could not prepare (their
-    first write creates the volumes, as without this)."""
-    failed = []
-    for bucket in buckets:
-        url = f"{master_url}/dir/assign?{urllib.parse.urlencode({'collection': bucket})}"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as reply:
-                answer = json.loads(reply.read() or b"{}")
-        except (OSError, ValueError):
-            answer = {}
-        if not answer.get("fid"):
-            failed.append(bucket)
-    return failed
-
-
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
 
 
@@ -156,3 +135,22 @@ def server_command(
     for name in SEAWEED_PORTS:
         command += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={ports[name + '.grpc']}"]
     return command
+
+
+def grow_volumes(master_url: str, buckets: Iterable[str], timeout: float = 10.0) -> list[str]:
+    """Have SeaweedFS create each bucket's volumes now, so that the first object written to a
+    bucket does not wait ~0.2 s for them. Asks the master for a file id in each bucket's
+    collection (`/dir/assign`, which creates the volumes if the collection has none, and
+    nothing else: the id is never written). Returns the buckets it could not prepare (their
+    first write creates the volumes, as without this)."""
+    failed = []
+    for bucket in buckets:
+        url = f"{master_url}/dir/assign?{urllib.parse.urlencode({'collection': bucket})}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as reply:
+                answer = json.loads(reply.read() or b"{}")
+        except (OSError, ValueError):
+            answer = {}
+        if not answer.get("fid"):
+            failed.append(bucket)
+    return failed
