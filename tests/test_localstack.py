@@ -87,21 +87,27 @@ def _http_status(method: str, url: str, body: bytes | None = None) -> int:
         return error.code
 
 
-def test_every_bucket_has_its_volumes_before_its_first_write(stack: RunningStack) -> None:
-    """`up` has SeaweedFS create each bucket's volumes (seaweed.grow_volumes), so no first
-    write waits for them. The dead-letter bucket is written only on failures: none here."""
-    master = f"http://127.0.0.1:{stack.ports['master']}"
+def _collections(master: str) -> set[str]:
+    """The collections that have volumes, from the SeaweedFS master's /vol/status."""
     with urllib.request.urlopen(f"{master}/vol/status", timeout=10) as reply:
         topology = json.loads(reply.read())["Volumes"]["DataCenters"]
-    collections = {
+    return {
         volume["Collection"]
         for racks in topology.values()
         for servers in racks.values()
         for volumes in servers.values()
         for volume in volumes
     }
-    assert set(stack.settings.buckets.all()) <= collections
-    assert not stack.store.list_keys(stack.settings.buckets.dead_letter, "")
+
+
+def test_every_bucket_has_its_volumes_before_its_first_write(stack: RunningStack) -> None:
+    """`up` has SeaweedFS create each bucket's volumes (seaweed.grow_volumes), so no first
+    write waits for them; grow_volumes creates them without writing anything."""
+    master = f"http://127.0.0.1:{stack.ports['master']}"
+    assert set(stack.settings.buckets.all()) <= _collections(master)
+    assert "volumes-probe" not in _collections(master)
+    assert seaweed.grow_volumes(master, ["volumes-probe"]) == []
+    assert "volumes-probe" in _collections(master)
     unreachable = "http://127.0.0.1:9"  # discard port: nothing listens
     assert seaweed.grow_volumes(unreachable, ["raw"], timeout=1) == ["raw"]
 
