@@ -168,23 +168,10 @@ def _param_value(value: Any) -> str:
     return "None" if value is None else str(value)[:500]
 
 
-def log_run_data(
-    client: MlflowClient,
-    run_id: str,
-    params: Mapping[str, Any],
-    metrics: Mapping[str, float | None],
-    model_id: str | None = None,
-) -> None:
-    """Params and metrics of a run in one request (None metrics are skipped); with `model_id`
-    the metrics are also the logged model's (MLflow 3 links them to it).
-
-    Log a run's metrics after its model, linked by `model_id`: metrics already on the run when
-    a model is logged make MLflow re-read each one's history to link it (one request per
-    metric: ~28 more requests per run here)."""
-    now = int(time.time() * 1000)
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """A run's params in one request (before its model: MLflow copies them to it)."""
     client.log_batch(
         run_id,
-        metrics=_metrics(metrics, now, model_id),
         params=[Param(name, _param_value(value)) for name, value in sorted(params.items())],
     )
 
@@ -204,9 +191,13 @@ def complete_run(
     model_id: str,
     run_metrics: Mapping[str, float] | None = None,
 ) -> None:
-    """End a run whose params and model are logged: its metrics (`model_metrics` linked to the
-    logged model, as `log_run_data` does; `run_metrics` the run's alone) and the COMPLETE_TAG in
-    one request, then status FINISHED."""
+    """End a run whose params and model are logged: its metrics and the COMPLETE_TAG in one
+    request (None metrics are skipped), then status FINISHED.
+
+    `model_metrics` are also the logged model's (MLflow 3 links them to it by `model_id`);
+    `run_metrics` are the run's alone. Metrics are logged after the model on purpose: metrics
+    already on the run when a model is logged make MLflow re-read each one's history to link
+    it (one request per metric: ~28 more requests per run here)."""
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,
@@ -263,7 +254,7 @@ def sklearn_model_format() -> str:
 
 def log_pipeline(run_id: str, pipeline: Pipeline, frame: pd.DataFrame) -> ModelInfo:
     """Log the fitted pipeline as the run's model `model` with signature and input example;
-    returns MLflow's ModelInfo (`model_id`: the logged model, which `log_run_data` links the
+    returns MLflow's ModelInfo (`model_id`: the logged model, which `complete_run` links the
     run's metrics to). The model is also `runs:/<run_id>/model`."""
     example = frame.head(INPUT_EXAMPLE_ROWS)
     signature = infer_signature(example, pipeline.predict(example))

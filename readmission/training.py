@@ -364,7 +364,7 @@ def fit_and_log(
     )
     run_id = run.info.run_id
     try:
-        tracking.log_run_data(client, run_id, _run_params(job, pipeline, len(x_train)), {})
+        tracking.log_params(client, run_id, _run_params(job, pipeline, len(x_train)))
         model = tracking.log_pipeline(run_id, pipeline, x_train)
         # MLflow's cost for this job (create, params, model), logged for the budget.
         mlflow_seconds = time.perf_counter() - started
