@@ -25,7 +25,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Protocol
@@ -239,6 +239,9 @@ def _is_number(value: Any) -> bool:
     return type(value) in _NUMBER_TYPES
 
 
+RowsRunner = Callable[[list[list[float]], list[list[str]]], tuple[list[Any], list[list[float]]]]
+
+
 class _Slot:
     """A queued row of `_MicroBatcher`: its inputs, then its answer (or error)."""
 
@@ -268,14 +271,18 @@ class _MicroBatcher:
     docs/predict.md (Benchmark).
     """
 
-    def __init__(self, run_rows: Any, max_rows: int = 32) -> None:
-        self._run_rows = run_rows
+    def __init__(self, max_rows: int = 32) -> None:
         self._max_rows = max_rows
         self._lock = threading.Lock()
         self._queue: list[_Slot] = []
         self._busy = False
 
-    def run(self, numbers: list[float], texts: list[str]) -> tuple[str, list[float]]:
+    def run(
+        self, run_rows: RowsRunner, numbers: list[float], texts: list[str]
+    ) -> tuple[str, list[float]]:
+        """`run_rows` runs the session on rows; it comes with each call rather than being
+        kept, so that the model, which owns this batcher, is not in a reference cycle (a
+        swapped-out model is then freed at once, also when gc.freeze() has frozen it)."""
         with self._lock:
             busy = self._busy
             self._busy = True
@@ -285,23 +292,21 @@ class _MicroBatcher:
                 self._queue.append(slot)
         if not busy:  # nobody running: run this row now
             slot = _Slot(numbers, texts)
-            self._run_batch([slot])
+            self._run_batch(run_rows, [slot])
         else:
             slot.event.wait()  # type: ignore[union-attr]
             if slot.lead:  # the previous run handed the queue over to this thread
                 with self._lock:
                     batch = self._queue[: self._max_rows]
                     del self._queue[: self._max_rows]
-                self._run_batch(batch)
+                self._run_batch(run_rows, batch)
         if slot.error is not None:
             raise slot.error
         return slot.label, slot.probabilities
 
-    def _run_batch(self, batch: list[_Slot]) -> None:
+    def _run_batch(self, run_rows: RowsRunner, batch: list[_Slot]) -> None:
         try:
-            labels, probabilities = self._run_rows(
-                [s.numbers for s in batch], [s.texts for s in batch]
-            )
+            labels, probabilities = run_rows([s.numbers for s in batch], [s.texts for s in batch])
             for s, label, probs in zip(batch, labels, probabilities, strict=True):
                 s.label, s.probabilities = str(label), probs
         except BaseException as exc:  # every row of the batch gets the error
@@ -358,7 +363,7 @@ class LoadedModel:
         self._categorical_specs = [(self.inputs[i], i) for i in layout.categorical_order]
         self._numeric_names = [s.onnx_name for s, _ in self._numeric_specs]
         self._categorical_names = [s.onnx_name for s, _ in self._categorical_specs]
-        self._batcher = _MicroBatcher(self._run_rows)
+        self._batcher = _MicroBatcher()
         self.loaded_at = time.time()
 
     def _new_session(self) -> ort.InferenceSession:
@@ -672,7 +677,7 @@ class LoadedModel:
         """
         warnings: list[list[str]] = [[]]
         numbers, texts = self._values_one(row, warnings if self.policy == "unseen" else None)
-        label, probabilities = self._batcher.run(numbers, texts)
+        label, probabilities = self._batcher.run(self._run_rows, numbers, texts)
         return label, probabilities, warnings[0]
 
     def _run_rows(

@@ -3,6 +3,7 @@ metadata checks, hot swap, and the import rule of the predict image."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +311,32 @@ def test_hot_swap_under_load_drops_nothing(tmp_path: Path) -> None:
     assert versions == {"1", "2"} and server.swaps == 1
 
 
+def test_a_swapped_out_model_is_freed_without_the_garbage_collector(tmp_path: Path) -> None:
+    """The predict function freezes its objects before gunicorn forks (gc.freeze), so the
+    collector never frees the model loaded then: a model must hold no reference cycle. After
+    a swap the old model, session included, is gone at once, with the collector off."""
+    write_local_model(tmp_path, "decision_tree", "1")
+    source = LocalModelSource(str(tmp_path / "model.onnx"), str(tmp_path / "metadata.json"))
+    server = ModelServer(source, ServingSettings(poll_seconds=0))
+    first = server.load()
+    assert first is not None
+    first.predict_one(patient_rows(1)[0])  # the single-row path (micro-batcher) has run
+    first.predict(patient_rows(3))
+    old = weakref.ref(first)
+    del first
+    was_enabled = gc.isenabled()
+    gc.disable()
+    gc.freeze()
+    try:
+        write_local_model(tmp_path, "decision_tree", "2")
+        assert server.poll_once() is True and server.require_model().version == "2"
+        assert old() is None
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
 def test_failed_reload_keeps_the_old_model(tmp_path: Path) -> None:
     write_local_model(tmp_path)
     source = LocalModelSource(str(tmp_path / "model.onnx"), str(tmp_path / "metadata.json"))
@@ -374,7 +402,7 @@ def test_concurrent_single_rows_are_micro_batched_and_answer_their_own_row(
     expected = [model.predict([row])[0] for row in rows]
     runs: list[int] = []
     batcher = model._batcher
-    original = batcher._run_rows
+    original = model._run_rows
 
     def counted(numbers: list[list[float]], texts: list[list[str]]) -> Any:
         runs.append(len(numbers))
@@ -398,7 +426,7 @@ def test_concurrent_single_rows_are_micro_batched_and_answer_their_own_row(
         except BaseException as exc:
             failures.append(exc)
 
-    batcher._run_rows = counted
+    model._run_rows = counted  # type: ignore[method-assign]
     try:
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
         for thread in threads:
@@ -407,7 +435,7 @@ def test_concurrent_single_rows_are_micro_batched_and_answer_their_own_row(
         for thread in threads:
             thread.join()
     finally:
-        batcher._run_rows = original
+        del model._run_rows  # the class's method again
     assert not failures, failures[:3]
     assert sum(runs) == 16 * 20 and max(runs) > 1 and len(runs) < 16 * 20
     assert not batcher._busy and not batcher._queue
