@@ -350,6 +350,48 @@ def test_failed_reload_keeps_the_old_model(tmp_path: Path) -> None:
     assert server.require_model().version == "1"
 
 
+def test_the_predict_function_freezes_its_objects_before_a_fork(tmp_path: Path) -> None:
+    """gunicorn forks its workers after importing the function: the objects made until then,
+    the loaded model's included, are frozen in the worker (gc.freeze), and the worker serves."""
+    model_path, metadata_path = write_local_model(tmp_path)
+    main_path = str(ROOT / "functions" / "predict" / "main.py")
+    script = f"""
+import gc, importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location("predict_main", {main_path!r})
+main = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(main)
+before = gc.get_freeze_count()
+pid = os.fork()
+if pid == 0:
+    from readmission.serving_openapi import EXAMPLE_PATIENT
+    label = main.SERVER.require_model().predict_one(EXAMPLE_PATIENT)[0]
+    sys.stdout.write(json.dumps([before, gc.get_freeze_count(), label]) + "\\n")
+    sys.stdout.flush()
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+    env = {
+        **os.environ,
+        "MODEL_PATH": str(model_path),
+        "MODEL_METADATA_PATH": str(metadata_path),
+        "MODEL_POLL_SECONDS": "0",
+        "MODEL_LOAD": "background",  # the fork waits for the load
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    before, in_child, label = json.loads(result.stdout.strip().splitlines()[-1])
+    assert before == 0 and in_child > 1000
+    assert label in {"NO", ">30", "<30"}
+
+
 # ---- import rule ----------------------------------------------------------------------------
 def test_serving_path_imports_no_training_libraries(tmp_path: Path) -> None:
     """The predict image has no scikit-learn, pandas, pyarrow or mlflow (and skips boto3)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import gc
 import io
 import json
 import logging
@@ -74,9 +75,21 @@ if SETTINGS.load_mode == "eager":
     SERVER.try_load()  # before gunicorn binds: the port opens with a model ready
 else:
     SERVER.start_background_load()  # overlaps the model fetch with the server start
-# gunicorn imports this module in its master, then forks the worker(s): finish any load before
-# the fork (no lock held across it), then start the poll thread in each worker.
-os.register_at_fork(before=SERVER.wait_for_loader, after_in_child=SERVER.after_fork_in_child)
+
+
+def _before_fork() -> None:
+    """gunicorn imports this module in its master, then forks the worker(s). Finish any model
+    load first (no lock held across the fork), then freeze every object made so far
+    (gc.freeze, as Python's gc documentation advises before forking workers): a worker's
+    collections then never write to them, so their pages stay shared with the master (PSS
+    of master + 2 workers ~117 instead of ~136 MB, docs/predict.md) and a collection scans
+    only what the worker made itself. A model holds no reference cycle, so a swapped-out
+    frozen one is still freed (tests/test_serving.py)."""
+    SERVER.wait_for_loader()
+    gc.freeze()
+
+
+os.register_at_fork(before=_before_fork, after_in_child=SERVER.after_fork_in_child)
 os.register_at_fork(after_in_child=metrics.forget_dead_workers)
 
 
