@@ -70,6 +70,10 @@ class ServingSettings:
     batch_limit: int = 1000  # PREDICT_BATCH_LIMIT
     max_body_bytes: int = 2 * 1024 * 1024  # PREDICT_MAX_BODY_BYTES
     intra_op_threads: int = 1  # ORT_INTRA_OP_THREADS
+    # THREADS: gunicorn's threads per worker (functions-framework reads it; its default is
+    # cores x 4). With one, a worker answers one request at a time, and single rows skip the
+    # micro-batcher, which only helps rows of concurrent requests meet.
+    request_threads: int = (os.cpu_count() or 1) * 4
     load_mode: str = "eager"  # MODEL_LOAD: eager (at import, before the port opens) | background
 
     @classmethod
@@ -92,6 +96,7 @@ class ServingSettings:
             batch_limit=int(_env_number("PREDICT_BATCH_LIMIT", cls.batch_limit, 1)),
             max_body_bytes=int(_env_number("PREDICT_MAX_BODY_BYTES", cls.max_body_bytes, 1)),
             intra_op_threads=int(_env_number("ORT_INTRA_OP_THREADS", cls.intra_op_threads, 1)),
+            request_threads=int(_env_number("THREADS", cls.request_threads, 1)),
             load_mode=load_mode,
         )
 
@@ -334,6 +339,7 @@ class LoadedModel:
         token: str = "",
         policy: str = "reject",
         intra_op_threads: int = 1,
+        micro_batching: bool = True,
     ) -> None:
         expected = metadata.get("model_sha256")
         if expected and hashlib.sha256(model_bytes).hexdigest() != expected:
@@ -363,7 +369,7 @@ class LoadedModel:
         self._categorical_specs = [(self.inputs[i], i) for i in layout.categorical_order]
         self._numeric_names = [s.onnx_name for s, _ in self._numeric_specs]
         self._categorical_names = [s.onnx_name for s, _ in self._categorical_specs]
-        self._batcher = _MicroBatcher()
+        self._batcher = _MicroBatcher() if micro_batching else None
         self.loaded_at = time.time()
 
     def _new_session(self) -> ort.InferenceSession:
@@ -388,6 +394,7 @@ class LoadedModel:
             token=self.token,
             policy=self.policy,
             intra_op_threads=intra_op_threads,
+            micro_batching=self._batcher is not None,
         )
 
     @staticmethod
@@ -673,10 +680,14 @@ class LoadedModel:
         """One row: (label, probabilities rounded to 6 digits in `classes` order, warnings).
 
         Same validation and answer as `predict([row])`, but concurrent single-row calls share
-        one session run (see `_MicroBatcher`).
+        one session run (see `_MicroBatcher`), unless the model was made without micro-batching
+        (a server answering one request at a time).
         """
         warnings: list[list[str]] = [[]]
         numbers, texts = self._values_one(row, warnings if self.policy == "unseen" else None)
+        if self._batcher is None:
+            labels, rows = self._run_rows([numbers], [texts])
+            return str(labels[0]), rows[0], warnings[0]
         label, probabilities = self._batcher.run(self._run_rows, numbers, texts)
         return label, probabilities, warnings[0]
 
@@ -784,6 +795,7 @@ class ModelServer:
                 token=fetched_token,
                 policy=self.settings.unknown_category_policy,
                 intra_op_threads=self._threads(),
+                micro_batching=self.settings.request_threads > 1,
             )
             self._model = model  # the swap: one reference assignment
             self.last_error = None

@@ -238,7 +238,10 @@ def test_metadata_must_describe_the_onnx_inputs() -> None:
 
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("THREADS", raising=False)
     assert ServingSettings.from_env() == ServingSettings()
+    monkeypatch.setenv("THREADS", "1")  # gunicorn's threads per worker
+    assert ServingSettings.from_env().request_threads == 1
     monkeypatch.setenv("UNKNOWN_CATEGORY_POLICY", "bogus")
     with pytest.raises(ValueError, match="UNKNOWN_CATEGORY_POLICY"):
         ServingSettings.from_env()
@@ -433,6 +436,39 @@ print(json.dumps(sorted(sys.modules)))
 
 def test_example_patient_covers_the_contract() -> None:
     assert set(EXAMPLE_PATIENT) == set(FEATURES)
+
+
+@pytest.mark.parametrize("policy", ["reject", "unseen"])
+def test_single_rows_without_micro_batching_answer_as_a_batch_does(policy: str) -> None:
+    """A server answering one request at a time (THREADS=1) skips the micro-batcher: the
+    single-row path then gives exactly what predict([row]) gives, warnings and errors too."""
+    onnx_bytes, metadata = build_model()
+    plain = LoadedModel(onnx_bytes, metadata, policy=policy, micro_batching=False)
+    rows = patient_rows(12)
+    rows[3] = {**rows[3], "medical_specialty": "Astrology"}  # unseen: warning or 422
+    for row in rows:
+        try:
+            want = plain.predict([row])[0]
+        except InputError as error:
+            with pytest.raises(InputError) as info:
+                plain.predict_one(row)
+            assert info.value.field == error.field == "medical_specialty"
+            continue
+        label, probabilities, warnings = plain.predict_one(row)
+        assert label == want.label and warnings == want.warnings
+        assert dict(zip(plain.classes, probabilities, strict=True)) == want.probabilities
+    assert policy == "reject" or plain.predict_one(rows[3])[2]
+
+
+def test_the_server_micro_batches_only_with_several_request_threads(tmp_path: Path) -> None:
+    write_local_model(tmp_path)
+    source = LocalModelSource(str(tmp_path / "model.onnx"), str(tmp_path / "metadata.json"))
+    for threads, batching in ((1, False), (4, True)):
+        server = ModelServer(source, ServingSettings(poll_seconds=0, request_threads=threads))
+        model = server.load()
+        assert model is not None and (model._batcher is not None) is batching
+        rebuilt = model.with_threads(2)  # ORT_INTRA_OP_THREADS > 1 rebuilds it in the worker
+        assert (rebuilt._batcher is not None) is batching
 
 
 def test_concurrent_single_rows_are_micro_batched_and_answer_their_own_row(
