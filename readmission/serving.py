@@ -2,7 +2,8 @@
 
 Transport-free (like KServe's model server): `functions/predict/main.py` maps HTTP onto it.
 Only numpy and onnxruntime are imported here: never scikit-learn, pandas or mlflow (the
-predict image has none of them; a test checks `sys.modules`).
+predict image has none of them; a test checks `sys.modules`). onnxruntime is imported when a
+process builds its first session, which only a process that serves does (see ModelServer).
 
 Lifecycle: `ModelServer(source)` -> `load()` (or `start()` for a background load) -> `ready`
 -> `predict(rows)`; `start_polling()` runs a daemon thread that polls the source's version
@@ -28,12 +29,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import onnxruntime as ort
 
 from readmission.contract import MISSING_MARKER
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +332,11 @@ class _MicroBatcher:
 
 
 class LoadedModel:
-    """One ONNX model and its metadata: validation, feeds and inference. Immutable."""
+    """One ONNX model and its metadata: validation, feeds and inference. Immutable.
+
+    With `session=False` only the bytes and the metadata are checked and no onnxruntime
+    session is built (no onnxruntime import either): `with_session()` makes the servable copy.
+    """
 
     def __init__(
         self,
@@ -340,6 +347,7 @@ class LoadedModel:
         policy: str = "reject",
         intra_op_threads: int = 1,
         micro_batching: bool = True,
+        session: bool = True,
     ) -> None:
         expected = metadata.get("model_sha256")
         if expected and hashlib.sha256(model_bytes).hexdigest() != expected:
@@ -360,9 +368,12 @@ class LoadedModel:
         self.probabilities_output = str(outputs.get("probabilities", "probabilities"))
         self.model_bytes = model_bytes
         self.intra_op_threads = intra_op_threads
-        self.session = self._new_session()
-        self._check_session()
-        self._run = self._fast_run(self.session)
+        self.session: ort.InferenceSession | None = None
+        self._run: Any = None
+        if session:
+            self.session = self._new_session()
+            self._check_session(self.session)
+            self._run = self._fast_run(self.session)
         self._getter = itemgetter(*(spec.column for spec in self.inputs))
         layout = self.layout
         self._numeric_specs = [(self.inputs[i], i) for i in layout.numeric_order]
@@ -373,6 +384,8 @@ class LoadedModel:
         self.loaded_at = time.time()
 
     def _new_session(self) -> ort.InferenceSession:
+        import onnxruntime as ort  # here, not at module level: see ModelServer
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
@@ -386,14 +399,14 @@ class LoadedModel:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from exc
 
-    def with_threads(self, intra_op_threads: int) -> LoadedModel:
-        """The same model with a new session using `intra_op_threads` threads."""
+    def with_session(self) -> LoadedModel:
+        """The same model with its own onnxruntime session (ModelLoadError if it has none)."""
         return LoadedModel(
             self.model_bytes,
             self.metadata,
             token=self.token,
             policy=self.policy,
-            intra_op_threads=intra_op_threads,
+            intra_op_threads=self.intra_op_threads,
             micro_batching=self._batcher is not None,
         )
 
@@ -407,19 +420,19 @@ class LoadedModel:
             return lambda outputs, feeds: binding.run(outputs, feeds, None)
         return session.run
 
-    def _check_session(self) -> None:
+    def _check_session(self, session: ort.InferenceSession) -> None:
         if self.layout.packed:
-            self._check_packed_session()
+            self._check_packed_session(session)
         else:
-            self._check_per_column_session()
-        outputs = {o.name for o in self.session.get_outputs()}
+            self._check_per_column_session(session)
+        outputs = {o.name for o in session.get_outputs()}
         for name in (self.label_output, self.probabilities_output):
             if name not in outputs:
                 raise ModelLoadError(f"the ONNX model has no output {name!r}")
 
-    def _check_packed_session(self) -> None:
+    def _check_packed_session(self, session: ort.InferenceSession) -> None:
         layout = self.layout
-        session_inputs = {i.name: i for i in self.session.get_inputs()}
+        session_inputs = {i.name: i for i in session.get_inputs()}
         wanted = {}
         if layout.numeric_order:
             wanted[layout.numeric_tensor] = ("tensor(float)", len(layout.numeric_order))
@@ -437,8 +450,8 @@ class LoadedModel:
             if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != width):
                 raise ModelLoadError(f"ONNX input {name} has shape {shape}, not [N, {width}]")
 
-    def _check_per_column_session(self) -> None:
-        session_inputs = {i.name: i.type for i in self.session.get_inputs()}
+    def _check_per_column_session(self, session: ort.InferenceSession) -> None:
+        session_inputs = {i.name: i.type for i in session.get_inputs()}
         for spec in self.inputs:
             onnx_type = session_inputs.pop(spec.onnx_name, None)
             if onnx_type is None:
@@ -743,11 +756,13 @@ class ModelSource(Protocol):
 class ModelServer:
     """Holds the current model; loads, polls and swaps it. Thread-safe for readers.
 
-    Fork safety: gunicorn imports the function in its master and forks the worker. Until
-    `ensure_serving()` runs in a process, models load with one intra-op thread (a session's
-    thread pool would not exist in the forked child, and destroying such a session there
-    waits forever on it); `ensure_serving()` then rebuilds the session with
-    ORT_INTRA_OP_THREADS if that is more than one, and starts the poll thread.
+    Fork safety: gunicorn imports the function in its master and forks the workers. No
+    onnxruntime state may cross that fork: importing onnxruntime starts a thread, and a
+    forked worker that exits joins its copy of that thread and aborts (std::system_error),
+    and a session's thread pool does not exist in the child either. So until
+    `ensure_serving()` runs in a process, `load()` fetches and checks the model without a
+    session (and without importing onnxruntime); `ensure_serving()`, first thing in each
+    worker, builds the session and starts the poll thread.
     """
 
     def __init__(self, source: ModelSource, settings: ServingSettings | None = None) -> None:
@@ -776,10 +791,9 @@ class ModelServer:
         model = self._model
         if model is None:
             raise ModelNotReady(self.last_error or "the model is still loading")
+        if model.session is None:
+            raise ModelNotReady("the model's session is built when this process serves")
         return model
-
-    def _threads(self) -> int:
-        return self.settings.intra_op_threads if self._serving_pid == os.getpid() else 1
 
     def load(self, token: str | None = None) -> LoadedModel | None:
         """Load the source's current model if its token differs from ours; swap it in."""
@@ -794,8 +808,9 @@ class ModelServer:
                 metadata,
                 token=fetched_token,
                 policy=self.settings.unknown_category_policy,
-                intra_op_threads=self._threads(),
+                intra_op_threads=self.settings.intra_op_threads,
                 micro_batching=self.settings.request_threads > 1,
+                session=self._serving_pid == os.getpid(),
             )
             self._model = model  # the swap: one reference assignment
             self.last_error = None
@@ -850,17 +865,22 @@ class ModelServer:
                 log.warning("model poll of %s failed: %s", self.source.description, exc)
 
     def ensure_serving(self) -> None:
-        """Once per process that serves: full intra-op threads, and the poll thread."""
+        """Once per process that serves: build the model's session, start the poll thread."""
         if self._serving_pid == os.getpid():
             return
         with self._serving_lock:
             if self._serving_pid == os.getpid():
                 return
-            self._serving_pid = os.getpid()
             with self._load_lock:
                 model = self._model
-                if model is not None and model.intra_op_threads != self.settings.intra_op_threads:
-                    self._model = model.with_threads(self.settings.intra_op_threads)
+                if model is not None and model.session is None:
+                    try:
+                        self._model = model.with_session()
+                    except ModelLoadError as exc:  # the poll thread retries the load
+                        self._model = None
+                        self.last_error = f"model load failed: {exc}"
+                        log.error("model %s: %s", model.version, exc)
+                self._serving_pid = os.getpid()  # under the load lock: later loads build
             if self.settings.poll_seconds > 0:
                 self._stop = threading.Event()
                 self._poller = threading.Thread(

@@ -32,7 +32,7 @@ from predict_support import (
 
 from readmission.contract import FEATURES
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV
-from readmission.processes import child_pids
+from readmission.processes import child_pids, stop_popen_group
 from readmission.serving_openapi import EXAMPLE_PATIENT, ROUTES
 from readmission.serving_s3 import S3Error, S3Reader
 
@@ -431,6 +431,29 @@ def test_model_loaded_before_the_fork_serves_in_the_worker(model_dir: Path, load
         assert code == 200 and json.loads(raw)["count"] == 30
     finally:
         process.stop()
+
+
+def test_workers_exit_cleanly_when_the_function_stops(model_dir: Path) -> None:
+    """Knative stops the function at every scale-down. gunicorn's workers must end without
+    aborting: an onnxruntime thread started in the master (by importing it there) was copied
+    into each worker, which joined it on exit and aborted ("terminate called ...
+    std::system_error"), in most stops."""
+    for _ in range(3):
+        process = _start(
+            {
+                "MODEL_PATH": str(model_dir / "model.onnx"),
+                "MODEL_METADATA_PATH": str(model_dir / "metadata.json"),
+                **PREDICT_SERVER_ENV,
+            }
+        )
+        try:
+            _predict_concurrently(process.url, 8)
+        finally:
+            stop_popen_group(process.process)
+            output = process.log.read_text()
+            process.log.unlink(missing_ok=True)
+        assert "terminate called" not in output and "system_error" not in output, output
+        assert process.process.returncode == 0, output
 
 
 def _metric(text: str, series: str) -> float | None:

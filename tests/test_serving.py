@@ -321,6 +321,7 @@ def test_a_swapped_out_model_is_freed_without_the_garbage_collector(tmp_path: Pa
     write_local_model(tmp_path, "decision_tree", "1")
     source = LocalModelSource(str(tmp_path / "model.onnx"), str(tmp_path / "metadata.json"))
     server = ModelServer(source, ServingSettings(poll_seconds=0))
+    server.ensure_serving()  # this process serves: loads build their session
     first = server.load()
     assert first is not None
     first.predict_one(patient_rows(1)[0])  # the single-row path (micro-batcher) has run
@@ -340,11 +341,36 @@ def test_a_swapped_out_model_is_freed_without_the_garbage_collector(tmp_path: Pa
             gc.enable()
 
 
+def test_a_model_onnxruntime_refuses_in_the_worker_is_not_served_and_is_reloaded(
+    tmp_path: Path,
+) -> None:
+    """The master checks bytes and metadata only; a model whose session cannot be built fails
+    in ensure_serving (not ready, with the reason), and the next poll loads a good one."""
+    model_path, metadata_path = write_local_model(tmp_path)
+    good = model_path.read_bytes()
+    metadata = json.loads(metadata_path.read_text())
+    metadata.pop("model_sha256", None)  # so that only onnxruntime can notice
+    metadata_path.write_text(json.dumps(metadata))
+    model_path.write_bytes(b"not an onnx model")
+    server = ModelServer(
+        LocalModelSource(str(model_path), str(metadata_path)), ServingSettings(poll_seconds=0)
+    )
+    assert server.try_load() and server.model is not None and server.model.session is None
+    server.ensure_serving()
+    assert not server.ready and "onnxruntime cannot load" in (server.last_error or "")
+    with pytest.raises(ModelNotReady):
+        server.require_model()
+    model_path.write_bytes(good)
+    assert server.poll_once() is True
+    assert server.require_model().predict_one(patient_rows(1)[0])[0] in server.model.classes
+
+
 def test_failed_reload_keeps_the_old_model(tmp_path: Path) -> None:
     write_local_model(tmp_path)
     source = LocalModelSource(str(tmp_path / "model.onnx"), str(tmp_path / "metadata.json"))
     server = ModelServer(source, ServingSettings(poll_seconds=0))
     server.load()
+    server.ensure_serving()
     metadata = json.loads((tmp_path / "metadata.json").read_text())
     metadata.update(version="2", model_sha256="f" * 64)
     (tmp_path / "metadata.json").write_text(json.dumps(metadata))
@@ -354,8 +380,10 @@ def test_failed_reload_keeps_the_old_model(tmp_path: Path) -> None:
 
 
 def test_the_predict_function_freezes_its_objects_before_a_fork(tmp_path: Path) -> None:
-    """gunicorn forks its workers after importing the function: the objects made until then,
-    the loaded model's included, are frozen in the worker (gc.freeze), and the worker serves."""
+    """gunicorn forks its workers after importing the function: the master fetched and checked
+    the model without importing onnxruntime (its thread would be copied into the worker, which
+    then aborts on exit); the objects made until the fork are frozen in the worker
+    (gc.freeze); the worker builds its session, serves, and exits cleanly."""
     model_path, metadata_path = write_local_model(tmp_path)
     main_path = str(ROOT / "functions" / "predict" / "main.py")
     script = f"""
@@ -363,6 +391,9 @@ import gc, importlib.util, json, os, sys
 spec = importlib.util.spec_from_file_location("predict_main", {main_path!r})
 main = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(main)
+main.SERVER.wait_for_loader()
+assert main.SERVER.model is not None and main.SERVER.model.session is None
+assert "onnxruntime" not in sys.modules
 before = gc.get_freeze_count()
 pid = os.fork()
 if pid == 0:
@@ -370,8 +401,9 @@ if pid == 0:
     label = main.SERVER.require_model().predict_one(EXAMPLE_PATIENT)[0]
     sys.stdout.write(json.dumps([before, gc.get_freeze_count(), label]) + "\\n")
     sys.stdout.flush()
-    os._exit(0)
-os.waitpid(pid, 0)
+    sys.exit(0)  # as a gunicorn worker ends: with the interpreter's and C++'s exit handlers
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
 """
     env = {
         **os.environ,
@@ -407,6 +439,7 @@ main = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(main)
 main.SERVER.wait_for_loader()
 assert main.SERVER.ready, main.SERVER.last_error
+main.SERVER.ensure_serving()
 from readmission.serving_openapi import EXAMPLE_PATIENT
 main.SERVER.require_model().predict([EXAMPLE_PATIENT])
 import readmission.serving_sources, readmission.serving_v2
@@ -467,8 +500,10 @@ def test_the_server_micro_batches_only_with_several_request_threads(tmp_path: Pa
         server = ModelServer(source, ServingSettings(poll_seconds=0, request_threads=threads))
         model = server.load()
         assert model is not None and (model._batcher is not None) is batching
-        rebuilt = model.with_threads(2)  # ORT_INTRA_OP_THREADS > 1 rebuilds it in the worker
-        assert (rebuilt._batcher is not None) is batching
+        assert model.session is None  # built where the server serves (ensure_serving)
+        server.ensure_serving()
+        served = server.require_model()
+        assert served.session is not None and (served._batcher is not None) is batching
 
 
 def test_concurrent_single_rows_are_micro_batched_and_answer_their_own_row(
