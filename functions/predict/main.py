@@ -79,12 +79,13 @@ else:
 
 def _before_fork() -> None:
     """gunicorn imports this module in its master, then forks the worker(s). Finish any model
-    load first (no lock held across the fork), then freeze every object made so far
+    fetch first (no lock held across the fork; the master builds no onnxruntime session, each
+    worker does: see readmission.serving.ModelServer), then freeze every object made so far
     (gc.freeze, as Python's gc documentation advises before forking workers): a worker's
     collections then never write to them, so their pages stay shared with the master (PSS
-    of master + 2 workers ~117 instead of ~136 MB, docs/predict.md) and a collection scans
-    only what the worker made itself. A model holds no reference cycle, so a swapped-out
-    frozen one is still freed (tests/test_serving.py)."""
+    of master + 2 workers after the benchmark ~137 instead of ~153 MB, docs/predict.md) and
+    a collection scans only what the worker made itself. A model holds no reference cycle, so
+    a swapped-out frozen one is still freed (tests/test_serving.py)."""
     SERVER.wait_for_loader()
     gc.freeze()
 
