@@ -10,7 +10,8 @@
 #   -n REQUESTS  with hey: stop after this many requests instead (at most 1,000,000)
 #   --host-header NAME  send "Host: NAME" (Knative routing through a port-forwarded ingress)
 #
-# hey is Debian's package `hey` (apt-get install hey); Locust is the pip package `locust`.
+# hey is Debian's package `hey` (apt-get install hey); Locust is the project's optional extra
+# `load` (installed into .venv on first use of --locust).
 # Locust patients: scripts/export_patients.py writes .state/loadtest/patients.json once.
 # Prints a fixed summary: tool, target, concurrency, duration, requests, throughput, latency
 # percentiles (p50/p90/p99 in ms) and the error count. Exit status 1 if any request failed.
@@ -107,8 +108,16 @@ JSON
   errors=$(( all - ok + transport ))
   summary hey "$(( all + transport ))" "${total:-0}" "${rps:-0}" "${p50:-0}" "${p90:-0}" "${p99:-0}" "$errors"
 else
-  LOCUST="$ROOT/.venv/bin/locust"; [ -x "$LOCUST" ] || LOCUST=locust
-  command -v "$LOCUST" >/dev/null || { echo "locust not found: pip install locust" >&2; exit 2; }
+  LOCUST="$ROOT/.venv/bin/locust"
+  if [ ! -x "$LOCUST" ] && [ -x "$ROOT/.venv/bin/pip" ]; then  # the project's optional extra
+    echo "==> installing Locust into .venv (pip install -e '.[load]')" >&2
+    "$ROOT/.venv/bin/pip" install --quiet -e "${ROOT}[load]" > "$TMP/pip.txt" 2>&1 || cat "$TMP/pip.txt" >&2
+  fi
+  [ -x "$LOCUST" ] || LOCUST=locust
+  command -v "$LOCUST" >/dev/null || {
+    echo "locust not found: .venv/bin/pip install -e '.[load]' (scripts/bootstrap.sh makes .venv)" >&2
+    exit 2
+  }
   LOCUST_HOST_HEADER="$HOST_HEADER" timeout $(( SECONDS_TOTAL + 60 )) "$LOCUST" -f "$ROOT/scripts/locustfile.py" --host "$URL" \
     --headless -u "$CONCURRENCY" -r "$CONCURRENCY" -t "${SECONDS_TOTAL}s" --stop-timeout 5 \
     --csv "$TMP/stats" --only-summary --loglevel WARNING > "$TMP/locust.txt" 2>&1 || true
