@@ -5,11 +5,12 @@ Only numpy and onnxruntime are imported here: never scikit-learn, pandas or mlfl
 predict image has none of them; a test checks `sys.modules`). onnxruntime is imported when a
 process builds its first session, which only a process that serves does (see ModelServer).
 
-Lifecycle: `ModelServer(source)` -> `load()` (or `start()` for a background load) -> `ready`
--> `predict(rows)`; `start_polling()` runs a daemon thread that polls the source's version
-token (the ETag of `champion/metadata.json`, or the local metadata file's mtime and size) and,
-when it changes, loads the new model completely and then swaps one reference. A request takes
-that reference once, so in-flight requests finish on the model they started with.
+Lifecycle: `ModelServer(source)` -> `load()` (or `start_background_load()`) -> `ready` ->
+`ensure_serving()` in the process that serves (builds the session, starts the poll thread) ->
+`require_model().predict(rows)`. The poll thread watches the source's version token (the ETag
+of `champion/metadata.json`, or the local metadata file's mtime and size) and, when it
+changes, loads the new model completely and then swaps one reference. A request takes that
+reference once, so in-flight requests finish on the model they started with.
 
 Input rules (see docs/predict.md): every input named in the metadata is a required key;
 `null`, `"?"` and `""` mean missing; numeric inputs take a JSON number or a numeric string;
@@ -400,7 +401,8 @@ class LoadedModel:
             raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from exc
 
     def with_session(self) -> LoadedModel:
-        """The same model with its own onnxruntime session (ModelLoadError if it has none)."""
+        """The same model with its own onnxruntime session (ModelLoadError if onnxruntime
+        refuses the model)."""
         return LoadedModel(
             self.model_bytes,
             self.metadata,

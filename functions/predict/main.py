@@ -72,7 +72,7 @@ _JSON = "application/json"
 DRAIN_BYTES = 16 * 1024 * 1024  # oversized bodies up to this are read and dropped before 413
 
 if SETTINGS.load_mode == "eager":
-    SERVER.try_load()  # before gunicorn binds: the port opens with a model ready
+    SERVER.try_load()  # before gunicorn binds: fetched and checked; each worker builds its session
 else:
     SERVER.start_background_load()  # overlaps the model fetch with the server start
 
