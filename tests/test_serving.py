@@ -379,7 +379,9 @@ def test_failed_reload_keeps_the_old_model(tmp_path: Path) -> None:
     assert server.require_model().version == "1"
 
 
-def test_the_predict_function_freezes_its_objects_before_a_fork(tmp_path: Path) -> None:
+def test_the_master_has_no_onnxruntime_and_a_forked_worker_is_frozen_serves_and_exits(
+    tmp_path: Path,
+) -> None:
     """gunicorn forks its workers after importing the function: the master fetched and checked
     the model without importing onnxruntime (its thread would be copied into the worker, which
     then aborts on exit); the objects made until the fork are frozen in the worker
