@@ -106,12 +106,18 @@ class AggregateOutcome:
 
 def warm_up() -> None:
     """Pay at process start what the first aggregation would pay on the pipeline's critical
-    path (~1.5 s): the imports of model loading, ONNX export and onnxruntime, and matplotlib's
-    first figure (font cache)."""
-    import onnxruntime  # noqa: F401  (skl2onnx is imported by readmission.onnx_export)
-
+    path (~1.5 s with `warm_up_onnxruntime`): the imports of model loading and ONNX export,
+    and matplotlib's first figure (font cache)."""
     tracking.warm_up()
     warm_up_png()
+
+
+def warm_up_onnxruntime() -> None:
+    """Import onnxruntime (~0.4 s), which the parity check uses. Only in the process that
+    aggregates, i.e. in gunicorn's worker after the fork, never in its master: importing
+    onnxruntime starts a thread, and a forked worker that exits joins its copy of that thread
+    and aborts (std::system_error; see readmission.serving.ModelServer)."""
+    import onnxruntime  # noqa: F401
 
 
 def lease_key(dataset_id: str) -> str:

@@ -16,6 +16,8 @@ import io
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -564,3 +566,33 @@ def test_function_entry_point(store: ObjectStore, settings: Settings, scenario: 
     assert model_objects(store) == before
     assert post_result_event(app, "not-a-result-key.txt").status_code == 400
     assert post_result_event(app, scenario.manifest["jobs"][0], bucket="jobs").status_code == 400
+
+
+def test_the_aggregate_function_imports_onnxruntime_only_after_the_fork() -> None:
+    """gunicorn imports the function in its master and forks the worker: onnxruntime (whose
+    import starts a thread) is imported in the worker only, which then exits cleanly (a
+    worker that inherited the thread aborted on exit: std::system_error)."""
+    main_path = str(ROOT / "functions" / "aggregate" / "main.py")
+    script = f"""
+import os, sys
+import functions_framework as ff
+ff.create_app(target="aggregate", source={main_path!r}, signature_type="cloudevent")
+assert "onnxruntime" not in sys.modules, "imported in the master"
+pid = os.fork()
+if pid == 0:
+    assert "onnxruntime" in sys.modules, "not warmed up in the worker"
+    sys.exit(0)  # as a gunicorn worker ends: with the interpreter's and C++'s exit handlers
+_, status = os.waitpid(pid, 0)
+print("worker exit", os.waitstatus_to_exitcode(status))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "worker exit 0", result.stderr
+    assert "terminate called" not in result.stderr

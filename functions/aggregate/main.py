@@ -10,11 +10,17 @@ transient (S3 or MLflow down, lease held too long, a failed parity check) raises
 from __future__ import annotations
 
 import logging
+import os
 
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from readmission.aggregate import AggregateOutcome, aggregate_dataset, warm_up
+from readmission.aggregate import (
+    AggregateOutcome,
+    aggregate_dataset,
+    warm_up,
+    warm_up_onnxruntime,
+)
 from readmission.handler import MalformedEvent, function_context, object_ref, reply_empty_on_success
 from readmission.keys import parse_job_key
 
@@ -23,7 +29,9 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 log = logging.getLogger("aggregate")
 
 RESULT_CREATED = "io.readmission.result.created"
-warm_up()
+warm_up()  # in gunicorn's master, shared by its worker(s)
+# onnxruntime only after the fork: a worker that inherits its thread aborts when it exits
+os.register_at_fork(after_in_child=warm_up_onnxruntime)
 
 
 @functions_framework.cloud_event
