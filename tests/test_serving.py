@@ -379,6 +379,39 @@ def test_failed_reload_keeps_the_old_model(tmp_path: Path) -> None:
     assert server.require_model().version == "1"
 
 
+# a new interpreter imports the predict function as gunicorn's master does
+_IMPORT_PREDICT_MAIN = f"""
+import gc, importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location(
+    "predict_main", {str(ROOT / "functions" / "predict" / "main.py")!r}
+)
+main = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(main)
+main.SERVER.wait_for_loader()
+"""
+
+
+def _python_with_local_model(script: str, model_path: Path, metadata_path: Path, **env: str) -> str:
+    """Run `script` in a new interpreter serving the local model files; its last output line."""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={
+            **os.environ,
+            "MODEL_PATH": str(model_path),
+            "MODEL_METADATA_PATH": str(metadata_path),
+            "MODEL_POLL_SECONDS": "0",
+            **env,
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
 def test_the_master_has_no_onnxruntime_and_a_forked_worker_is_frozen_serves_and_exits(
     tmp_path: Path,
 ) -> None:
@@ -387,13 +420,9 @@ def test_the_master_has_no_onnxruntime_and_a_forked_worker_is_frozen_serves_and_
     then aborts on exit); the objects made until the fork are frozen in the worker
     (gc.freeze); the worker builds its session, serves, and exits cleanly."""
     model_path, metadata_path = write_local_model(tmp_path)
-    main_path = str(ROOT / "functions" / "predict" / "main.py")
-    script = f"""
-import gc, importlib.util, json, os, sys
-spec = importlib.util.spec_from_file_location("predict_main", {main_path!r})
-main = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(main)
-main.SERVER.wait_for_loader()
+    script = (
+        _IMPORT_PREDICT_MAIN
+        + """
 assert main.SERVER.model is not None and main.SERVER.model.session is None
 assert "onnxruntime" not in sys.modules
 before = gc.get_freeze_count()
@@ -407,24 +436,10 @@ if pid == 0:
 _, status = os.waitpid(pid, 0)
 assert os.waitstatus_to_exitcode(status) == 0, status
 """
-    env = {
-        **os.environ,
-        "MODEL_PATH": str(model_path),
-        "MODEL_METADATA_PATH": str(metadata_path),
-        "MODEL_POLL_SECONDS": "0",
-        "MODEL_LOAD": "background",  # the fork waits for the load
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr
-    before, in_child, label = json.loads(result.stdout.strip().splitlines()[-1])
+    # MODEL_LOAD=background: the fork waits for the load
+    last_line = _python_with_local_model(script, model_path, metadata_path, MODEL_LOAD="background")
+    before, in_child, label = json.loads(last_line)
     assert before == 0 and in_child > 1000
     assert label in {"NO", ">30", "<30"}
 
@@ -433,13 +448,9 @@ assert os.waitstatus_to_exitcode(status) == 0, status
 def test_serving_path_imports_no_training_libraries(tmp_path: Path) -> None:
     """The predict image has no scikit-learn, pandas, pyarrow or mlflow (and skips boto3)."""
     model_path, metadata_path = write_local_model(tmp_path)
-    main_path = str(ROOT / "functions" / "predict" / "main.py")
-    script = f"""
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("predict_main", {main_path!r})
-main = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(main)
-main.SERVER.wait_for_loader()
+    script = (
+        _IMPORT_PREDICT_MAIN
+        + """
 assert main.SERVER.ready, main.SERVER.last_error
 main.SERVER.ensure_serving()
 from readmission.serving_openapi import EXAMPLE_PATIENT
@@ -447,23 +458,8 @@ main.SERVER.require_model().predict([EXAMPLE_PATIENT])
 import readmission.serving_sources, readmission.serving_v2
 print(json.dumps(sorted(sys.modules)))
 """
-    env = {
-        **os.environ,
-        "MODEL_PATH": str(model_path),
-        "MODEL_METADATA_PATH": str(metadata_path),
-        "MODEL_POLL_SECONDS": "0",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr
-    modules = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    modules = set(json.loads(_python_with_local_model(script, model_path, metadata_path)))
     assert "onnxruntime" in modules and "readmission.serving" in modules
     for banned in ("sklearn", "pandas", "pyarrow", "mlflow", "skl2onnx", "boto3", "botocore"):
         assert not any(m == banned or m.startswith(banned + ".") for m in modules), banned
