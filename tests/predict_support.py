@@ -235,9 +235,12 @@ class FunctionProcess:
             time.sleep(0.05)
         raise RuntimeError(f"{self.url}{path} not ready:\n{self.log.read_text()[-3000:]}")
 
-    def stop(self) -> None:
+    def stop(self) -> str:
+        """Stop the function (SIGTERM to its process group); what it printed, start to end."""
         stop_popen_group(self.process)
+        output = self.log.read_text(errors="replace")
         self.log.unlink(missing_ok=True)
+        return output
 
 
 def http(

@@ -32,7 +32,7 @@ from predict_support import (
 
 from readmission.contract import FEATURES
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV
-from readmission.processes import child_pids, stop_popen_group
+from readmission.processes import child_pids
 from readmission.serving_openapi import EXAMPLE_PATIENT, ROUTES
 from readmission.serving_s3 import S3Error, S3Reader
 
@@ -449,9 +449,7 @@ def test_workers_exit_cleanly_when_the_function_stops(model_dir: Path) -> None:
         try:
             _predict_concurrently(process.url, 8)
         finally:
-            stop_popen_group(process.process)
-            output = process.log.read_text()
-            process.log.unlink(missing_ok=True)
+            output = process.stop()
         assert "terminate called" not in output and "system_error" not in output, output
         assert process.process.returncode == 0, output
 
