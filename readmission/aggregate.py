@@ -120,6 +120,15 @@ def warm_up_onnxruntime() -> None:
     import onnxruntime  # noqa: F401
 
 
+def start_onnxruntime_warm_up() -> threading.Thread:
+    """`warm_up_onnxruntime` in a thread, for gunicorn's at-fork hook: the hook runs before
+    the worker installs its signal handlers, so ~0.4 s of work there loses a SIGTERM sent
+    meanwhile. Not a daemon: a worker told to stop lets the import finish before exiting."""
+    thread = threading.Thread(target=warm_up_onnxruntime, name="onnxruntime-warm-up")
+    thread.start()
+    return thread
+
+
 def lease_key(dataset_id: str) -> str:
     """The aggregator's lease object in the models bucket (fires no event: not in the table)."""
     return f"{dataset_id}/aggregate.lease"

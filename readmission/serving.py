@@ -894,11 +894,19 @@ class ModelServer:
         self._stop.set()
 
     def after_fork_in_child(self) -> None:
-        """Fresh locks and threads in a forked worker (gunicorn forks after import)."""
+        """Fresh locks and threads in a forked worker (gunicorn forks after import).
+
+        The session is built in a thread: this hook runs before gunicorn installs the worker's
+        signal handlers, and a SIGTERM arriving during the ~0.4 s of importing onnxruntime
+        and building the session would be lost (the worker then kept serving until gunicorn's
+        30 s graceful timeout killed it). A request's `ensure_serving()` waits for the thread.
+        It is not a daemon: a worker told to stop meanwhile lets it finish before exiting
+        (exiting in the middle of onnxruntime's initialisation aborts the process).
+        """
         self._load_lock = threading.Lock()
         self._serving_lock = threading.Lock()
         self._serving_pid = 0
         self._loader = None
-        self.ensure_serving()
+        threading.Thread(target=self.ensure_serving, name="model-session").start()
         if self._model is None:
             self.start_background_load()

@@ -580,6 +580,10 @@ ff.create_app(target="aggregate", source={main_path!r}, signature_type="cloudeve
 assert "onnxruntime" not in sys.modules, "imported in the master"
 pid = os.fork()
 if pid == 0:
+    import threading
+    warm_up = [t for t in threading.enumerate() if t.name == "onnxruntime-warm-up"]
+    assert warm_up, "no warm-up in the worker"
+    warm_up[0].join(60)
     assert "onnxruntime" in sys.modules, "not warmed up in the worker"
     sys.exit(0)  # as a gunicorn worker ends: with the interpreter's and C++'s exit handlers
 _, status = os.waitpid(pid, 0)

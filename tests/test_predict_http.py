@@ -451,7 +451,27 @@ def test_workers_exit_cleanly_when_the_function_stops(model_dir: Path) -> None:
         finally:
             output = process.stop()
         assert "terminate called" not in output and "system_error" not in output, output
-        assert process.process.returncode == 0, output
+        assert process.process.returncode == 0, output  # not killed after the 10 s grace
+
+
+def test_a_worker_told_to_stop_while_it_builds_its_session_stops(model_dir: Path) -> None:
+    """A stop that arrives as the workers start (Knative scaling a pod down that has just
+    come up): each worker builds its session right after gunicorn's fork; a SIGTERM then must
+    neither be lost (the worker served on until gunicorn's 30 s graceful timeout) nor abort
+    the worker in the middle of onnxruntime's initialisation."""
+    env = {
+        "MODEL_PATH": str(model_dir / "model.onnx"),
+        "MODEL_METADATA_PATH": str(model_dir / "metadata.json"),
+        **PREDICT_SERVER_ENV,
+    }
+    for _ in range(3):
+        process = FunctionProcess(env)
+        try:
+            _workers(process, int(env["WORKERS"]))  # forked, not yet serving
+        finally:
+            output = process.stop()
+        assert "terminate called" not in output and "Traceback" not in output, output
+        assert process.process.returncode == 0, output  # not killed after the 10 s grace
 
 
 def _metric(text: str, series: str) -> float | None:

@@ -429,6 +429,7 @@ before = gc.get_freeze_count()
 pid = os.fork()
 if pid == 0:
     from readmission.serving_openapi import EXAMPLE_PATIENT
+    main.SERVER.ensure_serving()  # as every request does: waits for the session's thread
     label = main.SERVER.require_model().predict_one(EXAMPLE_PATIENT)[0]
     sys.stdout.write(json.dumps([before, gc.get_freeze_count(), label]) + "\\n")
     sys.stdout.flush()

@@ -18,8 +18,8 @@ from cloudevents.http import CloudEvent
 from readmission.aggregate import (
     AggregateOutcome,
     aggregate_dataset,
+    start_onnxruntime_warm_up,
     warm_up,
-    warm_up_onnxruntime,
 )
 from readmission.handler import MalformedEvent, function_context, object_ref, reply_empty_on_success
 from readmission.keys import parse_job_key
@@ -31,7 +31,7 @@ log = logging.getLogger("aggregate")
 RESULT_CREATED = "io.readmission.result.created"
 warm_up()  # in gunicorn's master, shared by its worker(s)
 # onnxruntime only after the fork: a worker that inherits its thread aborts when it exits
-os.register_at_fork(after_in_child=warm_up_onnxruntime)
+os.register_at_fork(after_in_child=start_onnxruntime_warm_up)
 
 
 @functions_framework.cloud_event
