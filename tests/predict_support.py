@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -241,6 +242,20 @@ class FunctionProcess:
         output = self.log.read_text(errors="replace")
         self.log.unlink(missing_ok=True)
         return output
+
+
+def reset_after_sending(client: socket.socket) -> bool:
+    """Send bytes on a connection whose reply was read to its end. True if the server's kernel
+    answers with a reset (the server closed its socket), False if they are read and dropped
+    for a second (the server lingers: readmission.http_close, gunicorn's 2 s close_graceful).
+    The reset answering one send fails a later one (a read only reports the earlier FIN)."""
+    try:
+        for _ in range(10):
+            client.sendall(b"more")
+            time.sleep(0.1)
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    return False
 
 
 def http(

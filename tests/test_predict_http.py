@@ -26,6 +26,7 @@ from predict_support import (
     build_model,
     http,
     patient_rows,
+    reset_after_sending,
     tiny_png,
     write_local_model,
 )
@@ -330,8 +331,31 @@ def test_content_length_is_checked_before_reading(server: str) -> None:
             if not chunk:
                 break
             reply += chunk
+        # the body never sent may still come: the function lingers and drops it (no reset)
+        assert not reset_after_sending(sock)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert b'"kind":"body_too_large"' in reply
+
+
+def test_a_finished_connection_is_closed_without_waiting_for_the_client(server: str) -> None:
+    """gunicorn's sync worker answers one request per connection and, since gunicorn 26,
+    lingers until the client closes (up to 2 s), serving nothing else meanwhile. The function
+    reads every body to its end, so it closes at once (readmission.http_close): bytes sent
+    after the reply then meet a closed socket and are answered with a reset."""
+    host, port = server.removeprefix("http://").split(":")
+    body = json.dumps({"features": EXAMPLE_PATIENT}).encode()
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        assert b"readmission_prediction" in reply
+        assert reset_after_sending(sock)
 
 
 def test_unknown_path_and_method(server: str) -> None:

@@ -36,6 +36,7 @@ try:  # functions-framework serves with gunicorn (see _read_body)
 except ImportError:  # pragma: no cover
     _LengthReader = None
 
+from readmission import http_close
 from readmission import serving_metrics as metrics
 from readmission import serving_v2 as v2
 from readmission.serving import (
@@ -90,6 +91,7 @@ def _before_fork() -> None:
     gc.freeze()
 
 
+http_close.install()  # the sync worker lingers after a reply only when that protects it
 os.register_at_fork(before=_before_fork, after_in_child=SERVER.after_fork_in_child)
 os.register_at_fork(after_in_child=metrics.forget_dead_workers)
 
@@ -125,9 +127,12 @@ def _error(error: InputError) -> flask.Response:
     if not (isinstance(error, BodyTooLarge) and error.unread):
         return _json(error.to_dict(), error.status)
     # functions-framework reads the whole request body into memory after every non-streamed
-    # response (`read_request`); a streamed 413 skips that. gunicorn then drops whatever the
-    # client still sends, 8 KiB at a time, before the next request on the connection.
+    # response (`read_request`); a streamed 413 skips that. Its connection is marked so that
+    # gunicorn's close lingers and drops what the client still sends (readmission.http_close):
+    # arriving at a closed socket, it would make the kernel reset the connection and the
+    # client could lose the 413.
     body = _dumps(error.to_dict())
+    http_close.linger_after_reply(flask.request.environ)
     return flask.Response(
         iter([body]), 413, mimetype=_JSON, headers={"Content-Length": str(len(body))}
     )

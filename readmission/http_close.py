@@ -1,0 +1,76 @@
+"""How the predict function's gunicorn closes a connection after its reply.
+
+With `THREADS=1` (as shipped) gunicorn runs its sync worker, which answers one request per
+connection and then closes it. Since gunicorn 26 that close lingers (`gunicorn.util.
+close_graceful`, RFC 9112 section 9.6): it sends FIN, then waits until the client closes its
+side (up to 2 s), reading and dropping what arrives. That protects a reply from a TCP reset
+when request bytes are still unread or still on their way: closing a socket with unread data
+makes the kernel answer with a reset, and the client may lose the reply.
+
+A sync worker serves nothing else while it waits, so each request also cost the client's time
+to read the reply and close: 25-35 % of the single-row throughput on 2 busy cores
+(docs/predict.md, Benchmark). For this function the wait protects nothing in almost every
+case. functions-framework reads the whole request body before every non-streamed reply
+(`read_request`), so when nothing more has arrived either, nothing unread is left, and
+close() sends a plain FIN after the reply.
+
+`close_after_reply` therefore lingers exactly when a reset could happen:
+- the client has already sent more than the request (kept for the linger to drop), or
+- the handler marked the connection with `linger_after_reply`: the reply was sent before the
+  body was read (the predict function's streamed 413 for an oversized body).
+Otherwise it half-closes and closes at once. The one case left to gunicorn ≤ 25's plain
+close: an HTTP/1.1 client that pipelines a request onto a connection the server closes
+(`Connection: close`) and sends it after the close. No client in this project's path does
+(hey, Locust, Knative's queue-proxy wait for each reply).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import weakref
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+import gunicorn.util
+
+_LINGERING: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+_gunicorn_close: Callable[..., None] | None = getattr(gunicorn.util, "close_graceful", None)
+
+
+def linger_after_reply(environ: MutableMapping[str, Any]) -> None:
+    """Mark the request's connection: its close waits for the client (the body is unread)."""
+    sock = environ.get("gunicorn.socket")
+    if isinstance(sock, socket.socket):
+        _LINGERING.add(sock)
+
+
+def _unread_bytes_waiting(sock: socket.socket) -> bool:
+    """True if the client has sent bytes nobody read; False if nothing (or only its FIN)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:  # reset or not connected: there is no reply left to protect
+        return False
+
+
+def close_after_reply(sock: socket.socket, timeout: float = 2.0, max_drain: int = 65536) -> None:
+    """gunicorn's close_graceful when a reset could cost the client its reply, else close now."""
+    if _gunicorn_close is not None and (sock in _LINGERING or _unread_bytes_waiting(sock)):
+        _LINGERING.discard(sock)
+        _gunicorn_close(sock, timeout, max_drain)
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)  # FIN after the reply
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def install() -> bool:
+    """Make gunicorn's workers close with `close_after_reply`; False if this gunicorn has no
+    lingering close (before 26: it then closes at once anyway)."""
+    if _gunicorn_close is None:
+        return False
+    gunicorn.util.close_graceful = close_after_reply
+    return True
