@@ -51,6 +51,10 @@ FUNCTIONS_FRAMEWORK = Path(sys.executable).with_name("functions-framework")
 TRIVIAL_SOURCE = """
 import flask
 
+from readmission import http_close
+
+http_close.install()  # the same gunicorn as the predict function's, closing as it does
+
 BODY = (b'{"readmission_prediction":"NO","probabilities":{"<30":0.1,">30":0.3,"NO":0.6},'
         b'"model_version":"1"}')
 
@@ -176,7 +180,11 @@ class Function:
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            # its own process group (stop() ends master and workers), in this session: a new
+            # session is a new scheduler autogroup, and with autogroups on (most distributions)
+            # the kernel would split the 2 cores evenly between hey and the function, not
+            # between their busy threads (docs/predict.md, Benchmark)
+            process_group=0,
         )
 
     def first_success(self, path: str, body: bytes, timeout: float = 60) -> float:
