@@ -36,7 +36,7 @@ try:  # functions-framework serves with gunicorn (see _read_body)
 except ImportError:  # pragma: no cover
     _LengthReader = None
 
-from readmission import http_close
+from readmission import heap, http_close
 from readmission import serving_metrics as metrics
 from readmission import serving_v2 as v2
 from readmission.serving import (
@@ -509,6 +509,8 @@ def _observed(
         metrics.IN_PROGRESS.dec()
     metrics.latency(endpoint).observe(time.perf_counter() - started)
     metrics.request_counter(endpoint, response.status_code).inc()
+    if (request.content_length or 0) >= heap.TRIM_AFTER_BYTES:
+        heap.release_freed_memory()  # what parsing a large batch left in the heap
     return response
 
 
