@@ -8,14 +8,15 @@ when request bytes are still unread or still on their way: closing a socket with
 makes the kernel answer with a reset, and the client may lose the reply.
 
 A sync worker serves nothing else while it waits, so each request also cost the client's time
-to read the reply and close: 25-35 % of the single-row throughput on 2 busy cores
-(docs/predict.md, Benchmark). For this function the wait protects nothing in almost every
-case. functions-framework reads the whole request body before every non-streamed reply
-(`read_request`), so when nothing more has arrived either, nothing unread is left, and
-close() sends a plain FIN after the reply.
+to read the reply and close: closing at once gave the function 28 % more single-row requests
+per second on 2 busy cores, a trivial handler 36 % (docs/predict.md, Benchmark). For this
+function the wait protects nothing in almost every case. functions-framework reads the whole
+request body before every non-streamed reply (`read_request`), so when nothing more has
+arrived either, nothing unread is left, and close() sends a plain FIN after the reply.
 
-`close_after_reply` therefore lingers exactly when a reset could happen:
-- the client has already sent more than the request (kept for the linger to drop), or
+`close_after_reply` therefore lingers as gunicorn does only when a reset could cost the client
+its reply:
+- the client has already sent more than the request (the linger reads and drops it), or
 - the handler marked the connection with `linger_after_reply`: the reply was sent before the
   body was read (the predict function's streamed 413 for an oversized body).
 Otherwise it half-closes and closes at once. The one case left to gunicorn ≤ 25's plain
