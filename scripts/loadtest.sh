@@ -3,7 +3,9 @@
 #
 #   scripts/loadtest.sh [URL] [--locust] [-c N] [-z DURATION] [-n REQUESTS]
 #
-#   URL          base URL of the function (default http://127.0.0.1:8080); /predict is added
+#   URL          base URL of the function; /predict is added. Default: $PREDICT_URL, else the
+#                local stack's (PREDICT_URL in $STATE_DIR/env, .state/env), else
+#                http://127.0.0.1:8080 (the function started by hand, docs/predict.md)
 #   --locust     use Locust (scripts/locustfile.py: varied patients) instead of hey
 #   -c N         concurrent clients (default 16, at most 256)
 #   -z DURATION  run time, e.g. 30s or 2m (default 30s, at most 10m)
@@ -17,7 +19,7 @@
 # percentiles (p50/p90/p99 in ms) and the error count. Exit status 1 if any request failed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-URL="http://127.0.0.1:8080"
+URL=""
 TOOL=hey
 CONCURRENCY=16
 DURATION=30s
@@ -31,13 +33,21 @@ while [ $# -gt 0 ]; do
     -z) DURATION="$2"; shift ;;
     -n) REQUESTS="$2"; shift ;;
     --host-header) HOST_HEADER="$2"; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     http://*|https://*) URL="$1" ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
 done
 
+if [ -z "$URL" ]; then
+  URL="${PREDICT_URL:-}"
+  STACK_ENV="${STATE_DIR:-$ROOT/.state}/env"
+  if [ -z "$URL" ] && [ -f "$STACK_ENV" ]; then
+    URL="$(sed -n "s/^export PREDICT_URL='\(.*\)'$/\1/p" "$STACK_ENV")"
+  fi
+  URL="${URL:-http://127.0.0.1:8080}"
+fi
 URL="${URL%/}"
 URL="${URL%/predict}"
 if ! [[ "$URL" =~ ^https?://(127\.[0-9]+\.[0-9]+\.[0-9]+|localhost|\[::1\])(:[0-9]+)?$ ]]; then
