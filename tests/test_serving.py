@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import os
 import subprocess
@@ -252,13 +253,19 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---- lifecycle and hot swap -----------------------------------------------------------------
-def test_server_lifecycle_with_local_files(tmp_path: Path) -> None:
+def test_server_lifecycle_with_local_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     source = LocalModelSource(str(tmp_path / "model.onnx"), str(tmp_path / "metadata.json"))
     server = ModelServer(source, ServingSettings(poll_seconds=0))
     assert not server.ready
     with pytest.raises(ModelNotReady):
         server.require_model()
-    assert server.try_load() is False and "missing" in (server.last_error or "")
+    with caplog.at_level(logging.WARNING, logger="readmission.serving"):
+        assert server.try_load() is False and "missing" in (server.last_error or "")
+    # no model yet is a state, not a crash: one line with the reason, no traceback
+    assert [(r.levelno, r.exc_info) for r in caplog.records] == [(logging.WARNING, None)]
+    assert "missing" in caplog.records[0].getMessage()
     assert server.poll_once() is False  # no metadata yet: nothing to load
     write_local_model(tmp_path)
     assert server.poll_once() is True and server.ready
