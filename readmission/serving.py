@@ -332,6 +332,21 @@ class _MicroBatcher:
             following.event.set()  # type: ignore[union-attr]
 
 
+
+_FEW_ROWS = 8  # up to this many rows, rounding in Python is faster than numpy's call
+
+
+def rounded_probabilities(probabilities: np.ndarray) -> list[list[float]]:
+    """Rows of probabilities rounded to 6 digits, exactly as `np.round(p.astype(float64), 6)`
+    rounds them: p·10⁶ to the nearest integer (ties to even), ÷10⁶, in float64. For a few
+    rows in Python (numpy's call costs ~10 µs for one row of three), else with numpy."""
+    if len(probabilities) <= _FEW_ROWS:
+        try:
+            return [[round(p * 1e6) / 1e6 for p in row] for row in probabilities.tolist()]
+        except (ValueError, OverflowError):  # NaN or infinity: numpy keeps them as they are
+            pass
+    return np.round(probabilities.astype(np.float64), 6).tolist()
+
 class LoadedModel:
     """One ONNX model and its metadata: validation, feeds and inference. Immutable.
 
@@ -680,7 +695,7 @@ class LoadedModel:
         warnings: list[list[str]] = [[] for _ in rows]
         feeds = self.feeds(rows, warnings if self.policy == "unseen" else None)
         labels, probabilities = self._run([self.label_output, self.probabilities_output], feeds)
-        rounded = np.round(probabilities.astype(np.float64), 6).tolist()
+        rounded = rounded_probabilities(probabilities)
         return [str(label) for label in labels.tolist()], rounded, warnings
 
     def predict(self, rows: Sequence[Any]) -> list[Prediction]:
@@ -712,7 +727,7 @@ class LoadedModel:
         labels, probabilities = self._run(
             [self.label_output, self.probabilities_output], self._feeds_rows(numbers, texts)
         )
-        return labels.tolist(), np.round(probabilities.astype(np.float64), 6).tolist()
+        return labels.tolist(), rounded_probabilities(probabilities)
 
     def run_tensors(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Run already-built feeds (KServe V2 path); returns (labels, probabilities)."""

@@ -210,7 +210,8 @@ def _read_json(request: flask.Request) -> Any:
         raise BodyTooLarge(
             limit, unread=length > limit + DRAIN_BYTES or not _drain(request, length)
         )
-    if request.mimetype != _JSON:
+    # the exact header first: werkzeug's parse of it (for parameters, case) costs ~2 µs
+    if request.environ.get("CONTENT_TYPE") != _JSON and request.mimetype != _JSON:
         raise InputError(
             "Content-Type must be application/json", None, kind="unsupported_media_type", status=415
         )
