@@ -332,20 +332,20 @@ class _MicroBatcher:
             following.event.set()  # type: ignore[union-attr]
 
 
-
 _FEW_ROWS = 8  # up to this many rows, rounding in Python is faster than numpy's call
 
 
 def rounded_probabilities(probabilities: np.ndarray) -> list[list[float]]:
     """Rows of probabilities rounded to 6 digits, exactly as `np.round(p.astype(float64), 6)`
     rounds them: p·10⁶ to the nearest integer (ties to even), ÷10⁶, in float64. For a few
-    rows in Python (numpy's call costs ~10 µs for one row of three), else with numpy."""
+    rows in Python (~1.5 µs for one row of three, numpy's calls ~5), else with numpy."""
     if len(probabilities) <= _FEW_ROWS:
         try:
             return [[round(p * 1e6) / 1e6 for p in row] for row in probabilities.tolist()]
         except (ValueError, OverflowError):  # NaN or infinity: numpy keeps them as they are
             pass
     return np.round(probabilities.astype(np.float64), 6).tolist()
+
 
 class LoadedModel:
     """One ONNX model and its metadata: validation, feeds and inference. Immutable.
