@@ -16,8 +16,6 @@ import io
 import json
 import os
 import random
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +31,7 @@ import pytest
 from conftest_seaweed import SeaweedServer
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer
+from python_snippet import run_python
 
 from readmission import keys, lease, registry, tracking
 from readmission.aggregate import (
@@ -589,14 +588,6 @@ if pid == 0:
 _, status = os.waitpid(pid, 0)
 print("worker exit", os.waitstatus_to_exitcode(status))
 """
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_python(script, timeout=180)
     assert result.stdout.strip().splitlines()[-1] == "worker exit 0", result.stderr
     assert "terminate called" not in result.stderr

@@ -6,8 +6,6 @@ import hashlib
 import io
 import itertools
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from conftest_seaweed import SeaweedServer, real_csv_bytes, sample_csv, seaweed_s3
+from python_snippet import run_python
 
 from readmission import contract, ingest, keys
 from readmission.config import Buckets, Settings
@@ -489,10 +488,7 @@ def test_parquet_bytes_are_the_same_in_another_process() -> None:
         "t = contract.parse_csv_table(sample_csv());"
         "print(hashlib.sha256(ingest.parquet_bytes(t)).hexdigest())"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert result.stdout.strip() == here
+    assert run_python(code).stdout.strip() == here
     assert pq.ParquetFile(io.BytesIO(ingest.parquet_bytes(table))).metadata.num_rows == len(table)
 
 

@@ -26,6 +26,7 @@ import pytest
 from cloudevents.http import CloudEvent, from_http
 from conftest_seaweed import SeaweedServer, free_port, sample_csv
 from http_stub import Subscriber
+from python_snippet import run_python
 
 from events.notifications import JOB_CREATED, RAW_CREATED, RESULT_CREATED
 from readmission import keys, processes
@@ -561,12 +562,4 @@ def test_the_reconciler_needs_no_pipeline_library() -> None:
         "with flask.Flask('probe').app_context():\n"
         "    runpy.run_path('functions/reconcile/main.py')\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_python(probe, env={"PYTHONPATH": str(ROOT)})

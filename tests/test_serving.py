@@ -7,9 +7,6 @@ import gc
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 import threading
 import time
 import weakref
@@ -19,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from predict_support import ROOT, build_model, patient_rows, sample_frame, write_local_model
+from python_snippet import run_python
 
 from readmission.contract import FEATURES
 from readmission.serving import (
@@ -422,22 +420,15 @@ main.SERVER.wait_for_loader()
 
 def _python_with_local_model(script: str, model_path: Path, metadata_path: Path, **env: str) -> str:
     """Run `script` in a new interpreter serving the local model files; its last output line."""
-    result = subprocess.run(
-        [sys.executable, "-c", script],
+    result = run_python(
+        script,
         env={
-            **os.environ,
             "MODEL_PATH": str(model_path),
             "MODEL_METADATA_PATH": str(metadata_path),
             "MODEL_POLL_SECONDS": "0",
             **env,
         },
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 
 
