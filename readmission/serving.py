@@ -848,13 +848,12 @@ class ModelServer:
         try:
             self.load()
             return True
-        except ModelLoadError as exc:  # a reason in words (e.g. no champion yet): no traceback
-            self.last_error = f"model load failed: {exc}"
-            log.warning("model load from %s failed: %s", self.source.description, exc)
-            return False
         except Exception as exc:
             self.last_error = f"model load failed: {exc}"
-            log.exception("model load from %s failed", self.source.description)
+            if isinstance(exc, ModelLoadError):  # a reason in words (no champion yet...)
+                log.warning("model load from %s failed: %s", self.source.description, exc)
+            else:
+                log.exception("model load from %s failed", self.source.description)
             return False
 
     def start_background_load(self) -> None:
