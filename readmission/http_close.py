@@ -50,9 +50,7 @@ def _unread_bytes_waiting(sock: socket.socket) -> bool:
     """True if the client has sent bytes nobody read; False if nothing (or only its FIN)."""
     try:
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:  # reset or not connected: there is no reply left to protect
+    except OSError:  # nothing waiting (EAGAIN), or reset: no reply left to protect
         return False
 
 
