@@ -34,7 +34,13 @@ from typing import Any
 from cloudevents.exceptions import GenericException
 from cloudevents.http import CloudEvent, from_http
 
-from events.delivery import Attempt, Verdict, dead_letter_event, post_binary
+from events.delivery import (
+    Attempt,
+    Verdict,
+    dead_letter_event,
+    decode_attribute_headers,
+    post_binary,
+)
 from events.pinger import Pinger, ping_event
 from events.routing import (
     Destination,
@@ -437,7 +443,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(length)
         try:
-            event = from_http(dict(self.headers.items()), body)
+            event = from_http(decode_attribute_headers(dict(self.headers.items())), body)
             missing = [name for name in REQUIRED_ATTRIBUTES if not event.get(name)]
             if missing:
                 raise ValueError(f"missing attributes: {', '.join(missing)}")

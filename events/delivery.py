@@ -6,7 +6,9 @@ import base64
 import http.client
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -40,10 +42,53 @@ class Attempt:
         return Verdict.DELIVERED
 
 
+# CloudEvents HTTP binding, 3.1.3.2: in a ce-* header value, space, '"', '%' and every
+# character outside printable ASCII travel percent-encoded as UTF-8 bytes, so any object key
+# (Cyrillic, emoji, a newline) fits an HTTP header and is decoded back exactly.
+_HEADER_SAFE_BYTES = frozenset(range(0x21, 0x7F)) - {0x22, 0x25}
+ATTRIBUTE_HEADER_PREFIX = "ce-"
+
+
+def encode_header_value(value: str) -> str:
+    """Percent-encode one attribute value for its ce-* header (pure ASCII out)."""
+    return "".join(
+        chr(byte) if byte in _HEADER_SAFE_BYTES else f"%{byte:02X}" for byte in value.encode()
+    )
+
+
+def decode_header_value(value: str) -> str:
+    """Inverse of `encode_header_value`; ValueError if the bytes are not UTF-8."""
+    try:
+        return urllib.parse.unquote(value, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"header value {value!r} does not percent-decode to UTF-8") from error
+
+
+def _map_attribute_headers(
+    headers: Mapping[str, str], convert: Callable[[str], str]
+) -> dict[str, str]:
+    return {
+        name: convert(value) if name.lower().startswith(ATTRIBUTE_HEADER_PREFIX) else value
+        for name, value in headers.items()
+    }
+
+
+def encode_attribute_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers with every ce-* value percent-encoded (other headers unchanged)."""
+    return _map_attribute_headers(headers, encode_header_value)
+
+
+def decode_attribute_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers with every ce-* value percent-decoded; ValueError if one is not UTF-8."""
+    return _map_attribute_headers(headers, decode_header_value)
+
+
 def post_binary(url: str, event: CloudEvent, timeout: float) -> Attempt:
-    """POST the event in binary mode and classify the answer (never raises for HTTP errors)."""
+    """POST the event in binary mode and classify the answer (never raises for HTTP errors).
+
+    Attribute values are percent-encoded as the HTTP binding says (`encode_header_value`)."""
     headers, body = to_binary(event)
-    headers = dict(headers)
+    headers = encode_attribute_headers(headers)
     if not any(name.lower() == "content-type" for name in headers):
         # no datacontenttype: say what the SDK wrote (JSON for structured data, else bytes)
         is_json = not isinstance(event.get_data(), bytes | str | None)

@@ -19,6 +19,7 @@ from cloudevents.http import CloudEvent
 from http_stub import Subscriber
 
 from events.broker import BrokerConfig, BrokerServer, serve
+from events.delivery import decode_header_value, encode_header_value, post_binary
 
 MANIFESTS = """
 apiVersion: eventing.knative.dev/v1
@@ -168,6 +169,66 @@ def test_ingress_accepts_binary_and_structured_and_rejects_malformed(setup: Setu
     setup.wait_idle(delivered=2)
     assert sorted(step.ids()) == ["binary", "s"]
     assert setup.status()["totals"]["received"] == 2
+
+
+UNUSUAL_KEYS = [
+    "adv/p8/данные.csv",
+    "emoji/\U0001f3e5 ward 5.csv",
+    'quote"percent%20plus+.csv',
+    "line\nbreak\r.csv",
+    "latin-1 café.csv",
+]
+
+
+@pytest.mark.parametrize("key", UNUSUAL_KEYS)
+def test_attribute_header_values_percent_encode_to_ascii_and_decode_back_exactly(
+    key: str,
+) -> None:
+    encoded = encode_header_value(key)
+    assert encoded.isascii() and all(0x21 <= ord(c) <= 0x7E for c in encoded)
+    assert " " not in encoded and '"' not in encoded and "\n" not in encoded
+    assert decode_header_value(encoded) == key
+
+
+def test_a_header_value_that_is_not_utf8_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="UTF-8"):
+        decode_header_value("%FF%FE")
+
+
+def test_keys_outside_latin1_travel_through_the_broker_and_decode_back_exactly(
+    setup: Setup,
+) -> None:
+    step = setup.subscriber("step")
+    setup.route(step=[step])
+    for index, key in enumerate(UNUSUAL_KEYS):
+        attempt = post_binary(
+            setup.broker.url, event(event_id=f"k{index}", subject=f"raw/{key}"), timeout=5
+        )
+        assert attempt.status == 202, attempt.error
+    setup.wait_idle(delivered=len(UNUSUAL_KEYS))
+    received = sorted(step.received, key=lambda r: r.headers["ce-id"])
+    assert [decode_header_value(r.headers["ce-subject"]) for r in received] == [
+        f"raw/{key}" for key in UNUSUAL_KEYS
+    ]
+    assert all(r.headers["ce-subject"].isascii() for r in received)
+
+
+def test_an_attribute_header_that_does_not_decode_to_utf8_is_refused_with_400(
+    setup: Setup,
+) -> None:
+    status, error = post_raw(
+        setup.broker.url,
+        b"{}",
+        {
+            "ce-specversion": "1.0",
+            "ce-id": "x",
+            "ce-type": "t",
+            "ce-source": "s",
+            "ce-subject": "bad%FF",
+            "Content-Type": "application/json",
+        },
+    )
+    assert status == 400 and "UTF-8" in error["error"]
 
 
 def test_delivery_is_binary_mode_and_unrouted_events_are_dropped(setup: Setup) -> None:
