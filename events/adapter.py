@@ -26,7 +26,7 @@ from typing import Any
 import flask
 from cloudevents.http import CloudEvent
 
-from events.delivery import post_binary
+from events.delivery import encode_header_value, post_binary
 from events.notifications import UnknownNotification, notification_events
 from readmission.config import Buckets
 
@@ -74,5 +74,10 @@ def adapter(request: flask.Request) -> flask.Response:
         if attempt.error:
             log.warning("sink %s refused event %s: %s", sink, event.id, attempt.error)
             return _json(502, {"error": f"sink refused event {event.id}: {attempt.error}"})
-        log.info("forwarded %s %s id=%s", event.type, event.attributes["subject"], event.id)
+        log.info(
+            "forwarded %s %s id=%s",
+            event.type,
+            encode_header_value(event.attributes["subject"]),  # one line whatever the key
+            event.id,
+        )
     return _json(200, {"events": [event.id for event in events]})

@@ -39,6 +39,7 @@ from events.delivery import (
     Verdict,
     dead_letter_event,
     decode_attribute_headers,
+    encode_header_value,
     post_binary,
 )
 from events.pinger import Pinger, ping_event
@@ -290,7 +291,7 @@ class Broker:
             "delivery type=%s subject=%s id=%s subscriber=%s url=%s status=%s attempt=%d/%d "
             "ms=%d outcome=%s%s",
             job.event["type"],
-            job.event.get("subject", ""),
+            encode_header_value(job.event.get("subject") or ""),  # one line whatever the key
             job.event["id"],
             job.trigger.subscriber,
             url or "-",

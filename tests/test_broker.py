@@ -373,3 +373,18 @@ def test_editing_the_manifests_changes_routing_of_a_running_broker(setup: Setup)
     post(setup.broker.url, event())
     setup.wait_idle(delivered=2)
     assert step.ids() == ["e1"] and nxt.ids() == ["e1"]
+
+
+def test_a_key_with_a_newline_stays_on_one_delivery_log_line(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    step = setup.subscriber("step")
+    setup.route(step=[step])
+    caplog.set_level("INFO", logger="broker")
+    attempt = post_binary(
+        setup.broker.url, event(event_id="nl", subject="raw/forged\nline.csv"), timeout=5
+    )
+    assert attempt.status == 202
+    setup.wait_idle(delivered=1)
+    [line] = [r.getMessage() for r in caplog.records if "delivery type=" in r.getMessage()]
+    assert "\n" not in line and "subject=raw/forged%0Aline.csv " in line
