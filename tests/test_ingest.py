@@ -540,3 +540,28 @@ def test_function_answers_204_and_ingests_or_400_for_a_malformed_event(
 
     assert client.post("/", **_event("elsewhere", "clinic/a.csv")).status_code == 400
     assert client.post("/", **_event(raw, "a.csv", "io.readmission.job.created")).status_code == 400
+
+
+@pytest.mark.parametrize("key", ["adv/p8/данные.csv", "emoji/\U0001f3e5 ward.csv"])
+def test_function_ingests_a_key_outside_latin1_from_an_encoded_event(
+    store: ObjectStore, seaweed_s3: SeaweedServer, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    from functions_framework import create_app
+
+    from events.delivery import encode_attribute_headers
+
+    settings = fresh_settings(store)
+    for name, value in seaweed_s3.env().items():
+        monkeypatch.setenv(name, value)
+    for field_name in Buckets.__dataclass_fields__:
+        monkeypatch.setenv(f"BUCKET_{field_name.upper()}", getattr(settings.buckets, field_name))
+    monkeypatch.setenv("BATCH_ROWS", "1000")
+    app = create_app("ingest", str(ROOT / "functions" / "ingest" / "main.py"), "cloudevent")
+    data = sample_csv()
+    upload(store, settings, key, data)
+    event = _event(settings.buckets.raw, key)
+    event["headers"] = encode_attribute_headers(event["headers"])
+    reply = app.test_client().post("/", **event)
+    assert (reply.status_code, reply.data) == (204, b"")
+    manifest = store.get_json(settings.buckets.datasets, keys.manifest_key(keys.content_id(data)))
+    assert manifest["source"]["key"] == key
