@@ -156,6 +156,15 @@ class ReconcileReport:
     def count(self, event_type: str) -> int:
         return sum(1 for event in self.emitted if event.type == event_type)
 
+    @property
+    def sink_down(self) -> bool:
+        """Every emit of this run failed: the run as a whole is worth retrying.
+
+        When some events went out and others failed, a retried run would re-emit the ones
+        that went out; the failed ones wait for the next run instead (one bad event never
+        fails a whole run)."""
+        return bool(self.failed) and not self.emitted
+
     def summary(self) -> str:
         kinds = ", ".join(
             f"{kind.rsplit('.', 2)[-2]}={self.count(kind)}"

@@ -337,6 +337,17 @@ def test_a_refused_event_is_reported_and_the_others_still_go_out(env) -> None:
     report = reconcile(store, settings, flaky, grace_seconds=0)
     assert sent == ["b.csv"]
     assert len(report.failed) == 1 and "a.csv" in report.failed[0]
+    assert not report.sink_down, "one refused event does not make the whole run fail"
+
+
+def test_a_run_whose_every_emit_failed_is_reported_as_sink_down(env) -> None:
+    store, settings = env
+    store.put_bytes(settings.buckets.raw, "a.csv", b"a\n")
+
+    def refuse(event: CloudEvent) -> None:
+        raise SinkRefused("down")
+
+    assert reconcile(store, settings, refuse, grace_seconds=0).sink_down
 
 
 def test_run_once_posts_binary_cloudevents_to_the_sink(env) -> None:

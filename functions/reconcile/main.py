@@ -3,8 +3,10 @@
 Thin entry point; the work is `readmission.reconcile.reconcile`. The PingSource
 (infra/knative/reconcile.yaml) sends ``dev.knative.sources.ping`` every few minutes; each ping
 lists the buckets and POSTs the missing events in binary mode to ``K_SINK`` (the Broker).
-Any other event type answers 400. The store down or the broker refusing an event raises (500):
-the PingSource's delivery retries, and the next ping tries again anyway.
+Any other event type answers 400. The store down, or the broker refusing every event it was
+sent, raises (500): the PingSource's delivery retries, and the next ping tries again anyway.
+Events refused while others went out are logged and left to the next ping, so a retried run
+never re-emits the ones that were delivered.
 
 Env: ``K_SINK`` (required), ``RECONCILE_GRACE_SECONDS`` (120), the settings of
 readmission.config.
@@ -38,5 +40,7 @@ def reconcile_ping(event: Any) -> None:
     settings, store = function_context()
     report = reconcile(store, settings, sink_emitter(sink))
     log.info("ping %s: %s", event["id"], report.summary())
-    if report.failed:
+    for failure in report.failed:
+        log.warning("ping %s: not re-emitted, retried at the next ping: %s", event["id"], failure)
+    if report.sink_down:
         raise RuntimeError(f"{len(report.failed)} event(s) refused by {sink}: {report.failed[0]}")
