@@ -41,6 +41,6 @@ def reconcile_ping(event: Any) -> None:
     report = reconcile(store, settings, sink_emitter(sink))
     log.info("ping %s: %s", event["id"], report.summary())
     for failure in report.failed:
-        log.warning("ping %s: not re-emitted, retried at the next ping: %s", event["id"], failure)
+        log.warning("ping %s: not re-emitted, retried at the next ping: %r", event["id"], failure)
     if report.sink_down:
         raise RuntimeError(f"{len(report.failed)} event(s) refused by {sink}: {report.failed[0]}")
