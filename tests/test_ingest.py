@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -508,9 +509,10 @@ def _event(bucket: str, key: str, event_type: str = "io.readmission.raw.created"
     return {"headers": headers, "data": json.dumps(body)}
 
 
-def test_function_answers_204_and_ingests_or_400_for_a_malformed_event(
+def _ingest_app(
     store: ObjectStore, seaweed_s3: SeaweedServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[Settings, Any]:
+    """Fresh buckets and the real ingest function's app, configured through its env."""
     from functions_framework import create_app
 
     settings = fresh_settings(store)
@@ -520,6 +522,13 @@ def test_function_answers_204_and_ingests_or_400_for_a_malformed_event(
         monkeypatch.setenv(f"BUCKET_{field_name.upper()}", getattr(settings.buckets, field_name))
     monkeypatch.setenv("BATCH_ROWS", "1000")
     app = create_app("ingest", str(ROOT / "functions" / "ingest" / "main.py"), "cloudevent")
+    return settings, app
+
+
+def test_function_answers_204_and_ingests_or_400_for_a_malformed_event(
+    store: ObjectStore, seaweed_s3: SeaweedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, app = _ingest_app(store, seaweed_s3, monkeypatch)
     client = app.test_client()
     raw = settings.buckets.raw
     data = sample_csv()
@@ -546,17 +555,10 @@ def test_function_answers_204_and_ingests_or_400_for_a_malformed_event(
 def test_function_ingests_a_key_outside_latin1_from_an_encoded_event(
     store: ObjectStore, seaweed_s3: SeaweedServer, monkeypatch: pytest.MonkeyPatch, key: str
 ) -> None:
-    from functions_framework import create_app
 
     from events.delivery import encode_attribute_headers
 
-    settings = fresh_settings(store)
-    for name, value in seaweed_s3.env().items():
-        monkeypatch.setenv(name, value)
-    for field_name in Buckets.__dataclass_fields__:
-        monkeypatch.setenv(f"BUCKET_{field_name.upper()}", getattr(settings.buckets, field_name))
-    monkeypatch.setenv("BATCH_ROWS", "1000")
-    app = create_app("ingest", str(ROOT / "functions" / "ingest" / "main.py"), "cloudevent")
+    settings, app = _ingest_app(store, seaweed_s3, monkeypatch)
     data = sample_csv()
     upload(store, settings, key, data)
     event = _event(settings.buckets.raw, key)
