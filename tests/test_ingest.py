@@ -19,6 +19,7 @@ import pytest
 from conftest_seaweed import SeaweedServer, real_csv_bytes, sample_csv, seaweed_s3
 from python_snippet import run_python
 
+from events.delivery import encode_attribute_headers
 from readmission import contract, ingest, keys
 from readmission.config import Buckets, Settings
 from readmission.storage import ObjectStore
@@ -555,9 +556,6 @@ def test_function_answers_204_and_ingests_or_400_for_a_malformed_event(
 def test_function_ingests_a_key_outside_latin1_from_an_encoded_event(
     store: ObjectStore, seaweed_s3: SeaweedServer, monkeypatch: pytest.MonkeyPatch, key: str
 ) -> None:
-
-    from events.delivery import encode_attribute_headers
-
     settings, app = _ingest_app(store, seaweed_s3, monkeypatch)
     data = sample_csv()
     upload(store, settings, key, data)
