@@ -47,9 +47,10 @@ def main() -> None:
     settings = Settings.from_env()
 
     whole = contract.parse_csv(read_dataset_bytes(ensure_dataset()))
-    codes = whole[contract.TARGET].map({c: i for i, c in enumerate(contract.TARGET_CLASSES)})
     split = split_rows(
-        whole[contract.GROUP_COLUMN].to_numpy(), codes.to_numpy(), settings.split_seed
+        whole[contract.GROUP_COLUMN].to_numpy(),
+        whole["encounter_id"].to_numpy(),
+        settings.split_seed,
     )
     batches = split.batches(settings.batch_rows)
     sets = [int(i) for i in args.sets.split(",")] if args.sets else list(range(len(batches)))

@@ -97,9 +97,10 @@ def main() -> None:
     args = parser.parse_args()
 
     whole = contract.parse_csv(read_dataset_bytes(ensure_dataset()))
-    codes = whole[contract.TARGET].map({c: i for i, c in enumerate(contract.TARGET_CLASSES)})
     split = split_rows(
-        whole[contract.GROUP_COLUMN].to_numpy(), codes.to_numpy(), Settings.from_env().split_seed
+        whole[contract.GROUP_COLUMN].to_numpy(),
+        whole["encounter_id"].to_numpy(),
+        Settings.from_env().split_seed,
     )
     parts = {
         name: whole.iloc[rows].reset_index(drop=True)

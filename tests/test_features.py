@@ -77,8 +77,7 @@ def real_sample(train_rows: int, validation_rows: int) -> tuple[pd.DataFrame, pd
     from readmission.split import split_rows
 
     frame = real_frame()
-    codes = frame[TARGET].map({c: i for i, c in enumerate(TARGET_CLASSES)}).to_numpy()
-    split = split_rows(frame["patient_nbr"].to_numpy(), codes, seed=42)
+    split = split_rows(frame["patient_nbr"].to_numpy(), frame["encounter_id"].to_numpy(), seed=42)
     train = frame.iloc[split.train[:train_rows]].reset_index(drop=True)
     validation = frame.iloc[split.validation[:validation_rows]].reset_index(drop=True)
     return train, validation
