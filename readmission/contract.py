@@ -225,6 +225,8 @@ def parse_csv(data: bytes) -> pd.DataFrame:
     Returns a frame with the 50 columns: ids as int64, numeric features as float64 (NaN where
     missing), every other column as pandas strings with missing values (`?`) as NA; `None` in the
     lab columns stays the category "None". Raises ContractViolation listing every problem found.
+    A feature column with no value on any row is not a problem (a column a hospital did not
+    collect); `missing_feature_columns` names such columns so the caller can warn about them.
     """
     import pandas as pd
     import pyarrow as pa
@@ -246,6 +248,34 @@ def parse_csv_table(data: bytes) -> pa.Table:
     if table is not None:
         return table
     return _frame_to_table(_detailed_frame(data, header))
+
+
+def missing_feature_columns(table: pa.Table) -> list[str]:
+    """The FEATURES columns of a parsed table that have no value on any row, in contract order.
+
+    Such a file is valid (e.g. an extract whose hospital did not collect `payer_code`): the
+    model sees the column as missing on every row. A NaN counts as missing like a null; a table
+    without rows has no such column.
+    """
+    import pyarrow.compute as pc
+
+    if table.num_rows == 0:
+        return []
+    return [
+        column
+        for column in FEATURES
+        if pc.all(pc.is_null(table.column(column), nan_is_null=True)).as_py()
+    ]
+
+
+def missing_columns_warning(columns: list[str]) -> str | None:
+    """A sentence for the drop's receipt naming the `missing_feature_columns`, or None."""
+    if not columns:
+        return None
+    return (
+        "feature columns with no value on any row (accepted; the model treats them as "
+        f"missing on every row): {', '.join(columns)}"
+    )
 
 
 @functools.cache
@@ -307,8 +337,7 @@ def _fast_table(data: bytes, header: list[str]) -> pa.Table | None:
     table = table.select(list(COLUMNS)).combine_chunks()
     if any(table.column(c).null_count for c in ID_COLUMNS):
         return None
-    if any(table.column(c).null_count == table.num_rows for c in FEATURES):
-        return None
+    # a feature column with no value on any row is accepted (missing_feature_columns)
     for column in NUMERIC_FEATURES:  # "nan"/"inf" parse as floats here; the contract says no
         values = table.column(column)
         if pc.any(pc.or_(pc.is_inf(values), pc.is_nan(values))).as_py():
@@ -412,9 +441,8 @@ def _detailed_frame(data: bytes, header: list[str]) -> pd.DataFrame:
             )
         else:
             frame[column] = values.astype("float64")
-    all_missing = [c for c in FEATURES if frame[c].isna().all()]
-    if all_missing:
-        problems.append(f"columns with no value on any row: {', '.join(all_missing)}")
+    # A feature column with no value on any row is accepted: a column a hospital did not
+    # collect in one extract is ordinary data (missing_feature_columns reports it).
 
     target = frame[TARGET]
     bad_target = ~target.isin(TARGET_CLASSES)

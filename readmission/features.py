@@ -17,6 +17,10 @@ Encoders, per algorithm (all convertible by skl2onnx, all tolerant of unseen cat
   imputation of numerics and ordinal codes for categoricals (unknown -> -1): 47 float32
   columns. gradient_boosting (3 classes x 100 trees) then keeps the GB_MAX_FEATURES columns
   a shallow decision tree ranks highest (SelectFromModel, learned at fit, in the ONNX graph).
+
+A feature column with no value in the training rows (the contract accepts such a file) keeps
+its place: numeric ones are imputed 0, categorical ones have the one category "?". The columns
+the classifier sees never depend on which features a training set happens to lack.
 """
 
 from __future__ import annotations
@@ -103,8 +107,19 @@ def _ordinal_encoder() -> OrdinalEncoder:
     )
 
 
+def _median_imputer() -> SimpleImputer:
+    """Median imputation that keeps a numeric column with no value in the training rows.
+
+    By default SimpleImputer drops such a column, so the classifier would see 7 numeric
+    columns instead of 8 and the ONNX graph (8 inputs, imputed in place) would not match.
+    keep_empty_features=True keeps it and imputes 0 (its `statistics_` entry): the column is
+    constant in training, so the model cannot use it, and the feature count never depends on
+    which columns a training set happens to lack. Columns with any value are unchanged."""
+    return SimpleImputer(strategy="median", keep_empty_features=True)
+
+
 def _one_hot_preprocessor() -> ColumnTransformer:
-    numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
+    numeric = Pipeline([("impute", _median_imputer()), ("scale", StandardScaler())])
     # One-hot of the ordinal codes, not of the strings: the same output, column for column
     # (codes follow the sorted categories; an unseen value's code, -1, is unknown to the
     # one-hot step too), but min_frequency counts numbers with numpy instead of strings with
@@ -138,7 +153,7 @@ def _one_hot_preprocessor() -> ColumnTransformer:
 
 
 def _ordinal_preprocessor() -> ColumnTransformer:
-    numeric = SimpleImputer(strategy="median")
+    numeric = _median_imputer()
     return ColumnTransformer(
         [
             ("numeric", numeric, list(NUMERIC_FEATURES)),

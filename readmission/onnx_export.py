@@ -279,6 +279,12 @@ def _numeric_part(builder: _GraphBuilder, numeric: str, transformer: Any) -> str
     current = numeric
     for _, step in steps:
         if isinstance(step, SimpleImputer) and step.strategy in ("median", "mean"):
+            if not step.keep_empty_features and np.isnan(step.statistics_).any():
+                # scikit-learn drops such a column; the graph imputes in place and keeps it
+                raise ValueError(
+                    "the numeric imputer dropped a column with no value in the training rows; "
+                    "the ONNX export needs SimpleImputer(keep_empty_features=True)"
+                )
             current = builder.node(
                 "Imputer",
                 [current],

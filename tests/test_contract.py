@@ -8,6 +8,7 @@ import io
 from collections.abc import Callable
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from conftest_seaweed import real_csv_bytes, sample_csv
 
@@ -169,9 +170,9 @@ BAD_INPUTS: dict[str, tuple[Callable[[], bytes], str]] = {
         lambda: b"\r\n".join(sample_csv().split(b"\r\n")[1:]),
         "the first line names none of the 50 contract columns",
     ),
-    "all-missing column": (
-        lambda: _edit(_set("payer_code", "?")),
-        "columns with no value on any row: payer_code",
+    "target missing on every row": (
+        lambda: _edit(_set(contract.TARGET, "?")),
+        "target readmitted must be one of NO, >30, <30; found '?' on rows 2, 3, 4, 5, 6 and",
     ),
     "non-numeric numeric": (
         lambda: _edit(_set("num_medications", "many", slice(2, 3))),
@@ -203,6 +204,104 @@ def test_bad_input_is_refused_with_a_message_naming_the_problem(kind: str) -> No
         contract.parse_csv(make())
     assert expected in str(raised.value), raised.value.problems
     assert raised.value.problems, "a violation must list its problems"
+
+
+def _both_paths(data: bytes) -> tuple[pa.Table | None, pa.Table]:
+    """(fast path's table or None if it hands the file on, detailed path's table)."""
+    header = contract._header(data)
+    fast = contract._fast_table(data, header)
+    detailed = contract._frame_to_table(contract._detailed_frame(data, header))
+    return fast, detailed
+
+
+@pytest.mark.parametrize("column", ["payer_code", "num_procedures"])
+def test_a_feature_column_with_no_value_is_accepted_and_reported(column: str) -> None:
+    data = _edit(_set(column, "?"))
+    table = contract.parse_csv_table(data)
+    assert table.num_rows == len(_rows(data)) - 1
+    assert table.column(column).null_count == table.num_rows
+    assert contract.missing_feature_columns(table) == [column]
+    # both parse paths accept it and agree
+    fast, detailed = _both_paths(data)
+    assert fast is not None and fast.equals(detailed) and fast.equals(table)
+    frame = contract.parse_csv(data)
+    assert frame[column].isna().all()
+    warning = contract.missing_columns_warning(contract.missing_feature_columns(table))
+    assert warning == (
+        "feature columns with no value on any row (accepted; the model treats them as missing "
+        f"on every row): {column}"
+    )
+
+
+def test_several_missing_feature_columns_are_reported_in_contract_order() -> None:
+    data = _edit(lambda rows: _set("weight", "?")(_set("num_procedures", "?")(rows)))
+    table = contract.parse_csv_table(data)
+    missing = contract.missing_feature_columns(table)
+    assert missing == ["weight", "num_procedures"]
+    assert (contract.missing_columns_warning(missing) or "").endswith(": weight, num_procedures")
+
+
+def test_a_file_with_every_feature_present_reports_nothing() -> None:
+    table = contract.parse_csv_table(sample_csv())
+    assert contract.missing_feature_columns(table) == []
+    assert contract.missing_columns_warning([]) is None
+
+
+def test_missing_feature_columns_counts_nan_as_missing() -> None:
+    table = pa.table(
+        {c: pa.array([None, None], type=contract._arrow_type(c)) for c in contract.COLUMNS}
+    ).set_column(
+        contract.COLUMNS.index("num_medications"),
+        "num_medications",
+        pa.array([float("nan"), None], type=pa.float64()),
+    )
+    assert "num_medications" in contract.missing_feature_columns(table)
+    assert contract.missing_feature_columns(table.slice(0, 0)) == []
+
+
+def test_a_feature_column_with_no_value_does_not_hide_other_problems() -> None:
+    data = _edit(
+        lambda rows: _set("payer_code", "?")(_set(contract.TARGET, "YES", slice(2, 3))(rows))
+    )
+    with pytest.raises(contract.ContractViolation) as raised:
+        contract.parse_csv(data)
+    assert raised.value.problems == [
+        "target readmitted must be one of NO, >30, <30; found 'YES' on rows 3"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("label", "rows"), [("one row", slice(4, 5)), ("every row", slice(1, None))]
+)
+def test_a_target_column_with_missing_values_is_still_rejected(label: str, rows: slice) -> None:
+    data = _edit(_set(contract.TARGET, "?", rows))
+    header = contract._header(data)
+    assert contract._fast_table(data, header) is None, label
+    with pytest.raises(contract.ContractViolation) as raised:
+        contract.parse_csv(data)
+    assert "target readmitted must be one of NO, >30, <30; found '?'" in str(raised.value)
+
+
+def test_an_id_column_with_no_value_is_still_rejected() -> None:
+    data = _edit(_set("patient_nbr", "?"))
+    with pytest.raises(contract.ContractViolation) as raised:
+        contract.parse_csv(data)
+    assert "column patient_nbr must be a whole number on every row" in str(raised.value)
+
+
+def test_the_real_files_first_2000_rows_parse_without_payer_code() -> None:
+    """The first 2,000 encounters of the UCI file have no payer_code: ordinary data."""
+    lines = real_csv_bytes().split(b"\r\n")
+    data = b"\r\n".join(lines[:2001]) + b"\r\n"
+    table = contract.parse_csv_table(data)
+    assert table.num_rows == 2_000
+    assert contract.missing_feature_columns(table) == ["payer_code"]
+    fast, detailed = _both_paths(data)
+    assert fast is not None and fast.equals(detailed)
+    assert contract.missing_columns_warning(["payer_code"]) == (
+        "feature columns with no value on any row (accepted; the model treats them as missing "
+        "on every row): payer_code"
+    )
 
 
 def test_every_problem_is_listed_not_just_the_first() -> None:

@@ -11,16 +11,25 @@ import onnx
 import onnxruntime as ort
 import pandas as pd
 import pytest
-from test_features import real_sample
+from conftest_seaweed import real_csv_bytes
+from test_features import generated_frame, real_sample
 from threadpoolctl import threadpool_limits
 
+from readmission import contract
 from readmission.contract import (
     CATEGORICAL_FEATURES,
     FEATURES,
     MISSING_MARKER,
     NUMERIC_FEATURES,
 )
-from readmission.features import ALGORITHMS, build_pipeline, target_values, to_model_frame
+from readmission.features import (
+    ALGORITHMS,
+    PREPROCESS_STEP,
+    build_pipeline,
+    learned_categories,
+    target_values,
+    to_model_frame,
+)
 from readmission.onnx_export import (
     PARITY_TOLERANCE,
     ExportedModel,
@@ -179,3 +188,73 @@ def test_export_with_sample_frame_checks_parity() -> None:
     pipeline = fitted("decision_tree")
     model = export_onnx(pipeline, parity_frame().head(500))
     assert model.onnx_bytes == exported("decision_tree").onnx_bytes
+
+
+# A feature column with no value in the training rows (the contract accepts such a file: e.g.
+# the real file's first 2,000 encounters have no payer_code) must train and export like any
+# other: same columns for the classifier, same ONNX inputs, parity on rows with and without it.
+EMPTY_COLUMNS = ("payer_code", "num_lab_procedures")  # one categorical, one numeric
+
+
+def without(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The frame with `column` missing on every row, as the contract parses a '?' column."""
+    frame = frame.copy()
+    if column in NUMERIC_FEATURES:
+        frame[column] = np.nan
+    else:
+        frame[column] = pd.array([pd.NA] * len(frame), dtype="string")
+    return frame
+
+
+@pytest.mark.parametrize("column", EMPTY_COLUMNS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_model_trained_without_a_feature_column_exports_with_parity(
+    algorithm: str, column: str
+) -> None:
+    train = without(generated_frame(300), column)
+    pipeline = build_pipeline(algorithm).fit(to_model_frame(train), target_values(train))
+
+    # the column keeps its place: the classifier's inputs do not depend on what is missing
+    names = list(pipeline.named_steps[PREPROCESS_STEP].get_feature_names_out())
+    assert names[: len(NUMERIC_FEATURES)] == list(NUMERIC_FEATURES)
+    if algorithm != "logistic_regression":  # one-hot width follows the categories seen
+        assert names == [*NUMERIC_FEATURES, *CATEGORICAL_FEATURES]
+    if column in CATEGORICAL_FEATURES:
+        assert learned_categories(pipeline)[column] == [MISSING_MARKER]
+
+    model = export_onnx(pipeline)
+    assert [spec["column"] for spec in model.inputs] == list(FEATURES)
+    # the training rows (column missing) and new rows on which the column has values
+    for frame in (train, generated_frame(200, seed=1)):
+        report = check_parity(pipeline, model.onnx_bytes, frame)
+        assert report.argmax_mismatches == 0 and report.label_mismatches == 0
+        assert report.max_abs_diff <= PARITY_TOLERANCE
+
+
+def test_export_refuses_an_imputer_that_dropped_an_empty_column() -> None:
+    """scikit-learn's default SimpleImputer drops a column with no value (7 numeric columns
+    reach the classifier); the graph imputes in place (8): refuse instead of mis-exporting."""
+    train = without(generated_frame(300), "num_lab_procedures")
+    pipeline = build_pipeline("decision_tree").set_params(
+        **{f"{PREPROCESS_STEP}__numeric__keep_empty_features": False}
+    )
+    with pytest.warns(UserWarning, match="without any observed values"):
+        pipeline.fit(to_model_frame(train), target_values(train))
+    with pytest.raises(ValueError, match="keep_empty_features=True"):
+        export_onnx(pipeline)
+
+
+@pytest.mark.parametrize("algorithm", ["logistic_regression", "gradient_boosting"])
+def test_a_model_trained_on_the_real_files_first_2000_rows_exports_with_parity(
+    algorithm: str,
+) -> None:
+    """The real file's first 2,000 encounters have no payer_code (its first one is on the
+    20,447th); parity on 1,000 later rows, where most have one, and on the training rows."""
+    lines = real_csv_bytes().split(b"\r\n")
+    train = contract.parse_csv(b"\r\n".join(lines[:2001]) + b"\r\n")
+    later = contract.parse_csv(b"\r\n".join([lines[0], *lines[30_001:31_001]]) + b"\r\n")
+    assert train["payer_code"].isna().all() and later["payer_code"].notna().mean() > 0.5
+    pipeline = build_pipeline(algorithm).fit(to_model_frame(train), target_values(train))
+    model = export_onnx(pipeline, later)  # raises ParityError on a mismatch
+    report = check_parity(pipeline, model.onnx_bytes, train)
+    assert report.argmax_mismatches == 0 and report.max_abs_diff <= PARITY_TOLERANCE
