@@ -1,17 +1,30 @@
-"""The ingest step: a raw CSV in, Parquet batches, a manifest and training job specs out.
+"""The ingest step: a raw CSV in, appended to the corpus as a new version with its job specs.
 
 Plain Python, no server: `ingest_object(store, settings, bucket, key)` does everything the ingest
-function does for one `io.readmission.raw.created` event (see docs/ingest.md).
+function does for one `io.readmission.raw.created` event (see docs/ingest.md). readmission.corpus
+decides what a drop adds (deduplication by encounter_id, the stable split, the new batches);
+this module reads and writes the objects.
 
-Idempotent and crash-safe: every output has a deterministic key and deterministic bytes and is
-written with `put_if_absent`; the manifest is written after every batch it names and before the
-job specs, so its presence means the dataset is complete. A file that breaks the data contract is
-moved to the rejected bucket with an error report (copy, report, then delete the original).
+Idempotent and crash-safe:
+
+* a drop is known by its content (sha256): `drops/<id>.json` records what became of it, so the
+  same bytes under any name, or a redelivered event, append nothing twice;
+* appends are serialised by a lease on the corpus (`corpus/append.lease`): each reads the head
+  version, writes the new version's Parquet parts, its encounter index and LAST its manifest
+  (every object with a deterministic key and bytes, `put_if_absent`), then moves the head and
+  records the drop. A crash before the head moves leaves an unreferenced version that the
+  redelivery completes (same parent, same bytes: the same version id);
+* job specs are written after the head moved, and the receipt (by object version, for the
+  reconciler) last.
+
+A file that breaks the data contract, or whose rows mostly conflict with the corpus, is moved to
+the rejected bucket with an error report (copy, report, then delete the original).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,13 +33,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from readmission import contract, keys
+from readmission import contract, corpus, keys, lease
 from readmission.config import Settings
-from readmission.split import Split, split_rows
 from readmission.storage import ObjectInfo, ObjectStore, json_bytes
+
+log = logging.getLogger(__name__)
 
 PARQUET_TYPE = "application/vnd.apache.parquet"
 JSON_TYPE = "application/json"
@@ -42,13 +55,19 @@ ALGORITHM_COST_PER_1000_ROWS = {
     "decision_tree": 0.017,
 }
 UPLOAD_THREADS = 4
+# Appends of concurrent drops wait for each other this long (an append of the whole UCI file
+# holds the lease for a few seconds).
+CORPUS_LEASE_TTL_SECONDS = 60.0
+CORPUS_LEASE_WAIT_SECONDS = 300.0
 
 INGESTED, ALREADY_INGESTED, REJECTED, GONE = "ingested", "already_ingested", "rejected", "gone"
+NOTHING_NEW = "nothing_new"
 
 
 @dataclass(frozen=True)
 class IngestOutcome:
-    """What one call did; `written` names every object ("bucket/key") this call wrote."""
+    """What one call did; `written` names every object ("bucket/key") this call wrote.
+    `dataset_id` is the corpus version the drop made (or is in), None if it made none."""
 
     status: str
     bucket: str
@@ -58,14 +77,17 @@ class IngestOutcome:
     jobs: int = 0
     problems: tuple[str, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict, compare=False)
+    warnings: tuple[str, ...] = ()
 
     def summary(self) -> str:
         text = f"ingest {self.status}: s3://{self.bucket}/{self.key}"
         if self.dataset_id:
-            text += f" dataset={self.dataset_id}"
+            text += f" version={self.dataset_id}"
         text += f" jobs={self.jobs} written={len(self.written)}"
         if self.problems:
             text += " problems=" + " | ".join(self.problems)
+        if self.warnings:
+            text += " warnings=" + " | ".join(self.warnings)
         if self.seconds:
             text += " " + " ".join(f"{k}={v:.2f}s" for k, v in self.seconds.items())
         return text
@@ -106,108 +128,246 @@ def ingest_object(store: ObjectStore, settings: Settings, bucket: str, key: str)
     if not key.lower().endswith(".csv"):
         problem = f"the file name {key!r} does not end in .csv; only CSV files are ingested"
         return _reject(store, settings, info, [problem], sha256[:16], sha256)
-    dataset_id = keys.content_id(data)
-    manifest = store.get_json_if_exists(settings.buckets.datasets, keys.manifest_key(dataset_id))
-    if manifest is not None:
-        written = _write_jobs(store, settings, manifest)
-        write_receipt(store, settings, bucket, key, info.etag, dataset_id)
-        return IngestOutcome(
-            ALREADY_INGESTED, bucket, key, dataset_id, tuple(written), len(manifest["jobs"])
-        )
+    drop_id = keys.content_id(data)
+    record = store.get_json_if_exists(settings.buckets.datasets, keys.drop_key(drop_id))
+    if record is not None:
+        return _known_drop(store, settings, info, record)
     try:
         table = contract.parse_csv_table(data)
-        timer.lap("parse")
-        split = _split(table, settings.split_seed)
-        timer.lap("split")
     except contract.ContractViolation as violation:
         return _reject(store, settings, info, violation.problems, sha256[:16], sha256)
-    return _ingest_table(store, settings, info, sha256, table, split, timer)
+    timer.lap("parse")
+    with lease.acquire(
+        store,
+        settings.buckets.datasets,
+        keys.CORPUS_LEASE_KEY,
+        ttl_seconds=CORPUS_LEASE_TTL_SECONDS,
+        wait_seconds=CORPUS_LEASE_WAIT_SECONDS,
+        purpose=f"append drop {drop_id}",
+        renew_every=CORPUS_LEASE_TTL_SECONDS / 4,
+    ):
+        record = store.get_json_if_exists(settings.buckets.datasets, keys.drop_key(drop_id))
+        if record is not None:  # a concurrent delivery of the same bytes appended it
+            return _known_drop(store, settings, info, record)
+        return _append(store, settings, info, sha256, table, timer)
 
 
-def _ingest_table(
+def _known_drop(
+    store: ObjectStore, settings: Settings, info: ObjectInfo, record: dict[str, Any]
+) -> IngestOutcome:
+    """A drop with these bytes was decided before: restore its job specs, write the receipt."""
+    version = record.get("version")
+    written: list[str] = []
+    jobs = 0
+    if version:
+        manifest = store.get_json(settings.buckets.datasets, keys.manifest_key(version))
+        written = _write_jobs(store, settings, manifest)
+        jobs = len(manifest["jobs"])
+    same_object = (record.get("source") or {}).get("key") == info.key and (
+        record.get("source") or {}
+    ).get("bucket") == info.bucket
+    receipt = dict(record)
+    if not same_object:
+        receipt["status"] = ALREADY_INGESTED
+        receipt["message"] = (
+            f"the same bytes were ingested before as s3://{record['source']['bucket']}/"
+            f"{record['source']['key']}: nothing is appended or trained again"
+        )
+    write_receipt(store, settings, info, receipt)
+    return IngestOutcome(ALREADY_INGESTED, info.bucket, info.key, version, tuple(written), jobs)
+
+
+def _read_head(store: ObjectStore, settings: Settings) -> tuple[dict | None, pa.Table | None]:
+    """(manifest, encounter index) of the corpus's newest version, (None, None) if empty."""
+    datasets = settings.buckets.datasets
+    head = store.get_json_if_exists(datasets, keys.CORPUS_HEAD_KEY)
+    if head is None:
+        return None, None
+    manifest = store.get_json(datasets, keys.manifest_key(head["version"]))
+    index = pq.read_table(pa.BufferReader(store.get_bytes(datasets, manifest["encounters_key"])))
+    return manifest, index
+
+
+def _append(
     store: ObjectStore,
     settings: Settings,
     info: ObjectInfo,
     sha256: str,
     table: pa.Table,
-    split: Split,
     timer: _Timer,
 ) -> IngestOutcome:
-    dataset_id = sha256[:16]
+    """Append the drop's new rows to the corpus as a new version (under the corpus lease)."""
     datasets = settings.buckets.datasets
-    parts = _parts(dataset_id, table, split, settings.batch_rows)
-    written = _write_parallel(
-        store, datasets, [(k, lambda t=t: parquet_bytes(t)) for k, t in parts]
+    parent, parent_index = _read_head(store, settings)
+    appended = _version_with_drop(store, settings, parent, sha256[:16])
+    if appended is not None:  # appended before a crash that came before the drop's record
+        return _finish_append(store, settings, info, appended, timer)
+    plan = corpus.plan_drop(
+        table.column("encounter_id").to_numpy(zero_copy_only=False),
+        corpus.row_hashes(table),
+        parent_index,
     )
+    timer.lap("deduplicate")
+    source = {"bucket": info.bucket, "key": info.key, "size": info.size, "sha256": sha256}
+    warnings = []
+    missing = contract.missing_feature_columns(table)
+    if missing:
+        warnings.append(contract.missing_columns_warning(missing))
+    if plan.conflicts and plan.status != corpus.REJECT:
+        warnings.append(_conflicts_warning(len(plan.conflicts)))
+    if plan.status == corpus.REJECT:
+        return _reject(store, settings, info, list(plan.problems), sha256[:16], sha256)
+    record: dict[str, Any] = {
+        "status": INGESTED,
+        "drop_id": sha256[:16],
+        "source": source,
+        "rows": plan.report(),
+        "warnings": [w for w in warnings if w],
+        "parent": parent["version"] if parent else None,
+        "version": None,
+    }
+    if plan.status == corpus.NOTHING_NEW:
+        record["status"] = NOTHING_NEW
+        record["message"] = (
+            f"every row of the file is already in the corpus (version "
+            f"{record['parent']}): no new version, nothing trained"
+        )
+        written = _record_drop(store, settings, info, record)
+        return IngestOutcome(
+            NOTHING_NEW, info.bucket, info.key, None, tuple(written), warnings=tuple(warnings)
+        )
+    try:
+        version = corpus.build_version(
+            parent=parent,
+            parent_index=parent_index,
+            table=table,
+            plan=plan,
+            source=source,
+            split_seed=settings.split_seed,
+            batch_rows=settings.batch_rows,
+            algorithms=settings.algorithms,
+            job_order=job_order,
+        )
+    except ValueError as error:  # the corpus would not be trainable yet
+        return _reject(store, settings, info, [str(error)], sha256[:16], sha256)
+    timer.lap("split")
+    written = _write_parallel(
+        store, datasets, [(k, lambda t=t: parquet_bytes(t)) for k, t in version.parts]
+    )
+    index_key = keys.encounters_key(version.version)
+    if store.put_if_absent(datasets, index_key, parquet_bytes(version.index), PARQUET_TYPE):
+        written.append(f"{datasets}/{index_key}")
     timer.lap("write_parquet")
-    manifest = build_manifest(dataset_id, info, sha256, table, split, settings)
-    if store.put_if_absent(
-        datasets, keys.manifest_key(dataset_id), json_bytes(manifest), JSON_TYPE
-    ):
-        written.append(f"{datasets}/{keys.manifest_key(dataset_id)}")
-    written += _write_jobs(store, settings, manifest)
-    write_receipt(store, settings, info.bucket, info.key, info.etag, dataset_id)
+    manifest_key = keys.manifest_key(version.version)
+    if store.put_if_absent(datasets, manifest_key, json_bytes(version.manifest), JSON_TYPE):
+        written.append(f"{datasets}/{manifest_key}")
+    head = {"version": version.version, "number": version.manifest["number"]}
+    store.put_bytes(datasets, keys.CORPUS_HEAD_KEY, json_bytes(head), JSON_TYPE)
+    written.append(f"{datasets}/{keys.CORPUS_HEAD_KEY}")
+    record["version"] = version.version
+    record["added"] = version.manifest["added"]
+    written += _record_drop(store, settings, info, record, version.manifest)
     timer.lap("write_manifest_jobs")
     return IngestOutcome(
         INGESTED,
         info.bucket,
         info.key,
-        dataset_id,
+        version.version,
         tuple(written),
-        len(manifest["jobs"]),
+        len(version.manifest["jobs"]),
         seconds=timer.seconds,
+        warnings=tuple(warnings),
     )
 
 
-# --------------------------------------------------------------------------- split and parts
+def _version_with_drop(
+    store: ObjectStore, settings: Settings, head: dict[str, Any] | None, drop_id: str
+) -> dict[str, Any] | None:
+    """The manifest of the version that appended `drop_id`, if the corpus holds it."""
+    manifest = head
+    while manifest is not None and drop_id in manifest["drops"]:
+        if manifest["drops"][-1] == drop_id:
+            return manifest
+        manifest = store.get_json(settings.buckets.datasets, keys.manifest_key(manifest["parent"]))
+    return None
+
+
+def _finish_append(
+    store: ObjectStore,
+    settings: Settings,
+    info: ObjectInfo,
+    manifest: dict[str, Any],
+    timer: _Timer,
+) -> IngestOutcome:
+    """Record a drop whose version is in the corpus already, as the append would have."""
+    source = manifest["source"]
+    warnings = []
+    # the same bytes as the append parsed: the same columns are missing
+    missing = contract.missing_feature_columns(
+        contract.parse_csv_table(store.get_bytes(info.bucket, info.key))
+    )
+    if missing:
+        warnings.append(contract.missing_columns_warning(missing))
+    added = manifest["added"]
+    if added["conflicts"]:
+        warnings.append(_conflicts_warning(added["conflicts"]))
+    record = {
+        "status": INGESTED,
+        "drop_id": manifest["drops"][-1],
+        "source": source,
+        "rows": {k: added[k] for k in ("rows", "new", "duplicates", "conflicts")}
+        | {"conflicting_rows": added["conflicting_rows"]},
+        "warnings": [w for w in warnings if w],
+        "parent": manifest["parent"],
+        "version": manifest["version"],
+        "added": added,
+    }
+    written = _record_drop(store, settings, info, record, manifest)
+    timer.lap("write_manifest_jobs")
+    return IngestOutcome(
+        INGESTED,
+        info.bucket,
+        info.key,
+        manifest["version"],
+        tuple(written),
+        len(manifest["jobs"]),
+        seconds=timer.seconds,
+        warnings=tuple(w for w in warnings if w),
+    )
+
+
+def _conflicts_warning(count: int) -> str:
+    return (
+        f"{count:,} rows conflict with the corpus or each other (same encounter_id, different "
+        f"values) and were left out; see conflicting_rows"
+    )
+
+
+def _record_drop(
+    store: ObjectStore,
+    settings: Settings,
+    info: ObjectInfo,
+    record: dict[str, Any],
+    manifest: dict[str, Any] | None = None,
+) -> list[str]:
+    """Record what became of the drop, then write its job specs and its receipt."""
+    datasets = settings.buckets.datasets
+    written = []
+    drop_key = keys.drop_key(record["drop_id"])
+    if store.put_if_absent(datasets, drop_key, json_bytes(record), JSON_TYPE):
+        written.append(f"{datasets}/{drop_key}")
+    if manifest is not None:
+        written += _write_jobs(store, settings, manifest)
+    write_receipt(store, settings, info, record)
+    return written
+
+
+# --------------------------------------------------------------------------- parts
 
 
 def labels_of(table: pa.Table) -> np.ndarray:
     """Target codes 0..2 in the order of contract.TARGET_CLASSES."""
-    codes = pc.index_in(table.column(contract.TARGET), value_set=pa.array(contract.TARGET_CLASSES))
-    return codes.to_numpy()
-
-
-def _split(table: pa.Table, seed: int) -> Split:
-    patients = table.column(contract.GROUP_COLUMN).to_numpy()
-    labels = labels_of(table)
-    split = split_rows(patients, labels, seed, len(contract.TARGET_CLASSES))
-    n_patients = len(np.unique(patients))
-    if not (len(split.train) and len(split.validation) and len(split.test)):
-        raise contract.ContractViolation(
-            [
-                f"the file has {table.num_rows} rows from {n_patients} patients: too few to split "
-                f"them 70/15/15 into non-empty training, validation and test sets; upload a file "
-                f"with more patients"
-            ]
-        )
-    missing = [
-        name
-        for code, name in enumerate(contract.TARGET_CLASSES)
-        if not np.any(labels[split.train] == code)
-    ]
-    if missing:
-        raise contract.ContractViolation(
-            [
-                f"the training split has no row with {contract.TARGET} = "
-                f"{', '.join(missing)}: every class ({', '.join(contract.TARGET_CLASSES)}) needs "
-                f"rows from several patients; upload a file with more patients"
-            ]
-        )
-    return split
-
-
-def _parts(
-    dataset_id: str, table: pa.Table, split: Split, batch_rows: int
-) -> list[tuple[str, pa.Table]]:
-    """(key, rows) of every Parquet object: the batches, validation and test."""
-    parts = [
-        (keys.batch_key(dataset_id, i), table.take(rows))
-        for i, rows in enumerate(split.batches(batch_rows))
-    ]
-    parts.append((keys.validation_key(dataset_id), table.take(split.validation)))
-    parts.append((keys.test_key(dataset_id), table.take(split.test)))
-    return parts
+    return corpus.label_codes(table)
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -242,76 +402,28 @@ def _write_parallel(
         return [name for name in pool.map(write, items) if name]
 
 
-# --------------------------------------------------------------------------- documents
+# --------------------------------------------------------------------------- job specs
 
 
-def _class_counts(labels: np.ndarray) -> dict[str, int]:
-    counts = np.bincount(labels, minlength=len(contract.TARGET_CLASSES))
-    return {name: int(counts[i]) for i, name in enumerate(contract.TARGET_CLASSES)}
-
-
-def job_order(set_rows: Sequence[int], algorithms: Iterable[str]) -> list[tuple[int, str]]:
+def job_order(
+    set_rows: Sequence[int], algorithms: Iterable[str], reused_sets: int = 0
+) -> list[tuple[int, str]]:
     """(cumulative index, algorithm) pairs, costliest job first. `set_rows[i]` is the number of
     training rows of cumulative set i; estimated cost = rows x ALGORITHM_COST_PER_1000_ROWS
-    (an unlisted algorithm counts as the costliest); ties keep the bigger index, then the
-    order of `algorithms`."""
+    (an unlisted algorithm counts as the costliest). Sets below `reused_sets` were fitted for
+    an earlier version and are only re-scored: they cost next to nothing and come last.
+    Ties keep the bigger index, then the order of `algorithms`."""
     algorithms = list(dict.fromkeys(algorithms))
     costliest = max(ALGORITHM_COST_PER_1000_ROWS.values())
 
     def cost(pair: tuple[int, str]) -> float:
         index, algorithm = pair
+        if index < reused_sets:
+            return 0.0
         return set_rows[index] * ALGORITHM_COST_PER_1000_ROWS.get(algorithm, costliest)
 
     pairs = [(i, a) for i in range(len(set_rows)) for a in algorithms]
     return sorted(pairs, key=lambda pair: (-cost(pair), -pair[0], algorithms.index(pair[1])))
-
-
-def build_manifest(
-    dataset_id: str,
-    info: ObjectInfo,
-    sha256: str,
-    table: pa.Table,
-    split: Split,
-    settings: Settings,
-) -> dict[str, Any]:
-    """The manifest document of docs/design.md (canonical JSON, no timestamps)."""
-    labels = labels_of(table)
-    patients = table.column(contract.GROUP_COLUMN).to_numpy()
-    batches = split.batches(settings.batch_rows)
-    batch_docs = [
-        {"index": i, "key": keys.batch_key(dataset_id, i), "rows": len(rows)}
-        for i, rows in enumerate(batches)
-    ]
-    cumulative = [
-        {
-            "index": i,
-            "rows": sum(b["rows"] for b in batch_docs[: i + 1]),
-            "batch_keys": [b["key"] for b in batch_docs[: i + 1]],
-        }
-        for i in range(len(batch_docs))
-    ]
-    parts = {"train": split.train, "validation": split.validation, "test": split.test}
-    return {
-        "dataset_id": dataset_id,
-        "source": {"bucket": info.bucket, "key": info.key, "size": info.size, "sha256": sha256},
-        "split_seed": settings.split_seed,
-        "batch_rows": settings.batch_rows,
-        "rows": {"total": table.num_rows, **{name: len(rows) for name, rows in parts.items()}},
-        "patients": {
-            "total": len(np.unique(patients)),
-            **{name: len(np.unique(patients[rows])) for name, rows in parts.items()},
-        },
-        "class_counts": {name: _class_counts(labels[rows]) for name, rows in parts.items()},
-        "batches": batch_docs,
-        "cumulative_sets": cumulative,
-        "validation": {"key": keys.validation_key(dataset_id), "rows": len(split.validation)},
-        "test": {"key": keys.test_key(dataset_id), "rows": len(split.test)},
-        "algorithms": list(dict.fromkeys(settings.algorithms)),
-        "jobs": [
-            keys.job_key(dataset_id, i, a)
-            for i, a in job_order([c["rows"] for c in cumulative], settings.algorithms)
-        ],
-    }
 
 
 def job_spec(manifest: dict[str, Any], job_key: str, datasets_bucket: str) -> dict[str, Any]:
@@ -324,8 +436,8 @@ def job_spec(manifest: dict[str, Any], job_key: str, datasets_bucket: str) -> di
         "algorithm": algorithm,
         "training_rows": cumulative["rows"],
         "batch_keys": cumulative["batch_keys"],
-        "validation_key": manifest["validation"]["key"],
-        "test_key": manifest["test"]["key"],
+        "validation_keys": manifest["validation"]["keys"],
+        "test_keys": manifest["test"]["keys"],
         "datasets_bucket": datasets_bucket,
         "manifest_key": keys.manifest_key(dataset_id),
     }
@@ -374,9 +486,11 @@ def contract_summary(settings: Settings) -> dict[str, Any]:
             "every line has the same 50 fields as the header (any column order)",
             "encounter_id and patient_nbr are whole numbers on every row",
             "numeric columns hold finite numbers or '?'",
-            "no feature column is '?' on every row",
+            "a feature column that is '?' on every row is accepted with a warning",
             f"{contract.TARGET} is one of {', '.join(contract.TARGET_CLASSES)} on every row",
             "at least one data row; enough patients for a 70/15/15 split",
+            "rows whose encounter_id the corpus holds with other values are left out; more "
+            "than half such rows reject the file",
         ],
     }
 
@@ -430,23 +544,23 @@ def _reject(
 # --------------------------------------------------------------------------- receipts
 
 
-def receipt_document(bucket: str, key: str, etag: str, dataset_id: str) -> dict[str, Any]:
-    """What an ingest receipt says: this raw object version is (part of) that dataset."""
-    return {"bucket": bucket, "key": key, "etag": etag.strip('"'), "dataset_id": dataset_id}
-
-
 def write_receipt(
-    store: ObjectStore, settings: Settings, bucket: str, key: str, etag: str, dataset_id: str
+    store: ObjectStore, settings: Settings, info: ObjectInfo, document: dict[str, Any]
 ) -> str:
-    """Record that this raw object version was ingested; returns the receipt's key.
+    """Record what ingesting this raw object version did; returns the receipt's key.
 
-    Written once the dataset's manifest and job specs exist (keys.receipt_key names it by
-    bucket, key and ETag), so the reconciler knows the object needs no event. Canonical JSON
-    without timestamps: a redelivery writes nothing. The datasets bucket fires no event.
+    Written last (keys.receipt_key names it by bucket, key and ETag), so the reconciler knows
+    the object needs no event. It says which version the drop made (or that it added nothing),
+    the row counts, the conflicting rows and the warnings. Canonical JSON without timestamps:
+    a redelivery writes nothing. The datasets bucket fires no event.
     """
     datasets = settings.buckets.datasets
-    receipt = keys.receipt_key(bucket, key, etag)
-    data = json_bytes(receipt_document(bucket, key, etag, dataset_id))
+    receipt = keys.receipt_key(info.bucket, info.key, info.etag)
+    body = {
+        **document,
+        "object": {"bucket": info.bucket, "key": info.key, "etag": info.etag.strip('"')},
+    }
+    data = json_bytes(body)
     if store.get_bytes_if_exists(datasets, receipt) != data:
         store.put_bytes(datasets, receipt, data, JSON_TYPE)
     return receipt

@@ -1,4 +1,8 @@
-"""The deterministic object-key layout: one function per kind of object (see docs/design.md)."""
+"""The deterministic object-key layout: one function per kind of object (see docs/design.md).
+
+A "dataset id" is a corpus version id (16 hex characters, readmission.corpus.version_id): the
+objects a version adds and its jobs, results and model live under that prefix.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,16 @@ import hashlib
 import re
 
 CHAMPION_METADATA_KEY = "champion/metadata.json"
+CHALLENGER_METADATA_KEY = "challenger/metadata.json"
+# The last decision, for the predict function's page (no event: not a champion/metadata.json).
+LAST_DECISION_KEY = "champion/last-decision.json"
+DECISIONS_PREFIX = "decisions/"
+DECISION_LEASE_KEY = "decisions.lease"  # in the models bucket: one decision at a time
 RECEIPTS_PREFIX = "sources/"
+# In the datasets bucket: the newest corpus version, and the lease that serialises appends.
+CORPUS_HEAD_KEY = "corpus/head.json"
+CORPUS_LEASE_KEY = "corpus/append.lease"
+DROPS_PREFIX = "drops/"
 
 
 def content_id(data: bytes) -> str:
@@ -28,6 +41,26 @@ def test_key(dataset_id: str) -> str:
 
 def manifest_key(dataset_id: str) -> str:
     return f"{dataset_id}/manifest.json"
+
+
+def encounters_key(version: str) -> str:
+    """The corpus's encounter index as of this version (id, patient, split, label, row hash)."""
+    return f"{version}/encounters.parquet"
+
+
+def drop_key(drop_id: str) -> str:
+    """What became of a drop (by content: the first 16 hex of its sha256), once decided."""
+    return f"{DROPS_PREFIX}{drop_id}.json"
+
+
+def decision_key(version: str) -> str:
+    """The gate's decision on a corpus version's challenger (models bucket)."""
+    return f"{DECISIONS_PREFIX}{version}.json"
+
+
+def manual_decision_key(sequence: int) -> str:
+    """An operator's decision (promote or rollback), numbered in the decision sequence."""
+    return f"{DECISIONS_PREFIX}manual-{sequence:06d}.json"
 
 
 def job_name(cumulative_index: int, algorithm: str) -> str:

@@ -1,0 +1,390 @@
+"""The corpus: every accepted drop appended to one growing, versioned set of rows.
+
+Pure functions over pyarrow tables and plain documents (no I/O; readmission.ingest stores what
+they return). A corpus version is the ordered list of drops it holds. Its id is content-
+addressed: ``version_id(parent, drop_sha256, ...)`` hashes the parent version's id with the new
+drop's bytes and the settings that shape the batches, so the same drops in the same order give
+the same version, and a version never changes once written.
+
+A drop is deduplicated against the corpus by ``encounter_id``:
+
+* a row identical to one already in the corpus (or earlier in the same drop) is skipped and
+  counted as a duplicate;
+* a row whose ``encounter_id`` is in the corpus (or the drop) with different content is a
+  conflict: it is left out and reported by line in the drop's receipt. The corpus keeps the row
+  it already had, and an encounter that appears twice in one drop with different content is
+  left out entirely (there is no telling which copy is right);
+* if conflicts are more than CONFLICT_REJECT_SHARE of the drop's rows the drop is rejected as a
+  whole: it is a different data set, or the same one with rewritten values, not new encounters.
+
+A version's training rows are its parent's batches followed by new batches of the drop's new
+training rows (readmission.split gives the split and the order), so cumulative set i of a version
+is cumulative set i of every later version. Validation and test are the union of every drop's
+new validation and test rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from readmission import contract, keys
+from readmission.split import RULE as SPLIT_RULE
+from readmission.split import (
+    SPLIT_NAMES,
+    TEST,
+    TRAIN,
+    VALIDATION,
+    patient_split_codes,
+    training_order,
+)
+
+# A drop with more conflicting rows than this share is rejected, not appended without them.
+CONFLICT_REJECT_SHARE = 0.5
+# The receipt lists at most this many conflicting rows by line (the count is always whole).
+CONFLICTS_LISTED = 100
+INDEX_COLUMNS = ("encounter_id", "patient_nbr", "split", "label", "row_hash")
+_NULL_HASH = np.uint64(0x9E3779B97F4A7C15)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+APPEND, NOTHING_NEW, REJECT = "append", "nothing_new", "reject"
+
+
+def version_id(parent: str | None, drop_sha256: str, split_seed: int, batch_rows: int) -> str:
+    """Content address of the version that appends this drop to `parent` (None: the first)."""
+    text = json.dumps(
+        {
+            "parent": parent,
+            "drop": drop_sha256,
+            "split_seed": split_seed,
+            "batch_rows": batch_rows,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- row identity
+
+
+def _string_hashes(column: pa.ChunkedArray) -> np.ndarray:
+    encoded = column.combine_chunks().dictionary_encode()
+    table = np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "big")
+            for v in encoded.dictionary.to_pylist()
+        ),
+        dtype=np.uint64,
+        count=len(encoded.dictionary),
+    )
+    indices = encoded.indices.to_numpy(zero_copy_only=False)
+    nulls = encoded.indices.is_null().to_numpy(zero_copy_only=False)
+    values = table[np.where(nulls, 0, indices).astype(np.int64)] if len(table) else indices
+    return np.where(nulls, _NULL_HASH, values).astype(np.uint64)
+
+
+def _number_hashes(column: pa.ChunkedArray) -> np.ndarray:
+    array = column.combine_chunks()
+    nulls = array.is_null().to_numpy(zero_copy_only=False)
+    values = array.cast(pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False)
+    bits = (values + 0.0).view(np.uint64)  # + 0.0 folds -0.0 into 0.0
+    return np.where(nulls, _NULL_HASH, bits).astype(np.uint64)
+
+
+def row_hashes(table: pa.Table) -> np.ndarray:
+    """A 64-bit fingerprint of every row's content over the contract's columns, independent of
+    how the file was written (quoting, column types inferred, chunking)."""
+    combined = np.full(table.num_rows, np.uint64(0xCBF29CE484222325), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for name in contract.COLUMNS:
+            column = table.column(name)
+            is_number = pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+            values = _number_hashes(column) if is_number else _string_hashes(column)
+            combined = (combined ^ values) * _FNV_PRIME
+    return combined
+
+
+def label_codes(table: pa.Table) -> np.ndarray:
+    """Target codes 0..2 in the order of contract.TARGET_CLASSES."""
+    import pyarrow.compute as pc
+
+    codes = pc.index_in(table.column(contract.TARGET), value_set=pa.array(contract.TARGET_CLASSES))
+    return codes.to_numpy(zero_copy_only=False).astype(np.int8)
+
+
+def empty_index() -> pa.Table:
+    return pa.table(
+        {
+            "encounter_id": pa.array([], pa.int64()),
+            "patient_nbr": pa.array([], pa.int64()),
+            "split": pa.array([], pa.int8()),
+            "label": pa.array([], pa.int8()),
+            "row_hash": pa.array([], pa.uint64()),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- deduplication
+
+
+@dataclass(frozen=True)
+class Conflict:
+    line: int  # line in the drop's file (the header is line 1)
+    encounter_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class DropPlan:
+    """What appending one drop does: which of its rows are new, and what was skipped."""
+
+    status: str  # APPEND | NOTHING_NEW | REJECT
+    rows: int
+    new_rows: np.ndarray  # indices into the drop's table, in file order
+    duplicates: int
+    conflicts: tuple[Conflict, ...]
+    problems: tuple[str, ...] = ()
+
+    def report(self) -> dict[str, Any]:
+        """The receipt's account of the rows."""
+        return {
+            "rows": self.rows,
+            "new": len(self.new_rows),
+            "duplicates": self.duplicates,
+            "conflicts": len(self.conflicts),
+            "conflicting_rows": [
+                {"line": c.line, "encounter_id": c.encounter_id, "reason": c.reason}
+                for c in self.conflicts[:CONFLICTS_LISTED]
+            ],
+        }
+
+
+def plan_drop(
+    encounter_ids: np.ndarray, hashes: np.ndarray, index: pa.Table | None = None
+) -> DropPlan:
+    """Classify every row of a drop against the corpus `index` (see the module docstring)."""
+    encounter_ids = np.asarray(encounter_ids, dtype=np.int64)
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    n = len(encounter_ids)
+    known_ids = np.empty(0, np.int64) if index is None else index["encounter_id"].to_numpy()
+    known_hashes = np.empty(0, np.uint64) if index is None else index["row_hash"].to_numpy()
+    # the corpus: is the encounter known, and with which content?
+    in_corpus = np.zeros(n, dtype=bool)
+    same_in_corpus = np.zeros(n, dtype=bool)
+    if len(known_ids):
+        order = np.argsort(known_ids, kind="stable")
+        sorted_ids, sorted_hashes = known_ids[order], known_hashes[order]
+        at = np.minimum(np.searchsorted(sorted_ids, encounter_ids), len(sorted_ids) - 1)
+        in_corpus = sorted_ids[at] == encounter_ids
+        same_in_corpus = in_corpus & (sorted_hashes[at] == hashes)
+    # within the drop: the first occurrence of each encounter, and whether its copies differ
+    _, first, inverse, counts = np.unique(
+        encounter_ids, return_index=True, return_inverse=True, return_counts=True
+    )
+    distinct_contents = np.ones(len(first), dtype=np.int64)
+    if np.any(counts > 1):
+        pairs = np.unique(np.stack([inverse, hashes.view(np.int64)], axis=1), axis=0)
+        distinct_contents = np.bincount(pairs[:, 0], minlength=len(first))
+    differing_in_drop = distinct_contents[inverse] > 1
+    is_first = np.zeros(n, dtype=bool)
+    is_first[first] = True
+
+    conflicts = []
+    new = np.zeros(n, dtype=bool)
+    duplicates = 0
+    for row in range(n):  # only cheap checks per row; counts are small
+        if in_corpus[row] and not same_in_corpus[row]:
+            reason = "the corpus holds this encounter_id with different values"
+            conflicts.append(Conflict(row + 2, int(encounter_ids[row]), reason))
+        elif differing_in_drop[row] and not in_corpus[row]:
+            reason = "this encounter_id appears more than once in the file with different values"
+            conflicts.append(Conflict(row + 2, int(encounter_ids[row]), reason))
+        elif in_corpus[row] or not is_first[row]:
+            duplicates += 1
+        else:
+            new[row] = True
+    new_rows = np.flatnonzero(new)
+    if len(conflicts) > CONFLICT_REJECT_SHARE * n:
+        problem = (
+            f"{len(conflicts):,} of the file's {n:,} rows conflict with the corpus or with each "
+            f"other (same encounter_id, different values; more than "
+            f"{CONFLICT_REJECT_SHARE:.0%} of the file): it rewrites known encounters rather "
+            f"than adding new ones. The first conflicting lines: "
+            + ", ".join(f"line {c.line} (encounter_id {c.encounter_id})" for c in conflicts[:5])
+        )
+        return DropPlan(REJECT, n, new_rows, duplicates, tuple(conflicts), (problem,))
+    status = APPEND if len(new_rows) else NOTHING_NEW
+    return DropPlan(status, n, new_rows, duplicates, tuple(conflicts))
+
+
+# --------------------------------------------------------------------------- the new version
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """Everything ingest writes for one appended drop: Parquet parts, the index, the manifest."""
+
+    version: str
+    parts: list[tuple[str, pa.Table]]  # (key, rows): new batches, new validation, new test
+    index: pa.Table  # the whole corpus's encounter index (parent's + the new rows)
+    manifest: dict[str, Any]
+
+
+def _class_counts(labels: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(labels.astype(np.int64), minlength=len(contract.TARGET_CLASSES))
+    return {name: int(counts[i]) for i, name in enumerate(contract.TARGET_CLASSES)}
+
+
+def _shares(counts: Mapping[str, int]) -> dict[str, float]:
+    total = sum(counts.values())
+    return {k: round(v / total, 4) if total else 0.0 for k, v in counts.items()}
+
+
+def check_trainable(index: pa.Table) -> list[str]:
+    """Why a corpus with this index cannot be trained and tested yet (empty if it can)."""
+    splits = index["split"].to_numpy()
+    labels = index["label"].to_numpy()
+    patients = len(np.unique(index["patient_nbr"].to_numpy()))
+    if not all(np.any(splits == code) for code in (TRAIN, VALIDATION, TEST)):
+        return [
+            f"the corpus would have {index.num_rows} rows from {patients} patients: too few to "
+            f"give the training, validation and test splits (70/15/15 by patient) a row each; "
+            f"upload a file with more patients"
+        ]
+    missing = [
+        name
+        for code, name in enumerate(contract.TARGET_CLASSES)
+        if not np.any(labels[splits == TRAIN] == code)
+    ]
+    if missing:
+        return [
+            f"the training split would have no row with {contract.TARGET} = "
+            f"{', '.join(missing)}: every class ({', '.join(contract.TARGET_CLASSES)}) needs "
+            f"rows from several patients; upload a file with more patients"
+        ]
+    return []
+
+
+def build_version(
+    *,
+    parent: Mapping[str, Any] | None,
+    parent_index: pa.Table | None,
+    table: pa.Table,
+    plan: DropPlan,
+    source: Mapping[str, Any],
+    split_seed: int,
+    batch_rows: int,
+    algorithms: Sequence[str],
+    job_order: Any,
+) -> NewVersion:
+    """The version that appends `plan.new_rows` of `table` to `parent` (None: the first).
+
+    `job_order(set_rows, algorithms, reused_sets)` orders the version's jobs (ingest's cost
+    model). Raises ValueError with the reasons if the resulting corpus cannot be trained.
+    """
+    version = version_id(
+        parent["version"] if parent else None, str(source["sha256"]), split_seed, batch_rows
+    )
+    new = table.take(pa.array(plan.new_rows, pa.int64()))
+    patients = new.column(contract.GROUP_COLUMN).to_numpy(zero_copy_only=False)
+    encounters = new.column("encounter_id").to_numpy(zero_copy_only=False)
+    codes = patient_split_codes(patients, split_seed)
+    labels = label_codes(new)
+    new_index = pa.table(
+        {
+            "encounter_id": pa.array(encounters, pa.int64()),
+            "patient_nbr": pa.array(patients, pa.int64()),
+            "split": pa.array(codes, pa.int8()),
+            "label": pa.array(labels, pa.int8()),
+            "row_hash": pa.array(row_hashes(new), pa.uint64()),
+        }
+    )
+    index = pa.concat_tables([parent_index or empty_index(), new_index])
+    problems = check_trainable(index)
+    if problems:
+        raise ValueError(" ".join(problems))
+
+    train = np.flatnonzero(codes == TRAIN)
+    train = train[training_order(encounters[train], split_seed)]
+    first_batch = len(parent["batches"]) if parent else 0
+    parts: list[tuple[str, pa.Table]] = []
+    batches = list(parent["batches"]) if parent else []
+    for offset in range(0, len(train), batch_rows):
+        rows = train[offset : offset + batch_rows]
+        key = keys.batch_key(version, first_batch + offset // batch_rows)
+        parts.append((key, new.take(pa.array(rows, pa.int64()))))
+        batches.append({"index": len(batches), "key": key, "rows": len(rows), "version": version})
+    held_out = {}
+    for name, code, key in (
+        ("validation", VALIDATION, keys.validation_key(version)),
+        ("test", TEST, keys.test_key(version)),
+    ):
+        rows = np.flatnonzero(codes == code)
+        previous = dict(parent[name]) if parent else {"keys": [], "rows": 0}
+        if len(rows):
+            parts.append((key, new.take(pa.array(rows, pa.int64()))))
+            previous = {"keys": [*previous["keys"], key], "rows": previous["rows"] + len(rows)}
+        held_out[name] = previous
+
+    cumulative = [
+        {
+            "index": i,
+            "rows": sum(b["rows"] for b in batches[: i + 1]),
+            "batch_keys": [b["key"] for b in batches[: i + 1]],
+        }
+        for i in range(len(batches))
+    ]
+    reused_sets = len(parent["cumulative_sets"]) if parent else 0
+    all_splits = index["split"].to_numpy()
+    all_labels = index["label"].to_numpy()
+    all_patients = index["patient_nbr"].to_numpy()
+    class_counts = {
+        name: _class_counts(all_labels[all_splits == code]) for code, name in enumerate(SPLIT_NAMES)
+    }
+    drops = [*(parent["drops"] if parent else []), str(source["sha256"])[:16]]
+    manifest = {
+        "dataset_id": version,
+        "version": version,
+        "parent": parent["version"] if parent else None,
+        "number": len(drops),
+        "drops": drops,
+        "source": dict(source),
+        "split_seed": split_seed,
+        "split_rule": SPLIT_RULE,
+        "batch_rows": batch_rows,
+        "rows": {
+            "total": index.num_rows,
+            **{name: int(np.sum(all_splits == c)) for c, name in enumerate(SPLIT_NAMES)},
+        },
+        "patients": {
+            "total": len(np.unique(all_patients)),
+            **{
+                name: len(np.unique(all_patients[all_splits == c]))
+                for c, name in enumerate(SPLIT_NAMES)
+            },
+        },
+        "class_counts": class_counts,
+        "class_shares": {name: _shares(counts) for name, counts in class_counts.items()},
+        "added": {
+            **plan.report(),
+            **{f"new_{n}": int(np.sum(codes == c)) for c, n in enumerate(SPLIT_NAMES)},
+        },
+        "encounters_key": keys.encounters_key(version),
+        "batches": batches,
+        "cumulative_sets": cumulative,
+        "reused_sets": reused_sets,
+        "validation": held_out["validation"],
+        "test": held_out["test"],
+        "algorithms": list(dict.fromkeys(algorithms)),
+        "jobs": [
+            keys.job_key(version, i, a)
+            for i, a in job_order([c["rows"] for c in cumulative], algorithms, reused_sets)
+        ],
+    }
+    return NewVersion(version, parts, index, manifest)
