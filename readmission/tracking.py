@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,9 @@ from sklearn.pipeline import Pipeline
 log = logging.getLogger(__name__)
 
 JOB_KEY_TAG = "job_key"
+# The content address of a fit (readmission.training.JobSpec.fit_id): runs are found and reused
+# by it, so the same rows, algorithm, parameters and code are never fitted twice.
+FIT_ID_TAG = "fit_id"
 DATASET_TAG = "dataset_id"
 COMPLETE_TAG = "readmission.complete"
 MODEL_NAME = "model"
@@ -87,6 +90,17 @@ def job_runs(client: MlflowClient, exp_id: str, job_key: str) -> list[Run]:
     runs = client.search_runs(
         [exp_id],
         filter_string=f"tags.{JOB_KEY_TAG} = '{job_key}'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        max_results=1000,
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def fit_runs(client: MlflowClient, exp_id: str, fit_id: str) -> list[Run]:
+    """Every active (not deleted) run of the fit, oldest first (then by run id)."""
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.{FIT_ID_TAG} = '{fit_id}'",
         run_view_type=ViewType.ACTIVE_ONLY,
         max_results=1000,
     )
@@ -435,7 +449,10 @@ class RunRecord:
     run_id: str
     params: dict[str, str]
     metrics: dict[str, float]
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def run_record(run: Run) -> RunRecord:
-    return RunRecord(run.info.run_id, dict(run.data.params), dict(run.data.metrics))
+    return RunRecord(
+        run.info.run_id, dict(run.data.params), dict(run.data.metrics), dict(run.data.tags)
+    )

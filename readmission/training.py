@@ -1,23 +1,33 @@
-"""The training step: one job spec in, one MLflow run and one result document out.
+"""The training step: one job spec in, one result document out (and at most one new fit).
+
+A job is (corpus version, cumulative set, algorithm). Its fit is content-addressed: `fit_id`
+hashes the set's batch keys (immutable, content-addressed objects), the algorithm, the
+classifier's parameters and the code version, and MLflow runs carry it as the tag `fit_id`. So
+the same rows, algorithm, parameters and code are never fitted twice: a later corpus version
+whose set 0..k is unchanged reuses the run and only re-scores it on its own validation rows.
 
 `train_job` is idempotent and safe under redelivery:
 
 1. if the result object exists, it is returned and nothing else happens;
-2. if a complete MLflow run of the job exists (a previous attempt died after finishing the run
-   but before writing the result), it is reused; incomplete runs of killed attempts are marked
-   FAILED and deleted, so exactly one finished run per job remains;
-3. otherwise the batches 0..i and the validation split are read (each once per process:
+2. if a complete MLflow run of the fit exists, it is reused: fitted for this same version (a
+   previous attempt died before writing the result), its logged metrics are the result; fitted
+   for an earlier version, its model is loaded and scored on this version's validation rows
+   (prediction only). Incomplete runs of killed attempts are marked FAILED and deleted, so
+   exactly one finished run per fit remains;
+3. otherwise the batches 0..i and the validation rows are read (each once per process:
    `ModelDataCache`), the pipeline is fitted (one thread), evaluated on both, and logged to
    MLflow (params, metrics, model);
 4. the result document is written LAST: its arrival fires the aggregator.
 
-The result is built from the finished run in both cases 2 and 3, so a redelivered job writes a
-byte-identical document.
+The result is built from the finished run (and, for a reused fit, a deterministic re-scoring),
+so a redelivered job writes a byte-identical document.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import threading
 import time
@@ -71,8 +81,24 @@ class JobSpec:
     algorithm: str
     training_rows: int
     batch_keys: tuple[str, ...]
-    validation_key: str
+    validation_keys: tuple[str, ...]
     datasets_bucket: str
+
+    @property
+    def fit_id(self) -> str:
+        """Content address of this job's fit: same rows, algorithm, parameters and code ->
+        same id (batch keys name immutable objects whose bytes never change)."""
+        params = classifier_params(build_pipeline(self.algorithm))
+        text = json.dumps(
+            {
+                "algorithm": self.algorithm,
+                "batch_keys": list(self.batch_keys),
+                "params": {name: repr(value) for name, value in sorted(params.items())},
+                "code_version": tracking.code_version(),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     @property
     def key(self) -> str:
@@ -122,7 +148,16 @@ class JobSpec:
         ):
             problems.append("batch_keys must be a non-empty list of object keys")
             batch_keys = []
-        validation_key = text("validation_key")
+        validation_keys = document.get("validation_keys")
+        if validation_keys is None and isinstance(document.get("validation_key"), str):
+            validation_keys = [document["validation_key"]]  # a spec of the older layout
+        if (
+            not isinstance(validation_keys, list)
+            or not validation_keys
+            or not all(isinstance(k, str) and k for k in validation_keys)
+        ):
+            problems.append("validation_keys must be a non-empty list of object keys")
+            validation_keys = []
         bucket = text("datasets_bucket", required=False) or default_bucket
         if problems:
             raise InvalidJobSpec("invalid job spec: " + "; ".join(problems))
@@ -132,7 +167,7 @@ class JobSpec:
             algorithm,
             training_rows,
             tuple(batch_keys),
-            validation_key,
+            tuple(validation_keys),
             bucket,
         )
 
@@ -192,16 +227,10 @@ def read_model_data(
 ) -> tuple[ModelData, ModelData]:
     """(training rows = batches 0..i concatenated, validation rows) as model frames and
     targets, read through this process's cache."""
-    batches = [cache.get(store, job.datasets_bucket, k, job.dataset_id) for k in job.batch_keys]
-    train = (
-        ModelData(
-            pd.concat([batch.frame for batch in batches], ignore_index=True),
-            np.concatenate([batch.target for batch in batches]),
-        )
-        if len(batches) > 1
-        else batches[0]
+    train = _concatenated(
+        [cache.get(store, job.datasets_bucket, k, job.dataset_id) for k in job.batch_keys]
     )
-    validation = cache.get(store, job.datasets_bucket, job.validation_key, job.dataset_id)
+    validation = read_validation(store, job, cache)
     if len(train.frame) != job.training_rows:
         log.warning(
             "job %s announces %d training rows, its batches hold %d",
@@ -210,6 +239,24 @@ def read_model_data(
             len(train.frame),
         )
     return train, validation
+
+
+def _concatenated(parts: list[ModelData]) -> ModelData:
+    if len(parts) == 1:
+        return parts[0]
+    return ModelData(
+        pd.concat([part.frame for part in parts], ignore_index=True),
+        np.concatenate([part.target for part in parts]),
+    )
+
+
+def read_validation(
+    store: ObjectStore, job: JobSpec, cache: ModelDataCache = MODEL_DATA
+) -> ModelData:
+    """The version's validation rows (every drop's part, in manifest order)."""
+    return _concatenated(
+        [cache.get(store, job.datasets_bucket, k, job.dataset_id) for k in job.validation_keys]
+    )
 
 
 def fit_with_features(
@@ -357,6 +404,7 @@ def fit_and_log(
         run_name=job.run_name,
         tags={
             tracking.JOB_KEY_TAG: job.key,
+            tracking.FIT_ID_TAG: job.fit_id,
             tracking.DATASET_TAG: job.dataset_id,
             "algorithm": job.algorithm,
             "cumulative_index": str(job.cumulative_index),
@@ -386,12 +434,21 @@ def fit_and_log(
     return tracking.run_record(client.get_run(run_id))
 
 
-def result_document(job: JobSpec, record: tracking.RunRecord) -> dict[str, Any]:
-    """The result document (docs/design.md) of a complete run."""
+def result_document(
+    job: JobSpec,
+    record: tracking.RunRecord,
+    validation: Mapping[str, float | None] | None = None,
+    rescore_seconds: float | None = None,
+) -> dict[str, Any]:
+    """The result document (docs/design.md) of a complete run; `validation` replaces the run's
+    logged validation metrics when the run was fitted for another corpus version."""
     metrics: dict[str, dict[str, float | None]] = {}
     for split, prefix in SPLIT_PREFIXES.items():
         metrics[split] = {name: record.metrics.get(f"{prefix}{name}") for name in METRIC_NAMES}
-    return {
+    if validation is not None:
+        metrics["validation"] = {name: validation.get(name) for name in METRIC_NAMES}
+    fitted_for = record.tags.get(tracking.DATASET_TAG, job.dataset_id)
+    document = {
         "dataset_id": job.dataset_id,
         "cumulative_index": job.cumulative_index,
         "algorithm": job.algorithm,
@@ -399,10 +456,28 @@ def result_document(job: JobSpec, record: tracking.RunRecord) -> dict[str, Any]:
         "n_features": int(record.params["n_features"]),
         "run_id": record.run_id,
         "model_uri": f"runs:/{record.run_id}/{tracking.MODEL_NAME}",
+        "fit_id": job.fit_id,
+        "fitted_for": fitted_for,
+        "reused": fitted_for != job.dataset_id,
         "fit_seconds": record.metrics["fit_seconds"],
         "fit_cpu_seconds": record.metrics.get("fit_cpu_seconds"),
         "metrics": metrics,
     }
+    if rescore_seconds is not None:
+        document["rescore_seconds"] = rescore_seconds
+    return document
+
+
+def rescore(
+    store: ObjectStore, job: JobSpec, record: tracking.RunRecord
+) -> tuple[dict[str, float | None], float]:
+    """(metrics on this version's validation rows, wall seconds) of a fit made for an earlier
+    version: prediction only."""
+    started = time.perf_counter()
+    validation = read_validation(store, job)
+    pipeline = tracking.load_pipeline(f"runs:/{record.run_id}/{tracking.MODEL_NAME}")
+    metrics = compute_metrics(pipeline, validation.frame, validation.target)
+    return metrics, time.perf_counter() - started
 
 
 def train_job(
@@ -425,18 +500,30 @@ def train_job(
 
     client = client or tracking.client_for(settings.mlflow_tracking_uri)
     exp_id = tracking.experiment_id(client, settings.mlflow_experiment)
-    complete = tracking.discard_incomplete(client, tracking.job_runs(client, exp_id, job.key))
+    fit_id = job.fit_id
+    complete = tracking.discard_incomplete(client, tracking.fit_runs(client, exp_id, fit_id))
     reused = tracking.keep_first_complete(client, complete)
     if reused is not None:
-        log.info("job %s: reusing finished run %s", job.key, reused.info.run_id)
         record = tracking.run_record(reused)
+        log.info("job %s: reusing fit %s (run %s)", job.key, fit_id, record.run_id)
     else:
         record = fit_and_log(store, client, exp_id, job)
         # A concurrent twin may have finished too: converge on the oldest complete run.
-        kept = tracking.keep_first_complete(client, tracking.job_runs(client, exp_id, job.key))
+        kept = tracking.keep_first_complete(client, tracking.fit_runs(client, exp_id, fit_id))
         if kept is not None and kept.info.run_id != record.run_id:
             record = tracking.run_record(kept)
 
-    result = result_document(job, record)
+    if record.tags.get(tracking.DATASET_TAG, job.dataset_id) != job.dataset_id:
+        validation, seconds = rescore(store, job, record)
+        log.info(
+            "job %s: fit %s of version %s re-scored on this version's validation rows in %.2fs",
+            job.key,
+            fit_id,
+            record.tags.get(tracking.DATASET_TAG),
+            seconds,
+        )
+        result = result_document(job, record, validation, seconds)
+    else:
+        result = result_document(job, record)
     store.put_json(results_bucket, job.result_key, result)
     return result

@@ -97,8 +97,8 @@ def job_spec(cumulative_index: int, algorithm: str) -> dict[str, Any]:
         "algorithm": algorithm,
         "training_rows": BATCH_ROWS * (cumulative_index + 1),
         "batch_keys": [keys.batch_key(DATASET_ID, i) for i in range(cumulative_index + 1)],
-        "validation_key": keys.validation_key(DATASET_ID),
-        "test_key": keys.test_key(DATASET_ID),
+        "validation_keys": [keys.validation_key(DATASET_ID)],
+        "test_keys": [keys.test_key(DATASET_ID)],
         "datasets_bucket": "datasets",
         "manifest_key": keys.manifest_key(DATASET_ID),
     }
@@ -184,7 +184,7 @@ def test_model_data_is_read_once_per_process_and_again_when_rewritten(env: Env) 
     )
     pd.testing.assert_frame_equal(train.frame, to_model_frame(rows))
     assert np.array_equal(train.target, target_values(rows)) and len(rows) == 2 * BATCH_ROWS
-    rows = pd.read_parquet(io.BytesIO(store.get_bytes(bucket, job.validation_key)))
+    rows = pd.read_parquet(io.BytesIO(store.get_bytes(bucket, job.validation_keys[0])))
     pd.testing.assert_frame_equal(validation.frame, to_model_frame(rows))
 
     # the next job of the same dataset gets the very objects converted before
@@ -231,12 +231,55 @@ def test_finished_run_is_reused_when_the_result_is_missing(env: Env) -> None:
     assert len(runs_of(env, job, ViewType.ALL)) == 1
 
 
+LATER_VERSION = "fedcba9876543210"
+
+
+def test_a_later_version_reuses_the_fit_and_only_rescores_it_on_its_validation_rows(
+    env: Env,
+) -> None:
+    # Version 1 fitted set 0; version 2 holds the same batch 0 (immutable, same key) and a
+    # second validation part: its set-0 job must not fit again, only predict.
+    first = train_job(env.store, env.settings, job_spec(0, "decision_tree"))
+    extra = real_sample(2 * BATCH_ROWS, 2 * VALIDATION_ROWS)[1].iloc[VALIDATION_ROWS:]
+    extra_key = keys.validation_key(LATER_VERSION)
+    env.store.put_bytes(env.settings.buckets.datasets, extra_key, parquet(extra))
+    later = {
+        **job_spec(0, "decision_tree"),
+        "dataset_id": LATER_VERSION,
+        "validation_keys": [keys.validation_key(DATASET_ID), extra_key],
+    }
+    assert JobSpec.parse(later, "datasets").fit_id == first["fit_id"]
+    result = train_job(env.store, env.settings, later)
+    assert result["reused"] and not first["reused"]
+    assert result["run_id"] == first["run_id"] and result["fitted_for"] == DATASET_ID
+    assert result["fit_seconds"] == first["fit_seconds"] and result["rescore_seconds"] > 0
+    assert result["metrics"]["train"] == first["metrics"]["train"]
+    # scored on the later version's whole validation split
+    validation = pd.concat(
+        [real_sample(2 * BATCH_ROWS, VALIDATION_ROWS)[1], extra], ignore_index=True
+    )
+    pipeline = tracking.load_pipeline(first["model_uri"])
+    predicted = pipeline.predict(to_model_frame(validation))
+    f1 = f1_score(target_values(validation), predicted, average="weighted", zero_division=0)
+    assert np.isclose(result["metrics"]["validation"]["f1_weighted"], f1)
+    experiment = env.client.get_experiment_by_name(env.settings.mlflow_experiment)
+    assert experiment is not None
+    fitted = env.client.search_runs(
+        [experiment.experiment_id], f"tags.fit_id = '{first['fit_id']}'", run_view_type=ViewType.ALL
+    )
+    assert [run.info.run_id for run in fitted] == [first["run_id"]]  # fitted once
+    # other parameters or other rows are another fit
+    assert JobSpec.parse(job_spec(1, "decision_tree"), "datasets").fit_id != first["fit_id"]
+    assert JobSpec.parse(job_spec(0, "random_forest"), "datasets").fit_id != first["fit_id"]
+
+
 def test_stale_runs_of_a_killed_attempt_are_removed(env: Env) -> None:
     job = job_spec(0, "hist_gradient_boosting")
     experiment_id = tracking.experiment_id(env.client, env.settings.mlflow_experiment)
     key = keys.job_key(DATASET_ID, 0, job["algorithm"])
-    stale_running = env.client.create_run(experiment_id, tags={"job_key": key})
-    stale_failed = env.client.create_run(experiment_id, tags={"job_key": key})
+    tags = {"job_key": key, "fit_id": JobSpec.parse(job, "datasets").fit_id}
+    stale_running = env.client.create_run(experiment_id, tags=tags)
+    stale_failed = env.client.create_run(experiment_id, tags=tags)
     env.client.set_terminated(stale_failed.info.run_id, status="FAILED")
 
     result = train_job(env.store, env.settings, job)
