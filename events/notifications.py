@@ -25,13 +25,14 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from readmission.config import Buckets
-from readmission.keys import CHAMPION_METADATA_KEY
+from readmission.keys import CHAMPION_METADATA_KEY, DECISIONS_PREFIX
 
 RAW_CREATED = "io.readmission.raw.created"
 JOB_CREATED = "io.readmission.job.created"
 RESULT_CREATED = "io.readmission.result.created"
 MODEL_CREATED = "io.readmission.model.created"
-EVENT_TYPES = (RAW_CREATED, JOB_CREATED, RESULT_CREATED, MODEL_CREATED)
+DECISION_MADE = "io.readmission.decision.made"
+EVENT_TYPES = (RAW_CREATED, JOB_CREATED, RESULT_CREATED, MODEL_CREATED, DECISION_MADE)
 
 SEAWEEDFS_BUCKETS_ROOT = "/buckets"
 SEAWEEDFS_ETAG_ATTRIBUTE = "Seaweed-X-Amz-ETag"
@@ -83,6 +84,8 @@ def event_type_for(bucket: str, key: str, buckets: Buckets) -> str | None:
         return RESULT_CREATED
     if bucket == buckets.models and key == CHAMPION_METADATA_KEY:
         return MODEL_CREATED
+    if bucket == buckets.models and key.startswith(DECISIONS_PREFIX) and key.endswith(".json"):
+        return DECISION_MADE
     return None
 
 

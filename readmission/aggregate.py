@@ -9,16 +9,26 @@ nothing ("waiting k of n"). When all are in, it
 3. exports it to ONNX and checks parity on the WHOLE test split (same argmax, max |Δp| <=
    1e-4): a failure raises, so the event is retried and finally dead-lettered, and nothing is
    registered or written;
-4. registers it (once per dataset, see readmission.registry) as `Settings.registered_model`;
-5. logs the learning curve, the ONNX file, the metadata and the test metrics to the winning run;
-6. writes `models/<id>/model.onnx`, `learning_curve.{csv,md,png}`, moves the `champion` alias,
-   writes `<id>/metadata.json` and LAST `champion/metadata.json` (the key predict polls).
+4. the gate (readmission.gate, under the decision lease): the selected model (the challenger)
+   and the sitting champion are scored on the same rows, this version's test split; the
+   challenger is promoted only if it beats the champion by `Settings.gate_margin` and the 95%
+   paired-bootstrap lower bound of the difference is above zero. The first model ever is
+   promoted without a gate; a challenger that is the champion's own fit (an unchanged
+   cumulative set won again) is kept without registering it twice;
+5. registers a new model (once per corpus version, see readmission.registry) as
+   `Settings.registered_model`, and records the decision (readmission.decisions:
+   `decisions/<version>.json`, which fires `io.readmission.decision.made`, and MLflow tags on
+   the registered version);
+6. logs the learning curve, the ONNX file, the metadata and the test metrics to the winning run;
+7. writes `models/<id>/model.onnx` and `learning_curve.{csv,md,png}`, applies the decision
+   (promoted: alias `champion` and `champion/metadata.json`, the key predict polls; kept:
+   alias `challenger` and `challenger/metadata.json`), and LAST `<id>/metadata.json`.
 
-Idempotent and race-safe: an S3 lease (conditional PUT) serialises invocations per dataset,
-registration converges on one version per dataset, every object is written only if its bytes
-differ, and a dataset whose `<id>/metadata.json` exists is done: a redelivered event only
-re-syncs `champion/metadata.json` if the registry's champion is this dataset's version and the
-file disagrees (a crash between the two writes).
+Idempotent and race-safe: an S3 lease (conditional PUT) serialises invocations per version and
+another one every decision, registration converges on one version per corpus version, a
+decision is written once (a retry reads and re-applies it, and never undoes a later one),
+every object is written only if its bytes differ, and a version whose `<id>/metadata.json`
+exists is done.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from readmission import keys, lease, registry, tracking
+from readmission import contract, decisions, gate, keys, lease, registry, tracking
 from readmission.config import Settings
 from readmission.features import target_values, to_model_frame
 from readmission.learning_curve import (
@@ -76,8 +86,10 @@ ARTIFACT_DIR = "aggregate"  # where the winning run gets the aggregator's artifa
 ONNX_SAMPLE_ROWS = 100
 MODEL_DESCRIPTION = (
     "Hospital readmission (<30, >30, NO) classifier of the Diabetes 130-US hospitals pipeline. "
-    "One version per dataset (tag dataset_id): the best of its training runs by validation "
-    "selection metric. Alias `champion` = the version the predict function serves (as ONNX)."
+    "One version per corpus version (tag dataset_id) whose best run is not the champion's: the "
+    "best of its training runs by validation selection metric. Alias `champion` = the version "
+    "the predict function serves (as ONNX), moved only by a recorded decision (the gate or an "
+    "operator); alias `challenger` = the last version the gate did not promote."
 )
 
 Exporter = Callable[[Any, pd.DataFrame], ExportedModel]
@@ -96,6 +108,7 @@ class AggregateOutcome:
     results_expected: int = 0
     version: str | None = None
     champion_written: bool = False
+    decision: str | None = None  # the gate's verdict on this version (promoted | kept)
 
     def __str__(self) -> str:
         return f"dataset {self.dataset_id}: {self.message}"
@@ -300,28 +313,13 @@ def aggregate_dataset(
 def _already_aggregated(
     store: ObjectStore, settings: Settings, client: MlflowClient, dataset_id: str, n: int
 ) -> AggregateOutcome | None:
-    """The outcome if the dataset is done (its metadata.json exists), else None.
-
-    Re-syncs champion/metadata.json only when the registry's champion is this dataset's
-    version and the file disagrees (the previous invocation died between the two writes).
-    """
-    buckets = settings.buckets
-    data = store.get_bytes_if_exists(buckets.models, keys.model_metadata_key(dataset_id))
+    """The outcome if the version is done (its metadata.json, written last, exists), else None."""
+    data = store.get_bytes_if_exists(settings.buckets.models, keys.model_metadata_key(dataset_id))
     if data is None:
         return None
     version = str(json.loads(data)["version"])
-    current = registry.champion(client, settings.registered_model)
-    rewritten = False
-    if current is not None and current.version == version:
-        rewritten = write_if_changed(
-            store, buckets.models, keys.CHAMPION_METADATA_KEY, data, "application/json"
-        )
     message = f"already aggregated (version {version})"
-    if rewritten:
-        message += "; champion/metadata.json re-synced"
-    return AggregateOutcome(
-        dataset_id, "already_aggregated", message, n, n, version, champion_written=rewritten
-    )
+    return AggregateOutcome(dataset_id, "already_aggregated", message, n, n, version)
 
 
 @dataclass(frozen=True)
@@ -332,6 +330,10 @@ class TestedModel:
     test_metrics: dict[str, float | None]
     exported: ExportedModel
     parity: ParityReport
+    test_frame: pd.DataFrame  # the version's test rows as the pipeline consumes them
+    test_target: np.ndarray
+    test_probabilities: np.ndarray  # columns in `classes` order
+    classes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -357,7 +359,7 @@ def test_and_export(
     """Load `best`'s model, score it once on the held-out test split, export it to ONNX and
     check parity on the WHOLE test split (ParityError: loud, retried, then dead-lettered,
     before anything is registered or written)."""
-    test = read_parquet(store, settings.buckets.datasets, manifest["test"]["key"])
+    test = read_test(store, settings, manifest)
     frame, y_test = to_model_frame(test), target_values(test)
     pipeline = tracking.load_pipeline(best["model_uri"])
     probabilities = predict_probabilities(pipeline, frame)
@@ -367,7 +369,15 @@ def test_and_export(
     parity = check_parity(
         pipeline, exported.onnx_bytes, frame, tolerance=parity_tolerance, expected=probabilities
     )
-    return TestedModel(best, test_metrics, exported, parity)
+    classes = tuple(str(c) for c in pipeline.classes_)
+    return TestedModel(best, test_metrics, exported, parity, frame, y_test, probabilities, classes)
+
+
+def read_test(store: ObjectStore, settings: Settings, manifest: Mapping[str, Any]) -> pd.DataFrame:
+    """The version's test rows: every drop's test part, in manifest order."""
+    bucket = settings.buckets.datasets
+    parts = [read_parquet(store, bucket, key) for key in manifest["test"]["keys"]]
+    return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
 
 class PreparedAhead:
@@ -396,7 +406,7 @@ class PreparedAhead:
             str(manifest["dataset_id"]),
             str(best["run_id"]),
             str(best["model_uri"]),
-            str(manifest["test"]["key"]),
+            tuple(manifest["test"]["keys"]),
             parity_tolerance,
         )
 
@@ -480,6 +490,10 @@ def prepare_candidate(
         test_metrics=tested.test_metrics,
         exported=tested.exported,
         parity=tested.parity,
+        test_frame=tested.test_frame,
+        test_target=tested.test_target,
+        test_probabilities=tested.test_probabilities,
+        classes=tested.classes,
         curve_files=curve_files,
         prepared_ahead=prepared_ahead,
     )
@@ -513,34 +527,143 @@ def register(
     return version, created
 
 
-def publish(
+def write_artifacts(store: ObjectStore, settings: Settings, dataset_id: str, c: Candidate) -> None:
+    """The version's ONNX model and learning curve in the models bucket (fire no event)."""
+    models = settings.buckets.models
+    onnx_type = "application/octet-stream"
+    write_if_changed(store, models, keys.model_key(dataset_id), c.exported.onnx_bytes, onnx_type)
+    for extension, (data, content_type) in c.curve_files.items():
+        key = keys.learning_curve_key(dataset_id, extension)
+        write_if_changed(store, models, key, data, content_type)
+
+
+def _aligned(probabilities: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Probability columns in contract.TARGET_CLASSES order (a class a model lacks: 0)."""
+    out = np.zeros((len(probabilities), len(contract.TARGET_CLASSES)))
+    for column, name in enumerate(classes):
+        out[:, contract.TARGET_CLASSES.index(str(name))] = probabilities[:, column]
+    return out
+
+
+def gate_rule(settings: Settings) -> gate.GateRule:
+    return gate.GateRule(
+        metric=settings.selection_metric,
+        margin=settings.gate_margin,
+        resamples=settings.gate_resamples,
+        seed=settings.gate_seed,
+    )
+
+
+def run_gate(candidate: Candidate, champion_run_id: str, rule: gate.GateRule) -> gate.GateResult:
+    """Challenger and champion scored on the same rows: the candidate's test split."""
+    champion = tracking.load_pipeline(f"runs:/{champion_run_id}/{tracking.MODEL_NAME}")
+    champion_probabilities = predict_probabilities(champion, candidate.test_frame)
+    codes = np.array([contract.TARGET_CLASSES.index(str(y)) for y in candidate.test_target])
+    return gate.compare(
+        rule,
+        codes,
+        _aligned(candidate.test_probabilities, candidate.classes),
+        _aligned(champion_probabilities, [str(c) for c in champion.classes_]),
+    )
+
+
+def _decide(
     store: ObjectStore,
     client: MlflowClient,
     settings: Settings,
     dataset_id: str,
-    version: Any,
-    metadata_bytes: bytes,
     candidate: Candidate,
-) -> bool:
-    """Models bucket and alias, in the order predict relies on: the ONNX and the curve, the
-    alias, <id>/metadata.json, and LAST champion/metadata.json. True if the latter was written."""
-    models = settings.buckets.models
-    write_if_changed(
-        store,
-        models,
-        keys.model_key(dataset_id),
-        candidate.exported.onnx_bytes,
-        "application/octet-stream",
-    )
-    for extension, (data, content_type) in candidate.curve_files.items():
-        key = keys.learning_curve_key(dataset_id, extension)
-        write_if_changed(store, models, key, data, content_type)
-    registry.set_champion(client, settings.registered_model, version.version)
-    metadata_key = keys.model_metadata_key(dataset_id)
-    write_if_changed(store, models, metadata_key, metadata_bytes, "application/json")
-    return write_if_changed(
-        store, models, keys.CHAMPION_METADATA_KEY, metadata_bytes, "application/json"
-    )
+) -> tuple[dict[str, Any], Any, bool]:
+    """(the decision on this version's challenger, the model version it is about, True if
+    this call registered it). Under the decision lease; reads a recorded decision back."""
+    best, name = candidate.best, settings.registered_model
+    recorded = store.get_json_if_exists(settings.buckets.models, keys.decision_key(dataset_id))
+    if recorded is not None:
+        version = client.get_model_version(name, recorded["challenger"]["model_version"])
+        return recorded, version, False
+    current = registry.champion(client, name)
+    current_metadata = store.get_json_if_exists(settings.buckets.models, keys.CHAMPION_METADATA_KEY)
+    rule = gate_rule(settings)
+    result: gate.GateResult | None = None
+    same_fit = current is not None and registry.run_of(current) == best["run_id"]
+    if same_fit:
+        version, created = current, False
+        verdict = decisions.KEPT
+        reason = (
+            f"the best model of this version is the champion's own fit (run {best['run_id']}, "
+            f"{best['algorithm']} on {int(best['training_rows']):,} rows): nothing to promote"
+        )
+    else:
+        if current is not None:
+            result = run_gate(candidate, registry.run_of(current), rule)
+        version, created = register(client, settings, dataset_id, candidate)
+        if current is None:
+            verdict, reason = decisions.PROMOTED, "first model: there is no champion to beat"
+        else:
+            verdict = decisions.PROMOTED if result and result.promote else decisions.KEPT
+            reason = result.reason if result else ""
+    challenger = {
+        "model_version": str(version.version),
+        "corpus_version": dataset_id,
+        "algorithm": str(best["algorithm"]),
+        "training_rows": int(best["training_rows"]),
+        "run_id": str(best["run_id"]),
+        "score": result.challenger_score if result else candidate.test_metrics.get(rule.metric),
+    }
+    champion = None
+    if current is not None:
+        champion = {
+            "model_version": str(current.version),
+            "corpus_version": str(current.tags.get(registry.DATASET_TAG, "")),
+            "algorithm": str(current.tags.get("algorithm", "")),
+            "training_rows": int(current.tags.get("training_rows") or 0),
+            "run_id": registry.run_of(current),
+            "score": result.champion_score if result else challenger["score"],
+        }
+        if current_metadata and str(current_metadata.get("version")) == str(current.version):
+            champion = {**decisions.model_summary(current_metadata), "score": champion["score"]}
+    promoted = verdict == decisions.PROMOTED
+    after = challenger if promoted or champion is None else champion
+    decision = {
+        "kind": decisions.GATE,
+        "sequence": decisions.next_sequence(store, settings),
+        "key": keys.decision_key(dataset_id),
+        "corpus_version": dataset_id,
+        "verdict": verdict,
+        "reason": reason,
+        "decided_at": decisions.now_iso(),
+        "rule": {**rule.as_dict(), "description": rule.describe()},
+        "challenger": challenger,
+        "champion": champion,
+        "difference": result.difference if result else None,
+        "interval": list(result.interval) if result else None,
+        "rows": result.rows if result else len(candidate.test_target),
+        "champion_after": {
+            "model_version": after["model_version"],
+            "corpus_version": after["corpus_version"],
+        },
+        "new_model": not same_fit,
+    }
+    decision = decisions.record(store, settings, decision)
+    _tag_decision(client, name, str(version.version), decision)
+    return decision, version, created
+
+
+def _tag_decision(
+    client: MlflowClient, name: str, model_version: str, decision: Mapping[str, Any]
+) -> None:
+    """The decision on the registered version's MLflow tags (the registry's own record)."""
+    tags = {
+        f"decision.{decision['corpus_version']}": decision["verdict"],
+        "decision.key": decision["key"],
+        "decision.verdict": decision["verdict"],
+        "decision.reason": str(decision["reason"])[:4000],
+        "decision.champion": str((decision.get("champion") or {}).get("model_version", "")),
+        "decision.interval": json.dumps(decision.get("interval")),
+        "decision.difference": json.dumps(decision.get("difference")),
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, model_version, key, value)
 
 
 def _aggregate(
@@ -555,27 +678,37 @@ def _aggregate(
     started = time.monotonic()
     dataset_id = str(manifest["dataset_id"])
     candidate = prepare_candidate(store, settings, manifest, results, parity_tolerance, exporter)
-    version, created = register(client, settings, dataset_id, candidate)
-    best, metric = candidate.best, settings.selection_metric
-    metadata = build_metadata(
-        settings=settings,
-        dataset_id=dataset_id,
-        version=version,
-        best=best,
-        exported=candidate.exported,
-        onnx_sha256=candidate.onnx_sha256,
-        test_metrics=candidate.test_metrics,
+    write_artifacts(store, settings, dataset_id, candidate)
+    with decisions.decision_lease(store, settings, f"decide {dataset_id}"):
+        decision, version, created = _decide(store, client, settings, dataset_id, candidate)
+        best, metric = candidate.best, settings.selection_metric
+        metadata = build_metadata(
+            settings=settings,
+            dataset_id=dataset_id,
+            version=version,
+            best=best,
+            exported=candidate.exported,
+            onnx_sha256=candidate.onnx_sha256,
+            test_metrics=candidate.test_metrics,
+        )
+        metadata_bytes = json_bytes(metadata)
+        if decision["new_model"]:
+            _log_to_run(client, best["run_id"], candidate, metadata_bytes)
+        applied = decisions.apply(store, client, settings, decision, metadata_bytes)
+    write_if_changed(
+        store,
+        settings.buckets.models,
+        keys.model_metadata_key(dataset_id),
+        metadata_bytes,
+        "application/json",
     )
-    metadata_bytes = json_bytes(metadata)
-    _log_to_run(client, best["run_id"], candidate, metadata_bytes)
-    champion_written = publish(
-        store, client, settings, dataset_id, version, metadata_bytes, candidate
-    )
+    promoted = decision["verdict"] == decisions.PROMOTED
     message = (
         f"aggregated: {best['algorithm']} on {int(best['training_rows']):,} rows "
         f"{'registered' if created else 'found registered'} as {settings.registered_model} "
-        f"version {version.version} (champion); validation {metric} "
-        f"{best['metrics']['validation'].get(metric):.4f}, test {metric} "
+        f"version {version.version}; decision #{decision['sequence']} {decision['verdict']}"
+        f"{'' if applied else ' (superseded by a later decision)'}: {decision['reason']}; "
+        f"validation {metric} {best['metrics']['validation'].get(metric):.4f}, test {metric} "
         f"{candidate.test_metrics[metric]:.4f}; ONNX parity on {candidate.parity.rows:,} test "
         f"rows (max |dp| {candidate.parity.max_abs_diff:.2g})"
         f"{', tested and exported ahead' if candidate.prepared_ahead else ''}; "
@@ -583,7 +716,14 @@ def _aggregate(
     )
     n = len(results)
     return AggregateOutcome(
-        dataset_id, "aggregated", message, n, n, str(version.version), champion_written
+        dataset_id,
+        "aggregated",
+        message,
+        n,
+        n,
+        str(version.version),
+        champion_written=promoted and applied,
+        decision=str(decision["verdict"]),
     )
 
 

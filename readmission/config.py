@@ -21,6 +21,20 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = _env(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from exc
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"environment variable {name} must be a finite number, got {raw!r}")
+    return value
+
+
+MIN_GATE_RESAMPLES = 1000
+
+
 @dataclass(frozen=True)
 class Buckets:
     raw: str = "raw"
@@ -74,6 +88,12 @@ class Settings:
     # The aggregator tests and exports the best result so far ahead once at most this many
     # results are missing (the last jobs then run on the other workers; 0: never).
     prepare_ahead_missing: int = 4
+    # The promotion gate (readmission.gate): a challenger replaces the champion only if it beats
+    # it on the new version's test rows by at least GATE_MARGIN (selection metric) and the 95%
+    # paired-bootstrap lower bound (GATE_RESAMPLES >= 1000 resamples, GATE_SEED) is above zero.
+    gate_margin: float = 0.002
+    gate_resamples: int = 1000
+    gate_seed: int = 42
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -88,6 +108,11 @@ class Settings:
         prepare_ahead_missing = _env_int("PREPARE_AHEAD_MISSING", cls.prepare_ahead_missing)
         if prepare_ahead_missing < 0:
             raise ValueError(f"PREPARE_AHEAD_MISSING must be >= 0, got {prepare_ahead_missing}")
+        gate_resamples = _env_int("GATE_RESAMPLES", cls.gate_resamples)
+        if gate_resamples < MIN_GATE_RESAMPLES:
+            raise ValueError(
+                f"GATE_RESAMPLES must be at least {MIN_GATE_RESAMPLES}, got {gate_resamples}"
+            )
         return cls(
             s3_endpoint_url=_env("S3_ENDPOINT_URL", cls.s3_endpoint_url),
             aws_region=_env("AWS_REGION", cls.aws_region),
@@ -101,4 +126,7 @@ class Settings:
             mlflow_experiment=_env("MLFLOW_EXPERIMENT", cls.mlflow_experiment),
             registered_model=_env("REGISTERED_MODEL", cls.registered_model),
             prepare_ahead_missing=prepare_ahead_missing,
+            gate_margin=_env_float("GATE_MARGIN", cls.gate_margin),
+            gate_resamples=gate_resamples,
+            gate_seed=_env_int("GATE_SEED", cls.gate_seed),
         )

@@ -23,6 +23,8 @@ from mlflow.exceptions import MlflowException
 log = logging.getLogger(__name__)
 
 CHAMPION_ALIAS = "champion"
+# The last registered version the gate did not promote (cleared when it is promoted).
+CHALLENGER_ALIAS = "challenger"
 DATASET_TAG = "dataset_id"
 
 
@@ -107,23 +109,46 @@ def ensure_model_description(client: MlflowClient, name: str, description: str) 
         client.update_registered_model(name, description=description)
 
 
-def champion(client: MlflowClient, name: str) -> ModelVersion | None:
-    """The version the `champion` alias points to, None if there is none yet."""
+def aliased(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version `alias` points to, None if it points nowhere (or the model is not there)."""
     try:
-        return client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException as error:
         if error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
             return None
         raise
 
 
-def set_champion(client: MlflowClient, name: str, version: str) -> bool:
-    """Point the alias at `version`; False (and no call) if it already does."""
-    current = champion(client, name)
+def champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version the `champion` alias points to, None if there is none yet."""
+    return aliased(client, name, CHAMPION_ALIAS)
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: str) -> bool:
+    """Point `alias` at `version`; False (and no call) if it already does."""
+    current = aliased(client, name, alias)
     if current is not None and current.version == str(version):
         return False
-    client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
+    client.set_registered_model_alias(name, alias, str(version))
     return True
+
+
+def clear_alias(client: MlflowClient, name: str, alias: str) -> bool:
+    """Remove `alias`; False if it pointed nowhere."""
+    if aliased(client, name, alias) is None:
+        return False
+    client.delete_registered_model_alias(name, alias)
+    return True
+
+
+def set_champion(client: MlflowClient, name: str, version: str) -> bool:
+    """Point the `champion` alias at `version`; False (and no call) if it already does."""
+    return set_alias(client, name, CHAMPION_ALIAS, version)
+
+
+def run_of(version: ModelVersion) -> str:
+    """The training run a registered version came from."""
+    return str(version.tags.get("run_id") or version.run_id)
 
 
 def registered_at(version: ModelVersion) -> str:

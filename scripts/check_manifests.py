@@ -716,6 +716,7 @@ def check_minio() -> list[str]:
         ("BUCKET_JOBS", "", ".json"),
         ("BUCKET_RESULTS", "", ".json"),
         ("BUCKET_MODELS", "champion/", "metadata.json"),
+        ("BUCKET_MODELS", "decisions/", ".json"),
     }
     if subscriptions != wanted:
         problems.append(

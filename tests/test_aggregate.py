@@ -27,13 +27,14 @@ import mlflow
 import numpy as np
 import onnx
 import pandas as pd
+import pyarrow as pa
 import pytest
 from conftest_seaweed import SeaweedServer
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer
 from python_snippet import run_python
 
-from readmission import keys, lease, registry, tracking
+from readmission import contract, decisions, keys, lease, registry, tracking
 from readmission.aggregate import (
     AggregateOutcome,
     aggregate_dataset,
@@ -42,7 +43,7 @@ from readmission.aggregate import (
 )
 from readmission.config import Buckets, Settings
 from readmission.features import target_values, to_model_frame
-from readmission.ingest import ingest_object
+from readmission.ingest import ingest_object, job_spec, parquet_bytes
 from readmission.onnx_export import ExportedModel, ParityError, export_onnx, run_onnx
 from readmission.storage import ObjectStore, json_bytes
 from readmission.training import compute_metrics, train_job
@@ -137,8 +138,8 @@ def scenario(store: ObjectStore, settings: Settings, client: MlflowClient) -> Sc
     data = sample_csv(SAMPLE_ROWS, seed=7)
     store.put_bytes("raw", "sample.csv", data, "text/csv")
     outcome = ingest_object(store, settings, "raw", "sample.csv")
-    dataset_id = keys.content_id(data)
-    assert outcome.dataset_id == dataset_id
+    dataset_id = outcome.dataset_id
+    assert outcome.status == "ingested" and dataset_id
     manifest = store.get_json("datasets", keys.manifest_key(dataset_id))
     assert len(manifest["jobs"]) == len(ALGORITHMS) * len(manifest["cumulative_sets"]) >= 6
     # The training step itself, with its results parked in a staging bucket: each test
@@ -300,6 +301,8 @@ def test_aggregates_all_results_into_one_champion(
     assert sorted(store.list_keys("models")) == sorted(
         [
             "champion/metadata.json",
+            "champion/last-decision.json",
+            keys.decision_key(dataset_id),
             prefix + "learning_curve.csv",
             prefix + "learning_curve.md",
             prefix + "learning_curve.png",
@@ -309,6 +312,13 @@ def test_aggregates_all_results_into_one_champion(
     )
     metadata = store.get_json("models", prefix + "metadata.json")
     assert store.get_bytes("models", "champion/metadata.json") == json_bytes(metadata)
+    # the first model ever is promoted without a gate, and that is a recorded decision
+    decision = store.get_json("models", keys.decision_key(dataset_id))
+    assert decision["verdict"] == "promoted" and decision["sequence"] == 1
+    assert decision["reason"].startswith("first model") and decision["champion"] is None
+    assert decision["champion_after"] == {"model_version": "1", "corpus_version": dataset_id}
+    assert store.get_json("models", keys.LAST_DECISION_KEY) == decision
+    assert version.tags["decision.verdict"] == "promoted"
     onnx_bytes = store.get_bytes("models", metadata["model_key"])
     assert metadata["model_sha256"] == hashlib.sha256(onnx_bytes).hexdigest()
     assert metadata["version"] == "1" and metadata["run_id"] == best["run_id"]
@@ -327,7 +337,8 @@ def test_aggregates_all_results_into_one_champion(
     }
 
     # the served ONNX reproduces the registered model on the whole test split
-    test = read_split(store, scenario.manifest["test"]["key"])
+    [test_key] = scenario.manifest["test"]["keys"]
+    test = read_split(store, test_key)
     model = tracking.load_pipeline(f"models:/{MODEL_NAME}@champion")
     labels, probabilities = run_onnx(onnx_bytes, test)
     assert (labels == model.classes_[probabilities.argmax(axis=1)]).all()
@@ -383,15 +394,22 @@ def test_redelivery_and_concurrent_calls_change_nothing(
     assert model_objects(store) == before  # no object rewritten (same ETag, same time)
 
 
-def test_a_lost_champion_file_is_resynced_from_the_registry(
-    store: ObjectStore, settings: Settings, scenario: Scenario
+def test_a_crash_before_the_version_is_done_reapplies_its_recorded_decision(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
 ) -> None:
-    # The previous invocation died between <id>/metadata.json and champion/metadata.json.
+    # The previous invocation died after recording the decision, before applying it fully
+    # and writing <id>/metadata.json (the version's "done" mark, written last).
     expected = store.get_bytes("models", f"{scenario.dataset_id}/metadata.json")
+    decision = store.get_bytes("models", keys.decision_key(scenario.dataset_id))
     store.delete("models", "champion/metadata.json")
+    store.delete("models", f"{scenario.dataset_id}/metadata.json")
     outcome = aggregate_dataset(store, settings, scenario.dataset_id)
-    assert outcome.status == "already_aggregated" and outcome.champion_written
+    assert outcome.status == "aggregated" and outcome.champion_written
     assert store.get_bytes("models", "champion/metadata.json") == expected
+    assert store.get_bytes("models", f"{scenario.dataset_id}/metadata.json") == expected
+    # the same decision, not a second one
+    assert store.get_bytes("models", keys.decision_key(scenario.dataset_id)) == decision
+    assert len(versions(client)) == 1
 
 
 def copy_dataset(store: ObjectStore, scenario: Scenario, new_id: str) -> Scenario:
@@ -409,9 +427,11 @@ def copy_dataset(store: ObjectStore, scenario: Scenario, new_id: str) -> Scenari
     return Scenario(new_id, manifest, results)
 
 
-def test_concurrent_first_aggregation_registers_exactly_once(
+def test_a_version_whose_best_is_the_champions_own_fit_registers_nothing_and_keeps_it(
     store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
 ) -> None:
+    # The same rows again (as a later corpus version whose sets are all reused): concurrent
+    # aggregations record one decision, "kept", and register no second model.
     second = copy_dataset(store, scenario, "feedfacecafebeef")
     write_results(store, second, list(second.results))
     outcomes: list[AggregateOutcome] = []
@@ -430,11 +450,15 @@ def test_concurrent_first_aggregation_registers_exactly_once(
         thread.join(timeout=300)
     assert errors == []
     assert sorted(o.status for o in outcomes) == ["aggregated", "already_aggregated"]
-    [version] = versions(client, second.dataset_id)
-    assert len(versions(client)) == 2
-    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == version.version
+    assert versions(client, second.dataset_id) == [] and len(versions(client)) == 1
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "1"
     champion = store.get_json("models", "champion/metadata.json")
-    assert champion["dataset_id"] == second.dataset_id and champion["version"] == version.version
+    assert champion["dataset_id"] == scenario.dataset_id
+    decision = store.get_json("models", keys.decision_key(second.dataset_id))
+    assert decision["verdict"] == "kept" and "own fit" in decision["reason"]
+    assert decision["sequence"] == 2 and not decision["new_model"]
+    assert not store.exists("models", "challenger/metadata.json")
+    assert store.get_json("models", f"{second.dataset_id}/metadata.json")["version"] == "1"
     assert not store.exists("models", lease_key(second.dataset_id))
 
     # A late redelivery for the FIRST dataset must not take the champion back.
@@ -443,6 +467,121 @@ def test_concurrent_first_aggregation_registers_exactly_once(
     outcome = aggregate_dataset(store, settings, scenario.dataset_id)
     assert outcome.status == "already_aggregated" and not outcome.champion_written
     assert model_objects(store) == before
+
+
+SHUFFLED_ID = "5ca1ab1e5ca1ab1e"
+GOOD_AGAIN_ID = "600dbeef600dbeef"
+
+
+def shuffled_labels_copy(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> Scenario:
+    """The scenario's rows under another version id, with the training labels shuffled, and
+    one job (logistic regression on every batch) trained on them for real."""
+    copy = copy_dataset(store, scenario, SHUFFLED_ID)
+    rng = np.random.default_rng(3)
+    for batch in copy.manifest["batches"]:
+        frame = read_split(store, batch["key"])
+        frame[contract.TARGET] = rng.permutation(frame[contract.TARGET].to_numpy())
+        store.put_bytes("datasets", batch["key"], parquet_bytes(pa.Table.from_pandas(frame)))
+    last = len(copy.manifest["cumulative_sets"]) - 1
+    job = keys.job_key(SHUFFLED_ID, last, "logistic_regression")
+    copy.manifest["jobs"] = [job]
+    store.put_json("datasets", keys.manifest_key(SHUFFLED_ID), copy.manifest)
+    result = train_job(store, settings, job_spec(copy.manifest, job, "datasets"), client)
+    return Scenario(SHUFFLED_ID, copy.manifest, {job: result})
+
+
+def test_a_challenger_trained_on_shuffled_labels_is_kept_and_the_decision_recorded(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    champion_before = store.get_bytes("models", "champion/metadata.json")
+    shuffled = shuffled_labels_copy(store, settings, client, scenario)
+    outcome = aggregate_dataset(store, settings, shuffled.dataset_id)
+    assert outcome.status == "aggregated" and outcome.decision == "kept", outcome
+    assert not outcome.champion_written
+    # the champion stays: alias, served metadata
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "1"
+    assert store.get_bytes("models", "champion/metadata.json") == champion_before
+    # the challenger is registered, aliased and published for the page
+    [version] = versions(client, SHUFFLED_ID)
+    assert client.get_model_version_by_alias(MODEL_NAME, "challenger").version == version.version
+    challenger = store.get_json("models", "challenger/metadata.json")
+    assert challenger["dataset_id"] == SHUFFLED_ID and challenger["version"] == version.version
+    # the decision: both models, both scores on the same rows, the interval, the rule, why
+    decision = store.get_json("models", keys.decision_key(SHUFFLED_ID))
+    assert decision["kind"] == "gate" and decision["verdict"] == "kept"
+    assert decision["challenger"]["model_version"] == version.version
+    assert decision["champion"]["model_version"] == "1"
+    assert decision["champion_after"]["model_version"] == "1"
+    assert decision["rows"] == scenario.manifest["test"]["rows"]
+    assert decision["difference"] == pytest.approx(
+        decision["challenger"]["score"] - decision["champion"]["score"]
+    )
+    low, high = decision["interval"]
+    assert low <= decision["difference"] <= high and low < 0
+    assert decision["rule"]["resamples"] >= 1000 and decision["rule"]["metric"] == "f1_weighted"
+    assert "champion kept" in decision["reason"]
+    assert store.get_json("models", keys.LAST_DECISION_KEY) == decision
+    assert version.tags["decision.verdict"] == "kept"
+    assert version.tags["decision.key"] == keys.decision_key(SHUFFLED_ID)
+
+
+def test_operator_promote_and_rollback_are_recorded_decisions(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    challenger = store.get_json("models", "challenger/metadata.json")
+    promoted = decisions.promote(store, client, settings, SHUFFLED_ID, "try the challenger")
+    assert promoted["kind"] == "manual" and promoted["reason"] == "manual: try the challenger"
+    assert promoted["key"] == keys.manual_decision_key(promoted["sequence"])
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == (
+        challenger["version"]
+    )
+    assert store.get_json("models", "champion/metadata.json") == challenger
+    assert not store.exists("models", "challenger/metadata.json")  # no longer pending
+    assert store.get_json("models", keys.LAST_DECISION_KEY) == promoted
+
+    rolled = decisions.rollback(store, client, settings, "")
+    assert rolled["sequence"] == promoted["sequence"] + 1
+    assert rolled["reason"].startswith("manual: rollback from version")
+    assert rolled["champion_after"]["model_version"] == "1"
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == "1"
+    first = store.get_json("models", f"{scenario.dataset_id}/metadata.json")
+    assert store.get_json("models", "champion/metadata.json") == first
+    # a model version number works as well as a corpus version id
+    again = decisions.promote(store, client, settings, challenger["version"], "")
+    assert again["champion_after"]["corpus_version"] == SHUFFLED_ID
+    listed = decisions.list_decisions(store, settings)
+    assert [d["sequence"] for d in listed] == list(range(1, again["sequence"] + 1))
+    with pytest.raises(decisions.OperatorError, match="no aggregated model"):
+        decisions.promote(store, client, settings, "999", "")
+
+
+def test_a_better_challenger_is_promoted_and_an_old_decision_never_comes_back(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    # The champion is now the shuffled-labels model (the previous test); a version whose best
+    # is the first real model beats it on the same rows, by far.
+    good = copy_dataset(store, scenario, GOOD_AGAIN_ID)
+    write_results(store, good, list(good.results))
+    outcome = aggregate_dataset(store, settings, GOOD_AGAIN_ID)
+    assert outcome.decision == "promoted" and outcome.champion_written, outcome
+    decision = store.get_json("models", keys.decision_key(GOOD_AGAIN_ID))
+    assert decision["champion"]["corpus_version"] == SHUFFLED_ID
+    low, _ = decision["interval"]
+    assert decision["difference"] >= settings.gate_margin and low > 0
+    assert "challenger promoted" in decision["reason"]
+    [version] = versions(client, GOOD_AGAIN_ID)
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == version.version
+    served = store.get_bytes("models", "champion/metadata.json")
+
+    # The shuffled version's aggregation again, as if its first try died before it was done:
+    # its recorded decision (kept) is read back, superseded, and changes nothing.
+    store.delete("models", f"{SHUFFLED_ID}/metadata.json")
+    again = aggregate_dataset(store, settings, SHUFFLED_ID)
+    assert again.decision == "kept" and "superseded" in again.message
+    assert store.get_bytes("models", "champion/metadata.json") == served
+    assert store.get_json("models", keys.LAST_DECISION_KEY) == decision
 
 
 def test_registration_converges_on_the_lowest_version(
@@ -494,7 +633,7 @@ def test_a_failed_preparation_ahead_only_leaves_the_work_to_the_fan_in(
     store: ObjectStore, settings: Settings, scenario: Scenario
 ) -> None:
     broken = copy_dataset(store, scenario, "00000000000c4ead")
-    store.delete("datasets", broken.manifest["test"]["key"])  # nothing to test on
+    store.delete("datasets", broken.manifest["test"]["keys"][0])  # nothing to test on
     jobs = list(broken.results)
     write_results(store, broken, jobs[:-1])
     outcome = aggregate_dataset(store, settings, broken.dataset_id)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from events.notifications import (
+    DECISION_MADE,
     JOB_CREATED,
     MODEL_CREATED,
     RAW_CREATED,
@@ -135,6 +136,10 @@ def test_seaweedfs_without_any_checksum_uses_a_sequencer_and_stays_deterministic
         ("jobs", "abc/00-logistic_regression.txt", None),
         ("results", "abc/00-logistic_regression.json", RESULT_CREATED),
         ("models", "champion/metadata.json", MODEL_CREATED),
+        ("models", "decisions/0123456789abcdef.json", DECISION_MADE),
+        ("models", "decisions/manual-000003.json", DECISION_MADE),
+        ("models", "champion/last-decision.json", None),
+        ("models", "challenger/metadata.json", None),
         ("models", "abc/metadata.json", None),
         ("models", "champion/model.onnx", None),
         ("datasets", "abc/manifest.json", None),
