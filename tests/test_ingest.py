@@ -120,6 +120,12 @@ def first_version(settings: Settings, data: bytes) -> str:
     return corpus.version_id(None, sha256, settings.split_seed, settings.batch_rows)
 
 
+def version_of(store: ObjectStore, settings: Settings, data: bytes) -> str:
+    """The corpus version that appended `data` (from its drop record)."""
+    record = store.get_json(settings.buckets.datasets, keys.drop_key(keys.content_id(data)))
+    return record["version"]
+
+
 def upload(store: ObjectStore, settings: Settings, key: str, data: bytes) -> None:
     store.put_bytes(settings.buckets.raw, key, data, "text/csv")
 
@@ -561,7 +567,7 @@ def test_function_answers_204_and_ingests_or_400_for_a_malformed_event(
     reply = client.post("/", **_event(raw, "clinic/a.csv"))
     assert (reply.status_code, reply.data) == (204, b"")
     manifest = store.get_json(
-        settings.buckets.datasets, keys.manifest_key(first_version(settings, data))
+        settings.buckets.datasets, keys.manifest_key(version_of(store, settings, data))
     )
     assert manifest["batch_rows"] == 1000 and len(manifest["jobs"]) == 4 * len(manifest["batches"])
 
@@ -589,6 +595,6 @@ def test_function_ingests_a_key_outside_latin1_from_an_encoded_event(
     reply = app.test_client().post("/", **event)
     assert (reply.status_code, reply.data) == (204, b"")
     manifest = store.get_json(
-        settings.buckets.datasets, keys.manifest_key(first_version(settings, data))
+        settings.buckets.datasets, keys.manifest_key(version_of(store, settings, data))
     )
     assert manifest["source"]["key"] == key
