@@ -795,6 +795,9 @@ class ModelServer:
         self._load_lock = threading.Lock()
         self._serving_lock = threading.Lock()
         self.on_swap: list[Any] = []  # callbacks(model) after each successful load
+        # side reads of the poll thread (the gate's challenger and last decision): run when
+        # the thread starts and after each poll; they never touch the model or its readiness
+        self.on_poll: list[Callable[[], None]] = []
 
     @property
     def model(self) -> LoadedModel | None:
@@ -875,17 +878,31 @@ class ModelServer:
             return False
         return self.load(token) is not None
 
+    def _run_poll_hooks(self) -> None:
+        for hook in self.on_poll:
+            try:
+                hook()
+            except Exception:  # informational: logged, never the model's error
+                log.exception("poll hook %r failed", hook)
+
     def _poll_loop(self) -> None:
+        """The hooks once at start, then every `poll_seconds` (0: no polling) the model's
+        token and the hooks."""
+        self._run_poll_hooks()
         interval = self.settings.poll_seconds
+        if interval <= 0:
+            return
         while not self._stop.wait(interval):
             try:
                 self.poll_once()
             except Exception as exc:
                 self.last_error = f"model poll failed: {exc}"
                 log.warning("model poll of %s failed: %s", self.source.description, exc)
+            self._run_poll_hooks()
 
     def ensure_serving(self) -> None:
-        """Once per process that serves: build the model's session, start the poll thread."""
+        """Once per process that serves: build the model's session, start the poll thread
+        (with MODEL_POLL_SECONDS=0 it only runs the `on_poll` hooks once)."""
         if self._serving_pid == os.getpid():
             return
         with self._serving_lock:
@@ -901,7 +918,7 @@ class ModelServer:
                         self.last_error = f"model load failed: {exc}"
                         log.error("model %s: %s", model.version, exc)
                 self._serving_pid = os.getpid()  # under the load lock: later loads build
-            if self.settings.poll_seconds > 0:
+            if self.settings.poll_seconds > 0 or self.on_poll:
                 self._stop = threading.Event()
                 self._poller = threading.Thread(
                     target=self._poll_loop, name="model-poller", daemon=True

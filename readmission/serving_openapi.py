@@ -284,7 +284,8 @@ def build_openapi(
         },
         "/model-info": {
             "get": {
-                "summary": "Name, version, metrics, classes, input schema",
+                "summary": "Name, version, metrics, classes, input schema; the pending "
+                "challenger and the last promotion decision (or null)",
                 "responses": {"200": _json(ok_json, "Model card"), **_errors(503)},
             }
         },

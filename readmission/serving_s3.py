@@ -31,6 +31,7 @@ class S3Error(RuntimeError):
 class S3Object:
     data: bytes
     etag: str
+    not_modified: bool = False  # a conditional GET's 304: `data` is empty, `etag` unchanged
 
 
 def _hmac(key: bytes, text: str) -> bytes:
@@ -112,9 +113,14 @@ class S3Reader:
         )
         return headers
 
-    def _request(self, method: str, bucket: str, key: str) -> tuple[int, dict[str, str], bytes]:
+    def _request(
+        self, method: str, bucket: str, key: str, extra: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """`extra` headers are sent unsigned (SigV4 signs only the headers it lists)."""
         path = quote(f"{self.base_path}/{bucket}/{key}", safe="/~")
         headers = self._headers(method, path, dt.datetime.now(dt.UTC))
+        if extra:
+            headers.update(extra)
         connection_class = (
             http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
         )
@@ -136,11 +142,22 @@ class S3Reader:
             raise S3Error(status, f"HEAD {bucket}/{key}")
         return headers.get("etag", "").strip('"')
 
-    def get(self, bucket: str, key: str) -> S3Object | None:
-        """The object's bytes and ETag, or None if it does not exist."""
-        status, headers, body = self._request("GET", bucket, key)
+    def get(self, bucket: str, key: str, if_none_match: str | None = None) -> S3Object | None:
+        """The object's bytes and ETag, or None if it does not exist.
+
+        With `if_none_match` (an ETag this reader returned) the GET is conditional: an object
+        still at that ETag answers 304, returned as `S3Object(b"", etag, not_modified=True)`
+        (also when a store ignores the header and sends the same object again).
+        """
+        extra = {"if-none-match": f'"{if_none_match}"'} if if_none_match else None
+        status, headers, body = self._request("GET", bucket, key, extra)
         if status == 404:
             return None
+        if status == 304 and if_none_match:
+            return S3Object(b"", if_none_match, not_modified=True)
         if status != 200:
             raise S3Error(status, f"GET {bucket}/{key}: {body[:200]!r}")
-        return S3Object(body, headers.get("etag", "").strip('"'))
+        etag = headers.get("etag", "").strip('"')
+        if if_none_match and etag == if_none_match:
+            return S3Object(b"", etag, not_modified=True)
+        return S3Object(body, etag)

@@ -10,7 +10,7 @@ from typing import Any
 from readmission.config import Settings
 from readmission.keys import CHAMPION_METADATA_KEY
 from readmission.serving import ModelLoadError, ServingSettings
-from readmission.serving_s3 import S3Reader
+from readmission.serving_s3 import S3Object, S3Reader
 
 
 class StoreModelSource:
@@ -50,13 +50,19 @@ class StoreModelSource:
         found = self.reader.get(self.bucket, key)
         return None if found is None else found.data
 
+    def document(self, key: str, token: str | None = None) -> S3Object | None:
+        """Another object of the models bucket (the gate's challenger or last decision), or
+        None if missing: a conditional GET, `not_modified` while its ETag is still `token`."""
+        return self.reader.get(self.bucket, key, if_none_match=token)
+
 
 class LocalModelSource:
     """MODEL_PATH + MODEL_METADATA_PATH: serve a downloaded model without any stack.
 
     The version token is the metadata file's mtime and size, so replacing the metadata file
-    hot-swaps locally too. Assets named by the metadata (learning-curve PNG) are looked up by
-    file name next to the metadata file.
+    hot-swaps locally too. Assets named by the metadata (learning-curve PNG) and the gate's
+    documents (`challenger.json`, `last-decision.json`) are looked up by file name next to the
+    metadata file.
     """
 
     def __init__(self, model_path: str, metadata_path: str) -> None:
@@ -83,6 +89,19 @@ class LocalModelSource:
         path = self.metadata_path.parent / os.path.basename(key)
         try:
             return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def document(self, key: str, token: str | None = None) -> S3Object | None:
+        """A file next to the metadata file, by the file name of `key` (None if missing);
+        `not_modified` while its mtime and size are still `token`."""
+        path = self.metadata_path.parent / os.path.basename(key)
+        try:
+            stat = path.stat()
+            found = f"{stat.st_mtime_ns}-{stat.st_size}"
+            if found == token:
+                return S3Object(b"", found, not_modified=True)
+            return S3Object(path.read_bytes(), found)
         except (FileNotFoundError, IsADirectoryError):
             return None
 

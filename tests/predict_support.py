@@ -194,6 +194,74 @@ def write_local_model(
     return model_path, metadata_path
 
 
+def challenger_metadata(
+    version: str = "2", algorithm: str = "logistic_regression"
+) -> dict[str, Any]:
+    """`challenger/metadata.json` as the gate writes it: a model's metadata (no ONNX needed:
+    the predict function only shows it)."""
+    metadata = {
+        "model_name": "diabetes_readmission_model",
+        "version": version,
+        "run_id": f"run-{version}",
+        "dataset_id": f"{int(version):016x}",
+        "algorithm": algorithm,
+        "training_rows": 2103,
+        "registered_at": "2026-12-04T05:00:00Z",
+        "model_bucket": "models",
+        "model_key": f"v{version}/model.onnx",
+        "selection_metric": "f1_weighted",
+        "metrics": {
+            "validation": {"f1_weighted": 0.57, "accuracy": 0.58},
+            "test": {"f1_weighted": 0.5712, "accuracy": 0.59},
+        },
+    }
+    return metadata
+
+
+def decision_document(
+    verdict: str = "kept", challenger: str = "2", champion: str = "1", sequence: int = 3
+) -> dict[str, Any]:
+    """`champion/last-decision.json` as the gate writes it."""
+    after = champion if verdict == "kept" else challenger
+    return {
+        "kind": "gate",
+        "sequence": sequence,
+        "key": "decisions/0123456789abcdef.json",
+        "corpus_version": "0123456789abcdef",
+        "verdict": verdict,
+        "reason": "challenger f1_weighted 0.5712 vs champion 0.5750 on 15,210 test rows: "
+        "-0.0038 < margin 0.0020",
+        "decided_at": "2026-12-04T05:00:00.000Z",
+        "rule": {
+            "metric": "f1_weighted",
+            "margin": 0.002,
+            "resamples": 1000,
+            "seed": 42,
+            "confidence": 0.95,
+        },
+        "challenger": {
+            "model_version": challenger,
+            "corpus_version": "0123456789abcdef",
+            "algorithm": "logistic_regression",
+            "training_rows": 2103,
+            "run_id": f"run-{challenger}",
+            "score": 0.5712,
+        },
+        "champion": {
+            "model_version": champion,
+            "corpus_version": "00000000000000aa",
+            "algorithm": "decision_tree",
+            "training_rows": 45000,
+            "run_id": f"run-{champion}",
+            "score": 0.575,
+        },
+        "difference": -0.0038,
+        "interval": [-0.009, 0.001],
+        "rows": 15210,
+        "champion_after": {"model_version": after, "corpus_version": "00000000000000aa"},
+    }
+
+
 class FunctionProcess:
     """`functions-framework --target predict` on a free 127.0.0.1 port."""
 

@@ -27,7 +27,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from predict_support import FunctionProcess, write_local_model
+from predict_support import (
+    FunctionProcess,
+    challenger_metadata,
+    decision_document,
+    write_local_model,
+)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 HOSTILE = '<img src=x onerror="window.__xss=1">'
@@ -179,11 +184,21 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
 def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     directory = tmp_path_factory.mktemp("browser-model")
     model_path, metadata_path = write_local_model(directory)
+    # the gate's documents, read next to the metadata (a hostile reason must stay text)
+    (directory / "challenger.json").write_text(json.dumps(challenger_metadata("2")))
+    decision = dict(decision_document("kept"), reason="challenger worse: " + HOSTILE)
+    (directory / "last-decision.json").write_text(json.dumps(decision))
     process = FunctionProcess(
         {"MODEL_PATH": str(model_path), "MODEL_METADATA_PATH": str(metadata_path)}
     )
     try:
         process.wait_ready()
+        deadline = time.monotonic() + 10  # the poll thread reads them right after the start
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(process.url + "/model-info", timeout=5) as reply:
+                if json.loads(reply.read())["last_decision"] is not None:
+                    break
+            time.sleep(0.1)
         yield process.url
     finally:
         process.stop()
@@ -310,6 +325,16 @@ def test_form_predicts_and_shows_bars_and_model_card(page_server: str, browser: 
         "document.getElementById('learning-curve').naturalWidth === 48"
     )
     assert browser.evaluate("document.querySelectorAll('#curve-table tbody tr').length") == 2
+    # the "Model" section: champion, challenger, last decision (its reason as text)
+    assert "decision_tree" in browser.evaluate(
+        "document.getElementById('gate-champion').textContent"
+    )
+    challenger = browser.evaluate("document.getElementById('gate-challenger').textContent")
+    assert "logistic_regression" in challenger and "0.5712" in challenger
+    assert browser.evaluate("document.getElementById('gate-verdict').textContent") == "kept"
+    decision = browser.evaluate("document.getElementById('gate-decision').textContent")
+    assert HOSTILE in decision and "-0.0038" in decision and "[-0.0090, +0.0010] (95 %)" in decision
+    assert browser.evaluate("document.querySelectorAll('#model-gate img').length") == 0
     # the screenshot: the result panel must be painted (many colours, not a blank box)
     box = browser.evaluate(
         "(() => { const r = document.getElementById('result-panel')"

@@ -24,6 +24,8 @@ from predict_support import (
     LEARNING_CURVE_CSV,
     FunctionProcess,
     build_model,
+    challenger_metadata,
+    decision_document,
     http,
     patient_rows,
     reset_after_sending,
@@ -607,6 +609,11 @@ def test_s3_reader_signs_requests(seaweed: SeaweedServer) -> None:
     assert found is not None and found.data == b"payload"
     assert reader.head_etag("models", "dir/a file+x.bin") == found.etag
     assert reader.get("models", "missing") is None and reader.head_etag("models", "nx") is None
+    unchanged = reader.get("models", "dir/a file+x.bin", if_none_match=found.etag)
+    assert unchanged is not None and unchanged.not_modified and unchanged.data == b""
+    changed = reader.get("models", "dir/a file+x.bin", if_none_match="0" * 32)
+    assert changed is not None and not changed.not_modified and changed.data == b"payload"
+    assert reader.get("models", "missing", if_none_match=found.etag) is None
     wrong = S3Reader(seaweed.endpoint_url, seaweed.access_key, "not-the-secret")
     with pytest.raises(S3Error) as info:
         wrong.get("models", "dir/a file+x.bin")
@@ -704,6 +711,60 @@ def test_store_mode_hot_swap_reaches_every_worker(seaweed: SeaweedServer) -> Non
     assert {code for code, _ in results} == {200}
     assert {version for _, version in results} == {"1", "2"}
     assert all(version == "2" for _, version in results[-40:]), results[-40:]
+
+
+def test_store_mode_shows_the_challenger_and_the_last_decision(seaweed: SeaweedServer) -> None:
+    """challenger/metadata.json and champion/last-decision.json beside the champion: null
+    while absent, shown after the next poll, null when unreadable (serving unaffected)."""
+    store: Any = seaweed.client()
+    _publish(store, "1", "decision_tree")
+
+    def put(key: str, document: Any) -> None:
+        body = document if isinstance(document, bytes) else json.dumps(document).encode()
+        store.put_object(Bucket="models", Key=key, Body=body)
+
+    def gate_info(check: Any) -> dict[str, Any]:
+        """/model-info once `check(info)` holds (the poll thread reads the objects)."""
+        deadline = time.monotonic() + 15
+        while True:
+            info = _json(http(process.url + "/model-info"))
+            if check(info) or time.monotonic() > deadline:
+                return info
+            time.sleep(0.1)
+
+    process = _start({**seaweed.env(), "MODEL_POLL_SECONDS": "0.3"})
+    try:
+        time.sleep(0.5)  # the poll thread has read both objects (missing) by now
+        info = _json(http(process.url + "/model-info"))
+        assert info["version"] == "1" and "learning_curve" in info
+        assert info["challenger"] is None and info["last_decision"] is None
+        put("challenger/metadata.json", challenger_metadata("2"))
+        put("champion/last-decision.json", decision_document("kept"))
+        info = gate_info(lambda i: i["challenger"] and i["last_decision"])
+        assert info["challenger"]["version"] == "2"
+        assert info["challenger"]["corpus_version"] == "0000000000000002"
+        assert info["challenger"]["test_score"] == 0.5712
+        assert info["challenger"]["training_rows"] == 2103
+        assert info["last_decision"] == decision_document("kept")
+        put("champion/last-decision.json", b"{not json")
+        info = gate_info(lambda i: i["last_decision"] is None)
+        assert info["last_decision"] is None and info["challenger"]["version"] == "2"
+        assert http(process.url + "/ready")[0] == 200
+        status, _, raw = http(process.url + "/predict", {"features": EXAMPLE_PATIENT})
+        assert status == 200 and json.loads(raw)["model_version"] == "1"
+        put("challenger/metadata.json", challenger_metadata("3", "random_forest"))
+        put("champion/last-decision.json", decision_document("promoted", "3", "1", sequence=4))
+        info = gate_info(lambda i: i["last_decision"] and i["challenger"]["version"] == "3")
+        assert info["challenger"]["algorithm"] == "random_forest"
+        assert info["last_decision"]["verdict"] == "promoted"
+        assert info["last_decision"]["sequence"] == 4
+        store.delete_object(Bucket="models", Key="challenger/metadata.json")
+        assert gate_info(lambda i: i["challenger"] is None)["challenger"] is None
+    finally:
+        output = process.stop()
+        store.delete_object(Bucket="models", Key="challenger/metadata.json")
+        store.delete_object(Bucket="models", Key="champion/last-decision.json")
+    assert "champion/last-decision.json is not valid JSON" in output
 
 
 def test_store_mode_wrong_credentials_is_not_ready(seaweed: SeaweedServer) -> None:

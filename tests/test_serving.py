@@ -15,7 +15,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from predict_support import ROOT, build_model, patient_rows, sample_frame, write_local_model
+from predict_support import (
+    ROOT,
+    build_model,
+    challenger_metadata,
+    decision_document,
+    patient_rows,
+    sample_frame,
+    write_local_model,
+)
 from python_snippet import run_python
 
 from readmission.contract import FEATURES
@@ -28,6 +36,7 @@ from readmission.serving import (
     ServingSettings,
     rounded_probabilities,
 )
+from readmission.serving_decisions import GateDocuments
 from readmission.serving_openapi import EXAMPLE_PATIENT
 from readmission.serving_sources import LocalModelSource
 
@@ -404,6 +413,108 @@ def test_failed_reload_keeps_the_old_model(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError):
         server.poll_once()
     assert server.require_model().version == "1"
+
+
+# ---- the gate's documents (challenger, last decision) ----------------------------------------
+def test_gate_documents_are_read_by_the_poll_thread_and_never_touch_the_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Local files next to the metadata: null while absent, shown once written, re-read only
+    when changed, null (with one warning) when unreadable, while the champion serves on."""
+    model_path, metadata_path = write_local_model(tmp_path)
+    source = LocalModelSource(str(model_path), str(metadata_path))
+    gate = GateDocuments.for_source(source)
+    server = ModelServer(source, ServingSettings(poll_seconds=0.05))
+    refreshed = threading.Event()
+    server.on_poll.append(gate.refresh)
+    server.on_poll.append(refreshed.set)
+    server.load()
+
+    def next_poll() -> None:
+        refreshed.clear()
+        assert refreshed.wait(5)
+        refreshed.clear()
+        assert refreshed.wait(5)  # a whole poll after the change
+
+    server.ensure_serving()  # starts the poll thread: it reads the documents at once
+    try:
+        next_poll()
+        assert gate.info() == {"challenger": None, "last_decision": None}
+        (tmp_path / "challenger.json").write_text(json.dumps(challenger_metadata("2")))
+        (tmp_path / "last-decision.json").write_text(json.dumps(decision_document("kept")))
+        next_poll()
+        info = gate.info()
+        assert info["challenger"] == {
+            "name": "diabetes_readmission_model",
+            "version": "2",
+            "algorithm": "logistic_regression",
+            "training_rows": 2103,
+            "dataset_id": "0000000000000002",
+            "corpus_version": "0000000000000002",
+            "run_id": "run-2",
+            "registered_at": "2026-12-04T05:00:00Z",
+            "selection_metric": "f1_weighted",
+            "test_score": 0.5712,
+            "metrics": challenger_metadata("2")["metrics"],
+        }
+        assert info["last_decision"] == decision_document("kept")
+        with caplog.at_level(logging.WARNING, logger="readmission.serving_decisions"):
+            (tmp_path / "last-decision.json").write_text('{"verdict": "promo')
+            next_poll()
+            assert gate.info()["last_decision"] is None
+            assert gate.info()["challenger"]["version"] == "2"
+            next_poll()  # unchanged: not read (nor warned about) again
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "last-decision.json is not valid JSON" in warnings[0]
+        assert server.ready and server.last_error is None
+        assert server.require_model().predict_one(patient_rows(1)[0])[0] in {"NO", ">30", "<30"}
+        (tmp_path / "challenger.json").write_text(json.dumps(challenger_metadata("3", "svm")))
+        (tmp_path / "last-decision.json").write_text(json.dumps(decision_document("promoted")))
+        next_poll()
+        info = gate.info()
+        assert (info["challenger"]["version"], info["challenger"]["algorithm"]) == ("3", "svm")
+        assert info["last_decision"]["verdict"] == "promoted"
+        (tmp_path / "challenger.json").unlink()
+        next_poll()
+        assert gate.info()["challenger"] is None
+    finally:
+        server.stop()
+
+
+def test_a_decision_without_optional_fields_and_a_broken_source_keep_serving() -> None:
+    """A manual decision (no rule, interval, difference) shows nulls for them; a source that
+    fails keeps what was read last; a document that is not an object is null."""
+
+    class Flaky:
+        description = "flaky"
+
+        def __init__(self) -> None:
+            self.fail = False
+            self.documents = {
+                "challenger/metadata.json": b"[1, 2]",
+                "champion/last-decision.json": json.dumps(
+                    {"kind": "manual", "verdict": "rolled_back", "reason": "manual rollback to 1"}
+                ).encode(),
+            }
+
+        def document(self, key: str, token: str | None = None) -> Any:
+            if self.fail:
+                raise OSError("store down")
+            from readmission.serving_s3 import S3Object
+
+            return S3Object(self.documents[key], "etag-" + key)
+
+    source = Flaky()
+    gate = GateDocuments.for_source(source)
+    gate.refresh()
+    decision = gate.info()["last_decision"]
+    assert decision["kind"] == "manual" and decision["verdict"] == "rolled_back"
+    assert decision["rule"] is None and decision["interval"] is None
+    assert decision["difference"] is None
+    assert gate.info()["challenger"] is None  # a JSON list is not a model's metadata
+    source.fail = True
+    gate.refresh()  # warns, never raises
+    assert gate.info()["last_decision"] == decision
 
 
 # a new interpreter imports the predict function as gunicorn's master does

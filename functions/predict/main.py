@@ -46,6 +46,7 @@ from readmission.serving import (
     ModelServer,
     ServingSettings,
 )
+from readmission.serving_decisions import GateDocuments
 from readmission.serving_openapi import EXAMPLE_PATIENT, ROUTES, build_openapi
 from readmission.serving_sources import source_from_settings
 
@@ -55,6 +56,8 @@ logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper())
 SETTINGS = ServingSettings.from_env()
 SERVER = ModelServer(source_from_settings(SETTINGS), SETTINGS)
 SERVER.on_swap.append(metrics.record_model)
+GATE = GateDocuments.for_source(SERVER.source)  # challenger, last decision: informational
+SERVER.on_poll.append(GATE.refresh)  # read by the poll thread, never on a request
 
 _STATIC_DIR = Path(__file__).resolve().parent / "static"
 _STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
@@ -374,6 +377,7 @@ def _model_info(request: flask.Request, params: dict[str, str]) -> flask.Respons
     info["batch_limit"] = SETTINGS.batch_limit
     info["loaded_at"] = model.loaded_at
     info["swaps"] = SERVER.swaps
+    info.update(GATE.info())  # "challenger", "last_decision": objects or null
     return _json(info)
 
 

@@ -196,6 +196,75 @@ function buildCard(info) {
   }
 }
 
+// ---- the "Model" section: champion, pending challenger, last promotion decision ----------
+function signed(value) {
+  return typeof value === "number" ? (value >= 0 ? "+" : "") + value.toFixed(4) : fmt(value);
+}
+
+function facts(dl, rows) {
+  dl.replaceChildren();
+  for (const [name, value] of rows) {
+    if (value === null || value === undefined || value === "") continue;
+    const dd = el("dd");
+    if (value instanceof Node) dd.append(value);
+    else dd.textContent = String(value);
+    dl.append(el("dt", {}, name), dd);
+  }
+}
+
+function testScore(metrics, metric) {
+  const test = metrics && metrics.test;
+  return test && metric && typeof test[metric] === "number" ? test[metric] : null;
+}
+
+function compared(side) {
+  // one model of a decision: "v2 · logistic_regression · 2,103 rows · corpus … · score 0.5712"
+  if (!side || typeof side !== "object") return null;
+  const parts = [];
+  if (side.model_version !== undefined && side.model_version !== null) parts.push("v" + side.model_version);
+  if (side.algorithm) parts.push(String(side.algorithm));
+  if (typeof side.training_rows === "number") parts.push(fmt(side.training_rows) + " rows");
+  if (side.corpus_version) parts.push("corpus " + side.corpus_version);
+  if (typeof side.score === "number") parts.push("score " + fmt(side.score));
+  return parts.join(" · ");
+}
+
+function buildGate(info) {
+  const metric = info.selection_metric;
+  facts($("gate-champion"), [["Version", info.version], ["Algorithm", info.algorithm],
+    ["Training rows", fmt(info.training_rows)], ["Corpus version", info.dataset_id],
+    ["Test " + (metric || "score"), testScore(info.metrics, metric) === null ? null : fmt(testScore(info.metrics, metric))]]);
+  const challenger = info.challenger;
+  $("gate-challenger").hidden = !challenger;
+  $("gate-no-challenger").hidden = Boolean(challenger);
+  if (challenger) {
+    facts($("gate-challenger"), [["Version", challenger.version], ["Algorithm", challenger.algorithm],
+      ["Training rows", fmt(challenger.training_rows)], ["Corpus version", challenger.corpus_version],
+      ["Test " + (challenger.selection_metric || "score"),
+        challenger.test_score === null ? null : fmt(challenger.test_score)]]);
+  }
+  const decision = info.last_decision;
+  $("gate-decision").hidden = !decision;
+  $("gate-no-decision").hidden = Boolean(decision);
+  if (decision) {
+    const verdict = el("span", { id: "gate-verdict", "data-verdict": String(decision.verdict) }, decision.verdict);
+    const interval = Array.isArray(decision.interval) && decision.interval.length === 2
+      ? "[" + decision.interval.map(signed).join(", ") + "]" +
+        (decision.rule && typeof decision.rule.confidence === "number"
+          ? " (" + Math.round(decision.rule.confidence * 100) + " %)" : "")
+      : null;
+    const after = decision.champion_after && decision.champion_after.model_version;
+    facts($("gate-decision"), [["Verdict", verdict], ["Kind", decision.kind],
+      ["Decided", decision.decided_at], ["Reason", decision.reason],
+      ["Challenger", compared(decision.challenger)], ["Champion", compared(decision.champion)],
+      ["Metric", decision.rule && decision.rule.metric],
+      ["Difference", decision.difference === null || decision.difference === undefined ? null : signed(decision.difference)],
+      ["Interval", interval],
+      ["Test rows", typeof decision.rows === "number" ? fmt(decision.rows) : null],
+      ["Champion after", after === null || after === undefined ? null : "v" + after]]);
+  }
+}
+
 async function init() {
   $("patient-form").addEventListener("submit", submit);
   $("reset").addEventListener("click", () => modelInfo && fillExample(modelInfo));
@@ -206,6 +275,7 @@ async function init() {
         modelInfo = await response.json();
         buildForm(modelInfo);
         buildCard(modelInfo);
+        buildGate(modelInfo);
         $("status").textContent = "Model " + modelInfo.name + " version " + modelInfo.version + " is ready.";
         $("submit").disabled = false;
         return;
