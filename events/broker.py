@@ -207,6 +207,7 @@ class Broker:
         self._routing_signature: tuple[Any, ...] | None = None
         self._routing = Routing(broker="")
         self.counts: Counter[str] = Counter()
+        self.received_by_type: Counter[str] = Counter()  # also events no Trigger subscribes to
         self.delivered_by_type: Counter[str] = Counter()
         self.dead_lettered_by_type: Counter[str] = Counter()
         self.routing()  # fail fast on broken manifests
@@ -236,6 +237,7 @@ class Broker:
         triggers = self.routing().route(attributes)
         with self._lock:
             self.counts["received"] += 1
+            self.received_by_type[str(attributes.get("type"))] += 1
             if not triggers:
                 self.counts["unrouted"] += 1
         for trigger in triggers:
@@ -374,6 +376,7 @@ class Broker:
         with self._lock:
             queues = dict(self._queues)
             counts = dict(self.counts)
+            received = dict(self.received_by_type)
             delivered = dict(self.delivered_by_type)
             dead = dict(self.dead_lettered_by_type)
         subscribers = {}
@@ -399,6 +402,7 @@ class Broker:
             "broker": self.routing().broker,
             "totals": totals,
             "subscribers": subscribers,
+            "received_by_type": received,
             "delivered_by_type": delivered,
             "dead_lettered_by_type": dead,
         }

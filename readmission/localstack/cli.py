@@ -44,13 +44,13 @@ def _status(config: StackConfig) -> int:
     return 0 if all_up else 1
 
 
-def _dataset_to_wait_for(info: StackInfo, given: str | None) -> str:
+def _drop_to_wait_for(info: StackInfo, given: str | None) -> str:
     if given:
         return given
     last = Path(info.state_dir, "last-upload.json")
     if not last.exists():
-        raise StackError("nothing uploaded yet: pass --dataset ID or run upload FILE first")
-    return str(json.loads(last.read_text())["dataset_id"])
+        raise StackError("nothing uploaded yet: pass --drop ID or run upload FILE first")
+    return str(json.loads(last.read_text())["drop_id"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     upload_parser.add_argument("file", type=Path)
     upload_parser.add_argument("--key", help="object key (default: the file name without .gz)")
     wait_parser = commands.add_parser("wait", help="follow the pipeline until it is done")
-    wait_parser.add_argument("--dataset", help="dataset id (default: the last upload)")
+    wait_parser.add_argument(
+        "--drop", help="drop id: first 16 hex of the file's sha256 (default: the last upload)"
+    )
     wait_parser.add_argument("--timeout", type=float, default=3600.0)
     commands.add_parser("report", help="what the pipeline produced")
     commands.add_parser("predict-example", help="one prediction over HTTP from the test split")
@@ -108,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             record = upload(info, args.file, args.key)
             print(
                 f"uploaded {args.file} -> s3://{record['bucket']}/{record['key']} "
-                f"({record['size']} bytes, dataset {record['dataset_id']})"
+                f"({record['size']} bytes, drop {record['drop_id']})"
             )
             return 0
         if args.command == "wait":
-            dataset_id = _dataset_to_wait_for(info, args.dataset)
-            return 0 if wait(info, config, dataset_id, args.timeout) else 1
+            drop_id = _drop_to_wait_for(info, args.drop)
+            return 0 if wait(info, config, drop_id, args.timeout) else 1
         if args.command == "report":
             print(report(info))
             return 0

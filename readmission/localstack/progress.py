@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from readmission.keys import CHAMPION_METADATA_KEY, content_id, manifest_key, model_metadata_key
+from readmission.keys import (
+    CHALLENGER_METADATA_KEY,
+    CHAMPION_METADATA_KEY,
+    LAST_DECISION_KEY,
+    content_id,
+    decision_key,
+    drop_key,
+    manifest_key,
+    model_metadata_key,
+)
 from readmission.localstack.config import StackConfig, StackInfo, settings_for, store_for
 
 
@@ -41,7 +50,7 @@ def upload(info: StackInfo, path: Path, key: str | None = None) -> dict[str, Any
         "bucket": settings.buckets.raw,
         "key": key or name,
         "size": len(data),
-        "dataset_id": content_id(data),
+        "drop_id": content_id(data),
     }
     store_for(info.env).put_bytes(record["bucket"], record["key"], data, "text/csv")
     Path(info.state_dir, "last-upload.json").write_text(json.dumps(record, indent=2))
@@ -53,32 +62,49 @@ def upload(info: StackInfo, path: Path, key: str | None = None) -> dict[str, Any
 
 @dataclass
 class Snapshot:
-    manifest: dict[str, Any] | None
+    """What the pipeline has done with one drop (by content id) so far."""
+
+    drop: dict[str, Any] | None  # the drop record: which corpus version it made, if any
+    manifest: dict[str, Any] | None  # that version's manifest
     jobs: int
     results: int
-    model_metadata: bool
-    champion_dataset: str | None
+    model_metadata: bool  # models/<version>/metadata.json: the version is done
+    decision: dict[str, Any] | None  # the gate's decision on the version
     rejected: bool
     broker: dict[str, Any] | None
+
+    @property
+    def version(self) -> str | None:
+        return (self.drop or {}).get("version")
+
+    @property
+    def nothing_new(self) -> bool:
+        """The drop is recorded and made no version: nothing to train."""
+        return self.drop is not None and not self.version
 
 
 DoneCondition = Callable[[Snapshot], bool]
 
 
-def snapshot(info: StackInfo, dataset_id: str) -> Snapshot:
+def snapshot(info: StackInfo, drop_id: str) -> Snapshot:
     settings = settings_for(info.env)
     buckets = settings.buckets
     store = store_for(info.env)
-    champion = store.get_json_if_exists(buckets.models, CHAMPION_METADATA_KEY) or {}
+    drop = store.get_json_if_exists(buckets.datasets, drop_key(drop_id))
+    version = (drop or {}).get("version")
     return Snapshot(
-        manifest=store.get_json_if_exists(buckets.datasets, manifest_key(dataset_id)),
-        jobs=len(store.list_keys(buckets.jobs, f"{dataset_id}/")),
-        results=len(store.list_keys(buckets.results, f"{dataset_id}/")),
-        model_metadata=store.exists(buckets.models, model_metadata_key(dataset_id)),
-        champion_dataset=champion.get("dataset_id"),
+        drop=drop,
+        manifest=store.get_json_if_exists(buckets.datasets, manifest_key(version))
+        if version
+        else None,
+        jobs=len(store.list_keys(buckets.jobs, f"{version}/")) if version else 0,
+        results=len(store.list_keys(buckets.results, f"{version}/")) if version else 0,
+        model_metadata=bool(version) and store.exists(buckets.models, model_metadata_key(version)),
+        decision=store.get_json_if_exists(buckets.models, decision_key(version))
+        if version
+        else None,
         rejected=any(
-            key.endswith(".error.json")
-            for key in store.list_keys(buckets.rejected, f"{dataset_id}/")
+            key.endswith(".error.json") for key in store.list_keys(buckets.rejected, f"{drop_id}/")
         ),
         broker=broker_status(info),
     )
@@ -96,12 +122,13 @@ def rejection_problems(info: StackInfo, dataset_id: str) -> list[str]:
     return lines
 
 
-def champion_ready(dataset_id: str) -> DoneCondition:
-    return lambda s: s.model_metadata or s.champion_dataset == dataset_id
+def decided(s: Snapshot) -> bool:
+    """The drop's version is aggregated and its challenger judged (or there is nothing new)."""
+    return s.model_metadata or s.nothing_new
 
 
 def jobs_ready(s: Snapshot) -> bool:
-    return s.manifest is not None and s.jobs >= len(s.manifest.get("jobs", []))
+    return s.nothing_new or (s.manifest is not None and s.jobs >= len(s.manifest.get("jobs", [])))
 
 
 def raw_event_handled(s: Snapshot) -> bool:
@@ -114,10 +141,10 @@ def raw_event_handled(s: Snapshot) -> bool:
     )
 
 
-def done_condition(config: StackConfig, dataset_id: str) -> tuple[str, DoneCondition]:
+def done_condition(config: StackConfig) -> tuple[str, DoneCondition]:
     present = {spec.service for spec in config.present_functions()}
     if {"train", "aggregate"} <= present:
-        return "champion metadata written", champion_ready(dataset_id)
+        return "its corpus version aggregated and the promotion decided", decided
     if "ingest" in present:
         return "manifest and every job spec written", jobs_ready
     return "raw event delivered or dead-lettered", raw_event_handled
@@ -134,7 +161,15 @@ def describe(s: Snapshot) -> str:
         )
     else:
         parts.append("broker: not answering")
+    if s.nothing_new:
+        parts.append("drop: nothing new (every row already in the corpus)")
+        return " | ".join(parts)
     expected_jobs = len(s.manifest.get("jobs", [])) if s.manifest else "?"
+    if s.manifest:
+        parts.append(
+            f"corpus version {s.version} (#{s.manifest.get('number')}, "
+            f"{s.manifest['rows']['total']:,} rows)"
+        )
     parts.append(
         f"manifest {'yes' if s.manifest else 'no'} | jobs {s.jobs}/{expected_jobs} | "
         f"results {s.results}/{expected_jobs} | model {'yes' if s.model_metadata else 'no'}"
@@ -145,20 +180,20 @@ def describe(s: Snapshot) -> str:
 def wait(
     info: StackInfo,
     config: StackConfig,
-    dataset_id: str,
+    drop_id: str,
     timeout: float,
     condition: tuple[str, DoneCondition] | None = None,
     log: Callable[[str], None] = print,
     interval: float = 2.0,
 ) -> bool:
-    what, done = condition or done_condition(config, dataset_id)
-    log(f"waiting up to {timeout:.0f}s for dataset {dataset_id}: {what}")
+    what, done = condition or done_condition(config)
+    log(f"waiting up to {timeout:.0f}s for drop {drop_id}: {what}")
     deadline = time.monotonic() + timeout
     started = time.monotonic()
     last = ""
     while True:
         try:
-            snap = snapshot(info, dataset_id)
+            snap = snapshot(info, drop_id)
         except Exception as exc:  # the stack may be busy; report and keep polling
             log(f"  ... cannot read progress: {exc}")
             snap = None
@@ -168,12 +203,16 @@ def wait(
                 log(f"  [{time.monotonic() - started:6.0f}s] {line}")
                 last = line
             if snap.rejected:
-                log(f"dataset {dataset_id} was rejected:")
-                for line in rejection_problems(info, dataset_id):
+                log(f"drop {drop_id} was rejected:")
+                for line in rejection_problems(info, drop_id):
                     log(f"  - {line}")
                 return False
             if done(snap):
                 log(f"done: {what}")
+                for warning in (snap.drop or {}).get("warnings", []):
+                    log(f"  warning: {warning}")
+                if snap.decision:
+                    log(f"  decision: {snap.decision['verdict']}: {snap.decision['reason']}")
                 return True
         if time.monotonic() > deadline:
             log(f"timed out after {timeout:.0f}s")
@@ -210,6 +249,20 @@ def report(info: StackInfo) -> str:
         lines += describe_champion(champion, settings.selection_metric)
     else:
         lines.append("champion: none yet")
+    challenger = store.get_json_if_exists(settings.buckets.models, CHALLENGER_METADATA_KEY)
+    if challenger:
+        lines.append(
+            f"challenger (not promoted): {challenger.get('algorithm')} on "
+            f"{challenger.get('training_rows'):,} rows (corpus version "
+            f"{challenger.get('dataset_id')}, model version {challenger.get('version')})"
+        )
+    decision = store.get_json_if_exists(settings.buckets.models, LAST_DECISION_KEY)
+    if decision:
+        lines.append(
+            f"last decision #{decision['sequence']} ({decision['kind']}, corpus version "
+            f"{decision['corpus_version']}): {decision['verdict']}: {decision['reason']}"
+        )
+        lines.append("  all decisions: python -m readmission.decisions list")
     lines.append(f"MLflow UI: {info.mlflow_uri}")
     if "PREDICT_URL" in info.env:
         lines.append(f"predict:   {info.env['PREDICT_URL']}")
@@ -217,22 +270,43 @@ def report(info: StackInfo) -> str:
 
 
 def _last_dataset(info: StackInfo) -> str | None:
+    """The corpus version the last upload made (None before it is ingested, or if it added
+    nothing)."""
     path = Path(info.state_dir, "last-upload.json")
-    return json.loads(path.read_text()).get("dataset_id") if path.exists() else None
+    if not path.exists():
+        return None
+    drop_id = json.loads(path.read_text()).get("drop_id")
+    if not drop_id:
+        return None
+    settings = settings_for(info.env)
+    record = store_for(info.env).get_json_if_exists(settings.buckets.datasets, drop_key(drop_id))
+    return (record or {}).get("version")
 
 
 def describe_manifest(manifest: dict[str, Any]) -> list[str]:
     rows = manifest["rows"]
     sets = manifest["cumulative_sets"]
     return [
-        f"dataset {manifest['dataset_id']} (s3://{manifest['source']['bucket']}/"
-        f"{manifest['source']['key']}): {rows['total']:,} rows -> train {rows['train']:,}, "
-        f"validation {rows['validation']:,}, test {rows['test']:,} (patient-grouped, stratified)",
+        f"corpus version {manifest['dataset_id']} (#{manifest.get('number', 1)}, last drop "
+        f"s3://{manifest['source']['bucket']}/{manifest['source']['key']}): "
+        f"{rows['total']:,} rows -> train {rows['train']:,}, validation {rows['validation']:,}, "
+        f"test {rows['test']:,} (split by a keyed hash of patient_nbr)",
+        *(
+            [
+                f"  this drop: {manifest['added']['rows']:,} rows, {manifest['added']['new']:,} "
+                f"new, {manifest['added']['duplicates']:,} duplicates, "
+                f"{manifest['added']['conflicts']:,} conflicts"
+            ]
+            if "added" in manifest
+            else []
+        ),
         f"  {len(manifest['batches'])} training batches of up to {manifest['batch_rows']:,} rows: "
         + ", ".join(f"{b['rows']:,}" for b in manifest["batches"]),
         f"  {len(sets)} cumulative sets: " + ", ".join(f"{s['rows']:,}" for s in sets),
         f"  {len(manifest['jobs'])} training jobs = {len(sets)} sets x "
-        f"{len(manifest['algorithms'])} algorithms ({', '.join(manifest['algorithms'])})",
+        f"{len(manifest['algorithms'])} algorithms ({', '.join(manifest['algorithms'])}); "
+        f"the first {manifest.get('reused_sets', 0)} sets were fitted for an earlier version "
+        f"and are only re-scored",
     ]
 
 
@@ -251,7 +325,7 @@ def describe_champion(champion: dict[str, Any], selection_metric: str) -> list[s
     names = ("f1_weighted", "f1_macro", "roc_auc_ovr", "accuracy")
     lines = [
         f"champion: {champion.get('algorithm')} on {champion.get('training_rows'):,} rows "
-        f"(dataset {champion.get('dataset_id')}, registered model "
+        f"(corpus version {champion.get('dataset_id')}, registered model "
         f"{champion.get('model_name')} version {champion.get('version')}, alias champion; "
         f"selected by validation {selection_metric})",
     ]
@@ -293,7 +367,6 @@ def example_prediction(info: StackInfo, timeout: float = 60.0) -> str:
     import pandas as pd
 
     from readmission.contract import FEATURES, TARGET
-    from readmission.keys import test_key
 
     url = info.env.get("PREDICT_URL")
     if not url:
@@ -314,8 +387,9 @@ def example_prediction(info: StackInfo, timeout: float = 60.0) -> str:
         if time.monotonic() > deadline:
             return f"predict at {url} did not load version {champion['version']} in {timeout}s"
         time.sleep(1)
+    manifest = store.get_json(settings.buckets.datasets, manifest_key(champion["dataset_id"]))
     test = pd.read_parquet(
-        io.BytesIO(store.get_bytes(settings.buckets.datasets, test_key(champion["dataset_id"])))
+        io.BytesIO(store.get_bytes(settings.buckets.datasets, manifest["test"]["keys"][0]))
     )
     row = test.iloc[0]
     features = {c: (None if pd.isna(row[c]) else row[c]) for c in FEATURES}
