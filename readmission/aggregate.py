@@ -585,6 +585,7 @@ def _decide(
     current_metadata = store.get_json_if_exists(settings.buckets.models, keys.CHAMPION_METADATA_KEY)
     rule = gate_rule(settings)
     result: gate.GateResult | None = None
+    gate_seconds = 0.0  # loading the champion, scoring it, the bootstrap
     same_fit = current is not None and registry.run_of(current) == best["run_id"]
     if same_fit:
         version, created = current, False
@@ -595,7 +596,9 @@ def _decide(
         )
     else:
         if current is not None:
+            gate_started = time.perf_counter()
             result = run_gate(candidate, registry.run_of(current), rule)
+            gate_seconds = time.perf_counter() - gate_started
         version, created = register(client, settings, dataset_id, candidate)
         if current is None:
             verdict, reason = decisions.PROMOTED, "first model: there is no champion to beat"
@@ -643,6 +646,7 @@ def _decide(
             "corpus_version": after["corpus_version"],
         },
         "new_model": not same_fit,
+        "gate_seconds": round(gate_seconds, 3),
     }
     decision = decisions.record(store, settings, decision)
     _tag_decision(client, name, str(version.version), decision)

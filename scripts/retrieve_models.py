@@ -99,7 +99,8 @@ def _test_row(settings: Any, store: Any, dataset_id: str) -> Any:
 
     from readmission import keys
 
-    data = store.get_bytes(settings.buckets.datasets, keys.test_key(dataset_id))
+    manifest = store.get_json(settings.buckets.datasets, keys.manifest_key(dataset_id))
+    data = store.get_bytes(settings.buckets.datasets, manifest["test"]["keys"][0])
     return pd.read_parquet(io.BytesIO(data)).head(1)
 
 

@@ -10,6 +10,8 @@
 #   scripts/run-local.sh dead-letters events that could not be delivered
 #   scripts/run-local.sh report       what the pipeline produced
 #   scripts/run-local.sh predict-example  one prediction over HTTP
+#   scripts/run-local.sh upload FILE  drop another extract (it grows the corpus), then follow it
+#   scripts/run-local.sh decisions list | promote VERSION [--reason R] | rollback [--reason R]
 #
 # Env: DIABETES_CSV (default ../shared/data/diabetic_data.csv.gz; .gz is decompressed on the
 # fly; if missing, readmission.dataset.ensure_dataset() fetches the UCI archive), STATE_DIR
@@ -45,6 +47,19 @@ case "$command" in
   dead-letters) stack dead-letters ;;
   report) stack report ;;
   predict-example) stack predict-example ;;
+  upload)
+    shift
+    stack upload "$@"
+    stack wait --timeout "${WAIT_TIMEOUT:-3600}"
+    ;;
+  decisions)
+    shift
+    env_file="${STATE_DIR:-$ROOT/.state}/env"
+    [ -f "$env_file" ] || { echo "no stack running: scripts/run-local.sh up" >&2; exit 1; }
+    # shellcheck disable=SC1090  # the stack's client env (S3 keys, MLflow URI)
+    source "$env_file"
+    python -m readmission.decisions "$@"
+    ;;
   run)
     echo "==> starting the local stack"
     stack up
