@@ -7,8 +7,8 @@ notification, events/notifications.py). Every decision carries a ``sequence`` nu
 than the last applied decision's, and is *applied* right after it is written:
 
 * ``promoted``: the MLflow alias ``champion`` moves to the model version and
-  ``champion/metadata.json`` (the key the predict function polls) gets its metadata; a pending
-  challenger that is this version is cleared;
+  ``champion/metadata.json`` (the key the predict function polls) gets its metadata; the
+  pending challenger, if any, is cleared (it lost to the champion this one replaces);
 * ``kept``: the champion stays; a newly registered model gets the alias ``challenger`` and
   ``challenger/metadata.json``;
 * either way ``champion/last-decision.json`` becomes the decision (for the predict page).
@@ -130,11 +130,9 @@ def apply(
     if decision["verdict"] == PROMOTED:
         registry.set_champion(client, name, model_version)
         _write_if_changed(store, models, keys.CHAMPION_METADATA_KEY, metadata_bytes)
-        pending = registry.aliased(client, name, registry.CHALLENGER_ALIAS)
-        if pending is not None and pending.version == model_version:
-            registry.clear_alias(client, name, registry.CHALLENGER_ALIAS)
-        challenger = store.get_json_if_exists(models, keys.CHALLENGER_METADATA_KEY)
-        if challenger is not None and str(challenger.get("version")) == model_version:
+        # a pending challenger lost to the champion this promotion replaces: none is pending
+        registry.clear_alias(client, name, registry.CHALLENGER_ALIAS)
+        if store.exists(models, keys.CHALLENGER_METADATA_KEY):
             store.delete(models, keys.CHALLENGER_METADATA_KEY)
     elif decision.get("new_model"):
         registry.set_alias(client, name, registry.CHALLENGER_ALIAS, model_version)

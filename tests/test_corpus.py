@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 import threading
 import time
 from dataclasses import replace
@@ -194,6 +195,22 @@ def test_two_halves_of_the_real_file_make_the_whole_corpus_and_keep_the_first_se
     said = receipt(store, settings, "drops/sample.csv")
     assert said["status"] == "nothing_new" and said["rows"]["duplicates"] == len(rows[::97])
     assert "nothing trained" in said["message"]
+    assert store.list_keys(settings.buckets.jobs) == jobs_before
+    assert store.get_json(datasets, keys.CORPUS_HEAD_KEY)["version"] == second.dataset_id
+
+    # the whole file with its labels shuffled rewrites known encounters: rejected, with a
+    # report, and the corpus does not change
+    labels = [row.rsplit(b",", 1)[1] for row in rows]
+    random.Random(5).shuffle(labels)
+    shuffled = [
+        row.rsplit(b",", 1)[0] + b"," + label for row, label in zip(rows, labels, strict=True)
+    ]
+    data = csv_of(header, shuffled)
+    rejected = drop(store, settings, "drops/shuffled-labels.csv", data)
+    assert rejected.status == ingest.REJECTED
+    assert "rewrites known encounters" in rejected.problems[0]
+    report_key = keys.rejected_report_key(keys.content_id(data), "drops/shuffled-labels.csv")
+    assert store.exists(settings.buckets.rejected, report_key)
     assert store.list_keys(settings.buckets.jobs) == jobs_before
     assert store.get_json(datasets, keys.CORPUS_HEAD_KEY)["version"] == second.dataset_id
 
