@@ -285,8 +285,9 @@ def build_version(
 ) -> NewVersion:
     """The version that appends `plan.new_rows` of `table` to `parent` (None: the first).
 
-    `job_order(set_rows, algorithms, reused_sets)` orders the version's jobs (ingest's cost
-    model). Raises ValueError with the reasons if the resulting corpus cannot be trained.
+    `job_order(set_rows, algorithms, reused_sets, fitted_algorithms)` orders the version's jobs
+    (ingest's cost model). Raises ValueError with the reasons if the resulting corpus cannot
+    be trained.
     """
     version = version_id(
         parent["version"] if parent else None, str(source["sha256"]), split_seed, batch_rows
@@ -384,7 +385,12 @@ def build_version(
         "algorithms": list(dict.fromkeys(algorithms)),
         "jobs": [
             keys.job_key(version, i, a)
-            for i, a in job_order([c["rows"] for c in cumulative], algorithms, reused_sets)
+            for i, a in job_order(
+                [c["rows"] for c in cumulative],
+                algorithms,
+                reused_sets,
+                parent["algorithms"] if parent else (),
+            )
         ],
     }
     return NewVersion(version, parts, index, manifest)

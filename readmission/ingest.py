@@ -236,6 +236,15 @@ def _append(
         return IngestOutcome(
             NOTHING_NEW, info.bucket, info.key, None, tuple(written), warnings=tuple(warnings)
         )
+    # The corpus keeps the split seed and batch size it was created with: another SPLIT_SEED
+    # would move patients between splits, another BATCH_ROWS would cut other batches.
+    split_seed = int(parent["split_seed"]) if parent else settings.split_seed
+    batch_rows = int(parent["batch_rows"]) if parent else settings.batch_rows
+    if (split_seed, batch_rows) != (settings.split_seed, settings.batch_rows):
+        warnings.append(
+            f"the corpus was created with SPLIT_SEED={split_seed} and BATCH_ROWS={batch_rows}; "
+            f"they stay (the settings say {settings.split_seed} and {settings.batch_rows})"
+        )
     try:
         version = corpus.build_version(
             parent=parent,
@@ -243,8 +252,8 @@ def _append(
             table=table,
             plan=plan,
             source=source,
-            split_seed=settings.split_seed,
-            batch_rows=settings.batch_rows,
+            split_seed=split_seed,
+            batch_rows=batch_rows,
             algorithms=settings.algorithms,
             job_order=job_order,
         )
@@ -406,19 +415,24 @@ def _write_parallel(
 
 
 def job_order(
-    set_rows: Sequence[int], algorithms: Iterable[str], reused_sets: int = 0
+    set_rows: Sequence[int],
+    algorithms: Iterable[str],
+    reused_sets: int = 0,
+    fitted_algorithms: Iterable[str] | None = None,
 ) -> list[tuple[int, str]]:
     """(cumulative index, algorithm) pairs, costliest job first. `set_rows[i]` is the number of
     training rows of cumulative set i; estimated cost = rows x ALGORITHM_COST_PER_1000_ROWS
     (an unlisted algorithm counts as the costliest). Sets below `reused_sets` were fitted for
-    an earlier version and are only re-scored: they cost next to nothing and come last.
-    Ties keep the bigger index, then the order of `algorithms`."""
+    an earlier version with `fitted_algorithms` (default: all) and are only re-scored: they
+    cost next to nothing and come last. Ties keep the bigger index, then the order of
+    `algorithms`."""
     algorithms = list(dict.fromkeys(algorithms))
+    fitted = set(algorithms if fitted_algorithms is None else fitted_algorithms)
     costliest = max(ALGORITHM_COST_PER_1000_ROWS.values())
 
     def cost(pair: tuple[int, str]) -> float:
         index, algorithm = pair
-        if index < reused_sets:
+        if index < reused_sets and algorithm in fitted:
             return 0.0
         return set_rows[index] * ALGORITHM_COST_PER_1000_ROWS.get(algorithm, costliest)
 

@@ -25,6 +25,7 @@ so a redelivered job writes a byte-identical document.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -33,6 +34,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,8 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
+from readmission import contract as contract_module
+from readmission import features as features_module
 from readmission import keys, tracking
 from readmission.config import Settings
 from readmission.features import (
@@ -70,6 +74,16 @@ SPLIT_PREFIXES = {"train": "train_", "validation": "val_"}
 FIT_THREADS = 1
 
 
+@functools.cache
+def pipeline_source_digest() -> str:
+    """sha256 of the source of the modules that define what a fit is (the data contract and
+    the pipeline), part of every fit id."""
+    digest = hashlib.sha256()
+    for module in (contract_module, features_module):
+        digest.update(Path(str(module.__file__)).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 class InvalidJobSpec(ValueError):
     """The job spec is not a job this step can run (no retry can fix it)."""
 
@@ -84,10 +98,12 @@ class JobSpec:
     validation_keys: tuple[str, ...]
     datasets_bucket: str
 
-    @property
+    @functools.cached_property
     def fit_id(self) -> str:
         """Content address of this job's fit: same rows, algorithm, parameters and code ->
-        same id (batch keys name immutable objects whose bytes never change)."""
+        same id (batch keys name immutable objects whose bytes never change). The code is the
+        code version and the digest of the modules that define the pipeline, so a change to
+        the preprocessing is a new fit even where the code version is not known."""
         params = classifier_params(build_pipeline(self.algorithm))
         text = json.dumps(
             {
@@ -95,6 +111,7 @@ class JobSpec:
                 "batch_keys": list(self.batch_keys),
                 "params": {name: repr(value) for name, value in sorted(params.items())},
                 "code_version": tracking.code_version(),
+                "pipeline_source": pipeline_source_digest(),
             },
             sort_keys=True,
         )

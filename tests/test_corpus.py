@@ -273,3 +273,30 @@ def test_concurrent_drops_are_both_appended_one_after_the_other(store: ObjectSto
     assert sorted(last["drops"]) == sorted(
         hashlib.sha256(data).hexdigest()[:16] for data in parts.values()
     )
+
+
+def test_a_later_drop_keeps_the_corpus_split_seed_and_batch_size(store: ObjectStore) -> None:
+    settings = fresh_settings(store, batch_rows=1000)
+    header, rows = lines_of(sample_csv(every=20))
+    first = drop(store, settings, "one.csv", csv_of(header, rows[:2500]))
+    changed = replace(settings, split_seed=7, batch_rows=500)
+    store.put_bytes(settings.buckets.raw, "two.csv", csv_of(header, rows[2500:]), "text/csv")
+    second = ingest.ingest_object(store, changed, settings.buckets.raw, "two.csv")
+    manifest = store.get_json(settings.buckets.datasets, keys.manifest_key(second.dataset_id))
+    assert manifest["parent"] == first.dataset_id
+    assert (manifest["split_seed"], manifest["batch_rows"]) == (42, 1000)
+    assert all(b["rows"] <= 1000 for b in manifest["batches"])
+    assert any("SPLIT_SEED=42 and BATCH_ROWS=1000" in w for w in second.warnings)
+
+
+def test_a_new_algorithm_is_fitted_on_the_old_sets_and_ordered_by_its_cost() -> None:
+    order = ingest.job_order(
+        [15_000, 30_000, 45_000], ["decision_tree", "gradient_boosting"], 2, ["decision_tree"]
+    )
+    # gradient boosting is new: its fits of the two old sets cost what fits cost
+    assert order[:3] == [
+        (2, "gradient_boosting"),
+        (1, "gradient_boosting"),
+        (0, "gradient_boosting"),
+    ]
+    assert order[-2:] == [(1, "decision_tree"), (0, "decision_tree")]
