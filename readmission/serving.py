@@ -12,11 +12,13 @@ of `champion/metadata.json`, or the local metadata file's mtime and size) and, w
 changes, loads the new model completely and then swaps one reference. A request takes that
 reference once, so in-flight requests finish on the model they started with.
 
-Input rules (see docs/predict.md): every input named in the metadata is a required key;
-`null`, `"?"` and `""` mean missing; numeric inputs take a JSON number or a numeric string;
-categorical inputs take a string (integers are accepted and turned into their decimal
-string); a category the model never saw is rejected (UNKNOWN_CATEGORY_POLICY=reject, the
-default) or passed to the model as unseen with a warning (UNKNOWN_CATEGORY_POLICY=unseen).
+Input rules (see docs/predict.md): every input named in the metadata is a required key; the
+data file's other columns (the ids, the target) are ignored and any other key is refused
+(a misspelt feature must not pass as a missing value); `null`, `"?"` and `""` mean missing;
+numeric inputs take a JSON number or a numeric string; categorical inputs take a string
+(integers are accepted and turned into their decimal string); a category the model never
+saw is rejected (UNKNOWN_CATEGORY_POLICY=reject, the default) or passed to the model as
+unseen with a warning (UNKNOWN_CATEGORY_POLICY=unseen).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import hashlib
 import logging
 import math
 import os
+import reprlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from readmission.contract import MISSING_MARKER
+from readmission.contract import COLUMNS, MISSING_MARKER
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -46,6 +49,12 @@ _MISSING_VALUES = frozenset({MISSING_MARKER, ""})
 _NUMBER_TYPES = frozenset({int, float})
 _NUMERIC_FAST_TYPES = frozenset({int, float, type(None)})
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def shown(value: Any) -> str:
+    """A client's value as an error message shows it: repr, with lists and objects shortened
+    (and never recursing through a deeply nested one: its repr would raise RecursionError)."""
+    return reprlib.repr(value) if isinstance(value, (list, dict)) else repr(value)
 
 
 def _env(name: str, default: str) -> str:
@@ -391,6 +400,10 @@ class LoadedModel:
             self._check_session(self.session)
             self._run = self._fast_run(self.session)
         self._getter = itemgetter(*(spec.column for spec in self.inputs))
+        columns = {spec.column for spec in self.inputs}
+        # the data file's columns that are not inputs (ids, target): accepted and ignored
+        self.ignored_columns = tuple(c for c in COLUMNS if c not in columns)
+        self._known_keys = frozenset(columns) | frozenset(self.ignored_columns)
         layout = self.layout
         self._numeric_specs = [(self.inputs[i], i) for i in layout.numeric_order]
         self._categorical_specs = [(self.inputs[i], i) for i in layout.categorical_order]
@@ -487,9 +500,27 @@ class LoadedModel:
         except (KeyError, TypeError, IndexError):
             self._diagnose_rows(rows)
             raise
+        # every row holds every input (or the getter failed): more keys than inputs means
+        # other keys, checked only then (one C loop over the rows on the usual path)
+        if max(map(len, rows)) > len(self.inputs):
+            self._unknown_keys(rows)
         if len(self.inputs) == 1:  # itemgetter of one key returns the value, not a tuple
             table = [(value,) for value in table]
         return table
+
+    def _unknown_keys(self, rows: Sequence[Any]) -> None:
+        """InputError naming the first row's keys that are neither an input nor ignored."""
+        for index, row in enumerate(rows):
+            unknown = sorted(map(str, row.keys() - self._known_keys))
+            if unknown:
+                names = ", ".join(repr(name) for name in unknown)
+                raise InputError(
+                    f"unknown feature{'s' if len(unknown) > 1 else ''} {names}: not an input "
+                    "of the model (only the data file's ids and target are ignored)"[:300],
+                    unknown[0],
+                    row=index,
+                    kind="unknown_feature",
+                )
 
     def _diagnose_rows(self, rows: Sequence[Any]) -> None:
         for index, row in enumerate(rows):
@@ -543,7 +574,7 @@ class LoadedModel:
         if number is None or not -_FLOAT32_MAX <= number <= _FLOAT32_MAX:
             raise InputError(
                 f"{spec.column} must be a number within the float32 range (or null for "
-                f"missing), got {value!r}"[:300],
+                f"missing), got {shown(value)}"[:300],
                 spec.column,
                 row=index,
                 kind="invalid_type",
@@ -605,7 +636,7 @@ class LoadedModel:
         if type(value) is int:
             return str(value)
         raise InputError(
-            f"{spec.column} must be a string (or null for missing), got {value!r}"[:300],
+            f"{spec.column} must be a string (or null for missing), got {shown(value)}"[:300],
             spec.column,
             row=index,
             kind="invalid_type",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from readmission.contract import FEATURES, NUMERIC_FEATURES, TARGET_CLASSES
+from readmission.contract import COLUMNS, FEATURES, NUMERIC_FEATURES, TARGET_CLASSES
 from readmission.serving import LoadedModel
 
 # A realistic patient (values seen often in the UCI data): the web form's default, the example
@@ -73,11 +73,13 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {
-        400: "Body is not valid JSON",
+        400: "Body is not valid JSON (or nested more than 1024 levels), or cannot be read "
+        "(a malformed chunked encoding)",
         404: "Unknown model or file",
-        413: "Body larger than PREDICT_MAX_BODY_BYTES",
+        413: "Body larger than PREDICT_MAX_BODY_BYTES, or more rows than PREDICT_BATCH_LIMIT",
         415: "Content-Type is not application/json",
-        422: "Input fails validation; `field` names the feature",
+        422: "Input fails validation (a missing or unknown feature, a wrong value); `field` "
+        "names the feature",
         503: "No model loaded yet",
     }
     return {str(code): _json(_ERROR, text[code]) for code in codes}
@@ -113,16 +115,24 @@ def _categorical_schema(categories: tuple[str, ...] | None, policy: str) -> dict
     }
 
 
+_IGNORED = {
+    "description": "Ignored: a column of the data file that is not an input (an id, "
+    "the target). Any other key that is not an input is refused (422 unknown_feature)."
+}
+
+
 def _feature_schema(model: LoadedModel | None) -> dict[str, Any]:
     if model is None:
         properties = {
             column: _NUMERIC if column in NUMERIC_FEATURES else _categorical_schema(None, "")
             for column in FEATURES
         }
+        properties.update((column, _IGNORED) for column in COLUMNS if column not in properties)
         return {
             "type": "object",
             "required": list(FEATURES),
             "properties": properties,
+            "additionalProperties": False,
             "example": EXAMPLE_PATIENT,
         }
     properties = {
@@ -131,6 +141,7 @@ def _feature_schema(model: LoadedModel | None) -> dict[str, Any]:
         else _categorical_schema(spec.categories, model.policy)
         for spec in model.inputs
     }
+    properties.update((column, _IGNORED) for column in model.ignored_columns)
     example = {}
     for spec in model.inputs:
         value = EXAMPLE_PATIENT.get(spec.column)
@@ -139,6 +150,7 @@ def _feature_schema(model: LoadedModel | None) -> dict[str, Any]:
         "type": "object",
         "required": [spec.column for spec in model.inputs],
         "properties": properties,
+        "additionalProperties": False,
         "example": example,
     }
 

@@ -5,7 +5,9 @@ Convention: one input tensor per feature, named by its contract column (a per-co
 (categorical), `data` flat or nested row-major. The server packs the columns into the graph's
 own input tensors. Outputs: `label` (BYTES `[N]`) and
 `probabilities` (FP32 `[N, C]`, columns in the order of `parameters.classes`). Validation is the
-same as for /predict (the tensors are turned into rows).
+same as for /predict (the tensors are turned into rows), and so is the input rule: a tensor
+named after one of the data file's other columns (the ids, the target) is ignored, any other
+unknown name is refused.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from readmission.serving import InputError, LoadedModel, Prediction
+from readmission.serving import InputError, LoadedModel, Prediction, shown
+
+MAX_DATA_NESTING = 32  # `data` is flat or row-major nested: as deep as its shape, never more
 
 
 def server_metadata(version: str) -> dict[str, Any]:
@@ -46,13 +50,19 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def _flatten(data: Any, name: str) -> list[Any]:
+def _flatten(data: Any, name: str, depth: int = 0) -> list[Any]:
     if not isinstance(data, list):
         raise InputError(f"input {name}: data must be a list", name, kind="invalid_tensor")
     if data and all(isinstance(item, list) for item in data):
+        if depth >= MAX_DATA_NESTING:
+            raise InputError(
+                f"input {name}: data nested more than {MAX_DATA_NESTING} levels deep",
+                name,
+                kind="invalid_tensor",
+            )
         flat: list[Any] = []
         for item in data:
-            flat.extend(_flatten(item, name))
+            flat.extend(_flatten(item, name, depth + 1))
         return flat
     return data
 
@@ -78,7 +88,14 @@ def request_rows(model: LoadedModel, body: Any) -> tuple[list[dict[str, Any]], l
         name = tensor["name"]
         spec = by_name.get(name)
         if spec is None:
-            raise InputError(f"unknown input tensor {name!r}", name, kind="unknown_input")
+            if name in model.ignored_columns:  # an id or the target, as /predict ignores them
+                continue
+            raise InputError(
+                f"unknown input tensor {name!r}: not an input of the model (only the data "
+                "file's ids and target are ignored)"[:300],
+                name,
+                kind="unknown_input",
+            )
         datatype = tensor.get("datatype")
         wanted = "FP32" if spec.numeric else "BYTES"
         if datatype not in (wanted, "FP64", "INT64", "INT32") or (
@@ -121,7 +138,9 @@ def request_rows(model: LoadedModel, body: Any) -> tuple[list[dict[str, Any]], l
         requested = [o.get("name") for o in outputs if isinstance(o, dict)]
         for name in requested:
             if name not in (model.label_output, model.probabilities_output):
-                raise InputError(f"unknown output {name!r}", "outputs", kind="unknown_output")
+                raise InputError(
+                    f"unknown output {shown(name)}"[:300], "outputs", kind="unknown_output"
+                )
     return rows, requested
 
 

@@ -33,7 +33,7 @@ from predict_support import (
     write_local_model,
 )
 
-from readmission.contract import FEATURES
+from readmission.contract import FEATURES, ID_COLUMNS, NUMERIC_FEATURES, TARGET
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV
 from readmission.processes import child_pids
 from readmission.serving_openapi import EXAMPLE_PATIENT, ROUTES
@@ -42,6 +42,7 @@ from readmission.serving_s3 import S3Error, S3Reader
 MODEL = "diabetes_readmission_model"
 BATCH_LIMIT = 50
 MAX_BODY = 200_000
+_JSON = "application/json"
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +251,28 @@ BAD_JSON_CASES = [
         "batch_too_large",
     ),
     ("/predict/batch", [EXAMPLE_PATIENT, _without("race")], 422, "race", "missing_feature"),
+    # an unknown key is refused, never ignored: a typo must not become a missing value
+    (
+        "/predict",
+        {"features": dict(EXAMPLE_PATIENT, num_medication=12)},
+        422,
+        "num_medication",
+        "unknown_feature",
+    ),
+    (
+        "/predict/batch",
+        [EXAMPLE_PATIENT, dict(EXAMPLE_PATIENT, num_medication=12)],
+        422,
+        "num_medication",
+        "unknown_feature",
+    ),
+    (
+        f"/v2/models/{MODEL}/infer",
+        {"inputs": [{"name": "num_medication", "datatype": "FP32", "shape": [1, 1], "data": [12]}]},
+        422,
+        "num_medication",
+        "unknown_input",
+    ),
     ("/predict/batch", [], 422, None, "empty_batch"),
     (f"/v2/models/{MODEL}/infer", {"inputs": []}, 422, "race", "missing_feature"),
     (
@@ -281,8 +304,10 @@ def test_bad_json_input(
     assert error["error"]
     if kind == "unknown_category":
         assert "[70-80)" in error["allowed"]
-    if path == "/predict/batch" and field == "race":
+    if path == "/predict/batch" and field in ("race", "num_medication"):
         assert error["row"] == 1
+    if kind in ("unknown_feature", "unknown_input"):
+        assert field in error["error"]
 
 
 @pytest.mark.parametrize(
@@ -317,6 +342,184 @@ def test_bad_body(
     assert code == status
     error = json.loads(raw)
     assert error["kind"] == kind and "field" in error and error["error"]
+
+
+# ---- malformed bodies and the input rule (issue #22 item 6) ---------------------------------
+JSON_ENDPOINTS = ["/predict", "/predict/batch", f"/v2/models/{MODEL}/infer"]
+
+
+def _v2_body(rows: list[dict[str, Any]], extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """A V2 infer request for rows: one [N, 1] tensor per column of the rows (FEATURES, and
+    the columns in `extra`, name -> datatype)."""
+    columns = {c: "FP32" if c in NUMERIC_FEATURES else "BYTES" for c in FEATURES}
+    columns.update(extra or {})
+    return {
+        "inputs": [
+            {
+                "name": column,
+                "datatype": datatype,
+                "shape": [len(rows), 1],
+                "data": [row[column] for row in rows],
+            }
+            for column, datatype in columns.items()
+        ]
+    }
+
+
+def _still_serving(server: str) -> None:
+    assert _json(http(server + "/health")) == {"status": "ok"}
+    status, _, raw = http(server + "/predict", {"features": EXAMPLE_PATIENT})
+    assert status == 200, raw[:300]
+
+
+def _deep(depth: int, leaf: str = "1") -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+def _deep_bodies(path: str, depth: int) -> list[str]:
+    """JSON nested `depth` levels: bare (lists, objects) and inside an otherwise valid body."""
+    patient = json.dumps(EXAMPLE_PATIENT)[1:-1]
+    inside = {
+        "/predict": f'{{"features": {{{patient}, "extra": {_deep(depth)}}}}}',
+        "/predict/batch": f'{{"instances": [{{{patient}, "race": {_deep(depth)}}}]}}',
+        f"/v2/models/{MODEL}/infer": '{"inputs": [{"name": "race", "datatype": "BYTES", '
+        f'"shape": [1, 1], "data": {_deep(depth)}}}]}}',
+    }[path]
+    return [_deep(depth), '{"a": ' * depth + "1" + "}" * depth, inside]
+
+
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+def test_json_nested_5000_levels_deep_is_a_400(server: str, path: str) -> None:
+    for body in _deep_bodies(path, 5000):
+        code, headers, raw = http(
+            server + path, data=body.encode(), headers={"Content-Type": _JSON}, method="POST"
+        )
+        assert code == 400, (body[:40], code, raw[:300])
+        assert headers["Content-Type"] == _JSON
+        error = json.loads(raw)
+        assert error["kind"] == "invalid_json" and "nested too deeply" in error["error"]
+    _still_serving(server)
+
+
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+def test_json_nested_just_within_the_parser_limit_is_a_4xx(server: str, path: str) -> None:
+    """1,000 levels parse (orjson takes up to 1,024): what reads them must not recurse."""
+    bodies = _deep_bodies(path, 1000)
+    patient = json.dumps(EXAMPLE_PATIENT)[1:-1]
+    if path == "/predict":
+        bodies += [
+            f'{{"features": {{{patient}, "race": {_deep(1000)}}}}}',
+            f'{{"features": {{{patient}, "num_medications": {_deep(1000)}}}}}',
+        ]
+    if path.endswith("/infer"):
+        bodies.append(
+            json.dumps(_v2_body([EXAMPLE_PATIENT]))[:-1]
+            + f', "outputs": [{{"name": {_deep(1000)}}}]}}'
+        )
+    for body in bodies:
+        code, _, raw = http(
+            server + path, data=body.encode(), headers={"Content-Type": _JSON}, method="POST"
+        )
+        assert 400 <= code < 500, (body[:40], body[-80:], code, raw[:300])
+        error = json.loads(raw)
+        assert error["kind"] != "internal" and error["error"]
+    _still_serving(server)
+
+
+def _exchange(server: str, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes, half-close, and read the reply until the server closes (a hang fails
+    with a timeout instead)."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+BAD_CHUNKS = {
+    "invalid size line": b"zz\r\n{}\r\n0\r\n\r\n",
+    "negative size": b"-2\r\n{}\r\n0\r\n\r\n",
+    "data longer than its size": b"2\r\n{}{}\r\n0\r\n\r\n",
+    "cut off": b"a\r\n{}",
+}
+
+
+@pytest.mark.parametrize("chunks", list(BAD_CHUNKS.values()), ids=list(BAD_CHUNKS))
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+def test_a_malformed_chunked_body_is_a_400(server: str, path: str, chunks: bytes) -> None:
+    reply = _exchange(
+        server,
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+        + chunks,
+    )
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:300]
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower()
+    error = json.loads(body)
+    assert error["kind"] == "unreadable_body" and error["field"] is None and error["error"]
+    _still_serving(server)
+
+
+def test_a_malformed_chunked_body_closes_a_kept_alive_connection(model_dir: Path) -> None:
+    """With THREADS > 1 gunicorn keeps connections open; after an unreadable body the next
+    request cannot be framed, so the 400 closes the connection."""
+    process = _start(
+        {
+            "WORKERS": "1",
+            "THREADS": "4",
+            "MODEL_PATH": str(model_dir / "model.onnx"),
+            "MODEL_METADATA_PATH": str(model_dir / "metadata.json"),
+        }
+    )
+    try:
+        reply = _exchange(
+            process.url,
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + BAD_CHUNKS["invalid size line"],
+        )
+        head = reply.partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 400") and b"Connection: close" in head, reply[:300]
+        _still_serving(process.url)
+    finally:
+        process.stop()
+
+
+def test_ids_and_the_target_are_ignored_on_every_endpoint(server: str) -> None:
+    """The one input rule: the model's inputs are required; the data file's other columns
+    (the ids and the target) are accepted and ignored; any other key is refused (above)."""
+    rows = patient_rows(3)
+    full = [
+        dict(row, encounter_id=7 + i, patient_nbr=11, readmitted="NO") for i, row in enumerate(rows)
+    ]
+    assert set(full[0]) == set(FEATURES) | set(ID_COLUMNS) | {TARGET}
+    plain = _json(http(server + "/predict", {"features": rows[0]}))
+    assert _json(http(server + "/predict", {"features": full[0]})) == plain
+    batch = _json(http(server + "/predict/batch", rows))
+    assert _json(http(server + "/predict/batch", {"instances": full})) == batch
+    v2_url = server + f"/v2/models/{MODEL}/infer"
+    extra = {"encounter_id": "INT64", "patient_nbr": "INT64", "readmitted": "BYTES"}
+    status, _, raw = http(v2_url, _v2_body(full, extra))
+    assert status == 200, raw[:300]
+    assert json.loads(raw) == _json(http(v2_url, _v2_body(rows)))
+
+
+def test_v2_infer_has_the_batch_limit_of_predict_batch(server: str) -> None:
+    v2_url = server + f"/v2/models/{MODEL}/infer"
+    assert http(v2_url, _v2_body([EXAMPLE_PATIENT] * BATCH_LIMIT))[0] == 200
+    too_many = [EXAMPLE_PATIENT] * (BATCH_LIMIT + 1)
+    for url, body, field in (
+        (v2_url, _v2_body(too_many), "inputs"),
+        (server + "/predict/batch", too_many, "instances"),
+    ):
+        code, _, raw = http(url, body)
+        assert code == 413, raw[:300]
+        error = json.loads(raw)
+        assert (error["kind"], error["field"]) == ("batch_too_large", field)
+        assert str(BATCH_LIMIT) in error["error"]
 
 
 def test_content_length_is_checked_before_reading(server: str) -> None:
@@ -388,6 +591,8 @@ def test_openapi_documents_exactly_what_the_server_answers(server: str) -> None:
         assert code == 200, (method, path, code)
     features = document["components"]["schemas"]["Features"]
     assert features["required"] == list(FEATURES)
+    assert features["additionalProperties"] is False  # the input rule: unknown keys are 422
+    assert set(features["properties"]) == {*FEATURES, *ID_COLUMNS, TARGET}
     assert "Caucasian" in features["properties"]["race"]["anyOf"][0]["enum"]
 
 

@@ -213,6 +213,89 @@ def test_rows_must_be_objects_and_batches_non_empty(model: LoadedModel) -> None:
     assert _error(model, []).kind == "empty_batch"
 
 
+def test_an_unknown_key_is_refused_and_named_on_every_path(model: LoadedModel) -> None:
+    """One input rule (docs/predict.md): the data file's ids and target are ignored, any
+    other key that is not an input is refused: a typo must not become a missing value."""
+    typo = dict(EXAMPLE_PATIENT, num_medication=12)
+    calls = (
+        lambda: model.predict([typo]),
+        lambda: model.predict([EXAMPLE_PATIENT, typo]),
+        lambda: model.predict_one(typo),
+        lambda: model.predict_lists([EXAMPLE_PATIENT, typo]),
+    )
+    for call in calls:
+        with pytest.raises(InputError) as info:
+            call()
+        error = info.value
+        assert (error.field, error.kind, error.status) == ("num_medication", "unknown_feature", 422)
+        assert "num_medication" in error.message
+    assert _error(model, [EXAMPLE_PATIENT, typo]).row == 1
+    several = dict(typo, zzz=1, aaa=2)
+    assert _error(model, [several]).field == "aaa"  # the first in sorted order
+    assert "num_medication" in _error(model, [several]).message
+    ids = dict(EXAMPLE_PATIENT, encounter_id=1, patient_nbr=2, readmitted="<30")
+    assert model.predict([ids, ids]) == model.predict([EXAMPLE_PATIENT] * 2)
+    assert model.predict_one(ids) == model.predict_one(EXAMPLE_PATIENT)
+
+
+def test_v2_tensors_follow_the_same_input_rule(model: LoadedModel) -> None:
+    from readmission import serving_v2 as v2
+
+    def tensor(name: str, datatype: str, data: list[Any]) -> dict[str, Any]:
+        return {"name": name, "datatype": datatype, "shape": [len(data), 1], "data": data}
+
+    inputs = [
+        tensor(spec.column, "FP32" if spec.numeric else "BYTES", [EXAMPLE_PATIENT[spec.column]])
+        for spec in model.inputs
+    ]
+    rows, _ = v2.request_rows(
+        model,
+        {
+            "inputs": [
+                *inputs,
+                tensor("encounter_id", "INT64", [1]),
+                tensor("readmitted", "BYTES", ["NO"]),
+            ]
+        },
+    )
+    assert rows == [EXAMPLE_PATIENT]
+    with pytest.raises(InputError) as info:
+        v2.request_rows(model, {"inputs": [*inputs, tensor("num_medication", "FP32", [1])]})
+    assert (info.value.field, info.value.kind, info.value.status) == (
+        "num_medication",
+        "unknown_input",
+        422,
+    )
+
+
+def test_v2_data_nested_too_deeply_is_an_input_error(model: LoadedModel) -> None:
+    from readmission import serving_v2 as v2
+
+    deep: Any = ["Caucasian"]
+    for _ in range(5000):
+        deep = [deep]
+    body = {"inputs": [{"name": "race", "datatype": "BYTES", "shape": [1, 1], "data": deep}]}
+    with pytest.raises(InputError) as info:
+        v2.request_rows(model, body)
+    assert (info.value.field, info.value.kind) == ("race", "invalid_tensor")
+    name = {"inputs": [], "outputs": [{"name": deep}]}
+    with pytest.raises(InputError):
+        v2.request_rows(model, name)
+
+
+@pytest.mark.parametrize("column", ["race", "num_medications"])
+def test_a_deeply_nested_value_is_an_input_error(model: LoadedModel, column: str) -> None:
+    deep: Any = [1]
+    for _ in range(5000):
+        deep = [deep]
+    row = dict(EXAMPLE_PATIENT, **{column: deep})
+    for call in (lambda: model.predict([row]), lambda: model.predict([EXAMPLE_PATIENT, row])):
+        with pytest.raises(InputError) as info:
+            call()
+        assert (info.value.field, info.value.kind) == (column, "invalid_type")
+        assert len(info.value.message) <= 300
+
+
 # ---- metadata and model checks --------------------------------------------------------------
 def test_sha256_mismatch_refuses_the_model() -> None:
     onnx_bytes, metadata = build_model()

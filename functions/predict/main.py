@@ -114,12 +114,16 @@ def _dumps(body: Any) -> bytes:
 def _loads(data: bytes) -> Any:
     """Parse JSON. orjson first; on its refusal the stdlib decides, so what is accepted and
     how it is read is exactly the stdlib's (NaN/Infinity literals, integers beyond 64 bits,
-    lone surrogates are accepted there, then refused or handled by validation)."""
+    lone surrogates are accepted there, then refused or handled by validation). Nesting is
+    the exception: beyond orjson's 1,024 levels the stdlib recurses too, so RecursionError
+    (raised by either) means "nested too deeply"."""
     if orjson is not None:
         try:
             return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
+        except orjson.JSONDecodeError as exc:
+            reason = str(exc).lower()
+            if "depth" in reason or "recursion" in reason:
+                raise RecursionError(str(exc)) from None
     return json.loads(data)
 
 
@@ -128,17 +132,23 @@ def _json(body: Any, status: int = 200) -> flask.Response:
 
 
 def _error(error: InputError) -> flask.Response:
-    if not (isinstance(error, BodyTooLarge) and error.unread):
+    if not getattr(error, "unread", False):
         return _json(error.to_dict(), error.status)
     # functions-framework reads the whole request body into memory after every non-streamed
-    # response (`read_request`); a streamed 413 skips that. Its connection is marked so that
-    # gunicorn's close lingers and drops what the client still sends (readmission.http_close):
-    # arriving at a closed socket, it would make the kernel reset the connection and the
-    # client could lose the 413.
+    # response (`read_request`); a streamed reply skips that (for an unreadable body that
+    # read would fail again, and answer 500). Its connection is marked so that gunicorn's
+    # close lingers and drops what the client still sends (readmission.http_close): arriving
+    # at a closed socket, it would make the kernel reset the connection and the client could
+    # lose the reply. A worker that keeps connections open (THREADS > 1) is told to close
+    # this one: its next request could not be found in the unread body.
     body = _dumps(error.to_dict())
-    http_close.linger_after_reply(flask.request.environ)
+    environ = flask.request.environ
+    http_close.linger_after_reply(environ)
+    message = getattr(getattr(environ.get("wsgi.input"), "reader", None), "req", None)
+    if message is not None and hasattr(message, "must_close"):
+        message.must_close = True
     return flask.Response(
-        iter([body]), 413, mimetype=_JSON, headers={"Content-Length": str(len(body))}
+        iter([body]), error.status, mimetype=_JSON, headers={"Content-Length": str(len(body))}
     )
 
 
@@ -165,6 +175,19 @@ class BodyTooLarge(InputError):
             status=413,
         )
         self.unread = unread
+
+
+class UnreadableBody(InputError):
+    """400 for a body that cannot be read to its end: a malformed chunked encoding (an invalid
+    size line, data longer than its size, a bad extension) or one cut off. gunicorn's reader
+    raises an IOError for each; the rest of the connection cannot be framed, so nothing more
+    is read from it (`unread`: the reply is streamed and the connection closed after it)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"the body cannot be read: {reason}"[:200], None, kind="unreadable_body", status=400
+        )
+        self.unread = True
 
 
 def _drain(request: flask.Request, budget: int) -> bool:
@@ -218,15 +241,36 @@ def _read_json(request: flask.Request) -> Any:
         raise InputError(
             "Content-Type must be application/json", None, kind="unsupported_media_type", status=415
         )
-    data = _read_body(request, limit + 1)
-    if len(data) > limit:
-        raise BodyTooLarge(limit, unread=not _drain(request, DRAIN_BYTES))
+    try:
+        data = _read_body(request, limit + 1)
+        if len(data) > limit:
+            raise BodyTooLarge(limit, unread=not _drain(request, DRAIN_BYTES))
+    except OSError as exc:  # gunicorn's chunked-body errors are IOErrors, as a reset is
+        raise UnreadableBody(str(exc) or type(exc).__name__) from exc
     try:
         return _loads(data)
+    except RecursionError:
+        raise InputError(
+            "the body is not valid JSON: nested too deeply (at most 1024 levels)",
+            None,
+            kind="invalid_json",
+            status=400,
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(
             f"the body is not valid JSON: {exc}"[:200], None, kind="invalid_json", status=400
         ) from exc
+
+
+def _check_rows(count: int, field: str) -> None:
+    """413 for more rows than PREDICT_BATCH_LIMIT (/predict/batch and V2 infer alike)."""
+    if count > SETTINGS.batch_limit:
+        raise InputError(
+            f"at most {SETTINGS.batch_limit} instances per request (PREDICT_BATCH_LIMIT)",
+            field,
+            kind="batch_too_large",
+            status=413,
+        )
 
 
 def _count(labels: list[str]) -> None:
@@ -273,13 +317,7 @@ def _predict_batch(request: flask.Request, params: dict[str, str]) -> flask.Resp
             "instances",
             kind="invalid_body",
         )
-    if len(instances) > SETTINGS.batch_limit:
-        raise InputError(
-            f"at most {SETTINGS.batch_limit} instances per request (PREDICT_BATCH_LIMIT)",
-            "instances",
-            kind="batch_too_large",
-            status=413,
-        )
+    _check_rows(len(instances), "instances")
     model = SERVER.require_model()
     labels, probabilities, warnings = model.predict_lists(instances)
     _count(labels)
@@ -310,6 +348,7 @@ def _v2_infer(request: flask.Request, params: dict[str, str]) -> flask.Response:
     model = _model_named(params)
     body = _read_json(request)
     rows, requested = v2.request_rows(model, body)
+    _check_rows(len(rows), "inputs")
     predictions = model.predict(rows)
     _count([p.label for p in predictions])
     request_id = body.get("id") if isinstance(body.get("id"), str) else None
