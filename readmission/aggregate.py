@@ -99,6 +99,39 @@ class InconsistentRegistry(RuntimeError):
     """The registry holds a version for this dataset that the selection does not explain."""
 
 
+class InvalidResult(ValueError):
+    """A result document that is not the result of the job its key and its manifest name (a
+    result written by hand, or an orphan): no retry can fix it, a person must look."""
+
+
+def read_result(
+    store: ObjectStore, settings: Settings, manifest: Mapping[str, Any], key: str
+) -> Any:
+    """The result document under `key`, checked against its key and its manifest: one of the
+    manifest's jobs, naming that job (dataset, cumulative index, algorithm) and the rows of
+    that cumulative set. InvalidResult if it is not."""
+    where = f"s3://{settings.buckets.results}/{key}"
+    if key not in manifest["jobs"]:
+        raise InvalidResult(f"{where} is not a job of version {manifest['dataset_id']}")
+    try:
+        result = json.loads(store.get_bytes(settings.buckets.results, key))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidResult(f"{where} is not JSON: {error}") from error
+    dataset_id, index, algorithm = keys.parse_job_key(key)
+    rows = manifest["cumulative_sets"][index]["rows"]
+    if not isinstance(result, dict):
+        raise InvalidResult(f"{where} is not a JSON object")
+    named = tuple(result.get(name) for name in ("dataset_id", "cumulative_index", "algorithm"))
+    if named != (dataset_id, index, algorithm):
+        raise InvalidResult(f"{where} is the result of {named}, not of its key's job")
+    if result.get("training_rows") != rows:
+        raise InvalidResult(
+            f"{where} was trained on {result.get('training_rows')} rows, cumulative set "
+            f"{index} holds {rows}"
+        )
+    return result
+
+
 @dataclass(frozen=True)
 class AggregateOutcome:
     dataset_id: str
@@ -268,8 +301,13 @@ def aggregate_dataset(
     exporter: Exporter | None = None,
     lease_ttl: float = LEASE_TTL_SECONDS,
     lease_wait: float = LEASE_WAIT_SECONDS,
+    result_key: str | None = None,
 ) -> AggregateOutcome:
-    """Aggregate one dataset if all its results are in (see the module docstring)."""
+    """Aggregate one dataset if all its results are in (see the module docstring).
+
+    `result_key`: the result whose arrival calls (InvalidResult if the manifest does not list
+    it); every result is checked against its key and the manifest before it is used
+    (`read_result`)."""
     buckets = settings.buckets
     manifest = store.get_json_if_exists(buckets.datasets, keys.manifest_key(dataset_id))
     if manifest is None:
@@ -277,6 +315,11 @@ def aggregate_dataset(
         # manifest: this event is stale (the dataset was removed). Nothing to retry.
         log.warning("no manifest for dataset %s: ignoring the result event", dataset_id)
         return AggregateOutcome(dataset_id, "no_manifest", "no manifest: nothing to aggregate")
+    if result_key is not None and result_key not in manifest["jobs"]:
+        raise InvalidResult(
+            f"s3://{buckets.results}/{result_key} is not a job of version {dataset_id}: an "
+            "orphan result"
+        )
     expected = list(manifest["jobs"])
     present = set(store.list_keys(buckets.results, f"{dataset_id}/"))
     found = [key for key in expected if key in present]
@@ -306,7 +349,7 @@ def aggregate_dataset(
         done = _already_aggregated(store, settings, client, dataset_id, len(expected))
         if done is not None:
             return done
-        results = [store.get_json(buckets.results, key) for key in expected]
+        results = [read_result(store, settings, manifest, key) for key in expected]
         return _aggregate(store, settings, client, manifest, results, parity_tolerance, exporter)
 
 
@@ -422,7 +465,7 @@ class PreparedAhead:
         Never raises: a failure is logged, and the fan-in will meet it again and report it."""
         with self._lock:
             try:
-                results = [store.get_json(settings.buckets.results, key) for key in result_keys]
+                results = [read_result(store, settings, manifest, key) for key in result_keys]
                 best = select_best(results, settings.selection_metric)
                 key = self.key(manifest, best, parity_tolerance)
                 if key != self._key:

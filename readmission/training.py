@@ -6,6 +6,13 @@ classifier's parameters and the code version, and MLflow runs carry it as the ta
 the same rows, algorithm, parameters and code are never fitted twice: a later corpus version
 whose set 0..k is unchanged reuses the run and only re-scores it on its own validation rows.
 
+A job spec is trusted only as far as the manifest it claims to come from: before anything else
+`train_job` reads `datasets/<dataset_id>/manifest.json` and checks that the spec is one of its
+jobs, word for word (`check_against_manifest`): the version exists, the key, the datasets
+bucket, the cumulative index, the batch, validation and test keys, the training rows and the
+algorithm are the manifest's. A spec that is not is an InvalidJobSpec (the train function
+answers 400: dead-lettered once, never retried), before any object is read or run made.
+
 `train_job` is idempotent and safe under redelivery:
 
 1. if the result object exists, it is returned and nothing else happens;
@@ -189,6 +196,120 @@ class JobSpec:
         )
 
 
+class ManifestCache:
+    """The manifests this process read last, by bucket, key and ETag: a job's check costs one
+    HEAD, and a GET only for a manifest not seen before (or rewritten under its key)."""
+
+    MAX_ENTRIES = 8
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, str], tuple[str, Any]] = {}
+
+    def get(self, store: ObjectStore, bucket: str, key: str) -> Any | None:
+        """The manifest's document (shared: not to be changed; its bytes if it is not JSON),
+        None if there is none."""
+        info = store.head(bucket, key)
+        if info is None:
+            return None
+        with self._lock:
+            cached = self._entries.get((bucket, key))
+        if cached is not None and cached[0] == info.etag:
+            return cached[1]
+        data, etag = store.get_with_etag(bucket, key)  # raises if deleted since: a retry
+        try:
+            document: Any = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            document = data  # not JSON: the caller refuses it as no manifest
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[(bucket, key)] = (etag, document)
+        return document
+
+
+MANIFESTS = ManifestCache()
+
+
+def read_manifest(
+    store: ObjectStore, settings: Settings, dataset_id: str, cache: ManifestCache = MANIFESTS
+) -> Mapping[str, Any]:
+    """The manifest of the corpus version a job names, or InvalidJobSpec: ingest writes a
+    version's manifest before its job specs, so a spec without one names no version at all."""
+    bucket, key = settings.buckets.datasets, keys.manifest_key(dataset_id)
+    manifest = cache.get(store, bucket, key)
+    if manifest is None:
+        raise InvalidJobSpec(
+            f"no corpus version {dataset_id}: the spec names a version that does not exist "
+            f"(no s3://{bucket}/{key})"
+        )
+    if not isinstance(manifest, Mapping):
+        raise InvalidJobSpec(f"s3://{bucket}/{key} is not a manifest (not a JSON object)")
+    return manifest
+
+
+def check_against_manifest(
+    job: JobSpec,
+    document: Mapping[str, Any],
+    manifest: Mapping[str, Any],
+    settings: Settings,
+    key: str | None = None,
+) -> None:
+    """InvalidJobSpec naming every field in which the spec (`document`, parsed as `job`, read
+    from `key` when the caller knows it) is not the job its manifest lists, as
+    readmission.ingest.job_spec writes it."""
+    datasets = settings.buckets.datasets
+    where = f"s3://{datasets}/{keys.manifest_key(job.dataset_id)}"
+    problems = []
+    if key is not None and key != job.key:
+        problems.append(f"the spec stored as {key} describes job {job.key}")
+    if job.datasets_bucket != datasets:
+        problems.append(
+            f"datasets_bucket {job.datasets_bucket!r} is not the datasets bucket {datasets!r}"
+        )
+    named = document.get("manifest_key")
+    if named is not None and named != keys.manifest_key(job.dataset_id):
+        problems.append(f"manifest_key {named!r} is not {keys.manifest_key(job.dataset_id)!r}")
+    try:
+        if manifest.get("dataset_id") != job.dataset_id:
+            problems.append(f"the manifest is version {manifest.get('dataset_id')!r}'s")
+        sets = manifest["cumulative_sets"]
+        if job.cumulative_index >= len(sets):
+            problems.append(
+                f"cumulative_index {job.cumulative_index} is out of range: version "
+                f"{job.dataset_id} has {len(sets)} cumulative sets"
+            )
+        else:
+            cumulative = sets[job.cumulative_index]
+            if list(job.batch_keys) != list(cumulative["batch_keys"]):
+                problems.append(
+                    f"batch_keys ({len(job.batch_keys)} keys) are not the "
+                    f"{len(cumulative['batch_keys'])} batches of cumulative set "
+                    f"{job.cumulative_index}"
+                )
+            if job.training_rows != cumulative["rows"]:
+                problems.append(
+                    f"training_rows {job.training_rows} is not the {cumulative['rows']} rows "
+                    f"of cumulative set {job.cumulative_index}"
+                )
+        if list(job.validation_keys) != list(manifest["validation"]["keys"]):
+            problems.append("validation_keys are not the version's validation parts")
+        test_keys = document.get("test_keys")
+        if test_keys is not None and test_keys != list(manifest["test"]["keys"]):
+            problems.append("test_keys are not the version's test parts")
+        if job.algorithm not in manifest["algorithms"]:
+            problems.append(f"algorithm {job.algorithm!r} is not one of the version's")
+        if job.key not in manifest["jobs"]:
+            problems.append(f"{job.key} is not one of the version's jobs")
+    except (KeyError, TypeError, IndexError) as error:
+        raise InvalidJobSpec(f"{where} is not a manifest: {error!r}") from error
+    if problems:
+        raise InvalidJobSpec(
+            f"job spec {key or job.key} is not a job of its manifest {where}: "
+            + "; ".join(problems)
+        )
+
+
 @dataclass(frozen=True)
 class FitTiming:
     cpu_seconds: float
@@ -248,12 +369,10 @@ def read_model_data(
         [cache.get(store, job.datasets_bucket, k, job.dataset_id) for k in job.batch_keys]
     )
     validation = read_validation(store, job, cache)
-    if len(train.frame) != job.training_rows:
-        log.warning(
-            "job %s announces %d training rows, its batches hold %d",
-            job.key,
-            job.training_rows,
-            len(train.frame),
+    if len(train.frame) != job.training_rows:  # the manifest's count (check_against_manifest)
+        raise InvalidJobSpec(
+            f"job {job.key}: its batches hold {len(train.frame)} rows, its manifest says "
+            f"{job.training_rows}"
         )
     return train, validation
 
@@ -502,13 +621,19 @@ def train_job(
     settings: Settings,
     job_spec: Mapping[str, Any],
     client: MlflowClient | None = None,
+    *,
+    key: str | None = None,
 ) -> dict[str, Any]:
     """Run one training job (see the module docstring); returns the result document.
 
-    InvalidJobSpec for a malformed spec; anything else that fails (object store, MLflow) raises
-    as it is, so the event is retried.
+    `key`: the job spec's object key, when the caller read it from one (it must be the spec's
+    own). InvalidJobSpec for a malformed spec or one that is not a job of the manifest it
+    names, before any work; anything else that fails (object store, MLflow) raises as it is,
+    so the event is retried.
     """
     job = JobSpec.parse(job_spec, settings.buckets.datasets)
+    manifest = read_manifest(store, settings, job.dataset_id)
+    check_against_manifest(job, job_spec, manifest, settings, key)
     results_bucket = settings.buckets.results
     existing = store.get_json_if_exists(results_bucket, job.result_key)
     if existing is not None:

@@ -37,6 +37,7 @@ from python_snippet import run_python
 from readmission import contract, decisions, keys, lease, registry, tracking
 from readmission.aggregate import (
     AggregateOutcome,
+    InvalidResult,
     aggregate_dataset,
     lease_key,
     select_best,
@@ -704,6 +705,47 @@ def test_function_entry_point(store: ObjectStore, settings: Settings, scenario: 
     assert model_objects(store) == before
     assert post_result_event(app, "not-a-result-key.txt").status_code == 400
     assert post_result_event(app, scenario.manifest["jobs"][0], bucket="jobs").status_code == 400
+
+
+def test_a_result_that_is_not_its_keys_job_is_refused_with_400(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    """A result written by hand under another job's key, or under a key its manifest does not
+    list, is not trusted: no retry fixes it, so the aggregator answers 400 (dead-lettered, a
+    person looks) and selects, registers and writes nothing."""
+    from functions_framework import create_app
+
+    forged = copy_dataset(store, scenario, "00000000000bad01")
+    first, second = list(forged.results)[:2]
+    write_results(store, forged, list(forged.results))
+    store.put_json("results", first, forged.results[second])  # another job's document
+    with pytest.raises(InvalidResult, match=f"results/{first} is the result of"):
+        aggregate_dataset(store, settings, forged.dataset_id)
+    app = create_app("aggregate", str(ROOT / "functions/aggregate/main.py"), "cloudevent")
+    reply = post_result_event(app, second)
+    assert reply.status_code == 400 and b"is the result of" in reply.data
+
+    store.put_json("results", first, forged.results[first])  # set right: no longer refused
+    orphan = keys.result_key(forged.dataset_id, 9, "random_forest")
+    store.put_json("results", orphan, {**forged.results[first], "cumulative_index": 9})
+    reply = post_result_event(app, orphan)
+    assert reply.status_code == 400 and b"an orphan result" in reply.data
+    with pytest.raises(InvalidResult, match="an orphan result"):
+        aggregate_dataset(store, settings, forged.dataset_id, result_key=orphan)
+
+    key = forged.manifest["jobs"][0]
+    rows = forged.results[key]["training_rows"]
+    store.put_json("results", key, {**forged.results[key], "training_rows": rows + 1})
+    with pytest.raises(InvalidResult, match=f"trained on {rows + 1} rows"):
+        aggregate_dataset(store, settings, forged.dataset_id)
+    store.put_bytes("results", key, b"{not json")
+    with pytest.raises(InvalidResult, match="is not JSON"):
+        aggregate_dataset(store, settings, forged.dataset_id)
+    assert store.list_keys("models", f"{forged.dataset_id}/") == []
+    assert versions(client, forged.dataset_id) == []
+    for name in forged.results:  # out of the way of the tests after this one
+        store.delete("results", name)
+    store.delete("results", orphan)
 
 
 def test_the_aggregate_function_imports_onnxruntime_only_after_the_fork() -> None:

@@ -598,3 +598,37 @@ def test_function_ingests_a_key_outside_latin1_from_an_encoded_event(
         settings.buckets.datasets, keys.manifest_key(version_of(store, settings, data))
     )
     assert manifest["source"]["key"] == key
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../a.csv",
+        "clinic/../a.csv",
+        "clinic/./a.csv",
+        "clinic\\..\\a.csv",
+        "clinic/a\x00.csv",
+        "clinic/a\ud800.csv",  # no UTF-8 spelling: no request can name it
+        "clinic/" + "a" * 1100 + ".csv",  # longer than the 1,024 bytes S3 allows
+    ],
+)
+def test_ingest_answers_400_for_a_key_with_dot_dot_or_nul(
+    store: ObjectStore, seaweed_s3: SeaweedServer, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    """The object store can never serve such a key (SeaweedFS and MinIO refuse `.` and `..`
+    segments and NUL with 400 InvalidRequest): a retry cannot help, so the event is malformed
+    (400, dead-lettered once), not a failure (500, retried and re-emitted forever)."""
+    settings, app = _ingest_app(store, seaweed_s3, monkeypatch)
+    event = _event(settings.buckets.raw, "placeholder.csv")  # the data names the key:
+    event["data"] = json.dumps({**json.loads(event["data"]), "key": key})  # JSON escapes all
+    reply = app.test_client().post("/", **event)
+    assert reply.status_code == 400, reply.data
+    assert b"can never be read" in reply.data
+    assert store.list_keys(settings.buckets.datasets) == []
+    assert store.list_keys(settings.buckets.rejected) == []
+
+
+def test_keys_a_store_can_serve_are_not_refused() -> None:
+    for key in ["a.csv", "clinic/v1..2.csv", "..a.csv", "a../b.csv", "/a.csv", "данные.csv"]:
+        assert ingest.unreadable_key_problem(key) is None, key
+    assert ingest.unreadable_key_problem("a" * 1020 + ".csv") is None  # 1,024 bytes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from sklearn.metrics import f1_score
 from test_features import generated_frame, real_sample
 from threadpoolctl import threadpool_limits
 
-from readmission import keys, tracking
+from readmission import ingest, keys, tracking
 from readmission.config import Buckets, Settings
 from readmission.features import ALGORITHMS, build_pipeline, target_values, to_model_frame
 from readmission.storage import ObjectStore, json_bytes
@@ -77,6 +78,10 @@ def env() -> Iterator[Env]:
         store.put_bytes(
             settings.buckets.datasets, keys.validation_key(DATASET_ID), parquet(validation)
         )
+        for manifest in (MANIFEST, LATER_MANIFEST):
+            store.put_json(
+                settings.buckets.datasets, keys.manifest_key(manifest["dataset_id"]), manifest
+            )
         server_env = {**seaweed.env(), "MLFLOW_TRACKING_URI": server.uri}
         yield Env(store, settings, MlflowClient(server.uri), server_env)
     finally:
@@ -104,10 +109,69 @@ def job_spec(cumulative_index: int, algorithm: str) -> dict[str, Any]:
     }
 
 
+LATER_VERSION = "fedcba9876543210"
+
+
+def manifest_of(
+    dataset_id: str,
+    batch_keys: list[str],
+    parts: list[str],
+    algorithms: list[str],
+    jobs: list[tuple[int, str]],
+) -> dict[str, Any]:
+    """The fields of a manifest (docs/design.md) that a job spec is checked against: batch i
+    holds BATCH_ROWS rows, cumulative set i is batches 0..i; `parts`: the versions whose
+    validation and test parts the version holds."""
+    return {
+        "dataset_id": dataset_id,
+        "version": dataset_id,
+        "batch_rows": BATCH_ROWS,
+        "cumulative_sets": [
+            {"index": i, "rows": BATCH_ROWS * (i + 1), "batch_keys": batch_keys[: i + 1]}
+            for i in range(len(batch_keys))
+        ],
+        "validation": {"keys": [keys.validation_key(v) for v in parts]},
+        "test": {"keys": [keys.test_key(v) for v in parts]},
+        "algorithms": algorithms,
+        "jobs": [keys.job_key(dataset_id, i, a) for i, a in jobs],
+    }
+
+
+# Two batches, every algorithm; a later version re-using set 0 with a second validation part.
+MANIFEST = manifest_of(
+    DATASET_ID,
+    [keys.batch_key(DATASET_ID, i) for i in range(2)],
+    [DATASET_ID],
+    list(ALGORITHMS),
+    [(i, a) for i in (1, 0) for a in ALGORITHMS],
+)
+LATER_MANIFEST = manifest_of(
+    LATER_VERSION,
+    [keys.batch_key(DATASET_ID, 0)],
+    [DATASET_ID, LATER_VERSION],
+    ["decision_tree", "random_forest"],
+    [(0, "decision_tree")],
+)
+# A spec of set 0 of the later version, as ingest writes it (for any algorithm).
+LATER_MANIFEST_SPEC_FIELDS = {
+    "dataset_id": LATER_VERSION,
+    "cumulative_index": 0,
+    "training_rows": BATCH_ROWS,
+    "batch_keys": [keys.batch_key(DATASET_ID, 0)],
+    "validation_keys": LATER_MANIFEST["validation"]["keys"],
+    "test_keys": LATER_MANIFEST["test"]["keys"],
+    "manifest_key": keys.manifest_key(LATER_VERSION),
+}
+
+
 def runs_of(env: Env, job: dict[str, Any], view: int = ViewType.ACTIVE_ONLY) -> list[Any]:
+    key = keys.job_key(DATASET_ID, job["cumulative_index"], job["algorithm"])
+    return runs_of_job(env, key, view)
+
+
+def runs_of_job(env: Env, key: str, view: int = ViewType.ALL) -> list[Any]:
     experiment = env.client.get_experiment_by_name(env.settings.mlflow_experiment)
     assert experiment is not None
-    key = keys.job_key(DATASET_ID, job["cumulative_index"], job["algorithm"])
     return env.client.search_runs(
         [experiment.experiment_id], f"tags.job_key = '{key}'", run_view_type=view
     )
@@ -231,9 +295,6 @@ def test_finished_run_is_reused_when_the_result_is_missing(env: Env) -> None:
     assert len(runs_of(env, job, ViewType.ALL)) == 1
 
 
-LATER_VERSION = "fedcba9876543210"
-
-
 def test_a_later_version_reuses_the_fit_and_only_rescores_it_on_its_validation_rows(
     env: Env,
 ) -> None:
@@ -243,11 +304,10 @@ def test_a_later_version_reuses_the_fit_and_only_rescores_it_on_its_validation_r
     extra = real_sample(2 * BATCH_ROWS, 2 * VALIDATION_ROWS)[1].iloc[VALIDATION_ROWS:]
     extra_key = keys.validation_key(LATER_VERSION)
     env.store.put_bytes(env.settings.buckets.datasets, extra_key, parquet(extra))
-    later = {
-        **job_spec(0, "decision_tree"),
-        "dataset_id": LATER_VERSION,
-        "validation_keys": [keys.validation_key(DATASET_ID), extra_key],
-    }
+    later = ingest.job_spec(
+        LATER_MANIFEST, keys.job_key(LATER_VERSION, 0, "decision_tree"), "datasets"
+    )
+    assert later["validation_keys"] == [keys.validation_key(DATASET_ID), extra_key]
     assert JobSpec.parse(later, "datasets").fit_id == first["fit_id"]
     result = train_job(env.store, env.settings, later)
     assert result["reused"] and not first["reused"]
@@ -300,6 +360,115 @@ def test_invalid_job_specs_are_refused_before_any_work() -> None:
         JobSpec.parse({**job_spec(0, "decision_tree"), "cumulative_index": "0"}, "datasets")
     with pytest.raises(InvalidJobSpec, match="JSON object"):
         JobSpec.parse([1, 2], "datasets")
+
+
+# --- a spec is trusted only as far as its manifest -------------------------------------------
+
+
+def test_the_specs_built_here_are_the_ones_ingest_derives_from_the_manifest() -> None:
+    for key in MANIFEST["jobs"]:
+        _, index, algorithm = keys.parse_job_key(key)
+        assert ingest.job_spec(MANIFEST, key, "datasets") == job_spec(index, algorithm)
+
+
+def no_trace_of(env: Env, spec: dict[str, Any]) -> bool:
+    """Neither a result nor an MLflow run (of any state) for the job the spec names."""
+    key = keys.job_key(spec["dataset_id"], spec["cumulative_index"], spec["algorithm"])
+    results = env.settings.buckets.results
+    return not env.store.exists(results, key) and runs_of_job(env, key) == []
+
+
+# Set 1 of DATASET_ID with an algorithm no other test trains there: nothing of it exists.
+UNTRAINED = "hist_gradient_boosting"
+MISVERSION = "00000000deadbeef"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(
+            {"batch_keys": [keys.batch_key(DATASET_ID, 0)] * 40, "training_rows": 40 * BATCH_ROWS},
+            r"batch_keys \(40 keys\) are not the 2 batches of cumulative set 1",
+            id="the-same-batch-40-times",
+        ),
+        pytest.param(
+            {"datasets_bucket": "elsewhere"},
+            "datasets_bucket 'elsewhere' is not the datasets bucket 'datasets'",
+            id="another-bucket",
+        ),
+        pytest.param(
+            {"cumulative_index": 7, "training_rows": 8 * BATCH_ROWS},
+            f"cumulative_index 7 is out of range: version {DATASET_ID} has 2 cumulative sets",
+            id="index-out-of-range",
+        ),
+        pytest.param(
+            {"training_rows": 1},
+            "training_rows 1 is not the 3000 rows of cumulative set 1",
+            id="other-rows",
+        ),
+        pytest.param(
+            {"validation_keys": [keys.batch_key(DATASET_ID, 1)]},
+            "validation_keys are not the version's validation parts",
+            id="validation-on-training-rows",
+        ),
+        pytest.param(
+            {"test_keys": [keys.batch_key(DATASET_ID, 1)]},
+            "test_keys are not the version's test parts",
+            id="other-test-parts",
+        ),
+        pytest.param(
+            {"manifest_key": keys.manifest_key(LATER_VERSION)},
+            f"manifest_key '{LATER_VERSION}/manifest.json' is not '{DATASET_ID}/manifest.json'",
+            id="another-manifest",
+        ),
+        pytest.param(
+            {**LATER_MANIFEST_SPEC_FIELDS, "algorithm": "logistic_regression"},
+            "algorithm 'logistic_regression' is not one of the version's",
+            id="algorithm-the-version-does-not-train",
+        ),
+        pytest.param(
+            {**LATER_MANIFEST_SPEC_FIELDS, "algorithm": "random_forest"},
+            f"{LATER_VERSION}/00-random_forest.json is not one of the version's jobs",
+            id="job-the-version-does-not-list",
+        ),
+    ],
+)
+def test_a_job_spec_that_is_not_a_job_of_its_manifest_is_refused_before_any_work(
+    env: Env, change: dict[str, Any], message: str
+) -> None:
+    spec = {**job_spec(1, UNTRAINED), **change}
+    with pytest.raises(InvalidJobSpec, match=message) as refused:
+        train_job(env.store, env.settings, spec)
+    assert "is not a job of its manifest s3://datasets/" in str(refused.value)
+    assert no_trace_of(env, spec)
+
+
+def test_a_job_spec_stored_under_another_jobs_key_is_refused(env: Env) -> None:
+    spec = job_spec(1, UNTRAINED)
+    other = keys.job_key(DATASET_ID, 0, UNTRAINED)
+    with pytest.raises(InvalidJobSpec, match=f"stored as {other} describes job {DATASET_ID}/01-"):
+        train_job(env.store, env.settings, spec, key=other)
+    assert no_trace_of(env, spec)
+
+
+def test_batches_holding_other_rows_than_the_manifest_says_are_refused(env: Env) -> None:
+    version = "ba7c4e5000000000"
+    batch = keys.batch_key(version, 0)
+    datasets = env.settings.buckets.datasets
+    env.store.put_bytes(datasets, batch, parquet(real_sample(10, 10)[0].head(10)))
+    env.store.put_json(
+        datasets,
+        keys.manifest_key(version),
+        manifest_of(version, [batch], [DATASET_ID], ["decision_tree"], [(0, "decision_tree")]),
+    )
+    spec = ingest.job_spec(
+        env.store.get_json(datasets, keys.manifest_key(version)),
+        keys.job_key(version, 0, "decision_tree"),
+        "datasets",
+    )
+    with pytest.raises(InvalidJobSpec, match="its batches hold 10 rows, its manifest says 1500"):
+        train_job(env.store, env.settings, spec)
+    assert no_trace_of(env, spec)
 
 
 # --- the functions-framework entry point ----------------------------------------------------
@@ -359,6 +528,62 @@ def test_function_answers_400_to_a_malformed_job(
     assert response.status_code == 400
     assert message in response.get_data()
     assert result_bytes(env, job_spec(3, "decision_tree")) is None
+
+
+def test_a_job_spec_naming_no_version_is_refused_with_400_not_retried(
+    env: Env, function_client: Any
+) -> None:
+    """A spec of a corpus version that does not exist (written by hand): its batches cannot
+    be read either, which was a 500, retried by the broker and re-emitted by the reconciler
+    every 5 minutes forever. It is malformed: 400, dead-lettered once, never trained."""
+    spec = {
+        **job_spec(0, "decision_tree"),
+        "dataset_id": MISVERSION,
+        "batch_keys": [keys.batch_key(MISVERSION, 0)],
+        "validation_keys": [keys.validation_key(MISVERSION)],
+        "test_keys": [keys.test_key(MISVERSION)],
+        "manifest_key": keys.manifest_key(MISVERSION),
+    }
+    message = (
+        f"no corpus version {MISVERSION}: the spec names a version that does not exist "
+        f"(no s3://datasets/{MISVERSION}/manifest.json)"
+    )
+    with pytest.raises(InvalidJobSpec, match=re.escape(message)):
+        train_job(env.store, env.settings, spec)
+    key = keys.job_key(MISVERSION, 0, "decision_tree")
+    env.store.put_bytes(env.settings.buckets.jobs, key, json_bytes(spec))
+
+    response = post_event(function_client, env.settings.buckets.jobs, key)
+
+    assert response.status_code == 400
+    assert message.encode() in response.get_data()
+    assert no_trace_of(env, spec)
+
+
+def test_a_job_spec_with_batches_other_than_its_manifests_is_refused(
+    env: Env, function_client: Any
+) -> None:
+    """The same batch 40 times (600,000 rows on the real file) under a real job's key."""
+    spec = {
+        **job_spec(1, UNTRAINED),
+        "batch_keys": [keys.batch_key(DATASET_ID, 0)] * 40,
+        "training_rows": 40 * BATCH_ROWS,
+    }
+    key = keys.job_key(DATASET_ID, 1, UNTRAINED)
+    env.store.put_bytes(env.settings.buckets.jobs, key, json_bytes(spec))
+
+    response = post_event(function_client, env.settings.buckets.jobs, key)
+
+    assert response.status_code == 400
+    assert b"batch_keys (40 keys) are not the 2 batches of cumulative set 1" in response.get_data()
+    assert no_trace_of(env, spec)
+    env.store.delete(env.settings.buckets.jobs, key)
+
+
+def test_function_answers_400_for_a_job_key_that_can_never_be_read(function_client: Any) -> None:
+    response = post_event(function_client, "jobs", "../00-decision_tree.json")
+    assert response.status_code == 400
+    assert b"can never be read" in response.get_data()
 
 
 def test_function_answers_400_to_an_event_of_another_bucket(function_client: Any) -> None:

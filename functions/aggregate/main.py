@@ -3,8 +3,10 @@
 Thin entry point: the event names a result object; its key gives the dataset id, and
 `readmission.aggregate.aggregate_dataset` does the rest (nothing until every job of the
 dataset has a result; then select, test, export, check parity, register, publish).
-A key that is not a result key answers 400 (MalformedEvent, dead-lettered); anything
-transient (S3 or MLflow down, lease held too long, a failed parity check) raises: 500, retried.
+A key that is not a result key, that no object store can serve, or that its manifest does not
+list, and a result that is not its key's job's (`readmission.aggregate.InvalidResult`) answer
+400 (MalformedEvent, dead-lettered: a person must look); anything transient (S3 or MLflow
+down, lease held too long, a failed parity check) raises: 500, retried.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from cloudevents.http import CloudEvent
 
 from readmission.aggregate import (
     AggregateOutcome,
+    InvalidResult,
     aggregate_dataset,
     start_onnxruntime_warm_up,
     warm_up,
 )
 from readmission.handler import MalformedEvent, function_context, object_ref, reply_empty_on_success
+from readmission.ingest import unreadable_key_problem
 from readmission.keys import parse_job_key
 
 reply_empty_on_success()
@@ -42,5 +46,13 @@ def aggregate(event: CloudEvent) -> None:
         dataset_id, _, _ = parse_job_key(ref.key)
     except ValueError as error:
         raise MalformedEvent(str(error)) from error
-    outcome: AggregateOutcome = aggregate_dataset(store, settings, dataset_id)
+    problem = unreadable_key_problem(ref.key)
+    if problem is not None:
+        raise MalformedEvent(f"s3://{ref.bucket}: {problem}: it can never be read")
+    try:
+        outcome: AggregateOutcome = aggregate_dataset(
+            store, settings, dataset_id, result_key=ref.key
+        )
+    except InvalidResult as error:
+        raise MalformedEvent(str(error)) from error
     log.info("event %s (%s): %s", event["id"], ref.key, outcome)

@@ -1,8 +1,10 @@
 """Knative Service `ingest`: a raw CSV landed (io.readmission.raw.created) → Parquet + job specs.
 
 Thin entry point; the work is `readmission.ingest.ingest_object`. A bad CSV is moved to the
-rejected bucket by the core and answered 204 (no retry); a malformed event is answered 400; an
-object-store failure raises (500) so the broker retries.
+rejected bucket by the core and answered 204 (no retry); a malformed event is answered 400, and
+so is an event naming a key no object store can ever serve (a `.` or `..` segment, a NUL, no
+UTF-8 spelling, over 1,024 bytes: `readmission.ingest.unreadable_key_problem`); an object-store
+failure raises (500) so the broker retries.
 """
 
 from __future__ import annotations
@@ -13,8 +15,13 @@ from typing import Any
 import functions_framework
 
 from readmission import contract
-from readmission.handler import function_context, object_ref, reply_empty_on_success
-from readmission.ingest import ingest_object
+from readmission.handler import (
+    MalformedEvent,
+    function_context,
+    object_ref,
+    reply_empty_on_success,
+)
+from readmission.ingest import ingest_object, unreadable_key_problem
 
 EVENT_TYPE = "io.readmission.raw.created"
 
@@ -28,5 +35,8 @@ contract.arrow_schema()  # imports pandas/pyarrow now, at process start, not in 
 def ingest(event: Any) -> None:
     settings, store = function_context()
     ref = object_ref(event, EVENT_TYPE, settings.buckets.raw)
+    problem = unreadable_key_problem(ref.key)
+    if problem is not None:
+        raise MalformedEvent(f"s3://{ref.bucket}: {problem}: it can never be read")
     outcome = ingest_object(store, settings, ref.bucket, ref.key)
     log.info("event %s: %s", event["id"], outcome.summary())

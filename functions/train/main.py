@@ -2,8 +2,11 @@
 
 Thin entry point; the work is `readmission.training.train_job`. One fit per process at a time
 (containerConcurrency 1) on one BLAS/OpenMP thread: the parallelism is the number of processes.
-A job spec that is missing, not JSON, or invalid is a MalformedEvent (400: not retried, sent to
-the dead-letter sink); object-store or MLflow failures raise (500) so the broker retries.
+A job spec that is missing, not JSON, invalid, or not a job of the manifest it names (no such
+corpus version, other batches, bucket, index, rows or algorithm: `training.check_against_manifest`)
+is a MalformedEvent (400: not retried, sent to the dead-letter sink once, and the reconciler does
+not re-emit a job whose dead letter records a 400); object-store or MLflow failures raise (500)
+so the broker retries.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import functions_framework  # noqa: E402
 from readmission import keys, tracking  # noqa: E402
 from readmission.config import Settings  # noqa: E402
 from readmission.handler import MalformedEvent, function_context, object_ref, reply_empty_on_success  # noqa: E402
+from readmission.ingest import unreadable_key_problem  # noqa: E402
 from readmission.storage import ObjectStore  # noqa: E402
 from readmission.training import InvalidJobSpec, JobSpec, train_job  # noqa: E402
 
@@ -65,8 +69,14 @@ def train(event: Any) -> None:
         keys.parse_job_key(ref.key)
     except ValueError as error:
         raise MalformedEvent(str(error)) from error
+    problem = unreadable_key_problem(ref.key)
+    if problem is not None:  # a GET of it would fail the same way forever
+        raise MalformedEvent(f"s3://{ref.bucket}: {problem}: it can never be read")
     job, document = read_job_spec(store, settings, ref.bucket, ref.key)
-    result = train_job(store, settings, document)
+    try:
+        result = train_job(store, settings, document, key=ref.key)
+    except InvalidJobSpec as error:
+        raise MalformedEvent(f"s3://{ref.bucket}/{ref.key}: {error}") from error
     log.info(
         "event %s: job %s done in %.2fs: run %s, validation f1_weighted %s",
         event["id"],
