@@ -1,9 +1,14 @@
 """The ingest step: a raw CSV in, appended to the corpus as a new version with its job specs.
 
-Plain Python, no server: `ingest_object(store, settings, bucket, key)` does everything the ingest
-function does for one `io.readmission.raw.created` event (see docs/ingest.md). readmission.corpus
-decides what a drop adds (deduplication by encounter_id, the stable split, the new batches);
-this module reads and writes the objects.
+Plain Python, no server: `ingest_object(store, settings, bucket, key, etag=...)` does everything
+the ingest function does for one `io.readmission.raw.created` event (see docs/ingest.md).
+readmission.corpus decides what a drop adds (deduplication by encounter_id, the stable split, the
+new batches); this module reads and writes the objects.
+
+An event names one object version by its ETag. Ingest reads that version and no other (a GET
+with If-Match): if the key was overwritten before the event was handled, the event's version is
+`superseded` (a receipt says so, nothing is appended) and the newer version is ingested by its
+own event. Without an ETag (older callers) it reads whatever the key holds.
 
 Idempotent and crash-safe:
 
@@ -37,7 +42,7 @@ import pyarrow.parquet as pq
 
 from readmission import contract, corpus, keys, lease
 from readmission.config import Settings
-from readmission.storage import ObjectInfo, ObjectStore, json_bytes
+from readmission.storage import ObjectInfo, ObjectStore, PreconditionFailed, json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,8 @@ CORPUS_LEASE_WAIT_SECONDS = 300.0
 
 INGESTED, ALREADY_INGESTED, REJECTED, GONE = "ingested", "already_ingested", "rejected", "gone"
 NOTHING_NEW = "nothing_new"
+# The event's object version was overwritten before it could be read: nothing of it is ingested.
+SUPERSEDED = "superseded"
 # S3 object keys are at most 1,024 bytes of UTF-8.
 MAX_KEY_BYTES = 1024
 
@@ -131,19 +138,38 @@ class _Timer:
 # --------------------------------------------------------------------------- entry point
 
 
-def ingest_object(store: ObjectStore, settings: Settings, bucket: str, key: str) -> IngestOutcome:
-    """Ingest one raw CSV (see the module docstring). Raises only on transient failures."""
+def ingest_object(
+    store: ObjectStore, settings: Settings, bucket: str, key: str, etag: str | None = None
+) -> IngestOutcome:
+    """Ingest one raw CSV (see the module docstring). Raises only on transient failures.
+
+    `etag` is the ETag of the object version the event names: only that version is read, and
+    if another version has replaced it the outcome is SUPERSEDED. None (or "") reads whatever
+    the key holds now.
+    """
+    expected = (etag or "").strip('"') or None
     timer = _Timer()
     info = store.head(bucket, key)
     if info is None:  # already moved to rejected, or deleted: a redelivery has nothing to do
         return IngestOutcome(GONE, bucket, key)
+    if expected is not None and info.etag != expected:  # overwritten before this event
+        return _superseded(store, settings, bucket, key, expected, info.etag)
     if info.size > settings.max_upload_bytes:
         problem = (
             f"the file is {info.size:,} bytes, more than the limit of "
             f"{settings.max_upload_bytes:,} bytes (MAX_UPLOAD_BYTES)"
         )
-        return _reject(store, settings, info, [problem], _unread_id(info), sha256=None)
-    data = store.get_bytes_if_exists(bucket, key)
+        return _reject(
+            store, settings, info, [problem], _unread_id(info), sha256=None, etag=expected
+        )
+    if expected is None:
+        data = store.get_bytes_if_exists(bucket, key)
+    else:
+        try:  # If-Match: overwritten between HEAD and GET is superseded too
+            data = store.get_version(bucket, key, expected)
+        except PreconditionFailed:
+            current = store.head(bucket, key)
+            return _superseded(store, settings, bucket, key, expected, current and current.etag)
     if data is None:  # deleted between HEAD and GET
         return IngestOutcome(GONE, bucket, key)
     info = replace(info, size=len(data))  # describe the bytes read, even if replaced since HEAD
@@ -151,7 +177,7 @@ def ingest_object(store: ObjectStore, settings: Settings, bucket: str, key: str)
     sha256 = hashlib.sha256(data).hexdigest()
     if not key.lower().endswith(".csv"):
         problem = f"the file name {key!r} does not end in .csv; only CSV files are ingested"
-        return _reject(store, settings, info, [problem], sha256[:16], sha256)
+        return _reject(store, settings, info, [problem], sha256[:16], sha256, etag=expected)
     drop_id = keys.content_id(data)
     record = store.get_json_if_exists(settings.buckets.datasets, keys.drop_key(drop_id))
     if record is not None:
@@ -159,7 +185,9 @@ def ingest_object(store: ObjectStore, settings: Settings, bucket: str, key: str)
     try:
         table = contract.parse_csv_table(data)
     except contract.ContractViolation as violation:
-        return _reject(store, settings, info, violation.problems, sha256[:16], sha256)
+        return _reject(
+            store, settings, info, violation.problems, sha256[:16], sha256, etag=expected
+        )
     timer.lap("parse")
     with lease.acquire(
         store,
@@ -173,7 +201,43 @@ def ingest_object(store: ObjectStore, settings: Settings, bucket: str, key: str)
         record = store.get_json_if_exists(settings.buckets.datasets, keys.drop_key(drop_id))
         if record is not None:  # a concurrent delivery of the same bytes appended it
             return _known_drop(store, settings, info, record)
-        return _append(store, settings, info, sha256, table, timer)
+        return _append(store, settings, info, sha256, table, timer, expected)
+
+
+def _superseded(
+    store: ObjectStore,
+    settings: Settings,
+    bucket: str,
+    key: str,
+    etag: str,
+    current: str | None,
+) -> IngestOutcome:
+    """The event's version (`etag`) was replaced before it could be read: write its receipt
+    saying so and ingest nothing; the newer version (`current`) has an event of its own.
+
+    A version that was read before it was replaced keeps its receipt (and a redelivery restores
+    its job specs, as for any known drop). The receipt names no newer version, so a redelivery
+    after yet another overwrite writes the same bytes: nothing.
+    """
+    datasets = settings.buckets.datasets
+    info = ObjectInfo(bucket, key, 0, etag)
+    receipt = store.get_json_if_exists(datasets, keys.receipt_key(bucket, key, etag))
+    if receipt is not None and receipt.get("status") != SUPERSEDED:
+        record = store.get_json_if_exists(datasets, keys.drop_key(str(receipt.get("drop_id"))))
+        if record is not None:
+            return _known_drop(store, settings, info, record)
+        return IngestOutcome(ALREADY_INGESTED, bucket, key, receipt.get("version"))
+    message = (
+        f"s3://{bucket}/{key} was overwritten by a newer version before this version (ETag "
+        f"{etag}) could be read: nothing of it is ingested; the newer version is ingested by its "
+        f"own event"
+    )
+    newer = f"the key now holds ETag {current}" if current else "the key is now empty"
+    log.warning("ingest superseded: %s (%s)", message, newer)
+    write_receipt(
+        store, settings, info, {"status": SUPERSEDED, "message": message, "version": None}
+    )
+    return IngestOutcome(SUPERSEDED, bucket, key, warnings=(f"{message} ({newer})",))
 
 
 def _known_drop(
@@ -219,13 +283,14 @@ def _append(
     sha256: str,
     table: pa.Table,
     timer: _Timer,
+    etag: str | None = None,
 ) -> IngestOutcome:
     """Append the drop's new rows to the corpus as a new version (under the corpus lease)."""
     datasets = settings.buckets.datasets
     parent, parent_index = _read_head(store, settings)
     appended = _version_with_drop(store, settings, parent, sha256[:16])
     if appended is not None:  # appended before a crash that came before the drop's record
-        return _finish_append(store, settings, info, appended, timer)
+        return _finish_append(store, settings, info, appended, table, timer)
     plan = corpus.plan_drop(
         table.column("encounter_id").to_numpy(zero_copy_only=False),
         corpus.row_hashes(table),
@@ -240,7 +305,7 @@ def _append(
     if plan.conflicts and plan.status != corpus.REJECT:
         warnings.append(_conflicts_warning(len(plan.conflicts)))
     if plan.status == corpus.REJECT:
-        return _reject(store, settings, info, list(plan.problems), sha256[:16], sha256)
+        return _reject(store, settings, info, list(plan.problems), sha256[:16], sha256, etag=etag)
     record: dict[str, Any] = {
         "status": INGESTED,
         "drop_id": sha256[:16],
@@ -282,7 +347,7 @@ def _append(
             job_order=job_order,
         )
     except ValueError as error:  # the corpus would not be trainable yet
-        return _reject(store, settings, info, [str(error)], sha256[:16], sha256)
+        return _reject(store, settings, info, [str(error)], sha256[:16], sha256, etag=etag)
     timer.lap("split")
     written = _write_parallel(
         store, datasets, [(k, lambda t=t: parquet_bytes(t)) for k, t in version.parts]
@@ -330,15 +395,15 @@ def _finish_append(
     settings: Settings,
     info: ObjectInfo,
     manifest: dict[str, Any],
+    table: pa.Table,
     timer: _Timer,
 ) -> IngestOutcome:
     """Record a drop whose version is in the corpus already, as the append would have."""
     source = manifest["source"]
     warnings = []
-    # the same bytes as the append parsed: the same columns are missing
-    missing = contract.missing_feature_columns(
-        contract.parse_csv_table(store.get_bytes(info.bucket, info.key))
-    )
+    # the same bytes as the append parsed (those read, not the key's newer version if any):
+    # the same columns are missing
+    missing = contract.missing_feature_columns(table)
     if missing:
         warnings.append(contract.missing_columns_warning(missing))
     added = manifest["added"]
@@ -563,19 +628,46 @@ def _reject(
     problems: list[str],
     content_hash: str,
     sha256: str | None,
+    etag: str | None = None,
 ) -> IngestOutcome:
-    """Move the file to the rejected bucket with a report: copy, report, then delete."""
+    """Move the file to the rejected bucket with a report: copy, report, then delete.
+
+    With the event's `etag`, only that version is copied and deleted: a newer version written
+    meanwhile stays in the raw bucket for its own event (a copy that finds it makes the outcome
+    SUPERSEDED; MinIO ignores If-Match on DELETE, SeaweedFS honours it).
+    """
     rejected = settings.buckets.rejected
     copy_key = keys.rejected_key(content_hash, info.key)
     report_key = keys.rejected_report_key(content_hash, info.key)
     written = []
     if not store.exists(rejected, copy_key):
-        store.copy(info.bucket, info.key, rejected, copy_key)
+        if etag is None:
+            store.copy(info.bucket, info.key, rejected, copy_key)
+        else:
+            try:
+                store.copy(info.bucket, info.key, rejected, copy_key, if_match=etag)
+            except PreconditionFailed:
+                current = store.head(info.bucket, info.key)
+                return _superseded(
+                    store, settings, info.bucket, info.key, etag, current and current.etag
+                )
         written.append(f"{rejected}/{copy_key}")
     report = rejection_report(settings, info, problems, copy_key, sha256)
     if store.put_if_absent(rejected, report_key, json_bytes(report), JSON_TYPE):
         written.append(f"{rejected}/{report_key}")
-    store.delete(info.bucket, info.key)
+    if etag is None:
+        store.delete(info.bucket, info.key)
+    else:
+        try:
+            store.delete(info.bucket, info.key, if_match=etag)
+        except PreconditionFailed:  # a newer version landed after the copy: it stays
+            log.warning(
+                "ingest: s3://%s/%s was overwritten while version %s was rejected; the newer "
+                "version stays for its own event",
+                info.bucket,
+                info.key,
+                etag,
+            )
     return IngestOutcome(REJECTED, info.bucket, info.key, None, tuple(written), 0, tuple(problems))
 
 

@@ -15,6 +15,11 @@ from botocore.exceptions import ClientError
 from readmission.config import Settings
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_PRECONDITION_FAILED = {"412", "PreconditionFailed"}
+
+
+class PreconditionFailed(Exception):
+    """An If-Match did not hold: the object under the key is another version now (HTTP 412)."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,15 @@ class ObjectInfo:
 
 def _is_not_found(error: ClientError) -> bool:
     return str(error.response.get("Error", {}).get("Code")) in _NOT_FOUND
+
+
+def _is_precondition_failed(error: ClientError) -> bool:
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status == 412 or str(error.response.get("Error", {}).get("Code")) in _PRECONDITION_FAILED
+
+
+def _quoted(etag: str) -> str:
+    return '"' + etag.strip('"') + '"'
 
 
 class ObjectStore:
@@ -94,6 +108,19 @@ class ObjectStore:
                 return None
             raise
 
+    def get_version(self, bucket: str, key: str, etag: str) -> bytes | None:
+        """The object's bytes if it is still the version with this ETag (a GET with If-Match):
+        None if there is no object, PreconditionFailed if another version replaced it."""
+        try:
+            response = self.client.get_object(Bucket=bucket, Key=key, IfMatch=_quoted(etag))
+        except ClientError as error:
+            if _is_not_found(error):
+                return None
+            if _is_precondition_failed(error):
+                raise PreconditionFailed(f"s3://{bucket}/{key} is no longer {etag}") from error
+            raise
+        return response["Body"].read()
+
     def get_json(self, bucket: str, key: str) -> Any:
         return json.loads(self.get_bytes(bucket, key))
 
@@ -132,13 +159,44 @@ class ObjectStore:
         self.put_bytes(bucket, key, data, content_type)
         return True
 
-    def copy(self, source_bucket: str, source_key: str, bucket: str, key: str) -> None:
-        self.client.copy_object(
-            Bucket=bucket, Key=key, CopySource={"Bucket": source_bucket, "Key": source_key}
-        )
+    def copy(
+        self,
+        source_bucket: str,
+        source_key: str,
+        bucket: str,
+        key: str,
+        *,
+        if_match: str | None = None,
+    ) -> None:
+        """Server-side copy; with `if_match`, only of that source version (else
+        PreconditionFailed)."""
+        extra = {} if if_match is None else {"CopySourceIfMatch": _quoted(if_match)}
+        try:
+            self.client.copy_object(
+                Bucket=bucket,
+                Key=key,
+                CopySource={"Bucket": source_bucket, "Key": source_key},
+                **extra,
+            )
+        except ClientError as error:
+            if if_match is not None and _is_precondition_failed(error):
+                raise PreconditionFailed(f"s3://{source_bucket}/{source_key}: {error}") from error
+            raise
 
-    def delete(self, bucket: str, key: str) -> None:
-        self.client.delete_object(Bucket=bucket, Key=key)
+    def delete(self, bucket: str, key: str, *, if_match: str | None = None) -> None:
+        """Delete; with `if_match`, only that version (else PreconditionFailed). SeaweedFS and
+        AWS honour the condition; MinIO ignores it and deletes whatever is there."""
+        if if_match is None:
+            self.client.delete_object(Bucket=bucket, Key=key)
+            return
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key, IfMatch=_quoted(if_match))
+        except ClientError as error:
+            if _is_not_found(error):
+                return
+            if _is_precondition_failed(error):
+                raise PreconditionFailed(f"s3://{bucket}/{key} is no longer {if_match}") from error
+            raise
 
     def ensure_buckets(self, names: list[str]) -> None:
         existing = {b["Name"] for b in self.client.list_buckets().get("Buckets", [])}

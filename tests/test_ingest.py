@@ -22,7 +22,7 @@ from python_snippet import run_python
 from events.delivery import encode_attribute_headers
 from readmission import contract, corpus, ingest, keys
 from readmission.config import Buckets, Settings
-from readmission.storage import ObjectStore
+from readmission.storage import ObjectStore, PreconditionFailed
 
 __all__ = ["seaweed_s3"]  # the module-scoped server fixture, used by the tests below
 
@@ -46,13 +46,21 @@ class RecordingStore(ObjectStore):
         self._record(f"put {bucket}/{key}")
         super().put_bytes(bucket, key, data, content_type)
 
-    def copy(self, source_bucket: str, source_key: str, bucket: str, key: str) -> None:
+    def copy(
+        self,
+        source_bucket: str,
+        source_key: str,
+        bucket: str,
+        key: str,
+        *,
+        if_match: str | None = None,
+    ) -> None:
         self._record(f"copy {bucket}/{key}")
-        super().copy(source_bucket, source_key, bucket, key)
+        super().copy(source_bucket, source_key, bucket, key, if_match=if_match)
 
-    def delete(self, bucket: str, key: str) -> None:
+    def delete(self, bucket: str, key: str, *, if_match: str | None = None) -> None:
         self._record(f"delete {bucket}/{key}")
-        super().delete(bucket, key)
+        super().delete(bucket, key, if_match=if_match)
 
 
 class Crash(RuntimeError):
@@ -429,6 +437,167 @@ def test_crash_while_rejecting_loses_nothing_and_the_redelivery_finishes(
     assert store.list_keys(settings.buckets.raw) == []
 
 
+# --------------------------------------------------------------------------- overwrites
+
+
+def _two_versions(store: ObjectStore, settings: Settings, key: str) -> tuple[str, bytes, str]:
+    """Version A of `key` uploaded, then overwritten by B before A's event is handled:
+    (A's etag, B's bytes, B's etag)."""
+    upload(store, settings, key, sample_csv(every=20))
+    etag_a = store.head(settings.buckets.raw, key).etag
+    data_b = sample_csv(every=30)
+    upload(store, settings, key, data_b)
+    etag_b = store.head(settings.buckets.raw, key).etag
+    assert etag_a != etag_b
+    return etag_a, data_b, etag_b
+
+
+def test_an_overwritten_version_is_superseded_and_the_newer_one_ingested(
+    store: RecordingStore,
+) -> None:
+    settings = fresh_settings(store, batch_rows=1000)
+    raw, datasets = settings.buckets.raw, settings.buckets.datasets
+    etag_a, data_b, etag_b = _two_versions(store, settings, "clinic/x.csv")
+    receipt_a = keys.receipt_key(raw, "clinic/x.csv", etag_a)
+    store.writes.clear()
+
+    outcome = ingest.ingest_object(store, settings, raw, "clinic/x.csv", etag=etag_a)
+    assert outcome.status == ingest.SUPERSEDED
+    assert (outcome.dataset_id, outcome.written, outcome.jobs) == (None, (), 0)
+    assert f"the key now holds ETag {etag_b}" in outcome.summary()
+    assert store.writes == [f"put {datasets}/{receipt_a}"], "only A's receipt"
+    document = store.get_json(datasets, receipt_a)
+    assert document["status"] == "superseded" and document["version"] is None
+    assert document["object"] == {"bucket": raw, "key": "clinic/x.csv", "etag": etag_a}
+    assert "overwritten by a newer version before this version" in document["message"]
+    assert store.list_keys(datasets) == [receipt_a], "nothing appended"
+    assert store.list_keys(settings.buckets.jobs) == []
+    assert store.list_keys(raw) == ["clinic/x.csv"], "B stays for its own event"
+
+    store.writes.clear()  # A's redelivery: the same outcome, nothing written
+    again = ingest.ingest_object(store, settings, raw, "clinic/x.csv", etag=f'"{etag_a}"')
+    assert again.status == ingest.SUPERSEDED and store.writes == []
+
+    newer = ingest.ingest_object(store, settings, raw, "clinic/x.csv", etag=etag_b)
+    assert newer.status == ingest.INGESTED
+    assert (
+        newer.dataset_id == first_version(settings, data_b) == version_of(store, settings, data_b)
+    )
+    manifest = store.get_json(datasets, keys.manifest_key(newer.dataset_id))
+    assert manifest["source"]["sha256"] == hashlib.sha256(data_b).hexdigest()
+    receipt_b = store.get_json(datasets, keys.receipt_key(raw, "clinic/x.csv", etag_b))
+    assert receipt_b["status"] == "ingested" and receipt_b["version"] == newer.dataset_id
+    assert receipt_b["object"]["etag"] == etag_b
+
+    before = snapshot(store, settings)
+    store.writes.clear()  # A's event once more, after B was ingested: still nothing
+    late = ingest.ingest_object(store, settings, raw, "clinic/x.csv", etag=etag_a)
+    assert late.status == ingest.SUPERSEDED and store.writes == []
+    assert snapshot(store, settings) == before
+    assert store.get_json(datasets, receipt_a) == document
+    # an event without an etag (an older caller) reads whatever the key holds, as before
+    old = ingest.ingest_object(store, settings, raw, "clinic/x.csv")
+    assert (old.status, old.dataset_id) == (ingest.ALREADY_INGESTED, newer.dataset_id)
+
+
+def test_a_version_ingested_before_it_was_overwritten_keeps_its_receipt(
+    store: RecordingStore,
+) -> None:
+    settings = fresh_settings(store, batch_rows=1000)
+    raw, datasets = settings.buckets.raw, settings.buckets.datasets
+    data_a = sample_csv(every=20)
+    upload(store, settings, "y.csv", data_a)
+    etag_a = store.head(raw, "y.csv").etag
+    first = ingest.ingest_object(store, settings, raw, "y.csv", etag=etag_a)
+    assert first.status == ingest.INGESTED
+    receipt_a = keys.receipt_key(raw, "y.csv", etag_a)
+    document = store.get_json(datasets, receipt_a)
+    upload(store, settings, "y.csv", sample_csv(every=30))
+    lost = keys.job_key(first.dataset_id, 0, "decision_tree")
+    store.delete(settings.buckets.jobs, lost)
+    store.writes.clear()
+    # A's event redelivered after the overwrite: A was read, its receipt stands, and its job
+    # specs are restored as for any redelivery
+    again = ingest.ingest_object(store, settings, raw, "y.csv", etag=etag_a)
+    assert (again.status, again.dataset_id) == (ingest.ALREADY_INGESTED, first.dataset_id)
+    assert store.writes == [f"put {settings.buckets.jobs}/{lost}"]
+    assert store.get_json(datasets, receipt_a) == document
+
+
+class OverwritingStore(RecordingStore):
+    """Writes `data` over `key` of the raw bucket right before the first call named `when`."""
+
+    def __init__(self, client: object, key: str, data: bytes, when: str) -> None:
+        super().__init__(client)
+        self.overwrite: tuple[str, bytes] | None = (key, data)
+        self.when = when
+
+    def _maybe_overwrite(self, call: str, bucket: str) -> None:
+        if call == self.when and self.overwrite is not None:
+            key, data = self.overwrite
+            self.overwrite = None
+            ObjectStore.put_bytes(self, bucket, key, data, "text/csv")
+
+    def get_version(self, bucket: str, key: str, etag: str) -> bytes | None:
+        self._maybe_overwrite("get", bucket)
+        return super().get_version(bucket, key, etag)
+
+    def copy(
+        self,
+        source_bucket: str,
+        source_key: str,
+        bucket: str,
+        key: str,
+        *,
+        if_match: str | None = None,
+    ) -> None:
+        self._maybe_overwrite("copy", source_bucket)
+        super().copy(source_bucket, source_key, bucket, key, if_match=if_match)
+
+    def delete(self, bucket: str, key: str, *, if_match: str | None = None) -> None:
+        self._maybe_overwrite("delete", bucket)
+        super().delete(bucket, key, if_match=if_match)
+
+
+def test_an_overwrite_between_head_and_get_is_caught_by_if_match(
+    store: ObjectStore, seaweed_s3: SeaweedServer
+) -> None:
+    settings = fresh_settings(store, batch_rows=1000)
+    raw = settings.buckets.raw
+    upload(store, settings, "z.csv", sample_csv(every=20))
+    etag_a = store.head(raw, "z.csv").etag
+    racing = OverwritingStore(seaweed_s3.client(), "z.csv", sample_csv(every=30), "get")
+    outcome = ingest.ingest_object(racing, settings, raw, "z.csv", etag=etag_a)
+    assert outcome.status == ingest.SUPERSEDED  # SeaweedFS answered the If-Match GET with 412
+    assert store.list_keys(settings.buckets.datasets) == [keys.receipt_key(raw, "z.csv", etag_a)]
+    with pytest.raises(PreconditionFailed):
+        store.get_version(raw, "z.csv", etag_a)
+    assert store.get_version(raw, "gone.csv", etag_a) is None
+
+
+@pytest.mark.parametrize("when", ["copy", "delete"])
+def test_rejecting_a_version_never_moves_or_deletes_the_newer_one(
+    store: ObjectStore, seaweed_s3: SeaweedServer, when: str
+) -> None:
+    settings = fresh_settings(store)
+    raw, rejected = settings.buckets.raw, settings.buckets.rejected
+    bad = b"not,a,contract,file\r\n1,2,3,4\r\n"
+    upload(store, settings, "fix.csv", bad)
+    etag_a = store.head(raw, "fix.csv").etag
+    fixed = sample_csv(every=30)
+    racing = OverwritingStore(seaweed_s3.client(), "fix.csv", fixed, when)
+    outcome = ingest.ingest_object(racing, settings, raw, "fix.csv", etag=etag_a)
+    assert store.get_bytes(raw, "fix.csv") == fixed, "the analyst's fix stays for its event"
+    copy_key, report_key = _report_key(bad, "fix.csv")
+    if when == "copy":  # B landed before A was copied out: A can no longer be moved
+        assert outcome.status == ingest.SUPERSEDED
+        assert store.list_keys(rejected) == []
+    else:  # B landed after A was copied: A is rejected, the If-Match DELETE spares B
+        assert outcome.status == ingest.REJECTED
+        assert store.get_bytes(rejected, copy_key) == bad
+        assert sorted(store.list_keys(rejected)) == sorted([copy_key, report_key])
+
+
 # --------------------------------------------------------------------------- crashes
 
 
@@ -526,16 +695,18 @@ def test_parquet_bytes_are_the_same_in_another_process() -> None:
 # --------------------------------------------------------------------------- the function
 
 
-def _event(bucket: str, key: str, event_type: str = "io.readmission.raw.created") -> dict:
+def _event(
+    bucket: str, key: str, event_type: str = "io.readmission.raw.created", etag: str = ""
+) -> dict:
     headers = {
         "ce-specversion": "1.0",
         "ce-type": event_type,
         "ce-source": f"s3://{bucket}",
-        "ce-id": hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:32],
+        "ce-id": hashlib.sha256(f"{bucket}/{key}/{etag}".encode()).hexdigest()[:32],
         "ce-subject": key,
         "content-type": "application/json",
     }
-    body = {"bucket": bucket, "key": key, "size": 1, "etag": "x", "origin": "seaweedfs"}
+    body = {"bucket": bucket, "key": key, "size": 1, "etag": etag, "origin": "seaweedfs"}
     return {"headers": headers, "data": json.dumps(body)}
 
 
@@ -563,15 +734,18 @@ def test_function_answers_204_and_ingests_or_400_for_a_malformed_event(
     raw = settings.buckets.raw
     data = sample_csv()
     upload(store, settings, "clinic/a.csv", data)
+    etag = store.head(raw, "clinic/a.csv").etag
 
-    reply = client.post("/", **_event(raw, "clinic/a.csv"))
+    reply = client.post("/", **_event(raw, "clinic/a.csv", etag=etag))
     assert (reply.status_code, reply.data) == (204, b"")
     manifest = store.get_json(
         settings.buckets.datasets, keys.manifest_key(version_of(store, settings, data))
     )
     assert manifest["batch_rows"] == 1000 and len(manifest["jobs"]) == 4 * len(manifest["batches"])
 
-    reply = client.post("/", **_event(raw, "clinic/a.csv"))  # redelivery
+    reply = client.post("/", **_event(raw, "clinic/a.csv", etag=etag))  # redelivery
+    assert reply.status_code == 204
+    reply = client.post("/", **_event(raw, "clinic/a.csv"))  # an event without an etag
     assert reply.status_code == 204
 
     upload(store, settings, "clinic/bad.csv", b"hello\r\n")
@@ -581,6 +755,28 @@ def test_function_answers_204_and_ingests_or_400_for_a_malformed_event(
 
     assert client.post("/", **_event("elsewhere", "clinic/a.csv")).status_code == 400
     assert client.post("/", **_event(raw, "a.csv", "io.readmission.job.created")).status_code == 400
+
+
+def test_function_answers_204_for_an_overwritten_version_and_ingests_the_newer_one(
+    store: ObjectStore, seaweed_s3: SeaweedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, app = _ingest_app(store, seaweed_s3, monkeypatch)
+    client = app.test_client()
+    raw, datasets = settings.buckets.raw, settings.buckets.datasets
+    etag_a, data_b, etag_b = _two_versions(store, settings, "clinic/x.csv")
+
+    reply = client.post("/", **_event(raw, "clinic/x.csv", etag=etag_a))
+    assert (reply.status_code, reply.data) == (204, b"")
+    receipt_a = keys.receipt_key(raw, "clinic/x.csv", etag_a)
+    assert store.get_json(datasets, receipt_a)["status"] == "superseded"
+    assert store.list_keys(datasets) == [receipt_a], "nothing of A or B is ingested by A's event"
+
+    reply = client.post("/", **_event(raw, "clinic/x.csv", etag=etag_b))
+    assert (reply.status_code, reply.data) == (204, b"")
+    version = version_of(store, settings, data_b)
+    receipt_b = store.get_json(datasets, keys.receipt_key(raw, "clinic/x.csv", etag_b))
+    assert receipt_b["status"] == "ingested" and receipt_b["version"] == version
+    assert store.get_json(datasets, receipt_a)["status"] == "superseded"
 
 
 @pytest.mark.parametrize("key", ["adv/p8/данные.csv", "emoji/\U0001f3e5 ward.csv"])

@@ -4,7 +4,9 @@ Thin entry point; the work is `readmission.ingest.ingest_object`. A bad CSV is m
 rejected bucket by the core and answered 204 (no retry); a malformed event is answered 400, and
 so is an event naming a key no object store can ever serve (a `.` or `..` segment, a NUL, no
 UTF-8 spelling, over 1,024 bytes: `readmission.ingest.unreadable_key_problem`); an object-store
-failure raises (500) so the broker retries.
+failure raises (500) so the broker retries. The event's `etag` names the object version to read:
+if the key was overwritten before the event got here, that version is `superseded` (a receipt
+says so, nothing is ingested, 204) and the newer version is ingested by its own event.
 """
 
 from __future__ import annotations
@@ -38,5 +40,5 @@ def ingest(event: Any) -> None:
     problem = unreadable_key_problem(ref.key)
     if problem is not None:
         raise MalformedEvent(f"s3://{ref.bucket}: {problem}: it can never be read")
-    outcome = ingest_object(store, settings, ref.bucket, ref.key)
+    outcome = ingest_object(store, settings, ref.bucket, ref.key, etag=ref.etag or None)
     log.info("event %s: %s", event["id"], outcome.summary())
