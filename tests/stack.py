@@ -10,11 +10,19 @@ test runs on one machine do not collide.
 Mark tests that use it ``@pytest.mark.stack``. A ``RunningStack`` exposes the ObjectStore,
 the settings, the client env (``environ()`` applies it to ``os.environ`` temporarily), the
 broker, function and MLflow URLs, and the broker's status.
+
+A drop (an uploaded CSV) is known by its content id (``keys.content_id``); the corpus version
+it makes, the id its jobs, results and model live under, depends on the versions the stack
+holds already: ``version_of`` reads it from the drop's record, ``next_version`` says what it
+will be before the drop is ingested, ``wait_version_done`` waits for the version's
+``models/<version>/metadata.json`` (written last, also for a challenger the gate kept) and
+``decision_of`` reads the gate's decision on it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -26,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from readmission import corpus, keys
 from readmission.config import Settings
 from readmission.localstack import (
     StackConfig,
@@ -137,3 +146,60 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     """One real stack for the whole test session (started on first use)."""
     with running_stack(tmp_path_factory.mktemp("stack") / "state") as running:
         yield running
+
+
+# --------------------------------------------------------------------------- corpus versions
+
+
+def drop_record(stack: RunningStack, data: bytes) -> dict[str, Any] | None:
+    """``datasets/drops/<content id>.json``: what ingest did with these bytes (None: not yet)."""
+    return stack.store.get_json_if_exists(
+        stack.settings.buckets.datasets, keys.drop_key(keys.content_id(data))
+    )
+
+
+def version_of(stack: RunningStack, data: bytes, timeout: float = 300.0) -> str | None:
+    """The corpus version a drop made, once ingest recorded it (before its job specs are
+    written); None if the drop added nothing (status ``nothing_new``). Fails the test if the
+    drop is not recorded within `timeout` seconds."""
+    record = stack.wait_for(lambda: drop_record(stack, data), timeout, 0.2)
+    if record is None:
+        pytest.fail(
+            f"drop {keys.content_id(data)} not recorded after {timeout:.0f}s: "
+            f"{stack.broker_status()}\n--- ingest log\n{stack.log('ingest', 40)}"
+        )
+    return record.get("version")
+
+
+def next_version(stack: RunningStack, data: bytes) -> str:
+    """The version these bytes will make if appended to the corpus as it is now (head). A
+    corpus keeps the split seed and batch size of its first version."""
+    datasets = stack.settings.buckets.datasets
+    head = stack.store.get_json_if_exists(datasets, keys.CORPUS_HEAD_KEY)
+    if head is None:
+        parent, split_seed, batch_rows = None, stack.settings.split_seed, stack.settings.batch_rows
+    else:
+        manifest = stack.store.get_json(datasets, keys.manifest_key(head["version"]))
+        parent = head["version"]
+        split_seed, batch_rows = int(manifest["split_seed"]), int(manifest["batch_rows"])
+    return corpus.version_id(parent, hashlib.sha256(data).hexdigest(), split_seed, batch_rows)
+
+
+def wait_version_done(stack: RunningStack, version: str, timeout: float) -> dict[str, Any]:
+    """``models/<version>/metadata.json`` (the aggregator writes it last, whatever the gate
+    decided); fails the test after `timeout` seconds."""
+    key = keys.model_metadata_key(version)
+    models = stack.settings.buckets.models
+    metadata = stack.wait_for(lambda: stack.store.get_json_if_exists(models, key), timeout, 1.0)
+    if metadata is None:
+        pytest.fail(
+            f"version {version} not aggregated after {timeout:.0f}s: {stack.broker_status()}"
+            f"\n--- broker log\n{stack.log('broker', 40)}"
+            f"\n--- aggregate log\n{stack.log('aggregate', 40)}"
+        )
+    return metadata
+
+
+def decision_of(stack: RunningStack, version: str) -> dict[str, Any]:
+    """The gate's decision on a version (``models/decisions/<version>.json``)."""
+    return stack.store.get_json(stack.settings.buckets.models, keys.decision_key(version))

@@ -17,7 +17,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
-from stack import RunningStack, running_stack
+from stack import RunningStack, next_version, running_stack, version_of
 
 from events.notifications import RAW_CREATED, event_id
 from readmission import keys, seaweed
@@ -301,34 +301,39 @@ def test_the_real_csv_through_real_notifications_gives_batches_and_n_x_4_jobs(
     tmp_path: Path,
 ) -> None:
     """The whole real file, uploaded to the raw bucket of a stack of its own: the filer
-    webhook, the adapter and the broker fire ingest, which writes the manifest, the Parquet
-    batches and one job spec per (cumulative set, algorithm). The stack stops right after, so
-    the fan-out it starts is cut short."""
+    webhook, the adapter and the broker fire ingest, which appends it to the (empty) corpus as
+    its first version: the manifest, the Parquet batches and one job spec per (cumulative set,
+    algorithm). The stack stops right after, so the fan-out it starts is cut short."""
     data = read_dataset_bytes(ensure_dataset())
-    dataset_id = content_id(data)
     with running_stack(tmp_path / "state", {"TRAIN_WORKERS": "1"}) as own:
         buckets = own.settings.buckets
+        expected_version = next_version(own, data)  # parent None: the corpus is empty
         own.store.put_bytes(buckets.raw, "uploads/diabetic_data.csv", data, "text/csv")
-        manifest = own.wait_for(
-            lambda: own.store.get_json_if_exists(buckets.datasets, manifest_key(dataset_id)),
-            timeout=180,
-        )
-        assert manifest, f"no manifest; ingest log:\n{own.log('ingest')}"
+        dataset_id = version_of(own, data, timeout=180)
+        assert dataset_id == expected_version
+        manifest = own.store.get_json(buckets.datasets, manifest_key(dataset_id))
+        assert (manifest["number"], manifest["parent"], manifest["reused_sets"]) == (1, None, 0)
+        assert manifest["drops"] == [content_id(data)]
         n_sets = len(manifest["cumulative_sets"])
         algorithms = list(own.settings.algorithms)
         assert (n_sets, len(algorithms)) == (5, 4)
         assert manifest["rows"] == {
             "total": 101_766,
-            "train": 71_268,
-            "validation": 15_270,
-            "test": 15_228,
+            "train": 71_246,
+            "validation": 15_327,
+            "test": 15_193,
         }
-        assert [b["rows"] for b in manifest["batches"]] == [15_000] * 4 + [11_268]
+        assert [b["rows"] for b in manifest["batches"]] == [15_000] * 4 + [11_246]
+        assert manifest["validation"] == {"keys": [validation_key(dataset_id)], "rows": 15_327}
+        assert manifest["test"] == {"keys": [keys.test_key(dataset_id)], "rows": 15_193}
         for key in [batch_key(dataset_id, i) for i in range(n_sets)] + [
             validation_key(dataset_id),
             keys.test_key(dataset_id),  # imported bare, pytest would collect it
+            keys.encounters_key(dataset_id),
         ]:
             assert own.store.exists(buckets.datasets, key), key
+        head = own.store.get_json(buckets.datasets, keys.CORPUS_HEAD_KEY)
+        assert head == {"version": dataset_id, "number": 1}
         expected = {job_key(dataset_id, i, a) for i in range(n_sets) for a in algorithms}
         jobs = own.wait_for(
             lambda: set(own.store.list_keys(buckets.jobs, f"{dataset_id}/")) >= expected,

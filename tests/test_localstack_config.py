@@ -57,11 +57,12 @@ def test_train_replicas_get_their_own_ports_and_free_mode_gives_distinct_ports()
 
 def _snapshot(**changes: object) -> Snapshot:
     base: dict = {
+        "drop": None,
         "manifest": None,
         "jobs": 0,
         "results": 0,
         "model_metadata": False,
-        "champion_dataset": None,
+        "decision": None,
         "rejected": False,
         "broker": None,
     }
@@ -71,24 +72,29 @@ def _snapshot(**changes: object) -> Snapshot:
 def test_wait_condition_follows_the_functions_that_exist(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "infra", tmp_path / "infra")
     config = StackConfig.from_env(root=tmp_path)
-    what, done = done_condition(config, "d1")
+    what, done = done_condition(config)
     assert "raw event" in what
     broker = {"delivered_by_type": {}, "dead_lettered_by_type": {"io.readmission.raw.created": 1}}
     assert done(_snapshot(broker=broker)) and not done(_snapshot())
 
     (tmp_path / "functions" / "ingest").mkdir(parents=True)
     (tmp_path / "functions" / "ingest" / "main.py").write_text("")
-    what, done = done_condition(config, "d1")
+    what, done = done_condition(config)
     assert "job spec" in what
+    drop = {"version": "d1"}
     manifest = {"jobs": ["d1/00-a.json", "d1/00-b.json"]}
-    assert not done(_snapshot(manifest=manifest, jobs=1))
-    assert done(_snapshot(manifest=manifest, jobs=2))
+    assert not done(_snapshot(drop=drop, manifest=manifest, jobs=1))
+    assert done(_snapshot(drop=drop, manifest=manifest, jobs=2))
+    nothing_new = {"status": "nothing_new", "version": None}
+    assert done(_snapshot(drop=nothing_new))  # no version: no job to wait for
+    assert not done(_snapshot())  # not recorded yet
 
     for name in ("train", "aggregate"):
         (tmp_path / "functions" / name).mkdir()
         (tmp_path / "functions" / name / "main.py").write_text("")
-    what, done = done_condition(config, "d1")
-    assert "champion" in what
-    assert not done(_snapshot(manifest=manifest, jobs=2, results=2))
-    assert done(_snapshot(model_metadata=True))
-    assert done(_snapshot(champion_dataset="d1")) and not done(_snapshot(champion_dataset="d0"))
+    what, done = done_condition(config)
+    assert "aggregated" in what
+    assert not done(_snapshot(drop=drop, manifest=manifest, jobs=2, results=2))
+    assert done(_snapshot(drop=drop, manifest=manifest, jobs=2, results=2, model_metadata=True))
+    assert done(_snapshot(drop=nothing_new))
+    assert not done(_snapshot())

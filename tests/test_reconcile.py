@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from cloudevents.http import CloudEvent, from_http
 from conftest_seaweed import SeaweedServer, free_port, sample_csv
 from http_stub import Subscriber
 from python_snippet import run_python
+from stack import next_version, version_of
 
 from events.notifications import JOB_CREATED, RAW_CREATED, RESULT_CREATED
 from readmission import keys, processes
@@ -39,7 +41,7 @@ from readmission.reconcile import (
     run_once,
     sink_emitter,
 )
-from readmission.storage import ObjectStore
+from readmission.storage import ObjectInfo, ObjectStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = "0123456789abcdef"
@@ -162,17 +164,16 @@ def test_a_receipt_marks_the_raw_object_processed(env) -> None:
     info = store.head(settings.buckets.raw, "a.csv")
     assert info is not None
 
-    key = write_receipt(store, settings, info.bucket, info.key, f'"{info.etag}"', DATASET)
+    outcome = {"status": "ingested", "version": DATASET}
+    key = write_receipt(store, settings, replace(info, etag=f'"{info.etag}"'), outcome)
     first = store.head(settings.buckets.datasets, key)
-    write_receipt(store, settings, info.bucket, info.key, info.etag, DATASET)
+    write_receipt(store, settings, info, outcome)
 
     assert key == keys.receipt_key(info.bucket, info.key, info.etag)
     assert key.startswith("sources/") and len(key) == len("sources/") + 32 + len(".json")
     assert store.get_json(settings.buckets.datasets, key) == {
-        "bucket": info.bucket,
-        "key": "a.csv",
-        "etag": info.etag,
-        "dataset_id": DATASET,
+        **outcome,
+        "object": {"bucket": info.bucket, "key": "a.csv", "etag": info.etag},
     }
     assert store.head(settings.buckets.datasets, key) == first  # not rewritten
     emitted, report = run(store, settings)
@@ -182,7 +183,8 @@ def test_a_receipt_marks_the_raw_object_processed(env) -> None:
 def test_a_receipt_of_another_version_does_not_count(env) -> None:
     store, settings = env
     store.put_bytes(settings.buckets.raw, "a.csv", b"x\n1\n")
-    write_receipt(store, settings, settings.buckets.raw, "a.csv", "0" * 32, DATASET)
+    other = ObjectInfo(settings.buckets.raw, "a.csv", 4, "0" * 32)
+    write_receipt(store, settings, other, {"status": "ingested", "version": DATASET})
     emitted, _ = run(store, settings)
     assert emitted.types() == [RAW_CREATED]
 
@@ -499,7 +501,7 @@ def test_a_lost_raw_notification_is_recovered_by_the_reconciler(
     try:
         _restart_adapter(stack, lost.url)
         data = sample_csv(every=25)
-        dataset_id = keys.content_id(data)
+        dataset_id = next_version(stack, data)  # the corpus version it will make (a fresh stack)
         stack.store.put_bytes(buckets.raw, "lost/diabetic_sample.csv", data, "text/csv")
         assert stack.wait_for(
             lambda: RAW_CREATED in [r.headers.get("ce-type") for r in lost.received], timeout=60
@@ -542,6 +544,7 @@ def test_a_lost_raw_notification_is_recovered_by_the_reconciler(
         timeout=180,
     )
     assert manifest is not None, stack.log("ingest", 40)
+    assert version_of(stack, data, timeout=60) == dataset_id
     jobs = stack.wait_for(
         lambda: set(manifest["jobs"]) <= set(stack.store.list_keys(buckets.jobs, dataset_id)),
         timeout=60,

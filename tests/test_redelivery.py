@@ -3,17 +3,19 @@
 One small stack for the module (BATCH_ROWS=1500, two cheap algorithms, 2 train workers);
 the tests run in file order and each compares object-store snapshots it takes itself.
 
-1. Redelivery: after a run completes, every event of the run (raw, jobs, results, champion)
-   is delivered 3 times each, shuffled, concurrently, straight to the functions: every reply
-   is 204 with an empty body, every object (ETag and bytes) is unchanged, MLflow has exactly
-   one FINISHED run per job and one registered version for the dataset. Then two aggregator
-   invocations at once on the last result of a fresh dataset (before its champion exists).
+1. Redelivery: after a run completes, every event of the run (raw, jobs, results, champion,
+   decision) is delivered 3 times each, shuffled, concurrently, straight to the functions:
+   every reply is 204 with an empty body, every object (ETag and bytes) is unchanged, MLflow
+   has exactly one FINISHED run per job and one registered version for the corpus version.
+   Then two aggregator invocations at once on the last result of a second drop's version
+   (before it is aggregated): one registration, one decision.
 2. Malformed CloudEvents straight to every CloudEvent function answer 4xx (never 5xx); through
    the broker ingress they are dead-lettered after ONE attempt, with the error, nothing else
    written.
-3. The object store (the `weed server` process) killed right after ingest wrote its first
-   Parquet batch and restarted from its own argv/env/cwd a few seconds later: the broker
-   retries, the manifest never exists while a batch it names is missing, ingest completes.
+3. The object store (the `weed server` process) killed right after ingest wrote the first
+   Parquet batch of a third drop and restarted from its own argv/env/cwd a few seconds later:
+   the broker retries, the manifest never exists while a batch it names is missing, ingest
+   completes.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ import pytest
 from conftest_seaweed import sample_csv
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
+from stack import decision_of, next_version, version_of, wait_version_done
 
 from events.notifications import (
+    DECISION_MADE,
     JOB_CREATED,
     MODEL_CREATED,
     RAW_CREATED,
@@ -187,19 +191,12 @@ def dataset_versions(stack: Any, dataset_id: str) -> list[str]:
 
 
 def run_pipeline(stack: Any, data: bytes, raw_key: str) -> str:
-    """Upload a CSV and wait until its dataset has a model and the broker is idle."""
-    buckets = stack.settings.buckets
-    dataset_id = keys.content_id(data)
-    stack.store.put_bytes(buckets.raw, raw_key, data, "text/csv")
-    done = stack.wait_for(
-        lambda: stack.store.exists(buckets.models, keys.model_metadata_key(dataset_id)),
-        timeout=PIPELINE_TIMEOUT,
-        interval=1.0,
-    )
-    assert done, (
-        f"no model for {dataset_id} after {PIPELINE_TIMEOUT:g}s: {stack.broker_status()}\n"
-        + stack.log("broker", 40)
-    )
+    """Upload a CSV; wait until the corpus version it made is aggregated and decided and the
+    broker is idle. Returns the version."""
+    stack.store.put_bytes(stack.settings.buckets.raw, raw_key, data, "text/csv")
+    dataset_id = version_of(stack, data, PIPELINE_TIMEOUT)
+    assert dataset_id, f"{raw_key} added nothing to the corpus"
+    wait_version_done(stack, dataset_id, PIPELINE_TIMEOUT)
     wait_idle(stack)
     return dataset_id
 
@@ -221,6 +218,7 @@ def test_every_event_redelivered_three_times_concurrently_changes_nothing(small_
     assert (buckets.datasets, receipt) in before
     assert all((buckets.results, job) in before for job in jobs)
     assert (buckets.models, keys.CHAMPION_METADATA_KEY) in before
+    assert decision_of(stack, dataset_id)["verdict"] == "promoted"  # the first model ever
     _, all_runs_before, versions_before = mlflow_state(stack)
     assert dataset_versions(stack, dataset_id) == ["1"], versions_before
 
@@ -234,15 +232,18 @@ def test_every_event_redelivered_three_times_concurrently_changes_nothing(small_
         deliveries.append((train_urls[index % len(train_urls)], attrs, data))
         attrs, data = event_for(stack, buckets.results, job)
         deliveries.append((urls["aggregate"][0], attrs, data))
-    # model.created is terminal: no Trigger, the broker drops it (counted as unrouted)
-    attrs, data = event_for(stack, buckets.models, keys.CHAMPION_METADATA_KEY)
-    deliveries.append((stack.broker_url + "/", attrs, data))
+    # model.created and decision.made are terminal: no Trigger, the broker drops them
+    # (counted as unrouted)
+    for key in (keys.CHAMPION_METADATA_KEY, keys.decision_key(dataset_id)):
+        attrs, data = event_for(stack, buckets.models, key)
+        deliveries.append((stack.broker_url + "/", attrs, data))
     types = Counter(a["type"] for _, a, _ in deliveries)
     assert types == {
         RAW_CREATED: 1,
         JOB_CREATED: len(jobs),
         RESULT_CREATED: len(jobs),
         MODEL_CREATED: 1,
+        DECISION_MADE: 1,
     }
 
     work = deliveries * 3
@@ -256,7 +257,8 @@ def test_every_event_redelivered_three_times_concurrently_changes_nothing(small_
         assert (status, body) == (expected, b""), (attrs["type"], attrs["subject"], url, body[:300])
     wait_idle(stack)
     status_after = stack.broker_status()["totals"]
-    assert status_after["unrouted"] - status_before["unrouted"] == 3  # the 3 model.created
+    # the 3 model.created and the 3 decision.made
+    assert status_after["unrouted"] - status_before["unrouted"] == 6
     assert status_after["dead_lettered"] == status_before["dead_lettered"]
 
     after = snapshot(stack)
@@ -274,11 +276,13 @@ def test_two_aggregations_at_once_on_a_fresh_dataset_register_once(small_stack) 
     stack = small_stack
     buckets = stack.settings.buckets
     store: ObjectStore = stack.store
-    data = sample_csv(every=33)
-    dataset_id = keys.content_id(data)
+    data = sample_csv(every=33)  # shares ~1 row in 11 with the first drop: a new version
+    dataset_id = next_version(stack, data)
     assert not store.exists(buckets.datasets, keys.manifest_key(dataset_id))
     versions_before = mlflow_state(stack)[2]
+    champion_before = store.get_json(buckets.models, keys.CHAMPION_METADATA_KEY)
     store.put_bytes(buckets.raw, "race/sample-every33.csv", data, "text/csv")
+    assert version_of(stack, data, PIPELINE_TIMEOUT) == dataset_id
 
     manifest = stack.wait_for(
         lambda: store.get_json_if_exists(buckets.datasets, keys.manifest_key(dataset_id)),
@@ -293,7 +297,7 @@ def test_two_aggregations_at_once_on_a_fresh_dataset_register_once(small_stack) 
         interval=0.1,
     )
     assert complete, stack.broker_status()
-    champion_existed = store.exists(buckets.models, keys.model_metadata_key(dataset_id))
+    done_before = store.exists(buckets.models, keys.model_metadata_key(dataset_id))
     last = max(store.list(buckets.results, f"{dataset_id}/"), key=lambda i: i.key)  # any will do
     attrs, event_data = event_for(stack, buckets.results, last.key)
     url = stack.function_urls["aggregate"][0]
@@ -305,11 +309,16 @@ def test_two_aggregations_at_once_on_a_fresh_dataset_register_once(small_stack) 
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         replies = list(pool.map(call, range(2)))
-    assert not champion_existed, "the champion existed before the concurrent calls: no race"
+    assert not done_before, "the version was aggregated before the concurrent calls: no race"
     assert replies == [(204, b""), (204, b"")], replies
     wait_idle(stack)
 
     metadata = store.get_json(buckets.models, keys.model_metadata_key(dataset_id))
+    decision = decision_of(stack, dataset_id)
+    # this sample's best model is a new fit (not the champion's, which the version reuses):
+    # it is registered, whatever the gate says
+    assert decision["new_model"], decision
+    assert decision["challenger"]["model_version"] == metadata["version"]
     assert dataset_versions(stack, dataset_id) == [metadata["version"]]
     versions_after = mlflow_state(stack)[2]
     added = sorted(set(versions_after) - set(versions_before))
@@ -317,8 +326,21 @@ def test_two_aggregations_at_once_on_a_fresh_dataset_register_once(small_stack) 
     # registered once: the next version number, no twin registered and deleted in between
     assert int(metadata["version"]) == len(versions_before) + 1, (versions_before, metadata)
     assert "registered twice" not in stack.log("aggregate", 2000)
-    assert store.get_json(buckets.models, keys.CHAMPION_METADATA_KEY) == metadata
+    # decided once: the second decision of the stack, applied; the champion moved only if the
+    # gate promoted the challenger
+    assert decision["sequence"] == 2, decision
+    assert store.list_keys(buckets.models, keys.DECISIONS_PREFIX) == sorted(
+        keys.decision_key(v) for v in {dataset_id, champion_before["dataset_id"]}
+    )
+    assert store.get_json(buckets.models, keys.LAST_DECISION_KEY) == decision
+    champion = store.get_json(buckets.models, keys.CHAMPION_METADATA_KEY)
+    if decision["verdict"] == "promoted":
+        assert champion == metadata
+    else:
+        assert champion == champion_before
+        assert store.get_json(buckets.models, keys.CHALLENGER_METADATA_KEY) == metadata
     assert not store.exists(buckets.models, f"{dataset_id}/aggregate.lease")
+    assert not store.exists(buckets.models, keys.DECISION_LEASE_KEY)
 
 
 # --------------------------------------------------------------------------- 2. malformed
@@ -563,10 +585,12 @@ def test_object_store_killed_between_ingest_writes(small_stack) -> None:
     weed = next(p for p in processes.recorded(run_dir) if p.name == "seaweedfs")
     argv, env, cwd = _process_spec(weed.pid)  # read before: the kill must follow detection at once
 
-    data = sample_csv(every=4)  # ~25k rows: 12 batches of 1500 training rows
-    dataset_id = keys.content_id(data)
+    data = sample_csv(every=4)  # ~25k rows, ~23k new: ~11 new batches of 1500 training rows
+    dataset_id = next_version(stack, data)  # the third version, on top of the two before
     manifest_key = keys.manifest_key(dataset_id)
-    first_batch = keys.batch_key(dataset_id, 0)
+    head = store.get_json(b.datasets, keys.CORPUS_HEAD_KEY)
+    parent = store.get_json(b.datasets, keys.manifest_key(head["version"]))
+    first_batch = keys.batch_key(dataset_id, len(parent["batches"]))  # its first new batch
     assert not store.exists(b.datasets, manifest_key)
 
     violations: list[str] = []
@@ -586,8 +610,11 @@ def test_object_store_killed_between_ingest_writes(small_stack) -> None:
                 if has_manifest:
                     manifest = watcher.get_json(b.datasets, manifest_key)
                     named = [x["key"] for x in manifest["batches"]]
-                    named += [manifest["validation"]["key"], manifest["test"]["key"]]
-                    missing = [k for k in named if k not in listed]
+                    named += [*manifest["validation"]["keys"], *manifest["test"]["keys"]]
+                    named.append(manifest["encounters_key"])
+                    # the version's own objects (its parents' were complete long before)
+                    own = [k for k in named if k.startswith(f"{dataset_id}/")]
+                    missing = [k for k in own if k not in listed]
                     if missing:
                         violations.append(f"manifest listed without {missing}")
                 observations.append((len(listed), has_manifest))
@@ -662,14 +689,20 @@ def test_object_store_killed_between_ingest_writes(small_stack) -> None:
         in_file = dead_file.exists() and raw_id in dead_file.read_text()
         in_bucket = store.exists(b.dead_letter, keys.dead_letter_key(RAW_CREATED, raw_id))
         assert in_file or in_bucket, "the dead-lettered raw event is nowhere"
-    # complete: every object the manifest names, every job spec, the receipt
+    # complete: every object the manifest names, every job spec, the drop record, the receipt
     manifest = store.get_json(b.datasets, manifest_key)
-    for name in [x["key"] for x in manifest["batches"]] + [
-        manifest["validation"]["key"],
-        manifest["test"]["key"],
+    for name in [
+        *[x["key"] for x in manifest["batches"]],
+        *manifest["validation"]["keys"],
+        *manifest["test"]["keys"],
+        manifest["encounters_key"],
     ]:
         assert store.exists(b.datasets, name), name
-    assert len(manifest["batches"]) >= 8, manifest["batches"]
+    assert manifest["parent"] == parent["version"], manifest["parent"]
+    new_batches = [x for x in manifest["batches"] if x["version"] == dataset_id]
+    assert len(new_batches) >= 8, manifest["batches"]
+    assert version_of(stack, data, timeout=10) == dataset_id
+    assert store.get_json(b.datasets, keys.CORPUS_HEAD_KEY)["version"] == dataset_id
     etag = store.head(b.raw, "outage/sample-every4.csv").etag
     assert store.exists(b.datasets, keys.receipt_key(b.raw, "outage/sample-every4.csv", etag))
     print(
