@@ -35,6 +35,8 @@ ENV = {
     "BATCH_ROWS": "1000",
     "ALGORITHMS": "logistic_regression,decision_tree",
     "TRAIN_WORKERS": "2",
+    # Pinned so a fit's id cannot change if the checkout changes while the test runs.
+    "CODE_VERSION": "continuous-e2e",
 }
 TIMEOUT = 600.0
 ROOT = Path(__file__).resolve().parents[1]
