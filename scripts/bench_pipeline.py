@@ -36,8 +36,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from readmission import keys, processes  # noqa: E402
+from readmission import keys  # noqa: E402
 from readmission.dataset import read_dataset_bytes  # noqa: E402
+from readmission.localstack import processes  # noqa: E402
 from readmission.localstack.config import StackConfig, StackInfo, settings_for, store_for  # noqa: E402
 from readmission.localstack.progress import rejection_problems, upload  # noqa: E402
 from readmission.localstack.supervisor import Supervisor  # noqa: E402

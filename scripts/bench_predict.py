@@ -44,8 +44,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest_seaweed import SeaweedServer  # noqa: E402
 
+from readmission.localstack.processes import child_pids, free_port, stop_popen_group  # noqa: E402
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV  # noqa: E402
-from readmission.processes import child_pids, free_port, stop_popen_group  # noqa: E402
 from readmission.serving_openapi import EXAMPLE_PATIENT  # noqa: E402
 
 FUNCTIONS_FRAMEWORK = Path(sys.executable).with_name("functions-framework")

@@ -26,7 +26,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from readmission.processes import free_port
+from readmission.localstack.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WEED = Path(sys.executable).with_name("weed")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from readmission.processes import free_port, stop_popen_group
+from readmission.localstack.processes import free_port, stop_popen_group
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 

@@ -24,7 +24,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from readmission.processes import free_port, stop_popen_group
+from readmission.localstack.processes import free_port, stop_popen_group
 
 ROOT = Path(__file__).resolve().parents[1]
 FUNCTIONS_FRAMEWORK = Path(sys.executable).with_name("functions-framework")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from predict_support import ROOT, FunctionProcess, write_local_model
 
-from readmission.processes import free_port
+from readmission.localstack.processes import free_port
 
 LOADTEST = ROOT / "scripts" / "loadtest.sh"
 pytestmark = pytest.mark.skipif(

@@ -20,7 +20,7 @@ from cloudevents.http import CloudEvent
 from stack import RunningStack, next_version, running_stack, version_of
 
 from events.notifications import RAW_CREATED, event_id
-from readmission import keys, seaweed
+from readmission import keys
 from readmission.dataset import ensure_dataset, read_dataset_bytes
 from readmission.keys import (
     batch_key,
@@ -31,7 +31,8 @@ from readmission.keys import (
     rejected_report_key,
     validation_key,
 )
-from readmission.processes import recorded
+from readmission.localstack import seaweed
+from readmission.localstack.processes import recorded
 
 pytestmark = pytest.mark.stack
 

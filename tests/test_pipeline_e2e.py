@@ -53,8 +53,9 @@ from stack import (
     wait_version_done,
 )
 
-from readmission import keys, processes, tracking
+from readmission import keys, tracking
 from readmission.features import to_model_frame
+from readmission.localstack import processes
 
 pytestmark = pytest.mark.stack
 

@@ -34,8 +34,8 @@ from predict_support import (
 )
 
 from readmission.contract import FEATURES, ID_COLUMNS, NUMERIC_FEATURES, TARGET
+from readmission.localstack.processes import child_pids
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV
-from readmission.processes import child_pids
 from readmission.serving_openapi import EXAMPLE_PATIENT, ROUTES
 from readmission.serving_s3 import S3Error, S3Reader
 

@@ -1,4 +1,4 @@
-"""Detached processes with pid files (readmission/processes.py), on real processes."""
+"""Detached processes with pid files (readmission/localstack/processes.py), on real processes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from readmission import processes
+from readmission.localstack import processes
 
 
 def _alive(pid: int) -> bool:
@@ -115,7 +115,7 @@ def test_stop_all_stops_stage_after_stage(tmp_path: Path, caplog: Any) -> None:
         processes.StopStage(frozenset({"server"})),
         processes.StopStage(frozenset({"store"}), grace=1.0, slow_exit="as expected"),
     )
-    caplog.set_level(logging.INFO, logger="readmission.processes")
+    caplog.set_level(logging.INFO, logger="readmission.localstack.processes")
     began = time.monotonic()
     stopped = processes.stop_all(processes.recorded(run_dir), run_dir, stages=stages)
 

@@ -52,7 +52,8 @@ from events.notifications import (
     ObjectVersion,
     to_event,
 )
-from readmission import keys, processes, registry, tracking
+from readmission import keys, registry, tracking
+from readmission.localstack import processes
 from readmission.reconcile import run_once
 from readmission.storage import ObjectStore
 

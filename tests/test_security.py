@@ -30,7 +30,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from readmission import processes
+from readmission.localstack import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK_V4 = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
@@ -152,7 +152,7 @@ def test_s3_refuses_boto3_without_the_right_keys(stack: Any, which: str) -> None
 
 @pytest.mark.stack
 def test_the_filer_and_volume_http_apis_refuse_anonymous_access(stack: Any) -> None:
-    """Around the S3 keys: SeaweedFS's own HTTP APIs (JWT-signed, readmission/seaweed.py)."""
+    """Around the S3 keys: SeaweedFS's own HTTP APIs (JWT-signed, localstack/seaweed.py)."""
     raw = stack.settings.buckets.raw
     stack.store.put_bytes(raw, "filer-probe.csv", b"a,b\n1,2\n")
     json_accept = {"Accept": "application/json"}

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from readmission import processes
+from readmission.localstack import processes
 from readmission.localstack.config import HOST, StackConfig, StackError, StackInfo
 from readmission.localstack.progress import (
     broker_status,

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from readmission import processes, seaweed
 from readmission.config import Settings
+from readmission.localstack import processes, seaweed
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from readmission import processes, seaweed
+from readmission.localstack import processes, seaweed
 from readmission.localstack.config import (
     CORE_PROCESSES,
     HOST,
