@@ -1,7 +1,7 @@
 """Benchmark (not a test): the real UCI CSV from upload to job specs written, on a real SeaweedFS.
 
 Starts its own SeaweedFS S3 server on free loopback ports (the test helper in
-tests/conftest_seaweed.py), then for each round: fresh buckets, PUT the CSV into the raw
+tests/support/seaweed_server.py), then for each round: fresh buckets, PUT the CSV into the raw
 bucket, run the ingest core (`readmission.ingest.ingest_object`), and print the figures.
 
     .venv/bin/python scripts/bench_ingest.py [--rounds 3] [--compare]
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest_seaweed import SeaweedServer  # noqa: E402
+from support.seaweed_server import SeaweedServer  # noqa: E402
 
 from readmission import contract, ingest  # noqa: E402
 from readmission.config import Buckets, Settings  # noqa: E402

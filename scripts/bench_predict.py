@@ -42,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest_seaweed import SeaweedServer  # noqa: E402
+from support.seaweed_server import SeaweedServer  # noqa: E402
 
 from readmission.localstack.processes import child_pids, free_port, stop_popen_group  # noqa: E402
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV  # noqa: E402

@@ -43,7 +43,7 @@ if [[ -z "${PREDICT_URL:-}" ]]; then
   "$PY" - "$SAMPLE" <<'EOF'
 import sys
 sys.path.insert(0, "tests")
-from conftest_seaweed import sample_csv  # every 25th row of the real CSV (DIABETES_CSV)
+from support.seaweed_server import sample_csv  # every 25th row of the real CSV (DIABETES_CSV)
 open(sys.argv[1], "wb").write(sample_csv(every=25))
 EOF
   "$PY" -m readmission.localstack upload "$SAMPLE"

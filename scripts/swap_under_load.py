@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/swap_under_load.py [--concurrency 64] [--duration 60] [--swap-at 20]
 
-Starts its own SeaweedFS (tests/conftest_seaweed.SeaweedServer, keys required) and the predict
+Starts its own SeaweedFS (tests/support/seaweed_server.SeaweedServer, keys required) and the predict
 function (scripts/bench_predict.Function, serving the store; MODEL_POLL_SECONDS=1), publishes
 champion version 1, runs scripts/loadtest.sh (hey) against /predict at the given concurrency
 for the given time, and --swap-at seconds in publishes a second, different model (version 2:

@@ -9,7 +9,7 @@ from pathlib import Path
 import flask
 import functions_framework
 import pytest
-from http_stub import Subscriber
+from support.http_stub import Subscriber
 
 from events.delivery import decode_header_value
 

@@ -29,10 +29,10 @@ import onnx
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest_seaweed import SeaweedServer
 from mlflow import MlflowClient
-from mlflow_server import MlflowServer
-from python_snippet import run_python
+from support.mlflow_server import MlflowServer
+from support.python_snippet import run_python
+from support.seaweed_server import SeaweedServer
 
 from readmission import contract, decisions, keys, lease, registry, tracking
 from readmission.aggregate import (

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
-from http_stub import Subscriber
+from support.http_stub import Subscriber
 
 from events.broker import BrokerConfig, BrokerServer, serve
 from events.delivery import decode_header_value, encode_header_value, post_binary

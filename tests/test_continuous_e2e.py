@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 from cloudevents.http import CloudEvent
-from conftest_seaweed import sample_csv
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
-from stack import RunningStack, running_stack
+from support.seaweed_server import sample_csv
+from support.stack import RunningStack, running_stack
 
 from events.delivery import Verdict, post_binary
 from events.notifications import DECISION_MADE, RESULT_CREATED, ObjectVersion, to_event

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest_seaweed import real_csv_bytes, sample_csv
+from support.seaweed_server import real_csv_bytes, sample_csv
 
 from readmission import contract
 

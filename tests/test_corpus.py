@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest_seaweed import SeaweedServer, real_csv_bytes, sample_csv, seaweed_s3
+from support.seaweed_server import SeaweedServer, real_csv_bytes, sample_csv, seaweed_s3
 
 from readmission import contract, corpus, ingest, keys
 from readmission.config import Buckets, Settings

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest_seaweed import real_csv_bytes
+from support.seaweed_server import real_csv_bytes
 
 from readmission import dataset
 

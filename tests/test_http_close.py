@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import gunicorn.util
 import pytest
-from predict_support import reset_after_sending
+from support.predict_support import reset_after_sending
 
 from readmission import http_close
 

@@ -16,8 +16,8 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest_seaweed import SeaweedServer, real_csv_bytes, sample_csv, seaweed_s3
-from python_snippet import run_python
+from support.python_snippet import run_python
+from support.seaweed_server import SeaweedServer, real_csv_bytes, sample_csv, seaweed_s3
 
 from events.delivery import encode_attribute_headers
 from readmission import contract, corpus, ingest, keys
@@ -683,7 +683,7 @@ def test_parquet_bytes_are_the_same_in_another_process() -> None:
     here = hashlib.sha256(ingest.parquet_bytes(table)).hexdigest()
     code = (
         "import hashlib, sys; sys.path.insert(0, 'tests');"
-        "from conftest_seaweed import sample_csv;"
+        "from support.seaweed_server import sample_csv;"
         "from readmission import contract, ingest;"
         "t = contract.parse_csv_table(sample_csv());"
         "print(hashlib.sha256(ingest.parquet_bytes(t)).hexdigest())"

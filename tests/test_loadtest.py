@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from predict_support import ROOT, FunctionProcess, write_local_model
+from support.predict_support import ROOT, FunctionProcess, write_local_model
 
 from readmission.localstack.processes import free_port
 

@@ -17,7 +17,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
-from stack import RunningStack, next_version, running_stack, version_of
+from support.stack import RunningStack, next_version, running_stack, version_of
 
 from events.notifications import RAW_CREATED, event_id
 from readmission import keys

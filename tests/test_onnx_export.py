@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pandas as pd
 import pytest
-from conftest_seaweed import real_csv_bytes
+from support.seaweed_server import real_csv_bytes
 from test_features import generated_frame, real_sample
 from threadpoolctl import threadpool_limits
 

@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from http_stub import Subscriber
+from support.http_stub import Subscriber
 
 from events.broker import BrokerConfig, serve
 from events.pinger import PING_TYPE, minute_step, next_fire, ping_event

@@ -41,10 +41,10 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 import pytest
-from conftest_seaweed import sample_csv
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
-from stack import (
+from support.seaweed_server import sample_csv
+from support.stack import (
     RunningStack,
     decision_of,
     drop_record,

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from predict_support import (
+from support.predict_support import (
     FunctionProcess,
     challenger_metadata,
     decision_document,

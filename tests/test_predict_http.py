@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_seaweed import SeaweedServer
-from predict_support import (
+from support.predict_support import (
     LEARNING_CURVE_CSV,
     FunctionProcess,
     build_model,
@@ -32,6 +31,7 @@ from predict_support import (
     tiny_png,
     write_local_model,
 )
+from support.seaweed_server import SeaweedServer
 
 from readmission.contract import FEATURES, ID_COLUMNS, NUMERIC_FEATURES, TARGET
 from readmission.localstack.processes import child_pids

@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 from cloudevents.http import CloudEvent, from_http
-from conftest_seaweed import SeaweedServer, free_port, sample_csv
-from http_stub import Subscriber
-from python_snippet import run_python
-from stack import next_version, version_of
+from support.http_stub import Subscriber
+from support.python_snippet import run_python
+from support.seaweed_server import SeaweedServer, free_port, sample_csv
+from support.stack import next_version, version_of
 
 from events.notifications import JOB_CREATED, RAW_CREATED, RESULT_CREATED
 from readmission import keys
@@ -451,7 +451,7 @@ STACK_ENV = {
 
 @pytest.fixture(scope="module")
 def small_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from stack import running_stack
+    from support.stack import running_stack
 
     with running_stack(tmp_path_factory.mktemp("reconcile") / "state", STACK_ENV) as running:
         yield running

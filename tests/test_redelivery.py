@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_seaweed import sample_csv
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
-from stack import decision_of, next_version, version_of, wait_version_done
+from support.seaweed_server import sample_csv
+from support.stack import decision_of, next_version, version_of, wait_version_done
 
 from events.notifications import (
     DECISION_MADE,
@@ -74,7 +74,7 @@ Snapshot = dict[tuple[str, str], tuple[str, bytes]]
 
 @pytest.fixture(scope="module")
 def small_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from stack import running_stack
+    from support.stack import running_stack
 
     with running_stack(tmp_path_factory.mktemp("redelivery") / "state", STACK_ENV) as running:
         yield running

@@ -1,4 +1,4 @@
-"""Security properties of the project and of the REAL local stack (tests/stack.py).
+"""Security properties of the project and of the REAL local stack (tests/support/stack.py).
 
 * the object store refuses anonymous and wrong-key requests (raw HTTP and boto3);
 * every listening TCP socket of the stack's processes is bound to the loopback address;

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from predict_support import (
+from support.predict_support import (
     ROOT,
     build_model,
     challenger_metadata,
@@ -24,7 +24,7 @@ from predict_support import (
     sample_frame,
     write_local_model,
 )
-from python_snippet import run_python
+from support.python_snippet import run_python
 
 from readmission.contract import FEATURES
 from readmission.serving import (
@@ -93,7 +93,7 @@ def test_feeds_follow_the_onnx_contract(model: LoadedModel) -> None:
 def test_a_per_column_export_is_still_served_the_same() -> None:
     """Champions exported before the packed graph (one [N, 1] input per column) still load,
     and give the packed graph's predictions."""
-    from predict_support import build_per_column_model
+    from support.predict_support import build_per_column_model
 
     packed_bytes, metadata = build_model()
     per_column_bytes, per_column_metadata = build_per_column_model()

@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 import pytest
-from conftest_seaweed import real_csv_bytes
+from support.seaweed_server import real_csv_bytes
 
 from readmission import contract
 from readmission.config import Settings

@@ -19,11 +19,11 @@ import pytest
 import skops.io
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
-from conftest_seaweed import SeaweedServer
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
-from mlflow_server import MlflowServer
 from sklearn.metrics import f1_score
+from support.mlflow_server import MlflowServer
+from support.seaweed_server import SeaweedServer
 from test_features import generated_frame, real_sample
 from threadpoolctl import threadpool_limits
 

@@ -1,6 +1,6 @@
 """A real SeaweedFS S3 server on free loopback ports, for tests and benchmarks.
 
-Self-contained stand-in until the shared stack fixture (tests/stack.py) exists: `SeaweedServer`
+Self-contained, lighter than the shared stack fixture (support/stack.py): `SeaweedServer`
 starts `weed server -s3` in a temp dir with an identities file that requires keys, and
 `seaweed_s3` is a module-scoped pytest fixture yielding a running server. Scripts reuse the
 class without pytest (scripts/bench_ingest.py).
@@ -28,7 +28,7 @@ from botocore.config import Config
 
 from readmission.localstack.processes import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WEED = Path(sys.executable).with_name("weed")
 GRPC_OFFSET = 10_000  # SeaweedFS listens on port + 10000 for gRPC unless told otherwise
 

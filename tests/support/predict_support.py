@@ -26,7 +26,7 @@ from typing import Any
 
 from readmission.localstack.processes import free_port, stop_popen_group
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FUNCTIONS_FRAMEWORK = Path(sys.executable).with_name("functions-framework")
 
 
