@@ -11,7 +11,7 @@
 #   --dry-run        kubectl apply --dry-run=client against the current context when kubectl
 #                    can reach a cluster; otherwise only validate and render the manifests.
 #                    Never creates or prints a secret.
-#   --no-validate    skip scripts/check_manifests.py (run before anything is applied).
+#   --no-validate    skip scripts/ci/check_manifests.py (run before anything is applied).
 #   --no-patch-knative-config
 #                    do not raise knative-serving/config-defaults max-revision-timeout-seconds
 #                    to the longest timeoutSeconds of services.yaml (train: 900 s).
@@ -70,11 +70,11 @@ die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
 if ((VALIDATE)); then
   PYTHON="$ROOT/.venv/bin/python"
   [[ -x "$PYTHON" ]] || PYTHON="$(command -v python3 || true)"
-  [[ -n "$PYTHON" ]] || die "python3 is needed for scripts/check_manifests.py (or pass --no-validate)"
-  log "validating manifests (scripts/check_manifests.py)"
+  [[ -n "$PYTHON" ]] || die "python3 is needed for scripts/ci/check_manifests.py (or pass --no-validate)"
+  log "validating manifests (scripts/ci/check_manifests.py)"
   checks=()
   command -v node >/dev/null 2>&1 || { warn "node not found: skipping the Knative CRD schema check"; checks+=(--no-crd-schemas); }
-  "$PYTHON" "$ROOT/scripts/check_manifests.py" "${checks[@]}"
+  "$PYTHON" "$ROOT/scripts/ci/check_manifests.py" "${checks[@]}"
 fi
 
 KEEP_RENDERED=1

@@ -6,7 +6,7 @@
 #   URL          base URL of the function; /predict is added. Default: $PREDICT_URL, else the
 #                local stack's (PREDICT_URL in $STATE_DIR/env, .state/env), else
 #                http://127.0.0.1:8080 (the function started by hand, docs/predict.md)
-#   --locust     use Locust (scripts/locustfile.py: varied patients) instead of hey
+#   --locust     use Locust (scripts/lib/locustfile.py: varied patients) instead of hey
 #   -c N         concurrent clients (default 16, at most 256)
 #   -z DURATION  run time, e.g. 30s or 2m (default 30s, at most 10m)
 #   -n REQUESTS  with hey: stop after this many requests instead (at most 1,000,000)
@@ -125,10 +125,10 @@ else
   fi
   [ -x "$LOCUST" ] || LOCUST=locust
   command -v "$LOCUST" >/dev/null || {
-    echo "locust not found: .venv/bin/pip install -e '.[load]' (scripts/bootstrap.sh makes .venv)" >&2
+    echo "locust not found: .venv/bin/pip install -e '.[load]' (scripts/lib/bootstrap.sh makes .venv)" >&2
     exit 2
   }
-  LOCUST_HOST_HEADER="$HOST_HEADER" timeout $(( SECONDS_TOTAL + 60 )) "$LOCUST" -f "$ROOT/scripts/locustfile.py" --host "$URL" \
+  LOCUST_HOST_HEADER="$HOST_HEADER" timeout $(( SECONDS_TOTAL + 60 )) "$LOCUST" -f "$ROOT/scripts/lib/locustfile.py" --host "$URL" \
     --headless -u "$CONCURRENCY" -r "$CONCURRENCY" -t "${SECONDS_TOTAL}s" --stop-timeout 5 \
     --csv "$TMP/stats" --only-summary --loglevel WARNING > "$TMP/locust.txt" 2>&1 || true
   [ -f "$TMP/stats_stats.csv" ] || { cat "$TMP/locust.txt" >&2; exit 2; }

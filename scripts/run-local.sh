@@ -19,7 +19,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-source scripts/bootstrap.sh
+source scripts/lib/bootstrap.sh
 stack() { python -m readmission.localstack "$@"; }
 
 dataset_path() {

@@ -4,8 +4,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-source scripts/bootstrap.sh
-bash scripts/system-deps.sh
+source scripts/lib/bootstrap.sh
+bash scripts/lib/system-deps.sh
 echo "==> ruff"
 ruff check .
 echo "==> pytest"

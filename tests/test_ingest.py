@@ -141,7 +141,7 @@ def upload(store: ObjectStore, settings: Settings, key: str, data: bytes) -> Non
 @pytest.fixture(scope="module")
 def real(store: ObjectStore) -> Iterator[tuple[Settings, ingest.IngestOutcome]]:
     """The real CSV uploaded and ingested once for the module (its speed is measured by
-    scripts/bench_ingest.py, not here)."""
+    scripts/bench/bench_ingest.py, not here)."""
     settings = fresh_settings(store)
     data = real_csv_bytes()
     upload(store, settings, "uploads/diabetic_data.csv", data)

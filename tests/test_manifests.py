@@ -1,6 +1,6 @@
 """The production manifests (infra/), the Dockerfile and the deploy scripts.
 
-Each check of scripts/check_manifests.py runs on the real files and must find nothing; then each
+Each check of scripts/ci/check_manifests.py runs on the real files and must find nothing; then each
 check runs on a copy of the repository with one deliberate mistake and must find it, so a check
 that silently passes everything fails here.
 """
@@ -22,7 +22,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 
-_spec = importlib.util.spec_from_file_location("check_manifests", SCRIPTS / "check_manifests.py")
+_spec = importlib.util.spec_from_file_location(
+    "check_manifests", SCRIPTS / "ci" / "check_manifests.py"
+)
 assert _spec and _spec.loader
 cm = importlib.util.module_from_spec(_spec)
 sys.modules["check_manifests"] = cm
@@ -97,7 +99,7 @@ def test_main_exit_code() -> None:
         _require(name)
     args = ["--no-crd-schemas"] if NO_NODE else []
     result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "check_manifests.py"), *args],
+        [sys.executable, str(SCRIPTS / "ci" / "check_manifests.py"), *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -93,7 +93,7 @@ def _tool(name: str) -> str:
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.exists() else shutil.which(name)
     if not found:
-        raise StackError(f"{name} not found (run scripts/bootstrap.sh)")
+        raise StackError(f"{name} not found (run scripts/lib/bootstrap.sh)")
     return found
 
 

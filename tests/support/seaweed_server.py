@@ -3,7 +3,7 @@
 Self-contained, lighter than the shared stack fixture (support/stack.py): `SeaweedServer`
 starts `weed server -s3` in a temp dir with an identities file that requires keys, and
 `seaweed_s3` is a module-scoped pytest fixture yielding a running server. Scripts reuse the
-class without pytest (scripts/bench_ingest.py).
+class without pytest (scripts/bench/bench_ingest.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fuzz the predict function from its own OpenAPI document (schemathesis), on loopback only.
 #
-#   scripts/fuzz_predict.sh                   # own stack: train a small champion, fuzz, stop
-#   PREDICT_URL=http://127.0.0.1:8105 scripts/fuzz_predict.sh   # fuzz a running predict
+#   scripts/ci/fuzz_predict.sh                   # own stack: train a small champion, fuzz, stop
+#   PREDICT_URL=http://127.0.0.1:8105 scripts/ci/fuzz_predict.sh   # fuzz a running predict
 #
 # Pass/fail: no 5xx answer (schemathesis check not_a_server_error), no request left without an
 # answer, the predict process still healthy afterwards, and at least FUZZ_MIN_CASES cases run.
@@ -11,7 +11,7 @@
 # dir; kept), DIABETES_CSV (the sample the own stack trains on).
 # Needs schemathesis in the virtualenv (pip install schemathesis).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 ST="$(dirname "$PY")/st"

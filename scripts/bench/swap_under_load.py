@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Load during a champion swap: zero failed requests required.
 
-    .venv/bin/python scripts/swap_under_load.py [--concurrency 64] [--duration 60] [--swap-at 20]
+    .venv/bin/python scripts/bench/swap_under_load.py [--concurrency 64] [--duration 60]
+        [--swap-at 20]
 
 Starts its own SeaweedFS (tests/support/seaweed_server.SeaweedServer, keys required) and the predict
-function (scripts/bench_predict.Function, serving the store; MODEL_POLL_SECONDS=1), publishes
+function (scripts/bench/bench_predict.Function, serving the store; MODEL_POLL_SECONDS=1), publishes
 champion version 1, runs scripts/loadtest.sh (hey) against /predict at the given concurrency
 for the given time, and --swap-at seconds in publishes a second, different model (version 2:
 the same pipeline trained on other rows) as the aggregator does: the ONNX object first, then
@@ -28,8 +29,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "scripts")]
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "scripts" / "bench")]
 
 from bench_predict import (  # noqa: E402  (bench_predict puts ROOT and tests/ on sys.path)
     Function,

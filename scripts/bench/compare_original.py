@@ -9,7 +9,8 @@ Both are trained on the same patient-grouped, stratified 70/15/15 split (readmis
 SPLIT_SEED) using the whole training split (all cumulative batches), and scored on the
 validation and test splits with weighted F1, macro F1 and weighted one-vs-rest ROC-AUC.
 
-    .venv/bin/python scripts/compare_original.py [--algorithms gradient_boosting,...] [--csv PATH]
+    .venv/bin/python scripts/bench/compare_original.py [--algorithms gradient_boosting,...]
+        [--csv PATH]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.metrics import f1_score, roc_auc_score
 from sklearn.preprocessing import LabelEncoder, StandardScaler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from readmission import contract
 from readmission.config import Settings

@@ -1,6 +1,6 @@
 """Locust load profile for the predict function: varied, realistic patients.
 
-    locust -f scripts/locustfile.py --host http://127.0.0.1:8080 --headless -u 16 -r 16 -t 30s
+    locust -f scripts/lib/locustfile.py --host http://127.0.0.1:8080 --headless -u 16 -r 16 -t 30s
 
 (or `scripts/loadtest.sh --locust`). Patients come from the JSON file in env LOCUST_PATIENTS
 (default .state/loadtest/patients.json, written once by `scripts/export_patients.py` from the
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from locust import HttpUser, between, events, task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PATIENTS_FILE = Path(os.environ.get("LOCUST_PATIENTS", ROOT / ".state/loadtest/patients.json"))
 BATCH_SHARE = float(os.environ.get("LOCUST_BATCH_SHARE", "0"))
 BATCH_SIZE = int(os.environ.get("LOCUST_BATCH_SIZE", "20"))

@@ -13,7 +13,7 @@
 * the server's CPU time per single-row request (user + system of gunicorn master and worker,
   from /proc), for both servers: steadier than req/s when other work shares the machine.
 
-    .venv/bin/python scripts/bench_predict.py [--algorithm gradient_boosting] [--rows 20000]
+    .venv/bin/python scripts/bench/bench_predict.py [--algorithm gradient_boosting] [--rows 20000]
         [--concurrency 16] [--duration 10] [--threads 1] [--workers CORES] [--only all|cold|load]
 
 The model is the project's pipeline exported by readmission.onnx_export, trained once on the
@@ -39,7 +39,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from support.seaweed_server import SeaweedServer  # noqa: E402

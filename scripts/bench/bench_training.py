@@ -5,7 +5,7 @@ Runs the fits one after another on one thread each (as the train function does) 
 Markdown table: CPU and wall seconds of each fit, validation F1 (weighted) and ROC-AUC, and for
 the largest set the ONNX size, export seconds and parity (max |dp|, argmax mismatches).
 
-    .venv/bin/python scripts/bench_training.py [--algorithms a,b] [--sets 0,4] [--no-onnx]
+    .venv/bin/python scripts/bench/bench_training.py [--algorithms a,b] [--sets 0,4] [--no-onnx]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from readmission import contract
 from readmission.config import Settings

@@ -13,8 +13,8 @@ the second drop it prints how many fits ran (an unchanged set must not be fitted
 same lower bound over those fits, the re-scoring of the reused fits (sum of their seconds /
 cores) and the gate, and compares the wall time with the first drop's in the same run.
 
-    .venv/bin/python scripts/bench_pipeline.py [--csv PATH] [--workers N] [--keep]
-    .venv/bin/python scripts/bench_pipeline.py --second-drop 0.1
+    .venv/bin/python scripts/bench/bench_pipeline.py [--csv PATH] [--workers N] [--keep]
+    .venv/bin/python scripts/bench/bench_pipeline.py --second-drop 0.1
 
 Env: DIABETES_CSV (default ../shared/data/diabetic_data.csv.gz), plus any pipeline setting
 (BATCH_ROWS, ALGORITHMS, ...), which is passed to the stack.
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from readmission import keys  # noqa: E402

@@ -4,7 +4,7 @@ Starts its own SeaweedFS S3 server on free loopback ports (the test helper in
 tests/support/seaweed_server.py), then for each round: fresh buckets, PUT the CSV into the raw
 bucket, run the ingest core (`readmission.ingest.ingest_object`), and print the figures.
 
-    .venv/bin/python scripts/bench_ingest.py [--rounds 3] [--compare]
+    .venv/bin/python scripts/bench/bench_ingest.py [--rounds 3] [--compare]
 
 --compare also times the pandas reference parser and scikit-learn's StratifiedGroupKFold.
 """
@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from support.seaweed_server import SeaweedServer  # noqa: E402

@@ -2,7 +2,7 @@
 # Creates .venv (if missing) and installs the project with everything it needs.
 # Sourced by run-local.sh and test.sh; safe to run again (pip skips what is installed).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 if [ ! -x "$ROOT/.venv/bin/python" ]; then
   echo "==> creating virtualenv $ROOT/.venv"
