@@ -34,11 +34,15 @@ NO_NODE = shutil.which("node") is None
 BASH = shutil.which("bash") or "/bin/bash"
 
 
+# The root the broken-copy checks run on (`broken` points it at its copy).
+_checked = {"root": ROOT}
+
+
 @pytest.fixture(autouse=True)
 def _real_root() -> Iterator[None]:
-    cm.set_root(ROOT)
+    _checked["root"] = ROOT
     yield
-    cm.set_root(ROOT)
+    _checked["root"] = ROOT
 
 
 # ---------------------------------------------------------------------------- the real files
@@ -65,18 +69,18 @@ def _require(name: str) -> None:
 @pytest.mark.parametrize("name", [n for n in cm.CHECKS if n != "crd-schemas"])
 def test_check_passes(name: str) -> None:
     _require(name)
-    problems = cm.CHECKS[name]()
+    problems = cm.CHECKS[name](ROOT)
     assert problems == [], "\n".join(problems)
 
 
 @pytest.mark.skipif(NO_NODE, reason="node is not installed: Knative CRD schemas not checked")
 def test_knative_and_prometheus_operator_schemas() -> None:
-    problems = cm.check_crd_schemas()
+    problems = cm.check_crd_schemas(ROOT)
     assert problems == [], "\n".join(problems)
 
 
 def test_every_manifest_is_covered() -> None:
-    kinds = {(d.api_version, d.kind) for d in cm.load_docs()}
+    kinds = {(d.api_version, d.kind) for d in cm.load_docs(ROOT)}
     for wanted in [
         ("v1", "Namespace"),
         ("v1", "ConfigMap"),
@@ -110,7 +114,9 @@ def test_main_exit_code() -> None:
 
 def test_local_broker_settings_in_services_yaml() -> None:
     """What the local broker reads: containerConcurrency 1 for train and aggregate."""
-    services = cm.knative_services(cm.load_docs([ROOT / "infra" / "knative" / "services.yaml"]))
+    services = cm.knative_services(
+        cm.load_docs(ROOT, [ROOT / "infra" / "knative" / "services.yaml"])
+    )
     assert services["train"].obj["spec"]["template"]["spec"]["containerConcurrency"] == 1
     assert services["aggregate"].obj["spec"]["template"]["spec"]["containerConcurrency"] == 1
 
@@ -129,7 +135,7 @@ def broken(tmp_path: Path) -> Callable[[str, Callable[[str], str]], Path]:
     (tmp_path / "scripts").mkdir()
     shutil.copy(SCRIPTS / "deploy.sh", tmp_path / "scripts" / "deploy.sh")
     shutil.copy(ROOT / "Dockerfile", tmp_path / "Dockerfile")
-    cm.set_root(tmp_path)
+    _checked["root"] = tmp_path
 
     def edit(relative: str, change: Callable[[str], str]) -> Path:
         path = tmp_path / relative
@@ -151,7 +157,7 @@ def _replace(old: str, new: str, count: int = 1) -> Callable[[str], str]:
 
 
 def _problems(name: str) -> str:
-    return "\n".join(cm.CHECKS[name]())
+    return "\n".join(cm.CHECKS[name](_checked["root"]))
 
 
 def test_detects_unknown_trigger_subscriber(broken) -> None:
