@@ -84,12 +84,12 @@ ENV FUNCTION_TARGET=predict \
 
 FROM serving AS fn-events-adapter
 ENV FUNCTION_TARGET=adapter \
-    FUNCTION_SOURCE=events/adapter.py \
+    FUNCTION_SOURCE=functions/events-adapter/main.py \
     FUNCTION_SIGNATURE_TYPE=http
 
 FROM serving AS fn-dead-letter
 ENV FUNCTION_TARGET=dead_letter \
-    FUNCTION_SOURCE=functions/deadletter/main.py \
+    FUNCTION_SOURCE=functions/dead-letter/main.py \
     FUNCTION_SIGNATURE_TYPE=cloudevent
 
 FROM serving AS fn-reconcile

@@ -1,8 +1,9 @@
 """Knative Service ``events-adapter``: bucket notification webhook -> CloudEvents -> sink.
 
-functions-framework HTTP function ``adapter``. It accepts a MinIO/S3 or a SeaweedFS filer
-notification on POST, converts it (events/notifications.py) and POSTs every CloudEvent in
-binary mode to ``K_SINK`` (injected by a Knative SinkBinding; locally: the broker's URL).
+functions-framework HTTP function ``adapter``, served through functions/events-adapter/main.py.
+It accepts a MinIO/S3 or a SeaweedFS filer notification on POST, converts it
+(events/notifications.py) and POSTs every CloudEvent in binary mode to ``K_SINK`` (injected by a
+Knative SinkBinding; locally: the broker's URL).
 
 Answers: 200 ``{"events": [ids]}`` once every event was accepted by the sink; 400 with a JSON
 error for a body that is no notification; 413 above ``ADAPTER_MAX_BODY_BYTES``; 502/503 when

@@ -1,4 +1,5 @@
-"""events/adapter.py served by functions-framework, forwarding to a real HTTP sink."""
+"""The events-adapter function (functions/events-adapter/main.py over events/adapter.py) served by
+functions-framework, forwarding to a real HTTP sink."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ EXAMPLES = ROOT / "events" / "examples"
 @pytest.fixture(scope="module")
 def app() -> flask.Flask:
     return functions_framework.create_app(
-        target="adapter", source=str(ROOT / "events" / "adapter.py"), signature_type="http"
+        target="adapter",
+        source=str(ROOT / "functions" / "events-adapter" / "main.py"),
+        signature_type="http",
     )
 
 

@@ -26,7 +26,8 @@ def test_function_entry_points_come_from_the_service_manifests(tmp_path: Path) -
     specs = {spec.service: spec for spec in function_specs(tmp_path)}
     assert specs["extra"].target == "go" and specs["extra"].signature == "cloudevent"
     assert specs["extra"].source == "functions/extra/main.py"
-    assert specs["events-adapter"].source == "events/adapter.py"  # from the design table
+    # from the design table
+    assert specs["events-adapter"].source == "functions/events-adapter/main.py"
     from_manifests = {s.service: s for s in functions_from_manifests(ROOT / "infra" / "knative")}
     for name, spec in from_manifests.items():  # the manifest wins over the design table
         assert specs[name] == spec
@@ -34,8 +35,8 @@ def test_function_entry_points_come_from_the_service_manifests(tmp_path: Path) -
 
 def test_a_missing_function_file_is_skipped_not_started(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "infra", tmp_path / "infra")
-    (tmp_path / "events").mkdir()
-    (tmp_path / "events" / "adapter.py").write_text("")
+    (tmp_path / "functions" / "events-adapter").mkdir(parents=True)
+    (tmp_path / "functions" / "events-adapter" / "main.py").write_text("")
     config = StackConfig.from_env(root=tmp_path, extra_env={"TRAIN_WORKERS": "3"})
     assert [s.service for s in config.present_functions()] == ["events-adapter"]
     assert "train" in {s.service for s in config.missing_functions()}

@@ -127,7 +127,7 @@ def test_local_broker_settings_in_services_yaml() -> None:
 @pytest.fixture
 def broken(tmp_path: Path) -> Callable[[str, Callable[[str], str]], Path]:
     """Copies the checked files to tmp_path and points check_manifests at the copy."""
-    for part in ("infra", "docs", "readmission", "events"):
+    for part in ("infra", "docs", "readmission", "events", "functions"):
         if (ROOT / part).exists():
             shutil.copytree(
                 ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__")
@@ -206,12 +206,33 @@ def test_detects_concurrency_and_scale_mistakes(broken) -> None:
     assert "predict: min-scale must be '0'" in problems
 
 
+def test_detects_a_function_source_not_named_after_its_service(broken) -> None:
+    broken(
+        "infra/knative/services.yaml",
+        _replace("--source=functions/dead-letter/main.py", "--source=functions/deadletter/main.py"),
+    )
+    problems = _problems("function-sources")
+    assert "--source=functions/deadletter/main.py, want functions/dead-letter/main.py" in problems
+
+
+def test_detects_a_service_without_its_function_source(broken, tmp_path: Path) -> None:
+    (tmp_path / "functions" / "train" / "main.py").unlink()
+    assert "functions/train/main.py does not exist" in _problems("function-sources")
+
+
+def test_detects_a_function_folder_that_is_no_service(broken, tmp_path: Path) -> None:
+    (tmp_path / "functions" / "deadletter").mkdir()
+    (tmp_path / "functions" / "deadletter" / "main.py").write_text("")
+    problems = _problems("function-sources")
+    assert "functions/deadletter/ is not a Knative Service in infra/knative/" in problems
+
+
 def test_detects_wrong_entry_point(broken) -> None:
     broken(
         "infra/knative/services.yaml",
-        _replace("--source=functions/deadletter/main.py", "--source=functions/dead-letter/main.py"),
+        _replace("--source=functions/dead-letter/main.py", "--source=functions/deadletter/main.py"),
     )
-    assert "--source=functions/dead-letter/main.py but design says" in _problems("services")
+    assert "--source=functions/deadletter/main.py but design says" in _problems("services")
 
 
 def test_detects_undefined_config_key(broken) -> None:

@@ -54,8 +54,8 @@ PROBE = textwrap.dedent(
 SERVING_FUNCTIONS = [
     # name, target, source, signature, GET paths to probe
     ("predict", "predict", "functions/predict/main.py", "http", ["/health", "/metrics"]),
-    ("events-adapter", "adapter", "events/adapter.py", "http", ["/"]),
-    ("dead-letter", "dead_letter", "functions/deadletter/main.py", "cloudevent", []),
+    ("events-adapter", "adapter", "functions/events-adapter/main.py", "http", ["/"]),
+    ("dead-letter", "dead_letter", "functions/dead-letter/main.py", "cloudevent", []),
     ("reconcile", "reconcile_ping", "functions/reconcile/main.py", "cloudevent", []),
 ]
 

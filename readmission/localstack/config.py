@@ -27,8 +27,8 @@ class FunctionSpec:
 
 # The Services of docs/design.md, used when infra/knative has no Service manifest for one.
 FUNCTIONS = (
-    FunctionSpec("events-adapter", "events/adapter.py", "adapter", "http"),
-    FunctionSpec("dead-letter", "functions/deadletter/main.py", "dead_letter", "cloudevent"),
+    FunctionSpec("events-adapter", "functions/events-adapter/main.py", "adapter", "http"),
+    FunctionSpec("dead-letter", "functions/dead-letter/main.py", "dead_letter", "cloudevent"),
     FunctionSpec("ingest", "functions/ingest/main.py", "ingest", "cloudevent"),
     FunctionSpec("aggregate", "functions/aggregate/main.py", "aggregate", "cloudevent"),
     FunctionSpec("predict", "functions/predict/main.py", "predict", "http"),

@@ -15,6 +15,8 @@ family in scripts/ci/manifests/; tests/test_manifests.py runs them one by one,
 * the shared contract of docs/design.md: the six Knative Services with their entry points, the
   Broker and its delivery, a Trigger (or "terminal") for every event type, every Trigger's
   subscriber and dead-letter sink exists, the SinkBinding's subject and sink exist;
+* every Knative Service of infra/knative/ runs functions/<service>/main.py, and every folder of
+  functions/ is such a Service (one spelling per function);
 * every ConfigMap/Secret (and key) that a workload reads is defined, the ConfigMap sets every
   setting of readmission/config.py, and the Secret template holds no value;
 * autoscaling and timeouts: train and aggregate containerConcurrency 1, aggregate max-scale 1,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import check_config_refs, check_no_secrets
 from .dockerfile import check_dockerfile
-from .knative import check_eventing, check_scaling, check_services
+from .knative import check_eventing, check_function_sources, check_scaling, check_services
 from .minio import check_minio
 from .monitoring import check_monitoring, check_promql
 from .schemas import check_crd_schemas, check_kubernetes_schemas
@@ -20,6 +20,7 @@ CHECKS: dict[str, Callable[[Path], list[str]]] = {
     "kubernetes-schemas": check_kubernetes_schemas,
     "crd-schemas": check_crd_schemas,
     "services": check_services,
+    "function-sources": check_function_sources,
     "scaling": check_scaling,
     "eventing": check_eventing,
     "config-refs": check_config_refs,

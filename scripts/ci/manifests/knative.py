@@ -1,5 +1,6 @@
-"""The shared contract of docs/design.md: the Knative Services with their entry points, their
-autoscaling and timeouts, the Broker and its delivery, the Triggers and the SinkBinding."""
+"""The shared contract of docs/design.md: the Knative Services with their entry points (each at
+functions/<service>/main.py), their autoscaling and timeouts, the Broker and its delivery, the
+Triggers and the SinkBinding."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .common import (
     _spec,
     by_kind,
     iso_seconds,
+    knative_dir,
     knative_services,
     load_docs,
 )
@@ -222,4 +224,33 @@ def check_eventing(root: Path) -> list[str]:
         sink = spec.get("sink", {}).get("ref", {})
         if sink.get("kind") != "Broker" or sink.get("name") not in brokers:
             problems.append(f"{binding.where}: sink must be the Broker")
+    return problems
+
+
+def check_function_sources(root: Path) -> list[str]:
+    """Every Knative Service of infra/knative/ runs functions/<its name>/main.py, which exists,
+    and every folder of functions/ is such a Service: one spelling per function."""
+    knative = knative_dir(root)
+    services = {
+        name: doc
+        for name, doc in knative_services(load_docs(root)).items()
+        if doc.path.is_relative_to(knative)
+    }
+    problems = []
+    for name, doc in sorted(services.items()):
+        wanted = f"functions/{name}/main.py"
+        source = _args(_container(doc)).get("source")
+        if source != wanted:
+            problems.append(f"{doc.where}: --source={source}, want {wanted}")
+        if not (root / wanted).is_file():
+            problems.append(f"{doc.where}: {wanted} does not exist")
+    functions = root / "functions"
+    folders = sorted(
+        p.name
+        for p in (functions.iterdir() if functions.is_dir() else [])
+        if p.is_dir() and not p.name.startswith((".", "_"))
+    )
+    for folder in folders:
+        if folder not in services:
+            problems.append(f"functions/{folder}/ is not a Knative Service in infra/knative/")
     return problems
