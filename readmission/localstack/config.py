@@ -104,7 +104,8 @@ class StackConfig:
     free_ports: bool = False
     train_workers: int = 1
     # 1: uvicorn's multi-worker mode binds a socket without IPPROTO_TCP, so asyncio never
-    # sets TCP_NODELAY and every reused connection waits ~40 ms (Nagle x delayed ACK).
+    # sets TCP_NODELAY and every reused connection stalls on Nagle x delayed ACK; one worker
+    # keeps TCP_NODELAY on.
     mlflow_workers: int = 1
     start_timeout: float = 180.0
     strict: bool = False  # a pipeline function that cannot start fails `up` (else: a warning)

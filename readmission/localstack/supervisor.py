@@ -262,8 +262,8 @@ class Supervisor:
             f"--port={ports['mlflow']}",
             f"--workers={config.mlflow_workers}",
             # gunicorn serves MLflow's Flask app as it is; uvicorn (the default) wraps it in
-            # FastAPI through a WSGI bridge: ~30% more server CPU per training run (0.31 vs
-            # 0.22 s, the runs logging 7 files each), whatever MLflow's FutureWarning says.
+            # FastAPI through a WSGI bridge, which costs more server CPU per training run,
+            # whatever MLflow's FutureWarning says.
             "--gunicorn-opts=--threads=4 --log-level=warning",
         ]
         log(f"starting mlflow     ({env_for_clients['MLFLOW_TRACKING_URI']})")
