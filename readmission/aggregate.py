@@ -62,13 +62,8 @@ from readmission.learning_curve import (
     to_png,
     warm_up_png,
 )
-from readmission.onnx_export import (
-    PARITY_TOLERANCE,
-    ExportedModel,
-    ParityReport,
-    check_parity,
-    export_onnx,
-)
+from readmission.onnx_export import ExportedModel, export_onnx
+from readmission.onnx_parity import PARITY_TOLERANCE, ParityReport, check_parity
 from readmission.storage import ObjectStore, json_bytes
 from readmission.training import predict_probabilities, score
 

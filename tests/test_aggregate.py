@@ -45,7 +45,8 @@ from readmission.aggregate import (
 from readmission.config import Buckets, Settings
 from readmission.features import target_values, to_model_frame
 from readmission.ingest import ingest_object, job_spec, parquet_bytes
-from readmission.onnx_export import ExportedModel, ParityError, export_onnx, run_onnx
+from readmission.onnx_export import ExportedModel, export_onnx
+from readmission.onnx_parity import ParityError, run_onnx
 from readmission.storage import ObjectStore, json_bytes
 from readmission.training import compute_metrics, train_job
 
