@@ -64,8 +64,8 @@ from readmission.learning_curve import (
 )
 from readmission.onnx_export import ExportedModel, export_onnx
 from readmission.onnx_parity import PARITY_TOLERANCE, ParityReport, check_parity
+from readmission.scoring import predict_probabilities, score
 from readmission.storage import ObjectStore, json_bytes
-from readmission.training import predict_probabilities, score
 
 log = logging.getLogger(__name__)
 

@@ -30,15 +30,10 @@ from threadpoolctl import threadpool_limits
 from readmission import ingest, keys, tracking
 from readmission.config import Buckets, Settings
 from readmission.features import ALGORITHMS, build_pipeline, target_values, to_model_frame
+from readmission.job_spec import InvalidJobSpec, JobSpec
+from readmission.scoring import METRIC_NAMES
 from readmission.storage import ObjectStore, json_bytes
-from readmission.training import (
-    METRIC_NAMES,
-    InvalidJobSpec,
-    JobSpec,
-    ModelDataCache,
-    read_model_data,
-    train_job,
-)
+from readmission.training import ModelDataCache, read_model_data, train_job
 
 pytestmark = pytest.mark.stack
 
@@ -726,7 +721,7 @@ def test_metrics_equal_sklearn_on_the_labels_themselves() -> None:
     """compute_metrics scores class indices for speed: the figures must be the labels' own."""
     from sklearn.metrics import roc_auc_score
 
-    from readmission.training import compute_metrics
+    from readmission.scoring import compute_metrics
 
     frame = generated_frame(900)
     train, validation = frame.iloc[:600], frame.iloc[600:]
@@ -769,7 +764,7 @@ def label_metrics(y_true: Any, predicted: Any) -> dict[str, float]:
 
 
 def test_label_metrics_average_over_the_labels_present_as_sklearn_does() -> None:
-    from readmission.training import score
+    from readmission.scoring import score
 
     classes = np.array(["<30", ">30", "NO"])
     rng = np.random.default_rng(3)
