@@ -8,7 +8,7 @@ manifest not seen before or rewritten under its key); writes nothing.
 Contract:
 
 * `JobSpec.parse` accepts only a document of the layout readmission.ingest writes
-  (readmission.corpus_append.job_spec); `check_against_manifest` accepts only a spec that is,
+  (readmission.jobs.job_spec); `check_against_manifest` accepts only a spec that is,
   word for word, one of the jobs its manifest lists (version, key, datasets bucket, cumulative
   index, batch, validation and test keys, training rows, algorithm). Anything else is an
   InvalidJobSpec: no retry can fix it (the train function answers 400, dead-lettered once),
@@ -215,7 +215,7 @@ def check_against_manifest(
 ) -> None:
     """InvalidJobSpec naming every field in which the spec (`document`, parsed as `job`, read
     from `key` when the caller knows it) is not the job its manifest lists, as
-    readmission.corpus_append.job_spec writes it."""
+    readmission.jobs.job_spec writes it."""
     datasets = settings.buckets.datasets
     where = f"s3://{datasets}/{keys.manifest_key(job.dataset_id)}"
     problems = []

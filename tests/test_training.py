@@ -27,7 +27,7 @@ from sklearn.metrics import f1_score
 from test_features import generated_frame, real_sample
 from threadpoolctl import threadpool_limits
 
-from readmission import ingest, keys, tracking
+from readmission import jobs, keys, tracking
 from readmission.config import Buckets, Settings
 from readmission.features import ALGORITHMS, build_pipeline, target_values, to_model_frame
 from readmission.job_spec import InvalidJobSpec, JobSpec
@@ -299,7 +299,7 @@ def test_a_later_version_reuses_the_fit_and_only_rescores_it_on_its_validation_r
     extra = real_sample(2 * BATCH_ROWS, 2 * VALIDATION_ROWS)[1].iloc[VALIDATION_ROWS:]
     extra_key = keys.validation_key(LATER_VERSION)
     env.store.put_bytes(env.settings.buckets.datasets, extra_key, parquet(extra))
-    later = ingest.job_spec(
+    later = jobs.job_spec(
         LATER_MANIFEST, keys.job_key(LATER_VERSION, 0, "decision_tree"), "datasets"
     )
     assert later["validation_keys"] == [keys.validation_key(DATASET_ID), extra_key]
@@ -363,7 +363,7 @@ def test_invalid_job_specs_are_refused_before_any_work() -> None:
 def test_the_specs_built_here_are_the_ones_ingest_derives_from_the_manifest() -> None:
     for key in MANIFEST["jobs"]:
         _, index, algorithm = keys.parse_job_key(key)
-        assert ingest.job_spec(MANIFEST, key, "datasets") == job_spec(index, algorithm)
+        assert jobs.job_spec(MANIFEST, key, "datasets") == job_spec(index, algorithm)
 
 
 def no_trace_of(env: Env, spec: dict[str, Any]) -> bool:
@@ -456,7 +456,7 @@ def test_batches_holding_other_rows_than_the_manifest_says_are_refused(env: Env)
         keys.manifest_key(version),
         manifest_of(version, [batch], [DATASET_ID], ["decision_tree"], [(0, "decision_tree")]),
     )
-    spec = ingest.job_spec(
+    spec = jobs.job_spec(
         env.store.get_json(datasets, keys.manifest_key(version)),
         keys.job_key(version, 0, "decision_tree"),
         "datasets",
