@@ -35,13 +35,8 @@ from mlflow_server import MlflowServer
 from python_snippet import run_python
 
 from readmission import contract, decisions, keys, lease, registry, tracking
-from readmission.aggregate import (
-    AggregateOutcome,
-    InvalidResult,
-    aggregate_dataset,
-    lease_key,
-    select_best,
-)
+from readmission.aggregate import AggregateOutcome, InvalidResult, aggregate_dataset, lease_key
+from readmission.candidate import select_best
 from readmission.config import Buckets, Settings
 from readmission.corpus_append import parquet_bytes
 from readmission.features import target_values, to_model_frame
