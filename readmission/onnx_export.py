@@ -1,4 +1,4 @@
-"""Export a fitted pipeline (features.build_pipeline) to ONNX and prove the export is faithful.
+"""Export a fitted pipeline (features.build_pipeline) to ONNX.
 
 The ONNX model contract (docs/design.md): two inputs, `numeric` (float32 [N, 8], the
 NUMERIC_FEATURES in contract order, NaN for missing) and `categorical` (string [N, 39], the
@@ -8,9 +8,10 @@ CATEGORICAL_FEATURES in contract order, "?" for missing); outputs `label` (strin
 The graph is built from the one fitted Pipeline: its encoders become a handful of ONNX nodes
 written here (one LabelEncoder over all 39 columns, a Gather of per-column codes), and its
 classifier is converted by skl2onnx. skl2onnx converting the whole pipeline would give one
-input per column and ~80 per-column encoder nodes, whose fixed per-node cost is most of a
-single-row prediction (~70 us against ~15 us). `check_parity` proves the result equals the
-pipeline's predict_proba.
+input per column and ~80 per-column encoder nodes, whose fixed per-node cost would dominate a
+single-row prediction. `export_onnx` is deterministic (fixed graph name
+and opsets: the same fitted pipeline gives the same bytes) and reads and writes no storage;
+readmission.onnx_parity runs the result and proves it equals the pipeline's predict_proba.
 """
 
 from __future__ import annotations
@@ -37,14 +38,17 @@ from readmission.features import (
     PREPROCESS_STEP,
     learned_categories,
     n_model_features,
-    to_model_frame,
+)
+from readmission.onnx_parity import (
+    CATEGORICAL_INPUT,
+    LABEL_OUTPUT,
+    NUMERIC_INPUT,
+    PROBABILITIES_OUTPUT,
+    check_parity,
 )
 
-LABEL_OUTPUT = "label"
-PROBABILITIES_OUTPUT = "probabilities"
 # Default opsets of skl2onnx 1.20 that onnxruntime >= 1.18 runs; fixed so exports are stable.
 TARGET_OPSET: dict[str, int] = {"": 17, "ai.onnx.ml": 3}
-PARITY_TOLERANCE = 1e-4
 GRAPH_NAME = "readmission"
 
 
@@ -72,10 +76,6 @@ def _patch_skl2onnx_hist_gradient_boosting() -> None:
 _patch_skl2onnx_hist_gradient_boosting()
 
 
-class ParityError(AssertionError):
-    """The ONNX graph does not reproduce the pipeline's predictions."""
-
-
 @dataclass(frozen=True)
 class ExportedModel:
     onnx_bytes: bytes
@@ -87,24 +87,6 @@ class ExportedModel:
     )
 
 
-@dataclass(frozen=True)
-class ParityReport:
-    rows: int
-    max_abs_diff: float
-    argmax_mismatches: int
-    label_mismatches: int
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {
-            "rows": self.rows,
-            "max_abs_diff": self.max_abs_diff,
-            "argmax_mismatches": self.argmax_mismatches,
-            "label_mismatches": self.label_mismatches,
-        }
-
-
-NUMERIC_INPUT = "numeric"
-CATEGORICAL_INPUT = "categorical"
 _FEATURES_NAME = "features"  # the classifier's input inside the graph
 
 
@@ -452,61 +434,3 @@ def export_onnx(pipeline: Pipeline, sample_frame: pd.DataFrame | None = None) ->
     if sample_frame is not None:
         check_parity(pipeline, exported.onnx_bytes, sample_frame)
     return exported
-
-
-def frame_feeds(frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """onnxruntime feeds for a (contract or model) frame, following the documented feed rules."""
-    model_frame = to_model_frame(frame)
-    return {
-        NUMERIC_INPUT: model_frame[list(NUMERIC_FEATURES)].to_numpy(dtype=np.float32),
-        CATEGORICAL_INPUT: model_frame[list(CATEGORICAL_FEATURES)].to_numpy(dtype=object),
-    }
-
-
-def run_onnx(onnx_bytes: bytes, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) from onnxruntime for every row of the frame."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(
-        onnx_bytes, sess_options=options, providers=["CPUExecutionProvider"]
-    )
-    labels, probabilities = session.run([LABEL_OUTPUT, PROBABILITIES_OUTPUT], frame_feeds(frame))
-    return np.asarray(labels), np.asarray(probabilities)
-
-
-def check_parity(
-    pipeline: Pipeline,
-    onnx_bytes: bytes,
-    frame: pd.DataFrame,
-    tolerance: float = PARITY_TOLERANCE,
-    expected: np.ndarray | None = None,
-) -> ParityReport:
-    """Compare onnxruntime with pipeline.predict_proba on every row of the frame.
-
-    Requires the same argmax class on every row and max |p_onnx - p_sklearn| <= tolerance;
-    raises ParityError saying how far off it is otherwise. `expected`: the pipeline's
-    probabilities on this frame when the caller has them already (computed here otherwise).
-    """
-    model_frame = to_model_frame(frame)
-    if expected is None:
-        expected = pipeline.predict_proba(model_frame)
-    classes = np.asarray([str(c) for c in pipeline.named_steps[MODEL_STEP].classes_], dtype=object)
-    labels, probabilities = run_onnx(onnx_bytes, model_frame)
-    if probabilities.shape != expected.shape:
-        raise ParityError(
-            f"ONNX probabilities have shape {probabilities.shape}, sklearn {expected.shape}"
-        )
-    diff = float(np.max(np.abs(probabilities.astype(np.float64) - expected))) if len(frame) else 0.0
-    argmax_mismatches = int(np.sum(probabilities.argmax(axis=1) != expected.argmax(axis=1)))
-    label_mismatches = int(np.sum(labels.astype(str) != classes[expected.argmax(axis=1)]))
-    report = ParityReport(len(model_frame), diff, argmax_mismatches, label_mismatches)
-    if argmax_mismatches or label_mismatches or not diff <= tolerance:
-        raise ParityError(
-            f"ONNX export differs from the pipeline on {report.rows} rows: "
-            f"max |dp| = {diff:.3g} (tolerance {tolerance:g}), {argmax_mismatches} rows with a "
-            f"different argmax, {label_mismatches} rows with a different label"
-        )
-    return report

@@ -19,9 +19,10 @@ the reconciler try again. A dead letter left by transient failures (5xx, timeout
 is re-emitted: the reconciler's period is the slow retry after the broker's fast ones.
 
 Ingest receipt: ``keys.receipt_key(bucket, key, etag)`` in the datasets bucket, written by
-``readmission.ingest.write_receipt`` at the end of every ingest outcome. A raw object without a
-receipt (ingested by an older version, or its receipt lost) also counts as processed when a
-manifest's ``source`` names its bucket, key and size and every job spec of that manifest exists.
+``readmission.corpus_append.write_receipt`` at the end of every ingest outcome. A raw object
+without a receipt (ingested by an older version, or its receipt lost) also counts as processed
+when a manifest's ``source`` names its bucket, key and size and every job spec of that manifest
+exists.
 
 Plain Python over ``ObjectStore`` (no pandas, pyarrow, scikit-learn or mlflow). Entry points:
 ``reconcile(store, settings, emit)``; ``run_once(...)`` emits to a sink URL; and

@@ -41,7 +41,7 @@ from sklearn.pipeline import Pipeline
 log = logging.getLogger(__name__)
 
 JOB_KEY_TAG = "job_key"
-# The content address of a fit (readmission.training.JobSpec.fit_id): runs are found and reused
+# The content address of a fit (readmission.job_spec.JobSpec.fit_id): runs are found and reused
 # by it, so the same rows, algorithm, parameters and code are never fitted twice.
 FIT_ID_TAG = "fit_id"
 DATASET_TAG = "dataset_id"
@@ -354,11 +354,10 @@ def compact_skops_schema() -> Iterator[None]:
 
     skops dumps that schema with `json.dumps(state, indent=2)`, which Python runs in its
     pure-Python encoder (the C one only serves indent=None): ~2/3 of the save time of a
-    300-tree model, and the indentation doubles the file (11.5 MB instead of 5.2 MB for
-    gradient boosting, uploaded to MLflow for every run). skops reads the schema with
-    `json.loads`, so the saved model is the same document. Safe to nest and to use from
-    several threads; if skops no longer writes through its module's `json`, nothing is
-    changed."""
+    300-tree model, and the indentation inflates the file uploaded to MLflow for every run.
+    skops reads the schema with `json.loads`, so the saved model is the same document. Safe
+    to nest and to use from several threads; if skops no longer writes through its module's
+    `json`, nothing is changed."""
     with _COMPACT_SKOPS.active():
         yield
 

@@ -1,10 +1,11 @@
 """The training step: one job spec in, one result document out (and at most one new fit).
 
-A job is (corpus version, cumulative set, algorithm). Its fit is content-addressed: `fit_id`
-hashes the set's batch keys (immutable, content-addressed objects), the algorithm, the
-classifier's parameters and the code version, and MLflow runs carry it as the tag `fit_id`. So
-the same rows, algorithm, parameters and code are never fitted twice: a later corpus version
-whose set 0..k is unchanged reuses the run and only re-scores it on its own validation rows.
+A job is (corpus version, cumulative set, algorithm). Its fit is content-addressed
+(readmission.job_spec): `fit_id` hashes the set's batch keys (immutable, content-addressed
+objects), the algorithm, the classifier's parameters and the code version, and MLflow runs
+carry it as the tag `fit_id`. So the same rows, algorithm, parameters and code are never fitted
+twice: a later corpus version whose set 0..k is unchanged reuses the run and only re-scores it
+on its own validation rows.
 
 A job spec is trusted only as far as the manifest it claims to come from: before anything else
 `train_job` reads `datasets/<dataset_id>/manifest.json` and checks that the spec is one of its
@@ -27,287 +28,43 @@ answers 400: dead-lettered once, never retried), before any object is read or ru
 4. the result document is written LAST: its arrival fires the aggregator.
 
 The result is built from the finished run (and, for a reused fit, a deterministic re-scoring),
-so a redelivered job writes a byte-identical document.
+so a redelivered job writes a byte-identical document. The metrics are those of
+readmission.scoring.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import io
-import json
 import logging
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
-from readmission import contract as contract_module
-from readmission import features as features_module
-from readmission import keys, tracking
+from readmission import tracking
 from readmission.config import Settings
 from readmission.features import (
-    ALGORITHMS,
     build_pipeline,
     classifier_params,
     n_model_features,
     target_values,
     to_model_frame,
 )
+from readmission.job_spec import InvalidJobSpec, JobSpec, check_against_manifest, read_manifest
+from readmission.scoring import FIT_THREADS, METRIC_NAMES, compute_metrics, score
 from readmission.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = (
-    "accuracy",
-    "precision_weighted",
-    "recall_weighted",
-    "f1_weighted",
-    "f1_macro",
-    "roc_auc_ovr",
-)
 # MLflow metric prefixes of the two splits, and the result document's names for them.
 SPLIT_PREFIXES = {"train": "train_", "validation": "val_"}
-# BLAS/OpenMP threads of one fit: parallelism comes from one fit per process.
-FIT_THREADS = 1
-
-
-@functools.cache
-def pipeline_source_digest() -> str:
-    """sha256 of the source of the modules that define what a fit is (the data contract and
-    the pipeline), part of every fit id."""
-    digest = hashlib.sha256()
-    for module in (contract_module, features_module):
-        digest.update(Path(str(module.__file__)).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-class InvalidJobSpec(ValueError):
-    """The job spec is not a job this step can run (no retry can fix it)."""
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    dataset_id: str
-    cumulative_index: int
-    algorithm: str
-    training_rows: int
-    batch_keys: tuple[str, ...]
-    validation_keys: tuple[str, ...]
-    datasets_bucket: str
-
-    @functools.cached_property
-    def fit_id(self) -> str:
-        """Content address of this job's fit: same rows, algorithm, parameters and code ->
-        same id (batch keys name immutable objects whose bytes never change). The code is the
-        code version and the digest of the modules that define the pipeline, so a change to
-        the preprocessing is a new fit even where the code version is not known."""
-        params = classifier_params(build_pipeline(self.algorithm))
-        text = json.dumps(
-            {
-                "algorithm": self.algorithm,
-                "batch_keys": list(self.batch_keys),
-                "params": {name: repr(value) for name, value in sorted(params.items())},
-                "code_version": tracking.code_version(),
-                "pipeline_source": pipeline_source_digest(),
-            },
-            sort_keys=True,
-        )
-        return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-    @property
-    def key(self) -> str:
-        return keys.job_key(self.dataset_id, self.cumulative_index, self.algorithm)
-
-    @property
-    def result_key(self) -> str:
-        return keys.result_key(self.dataset_id, self.cumulative_index, self.algorithm)
-
-    @property
-    def run_name(self) -> str:
-        return tracking.run_name(self.dataset_id, self.cumulative_index, self.algorithm)
-
-    @classmethod
-    def parse(cls, document: Any, default_bucket: str) -> JobSpec:
-        """Validate a job spec document (docs/design.md); InvalidJobSpec says what is wrong."""
-        if not isinstance(document, Mapping):
-            raise InvalidJobSpec("the job spec must be a JSON object")
-        problems = []
-
-        def text(name: str, required: bool = True) -> str:
-            value = document.get(name)
-            if isinstance(value, str) and value:
-                return value
-            if required or value is not None:
-                problems.append(f"{name} must be a non-empty string")
-            return ""
-
-        def integer(name: str) -> int:
-            value = document.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                return value
-            problems.append(f"{name} must be a non-negative integer")
-            return 0
-
-        dataset_id = text("dataset_id")
-        cumulative_index = integer("cumulative_index")
-        algorithm = text("algorithm")
-        if algorithm and algorithm not in ALGORITHMS:
-            problems.append(f"algorithm {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
-        training_rows = integer("training_rows")
-        batch_keys = document.get("batch_keys")
-        if (
-            not isinstance(batch_keys, list)
-            or not batch_keys
-            or not all(isinstance(k, str) and k for k in batch_keys)
-        ):
-            problems.append("batch_keys must be a non-empty list of object keys")
-            batch_keys = []
-        validation_keys = document.get("validation_keys")
-        if validation_keys is None and isinstance(document.get("validation_key"), str):
-            validation_keys = [document["validation_key"]]  # a spec of the older layout
-        if (
-            not isinstance(validation_keys, list)
-            or not validation_keys
-            or not all(isinstance(k, str) and k for k in validation_keys)
-        ):
-            problems.append("validation_keys must be a non-empty list of object keys")
-            validation_keys = []
-        bucket = text("datasets_bucket", required=False) or default_bucket
-        if problems:
-            raise InvalidJobSpec("invalid job spec: " + "; ".join(problems))
-        return cls(
-            dataset_id,
-            cumulative_index,
-            algorithm,
-            training_rows,
-            tuple(batch_keys),
-            tuple(validation_keys),
-            bucket,
-        )
-
-
-class ManifestCache:
-    """The manifests this process read last, by bucket, key and ETag: a job's check costs one
-    HEAD, and a GET only for a manifest not seen before (or rewritten under its key)."""
-
-    MAX_ENTRIES = 8
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[tuple[str, str], tuple[str, Any]] = {}
-
-    def get(self, store: ObjectStore, bucket: str, key: str) -> Any | None:
-        """The manifest's document (shared: not to be changed; its bytes if it is not JSON),
-        None if there is none."""
-        info = store.head(bucket, key)
-        if info is None:
-            return None
-        with self._lock:
-            cached = self._entries.get((bucket, key))
-        if cached is not None and cached[0] == info.etag:
-            return cached[1]
-        data, etag = store.get_with_etag(bucket, key)  # raises if deleted since: a retry
-        try:
-            document: Any = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            document = data  # not JSON: the caller refuses it as no manifest
-        with self._lock:
-            if len(self._entries) >= self.MAX_ENTRIES:
-                self._entries.clear()
-            self._entries[(bucket, key)] = (etag, document)
-        return document
-
-
-MANIFESTS = ManifestCache()
-
-
-def read_manifest(
-    store: ObjectStore, settings: Settings, dataset_id: str, cache: ManifestCache = MANIFESTS
-) -> Mapping[str, Any]:
-    """The manifest of the corpus version a job names, or InvalidJobSpec: ingest writes a
-    version's manifest before its job specs, so a spec without one names no version at all."""
-    bucket, key = settings.buckets.datasets, keys.manifest_key(dataset_id)
-    manifest = cache.get(store, bucket, key)
-    if manifest is None:
-        raise InvalidJobSpec(
-            f"no corpus version {dataset_id}: the spec names a version that does not exist "
-            f"(no s3://{bucket}/{key})"
-        )
-    if not isinstance(manifest, Mapping):
-        raise InvalidJobSpec(f"s3://{bucket}/{key} is not a manifest (not a JSON object)")
-    return manifest
-
-
-def check_against_manifest(
-    job: JobSpec,
-    document: Mapping[str, Any],
-    manifest: Mapping[str, Any],
-    settings: Settings,
-    key: str | None = None,
-) -> None:
-    """InvalidJobSpec naming every field in which the spec (`document`, parsed as `job`, read
-    from `key` when the caller knows it) is not the job its manifest lists, as
-    readmission.ingest.job_spec writes it."""
-    datasets = settings.buckets.datasets
-    where = f"s3://{datasets}/{keys.manifest_key(job.dataset_id)}"
-    problems = []
-    if key is not None and key != job.key:
-        problems.append(f"the spec stored as {key} describes job {job.key}")
-    if job.datasets_bucket != datasets:
-        problems.append(
-            f"datasets_bucket {job.datasets_bucket!r} is not the datasets bucket {datasets!r}"
-        )
-    named = document.get("manifest_key")
-    if named is not None and named != keys.manifest_key(job.dataset_id):
-        problems.append(f"manifest_key {named!r} is not {keys.manifest_key(job.dataset_id)!r}")
-    try:
-        if manifest.get("dataset_id") != job.dataset_id:
-            problems.append(f"the manifest is version {manifest.get('dataset_id')!r}'s")
-        sets = manifest["cumulative_sets"]
-        if job.cumulative_index >= len(sets):
-            problems.append(
-                f"cumulative_index {job.cumulative_index} is out of range: version "
-                f"{job.dataset_id} has {len(sets)} cumulative sets"
-            )
-        else:
-            cumulative = sets[job.cumulative_index]
-            if list(job.batch_keys) != list(cumulative["batch_keys"]):
-                problems.append(
-                    f"batch_keys ({len(job.batch_keys)} keys) are not the "
-                    f"{len(cumulative['batch_keys'])} batches of cumulative set "
-                    f"{job.cumulative_index}"
-                )
-            if job.training_rows != cumulative["rows"]:
-                problems.append(
-                    f"training_rows {job.training_rows} is not the {cumulative['rows']} rows "
-                    f"of cumulative set {job.cumulative_index}"
-                )
-        if list(job.validation_keys) != list(manifest["validation"]["keys"]):
-            problems.append("validation_keys are not the version's validation parts")
-        test_keys = document.get("test_keys")
-        if test_keys is not None and test_keys != list(manifest["test"]["keys"]):
-            problems.append("test_keys are not the version's test parts")
-        if job.algorithm not in manifest["algorithms"]:
-            problems.append(f"algorithm {job.algorithm!r} is not one of the version's")
-        if job.key not in manifest["jobs"]:
-            problems.append(f"{job.key} is not one of the version's jobs")
-    except (KeyError, TypeError, IndexError) as error:
-        raise InvalidJobSpec(f"{where} is not a manifest: {error!r}") from error
-    if problems:
-        raise InvalidJobSpec(
-            f"job spec {key or job.key} is not a job of its manifest {where}: "
-            + "; ".join(problems)
-        )
 
 
 @dataclass(frozen=True)
@@ -328,10 +85,10 @@ class ModelDataCache:
     """The ModelData of the dataset objects this process read last (one dataset at a time).
 
     A train replica fits batches 0..i of the same dataset job after job: with this it reads,
-    decodes and converts each batch and the validation split once, not once per job (on the
-    real file ~60 batch reads in all become ~12; the frames hold ~40 MB). Entries are keyed
-    by object key and ETag, so every cached use costs one HEAD request and an object rewritten
-    under its key is read again.
+    decodes and converts each batch and the validation split once per process, not once per
+    job, and holds the frames of one dataset only. Entries are keyed by object key and ETag, so
+    every cached use costs one HEAD request and an object rewritten under its key is read
+    again.
     """
 
     def __init__(self) -> None:
@@ -412,56 +169,6 @@ def fit_with_features(
 def fit_timed(pipeline: Pipeline, frame: pd.DataFrame, y: np.ndarray) -> FitTiming:
     """Fit on one thread; CPU seconds of this process and wall seconds of the fit."""
     return fit_with_features(pipeline, frame, y)[0]
-
-
-def compute_metrics(
-    pipeline: Pipeline, frame: pd.DataFrame, y_true: np.ndarray
-) -> dict[str, float | None]:
-    """The METRIC_NAMES on one split; roc_auc_ovr is None when a class is absent from it."""
-    return score(predict_probabilities(pipeline, frame), np.asarray(pipeline.classes_), y_true)
-
-
-def predict_probabilities(pipeline: Pipeline, frame: pd.DataFrame) -> np.ndarray:
-    """pipeline.predict_proba on FIT_THREADS threads (columns in pipeline.classes_ order)."""
-    with threadpool_limits(limits=FIT_THREADS):
-        return pipeline.predict_proba(frame)
-
-
-def score(
-    probabilities: np.ndarray, classes: np.ndarray, y_true: np.ndarray
-) -> dict[str, float | None]:
-    """The METRIC_NAMES of predicted probabilities (columns in `classes` order)."""
-    predicted: np.ndarray = np.argmax(probabilities, axis=1)
-    codes = pd.Index(classes).get_indexer(y_true)  # -1: a label not in classes
-    if (codes >= 0).all():
-        # Class indices instead of the labels: the same scores (labels map one to one onto
-        # indices), without sklearn sorting ~70k Python strings per metric (~1.5 s a job).
-        y_true, classes = codes, np.arange(len(classes))
-    else:  # a label the model does not know: score the labels as they are
-        predicted = classes[predicted]
-    # One pass for the per-class figures (over the labels present in either array, as
-    # precision_score & co. do), averaged here exactly as sklearn averages them: a quarter of
-    # the cost of four separate calls.
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, predicted, average=None, zero_division=0
-    )
-    metrics: dict[str, float | None] = {
-        "accuracy": float(accuracy_score(y_true, predicted)),
-        "precision_weighted": float(np.average(precision, weights=support)),
-        "recall_weighted": float(np.average(recall, weights=support)),
-        "f1_weighted": float(np.average(f1, weights=support)),
-        "f1_macro": float(np.average(f1)),
-    }
-    try:
-        metrics["roc_auc_ovr"] = float(
-            roc_auc_score(
-                y_true, probabilities, multi_class="ovr", average="weighted", labels=classes
-            )
-        )
-    except ValueError as error:
-        log.warning("ROC-AUC undefined on this split: %s", error)
-        metrics["roc_auc_ovr"] = None
-    return metrics
 
 
 def _run_params(job: JobSpec, pipeline: Pipeline, n_samples: int) -> dict[str, Any]:

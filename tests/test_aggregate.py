@@ -35,19 +35,18 @@ from support.python_snippet import run_python
 from support.seaweed_server import SeaweedServer
 
 from readmission import contract, decisions, keys, lease, registry, tracking
-from readmission.aggregate import (
-    AggregateOutcome,
-    InvalidResult,
-    aggregate_dataset,
-    lease_key,
-    select_best,
-)
+from readmission.aggregate import AggregateOutcome, InvalidResult, aggregate_dataset, lease_key
+from readmission.candidate import select_best
 from readmission.config import Buckets, Settings
+from readmission.corpus_append import parquet_bytes
 from readmission.features import target_values, to_model_frame
-from readmission.ingest import ingest_object, job_spec, parquet_bytes
-from readmission.onnx_export import ExportedModel, ParityError, export_onnx, run_onnx
+from readmission.ingest import ingest_object
+from readmission.jobs import job_spec
+from readmission.onnx_export import ExportedModel, export_onnx
+from readmission.onnx_parity import ParityError, run_onnx
+from readmission.scoring import compute_metrics
 from readmission.storage import ObjectStore, json_bytes
-from readmission.training import compute_metrics, train_job
+from readmission.training import train_job
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = Path(os.environ.get("DIABETES_CSV") or ROOT / "../shared/data/diabetic_data.csv.gz")

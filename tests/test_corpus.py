@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from support.seaweed_server import SeaweedServer, real_csv_bytes, sample_csv, seaweed_s3
 
-from readmission import contract, corpus, ingest, keys
+from readmission import contract, corpus, ingest, jobs, keys
 from readmission.config import Buckets, Settings
 from readmission.storage import ObjectStore
 
@@ -290,7 +290,7 @@ def test_a_later_drop_keeps_the_corpus_split_seed_and_batch_size(store: ObjectSt
 
 
 def test_a_new_algorithm_is_fitted_on_the_old_sets_and_ordered_by_its_cost() -> None:
-    order = ingest.job_order(
+    order = jobs.job_order(
         [15_000, 30_000, 45_000], ["decision_tree", "gradient_boosting"], 2, ["decision_tree"]
     )
     # gradient boosting is new: its fits of the two old sets cost what fits cost

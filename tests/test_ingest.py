@@ -20,8 +20,9 @@ from support.python_snippet import run_python
 from support.seaweed_server import SeaweedServer, real_csv_bytes, sample_csv, seaweed_s3
 
 from events.delivery import encode_attribute_headers
-from readmission import contract, corpus, ingest, keys
+from readmission import contract, corpus, ingest, jobs, keys
 from readmission.config import Buckets, Settings
+from readmission.corpus_append import parquet_bytes
 from readmission.storage import ObjectStore, PreconditionFailed
 
 __all__ = ["seaweed_s3"]  # the module-scoped server fixture, used by the tests below
@@ -184,7 +185,7 @@ def test_real_csv_gives_manifest_batches_and_jobs(
     assert totals == {"NO": 54_864, ">30": 35_545, "<30": 11_357}
     assert manifest["patients"]["total"] == 71_518
     assert len(manifest["jobs"]) == 20 == outcome.jobs
-    # costliest first (ingest.job_order): the five gradient boosting jobs, then by rows x cost
+    # costliest first (jobs.job_order): the five gradient boosting jobs, then by rows x cost
     assert manifest["jobs"][:7] == [
         keys.job_key(dataset_id, 4, "gradient_boosting"),
         keys.job_key(dataset_id, 3, "gradient_boosting"),
@@ -638,7 +639,7 @@ def test_crash_at_every_write_then_rerun_gives_the_clean_result(
 
 def test_job_order_is_costliest_first() -> None:
     # three cumulative sets of 15,000 / 30,000 / 40,000 rows
-    order = ingest.job_order(
+    order = jobs.job_order(
         [15_000, 30_000, 40_000],
         [
             "logistic_regression",
@@ -667,7 +668,7 @@ def test_job_order_is_costliest_first() -> None:
 
 
 def test_job_order_puts_an_unknown_algorithm_with_the_costliest() -> None:
-    order = ingest.job_order([10, 20], ["decision_tree", "new_algorithm", "gradient_boosting"])
+    order = jobs.job_order([10, 20], ["decision_tree", "new_algorithm", "gradient_boosting"])
     assert order == [
         (1, "new_algorithm"),
         (1, "gradient_boosting"),
@@ -680,16 +681,16 @@ def test_job_order_puts_an_unknown_algorithm_with_the_costliest() -> None:
 
 def test_parquet_bytes_are_the_same_in_another_process() -> None:
     table = contract.parse_csv_table(sample_csv())
-    here = hashlib.sha256(ingest.parquet_bytes(table)).hexdigest()
+    here = hashlib.sha256(parquet_bytes(table)).hexdigest()
     code = (
         "import hashlib, sys; sys.path.insert(0, 'tests');"
         "from support.seaweed_server import sample_csv;"
-        "from readmission import contract, ingest;"
+        "from readmission import contract, corpus_append;"
         "t = contract.parse_csv_table(sample_csv());"
-        "print(hashlib.sha256(ingest.parquet_bytes(t)).hexdigest())"
+        "print(hashlib.sha256(corpus_append.parquet_bytes(t)).hexdigest())"
     )
     assert run_python(code).stdout.strip() == here
-    assert pq.ParquetFile(io.BytesIO(ingest.parquet_bytes(table))).metadata.num_rows == len(table)
+    assert pq.ParquetFile(io.BytesIO(parquet_bytes(table))).metadata.num_rows == len(table)
 
 
 # --------------------------------------------------------------------------- the function

@@ -30,13 +30,8 @@ from readmission.features import (
     target_values,
     to_model_frame,
 )
-from readmission.onnx_export import (
-    PARITY_TOLERANCE,
-    ExportedModel,
-    ParityError,
-    check_parity,
-    export_onnx,
-)
+from readmission.onnx_export import ExportedModel, export_onnx
+from readmission.onnx_parity import PARITY_TOLERANCE, ParityError, check_parity
 
 TRAIN_ROWS, PARITY_ROWS = 4000, 3000
 

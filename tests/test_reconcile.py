@@ -33,7 +33,7 @@ from support.stack import next_version, version_of
 from events.notifications import JOB_CREATED, RAW_CREATED, RESULT_CREATED
 from readmission import keys
 from readmission.config import Buckets, Settings
-from readmission.ingest import write_receipt
+from readmission.corpus_append import write_receipt
 from readmission.localstack import processes
 from readmission.reconcile import (
     ReconcileReport,

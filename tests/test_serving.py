@@ -108,8 +108,8 @@ def test_a_per_column_export_is_still_served_the_same() -> None:
 
 
 def test_predictions_match_the_exporters_own_feeds(model: LoadedModel) -> None:
-    """Our numpy feeds give exactly what onnx_export.run_onnx gives from the pandas frame."""
-    from readmission.onnx_export import run_onnx
+    """Our numpy feeds give exactly what onnx_parity.run_onnx gives from the pandas frame."""
+    from readmission.onnx_parity import run_onnx
 
     frame = sample_frame().iloc[:200]
     labels, probabilities = run_onnx(model.model_bytes, frame)

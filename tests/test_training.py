@@ -27,18 +27,13 @@ from support.seaweed_server import SeaweedServer
 from test_features import generated_frame, real_sample
 from threadpoolctl import threadpool_limits
 
-from readmission import ingest, keys, tracking
+from readmission import jobs, keys, tracking
 from readmission.config import Buckets, Settings
 from readmission.features import ALGORITHMS, build_pipeline, target_values, to_model_frame
+from readmission.job_spec import InvalidJobSpec, JobSpec
+from readmission.scoring import METRIC_NAMES
 from readmission.storage import ObjectStore, json_bytes
-from readmission.training import (
-    METRIC_NAMES,
-    InvalidJobSpec,
-    JobSpec,
-    ModelDataCache,
-    read_model_data,
-    train_job,
-)
+from readmission.training import ModelDataCache, read_model_data, train_job
 
 pytestmark = pytest.mark.stack
 
@@ -304,7 +299,7 @@ def test_a_later_version_reuses_the_fit_and_only_rescores_it_on_its_validation_r
     extra = real_sample(2 * BATCH_ROWS, 2 * VALIDATION_ROWS)[1].iloc[VALIDATION_ROWS:]
     extra_key = keys.validation_key(LATER_VERSION)
     env.store.put_bytes(env.settings.buckets.datasets, extra_key, parquet(extra))
-    later = ingest.job_spec(
+    later = jobs.job_spec(
         LATER_MANIFEST, keys.job_key(LATER_VERSION, 0, "decision_tree"), "datasets"
     )
     assert later["validation_keys"] == [keys.validation_key(DATASET_ID), extra_key]
@@ -368,7 +363,7 @@ def test_invalid_job_specs_are_refused_before_any_work() -> None:
 def test_the_specs_built_here_are_the_ones_ingest_derives_from_the_manifest() -> None:
     for key in MANIFEST["jobs"]:
         _, index, algorithm = keys.parse_job_key(key)
-        assert ingest.job_spec(MANIFEST, key, "datasets") == job_spec(index, algorithm)
+        assert jobs.job_spec(MANIFEST, key, "datasets") == job_spec(index, algorithm)
 
 
 def no_trace_of(env: Env, spec: dict[str, Any]) -> bool:
@@ -461,7 +456,7 @@ def test_batches_holding_other_rows_than_the_manifest_says_are_refused(env: Env)
         keys.manifest_key(version),
         manifest_of(version, [batch], [DATASET_ID], ["decision_tree"], [(0, "decision_tree")]),
     )
-    spec = ingest.job_spec(
+    spec = jobs.job_spec(
         env.store.get_json(datasets, keys.manifest_key(version)),
         keys.job_key(version, 0, "decision_tree"),
         "datasets",
@@ -726,7 +721,7 @@ def test_metrics_equal_sklearn_on_the_labels_themselves() -> None:
     """compute_metrics scores class indices for speed: the figures must be the labels' own."""
     from sklearn.metrics import roc_auc_score
 
-    from readmission.training import compute_metrics
+    from readmission.scoring import compute_metrics
 
     frame = generated_frame(900)
     train, validation = frame.iloc[:600], frame.iloc[600:]
@@ -769,7 +764,7 @@ def label_metrics(y_true: Any, predicted: Any) -> dict[str, float]:
 
 
 def test_label_metrics_average_over_the_labels_present_as_sklearn_does() -> None:
-    from readmission.training import score
+    from readmission.scoring import score
 
     classes = np.array(["<30", ">30", "NO"])
     rng = np.random.default_rng(3)

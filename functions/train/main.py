@@ -3,7 +3,7 @@
 Thin entry point; the work is `readmission.training.train_job`. One fit per process at a time
 (containerConcurrency 1) on one BLAS/OpenMP thread: the parallelism is the number of processes.
 A job spec that is missing, not JSON, invalid, or not a job of the manifest it names (no such
-corpus version, other batches, bucket, index, rows or algorithm: `training.check_against_manifest`)
+corpus version, other batches, bucket, index, rows or algorithm: `job_spec.check_against_manifest`)
 is a MalformedEvent (400: not retried, sent to the dead-letter sink once, and the reconciler does
 not re-emit a job whose dead letter records a 400); object-store or MLflow failures raise (500)
 so the broker retries.
@@ -28,8 +28,9 @@ from readmission import keys, tracking  # noqa: E402
 from readmission.config import Settings  # noqa: E402
 from readmission.handler import MalformedEvent, function_context, object_ref, reply_empty_on_success  # noqa: E402
 from readmission.ingest import unreadable_key_problem  # noqa: E402
+from readmission.job_spec import InvalidJobSpec, JobSpec  # noqa: E402
 from readmission.storage import ObjectStore  # noqa: E402
-from readmission.training import InvalidJobSpec, JobSpec, train_job  # noqa: E402
+from readmission.training import train_job  # noqa: E402
 
 EVENT_TYPE = "io.readmission.job.created"
 

@@ -72,7 +72,7 @@ def log(message: str) -> None:
 
 
 # ---- the model ------------------------------------------------------------------------------
-_MODEL_CODE = ("features.py", "onnx_export.py", "contract.py")
+_MODEL_CODE = ("features.py", "onnx_export.py", "onnx_parity.py", "contract.py")
 
 
 def realistic_model(algorithm: str, rows: int, cache: Path) -> tuple[bytes, dict[str, Any]]:

@@ -33,9 +33,11 @@ from readmission.features import (
     target_values,
     to_model_frame,
 )
-from readmission.onnx_export import check_parity, export_onnx
+from readmission.onnx_export import export_onnx
+from readmission.onnx_parity import check_parity
+from readmission.scoring import compute_metrics
 from readmission.split import split_rows
-from readmission.training import compute_metrics, fit_timed
+from readmission.training import fit_timed
 
 
 def main() -> None:

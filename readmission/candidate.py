@@ -1,0 +1,284 @@
+"""The challenger candidate of a corpus version: its results read and checked, the best one
+selected, tested once on the held-out test split, exported to ONNX with its parity proven, and
+the learning curve of all results drawn.
+
+Reads the version's result documents (results bucket), its test parts (datasets bucket) and the
+selected run's model (MLflow); writes nothing. Contract:
+
+* every result is checked against its key and its manifest before it is used (`read_result`):
+  one that is not its key's job is an InvalidResult, which no retry can fix;
+* the selection is deterministic for any order of the results (`select_best`: validation
+  `Settings.selection_metric`, then validation ROC-AUC, then the smaller job key);
+* the test split is looked at by the selected model only, once (`test_and_export`), and parity
+  is checked on the WHOLE test split: a ParityError raises before anything is registered or
+  written, so the event is retried and finally dead-lettered;
+* PreparedAhead is an optimisation only: a prepared model is used only for exactly the same
+  selection, test split and tolerance, so a lost or wrong guess changes no outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from readmission import keys, tracking
+from readmission.config import Settings
+from readmission.features import target_values, to_model_frame
+from readmission.learning_curve import build_learning_curve, to_csv, to_markdown, to_png
+from readmission.onnx_export import ExportedModel, export_onnx
+from readmission.onnx_parity import ParityReport, check_parity
+from readmission.scoring import predict_probabilities, score
+from readmission.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+TIE_BREAK_METRIC = "roc_auc_ovr"
+ONNX_SAMPLE_ROWS = 100
+
+Exporter = Callable[[Any, pd.DataFrame], ExportedModel]
+
+
+class InvalidResult(ValueError):
+    """A result document that is not the result of the job its key and its manifest name (a
+    result written by hand, or an orphan): no retry can fix it, a person must look."""
+
+
+def read_result(
+    store: ObjectStore, settings: Settings, manifest: Mapping[str, Any], key: str
+) -> Any:
+    """The result document under `key`, checked against its key and its manifest: one of the
+    manifest's jobs, naming that job (dataset, cumulative index, algorithm) and the rows of
+    that cumulative set. InvalidResult if it is not."""
+    where = f"s3://{settings.buckets.results}/{key}"
+    if key not in manifest["jobs"]:
+        raise InvalidResult(f"{where} is not a job of version {manifest['dataset_id']}")
+    try:
+        result = json.loads(store.get_bytes(settings.buckets.results, key))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidResult(f"{where} is not JSON: {error}") from error
+    dataset_id, index, algorithm = keys.parse_job_key(key)
+    rows = manifest["cumulative_sets"][index]["rows"]
+    if not isinstance(result, dict):
+        raise InvalidResult(f"{where} is not a JSON object")
+    named = tuple(result.get(name) for name in ("dataset_id", "cumulative_index", "algorithm"))
+    if named != (dataset_id, index, algorithm):
+        raise InvalidResult(f"{where} is the result of {named}, not of its key's job")
+    if result.get("training_rows") != rows:
+        raise InvalidResult(
+            f"{where} was trained on {result.get('training_rows')} rows, cumulative set "
+            f"{index} holds {rows}"
+        )
+    return result
+
+
+def _score(result: Mapping[str, Any], metric: str) -> float:
+    value = result.get("metrics", {}).get("validation", {}).get(metric)
+    if not isinstance(value, int | float) or math.isnan(value):
+        return -math.inf
+    return float(value)
+
+
+def select_best(results: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:
+    """Highest validation `metric`; ties: higher validation ROC-AUC, then the smaller job key
+    (fewer training rows, then algorithm name). Deterministic for any input order."""
+    if not results:
+        raise ValueError("no results to select from")
+    if all(_score(r, metric) == -math.inf for r in results):
+        raise ValueError(f"no result has the validation metric {metric!r} (SELECTION_METRIC)")
+
+    def order(result: Mapping[str, Any]) -> tuple[float, float, str]:
+        job = keys.job_name(int(result["cumulative_index"]), str(result["algorithm"]))
+        return (-_score(result, metric), -_score(result, TIE_BREAK_METRIC), job)
+
+    return min(results, key=order)
+
+
+def read_parquet(store: ObjectStore, bucket: str, key: str) -> pd.DataFrame:
+    return pd.read_parquet(io.BytesIO(store.get_bytes(bucket, key)))
+
+
+@dataclass(frozen=True)
+class TestedModel:
+    """The selected run's model, tested once, exported and its ONNX parity proven."""
+
+    best: Mapping[str, Any]
+    test_metrics: dict[str, float | None]
+    exported: ExportedModel
+    parity: ParityReport
+    test_frame: pd.DataFrame  # the version's test rows as the pipeline consumes them
+    test_target: np.ndarray
+    test_probabilities: np.ndarray  # columns in `classes` order
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Candidate(TestedModel):
+    """A TestedModel with the dataset's learning curve: ready to register and publish."""
+
+    curve_files: dict[str, tuple[bytes, str]]  # extension -> (bytes, content type)
+    prepared_ahead: bool = False  # the TestedModel came from PreparedAhead
+
+    @property
+    def onnx_sha256(self) -> str:
+        return hashlib.sha256(self.exported.onnx_bytes).hexdigest()
+
+
+def test_and_export(
+    store: ObjectStore,
+    settings: Settings,
+    manifest: Mapping[str, Any],
+    best: Mapping[str, Any],
+    parity_tolerance: float,
+    exporter: Exporter | None,
+) -> TestedModel:
+    """Load `best`'s model, score it once on the held-out test split, export it to ONNX and
+    check parity on the WHOLE test split (ParityError: loud, retried, then dead-lettered,
+    before anything is registered or written)."""
+    test = read_test(store, settings, manifest)
+    frame, y_test = to_model_frame(test), target_values(test)
+    pipeline = tracking.load_pipeline(best["model_uri"])
+    probabilities = predict_probabilities(pipeline, frame)
+    # the only look at the test split
+    test_metrics = score(probabilities, np.asarray(pipeline.classes_), y_test)
+    exported = (exporter or export_onnx)(pipeline, frame.head(ONNX_SAMPLE_ROWS))
+    parity = check_parity(
+        pipeline, exported.onnx_bytes, frame, tolerance=parity_tolerance, expected=probabilities
+    )
+    classes = tuple(str(c) for c in pipeline.classes_)
+    return TestedModel(best, test_metrics, exported, parity, frame, y_test, probabilities, classes)
+
+
+def read_test(store: ObjectStore, settings: Settings, manifest: Mapping[str, Any]) -> pd.DataFrame:
+    """The version's test rows: every drop's test part, in manifest order."""
+    bucket = settings.buckets.datasets
+    parts = [read_parquet(store, bucket, key) for key in manifest["test"]["keys"]]
+    return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+
+
+class PreparedAhead:
+    """The TestedModel of the best result so far, made while a dataset's last results are
+    still being trained (Settings.prepare_ahead_missing; this process only, one at a time, at
+    most one kept).
+
+    The last jobs are the smallest (the manifest orders them costliest first) and never fill
+    every core: loading, testing and exporting the best model so far (~2 s) then runs beside
+    them, and if they do not beat it, the fan-in after the last result only has to register
+    and publish. Purely an optimisation: the fan-in re-selects from all results and uses the
+    prepared model only if it is the same run, tested on the same split with the same
+    tolerance; a lost or wrong guess changes nothing else.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # held while preparing: `take` waits for a preparation
+        self._key: tuple[Any, ...] | None = None
+        self._tested: TestedModel | None = None
+
+    @staticmethod
+    def key(
+        manifest: Mapping[str, Any], best: Mapping[str, Any], parity_tolerance: float
+    ) -> tuple[Any, ...]:
+        return (
+            str(manifest["dataset_id"]),
+            str(best["run_id"]),
+            str(best["model_uri"]),
+            tuple(manifest["test"]["keys"]),
+            parity_tolerance,
+        )
+
+    def prepare(
+        self,
+        store: ObjectStore,
+        settings: Settings,
+        manifest: Mapping[str, Any],
+        result_keys: Sequence[str],
+        parity_tolerance: float,
+    ) -> bool:
+        """Prepare the best of the results so far (`result_keys`); True if it is prepared.
+        Never raises: a failure is logged, and the fan-in will meet it again and report it."""
+        with self._lock:
+            try:
+                results = [read_result(store, settings, manifest, key) for key in result_keys]
+                best = select_best(results, settings.selection_metric)
+                key = self.key(manifest, best, parity_tolerance)
+                if key != self._key:
+                    self._key, self._tested = None, None
+                    self._tested = test_and_export(
+                        store, settings, manifest, best, parity_tolerance, None
+                    )
+                    self._key = key
+                return True
+            except Exception:
+                log.warning(
+                    "dataset %s: could not prepare the best model so far ahead of the last "
+                    "result (the fan-in will do it)",
+                    manifest.get("dataset_id"),
+                    exc_info=True,
+                )
+                return False
+
+    def take(
+        self, manifest: Mapping[str, Any], best: Mapping[str, Any], parity_tolerance: float
+    ) -> TestedModel | None:
+        """The prepared TestedModel of exactly this selection (then forgotten), else None."""
+        with self._lock:
+            if self._key != self.key(manifest, best, parity_tolerance):
+                return None
+            tested, self._key, self._tested = self._tested, None, None
+            return tested
+
+
+PREPARED_AHEAD = PreparedAhead()
+
+
+def prepare_candidate(
+    store: ObjectStore,
+    settings: Settings,
+    manifest: Mapping[str, Any],
+    results: list[dict[str, Any]],
+    parity_tolerance: float,
+    exporter: Exporter | None,
+) -> Candidate:
+    """Select, test once, export and check parity (see `test_and_export`), and draw the
+    learning curve of all results."""
+    dataset_id = str(manifest["dataset_id"])
+    best = select_best(results, settings.selection_metric)
+    log.info(
+        "dataset %s: best of %d results by validation %s is %s (run %s)",
+        dataset_id,
+        len(results),
+        settings.selection_metric,
+        keys.job_name(int(best["cumulative_index"]), best["algorithm"]),
+        best["run_id"],
+    )
+    tested = None if exporter is not None else PREPARED_AHEAD.take(manifest, best, parity_tolerance)
+    prepared_ahead = tested is not None
+    if tested is None:
+        tested = test_and_export(store, settings, manifest, best, parity_tolerance, exporter)
+    curve = build_learning_curve(dataset_id, results)
+    curve_files = {
+        "csv": (to_csv(curve), "text/csv"),
+        "md": (to_markdown(curve).encode(), "text/markdown"),
+        "png": (to_png(curve), "image/png"),
+    }
+    return Candidate(
+        best=tested.best,
+        test_metrics=tested.test_metrics,
+        exported=tested.exported,
+        parity=tested.parity,
+        test_frame=tested.test_frame,
+        test_target=tested.test_target,
+        test_probabilities=tested.test_probabilities,
+        classes=tested.classes,
+        curve_files=curve_files,
+        prepared_ahead=prepared_ahead,
+    )

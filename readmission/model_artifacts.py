@@ -1,0 +1,134 @@
+"""What the aggregator publishes about a version: the metadata document, the version's objects
+in the models bucket, and its artifacts on the winning MLflow run.
+
+`build_metadata` is the document docs/design.md fixes for `models/<id>/metadata.json` and
+`champion/metadata.json` (pure). `write_artifacts` writes `models/<id>/model.onnx` and
+`learning_curve.{csv,md,png}` (the models bucket fires no event); `log_to_run` logs the test
+metrics, the ONNX file, the learning curve and the metadata to the winning run.
+
+Idempotent: `write_if_changed` writes an object only if its bytes differ, and `log_to_run`
+logs nothing on a run whose `aggregate/metadata.json` exists (written last, so its presence
+means the run has all of them).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from readmission import keys, registry
+from readmission.candidate import Candidate
+from readmission.config import Settings
+from readmission.onnx_export import ExportedModel
+from readmission.storage import ObjectStore
+
+ARTIFACT_DIR = "aggregate"  # where the winning run gets the aggregator's artifacts
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses and tuples as plain JSON-able values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def build_metadata(
+    *,
+    settings: Settings,
+    dataset_id: str,
+    version: Any,
+    best: Mapping[str, Any],
+    exported: ExportedModel,
+    onnx_sha256: str,
+    test_metrics: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The document design.md fixes for models/<id>/metadata.json and champion/metadata.json."""
+    outputs = _plain(exported.outputs)
+    return {
+        "model_name": settings.registered_model,
+        "version": str(version.version),
+        "run_id": best["run_id"],
+        "dataset_id": dataset_id,
+        "algorithm": best["algorithm"],
+        "training_rows": int(best["training_rows"]),
+        "cumulative_index": int(best["cumulative_index"]),
+        "registered_at": registry.registered_at(version),
+        "model_bucket": settings.buckets.models,
+        "model_key": keys.model_key(dataset_id),
+        "model_sha256": onnx_sha256,
+        "classes": [str(c) for c in exported.classes],
+        "inputs": _plain(exported.inputs),
+        "outputs": outputs,
+        "metrics": {
+            "validation": dict(best["metrics"]["validation"]),
+            "test": dict(test_metrics),
+        },
+        "selection_metric": settings.selection_metric,
+        "learning_curve": {
+            "csv": keys.learning_curve_key(dataset_id, "csv"),
+            "md": keys.learning_curve_key(dataset_id, "md"),
+            "png": keys.learning_curve_key(dataset_id, "png"),
+        },
+    }
+
+
+def write_if_changed(
+    store: ObjectStore, bucket: str, key: str, data: bytes, content_type: str
+) -> bool:
+    """PUT unless the object already holds exactly these bytes. True if this call wrote."""
+    if store.get_bytes_if_exists(bucket, key) == data:
+        return False
+    store.put_bytes(bucket, key, data, content_type)
+    return True
+
+
+def write_artifacts(store: ObjectStore, settings: Settings, dataset_id: str, c: Candidate) -> None:
+    """The version's ONNX model and learning curve in the models bucket (fire no event)."""
+    models = settings.buckets.models
+    onnx_type = "application/octet-stream"
+    write_if_changed(store, models, keys.model_key(dataset_id), c.exported.onnx_bytes, onnx_type)
+    for extension, (data, content_type) in c.curve_files.items():
+        key = keys.learning_curve_key(dataset_id, extension)
+        write_if_changed(store, models, key, data, content_type)
+
+
+def log_to_run(
+    client: MlflowClient, run_id: str, candidate: Candidate, metadata_bytes: bytes
+) -> None:
+    """The aggregator's artifacts and the test metrics on the winning run (once)."""
+    present = {Path(f.path).name for f in client.list_artifacts(run_id, ARTIFACT_DIR)}
+    if "metadata.json" in present:
+        return
+    timestamp = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric(f"test_{name}", float(value), timestamp, 0)
+            for name, value in sorted(candidate.test_metrics.items())
+            if value is not None
+        ],
+    )
+    client.set_tag(run_id, "aggregate.champion", "true")
+    with tempfile.TemporaryDirectory(prefix="aggregate-") as tmp:
+        folder = Path(tmp)
+        (folder / "model.onnx").write_bytes(candidate.exported.onnx_bytes)
+        for extension, (data, _) in candidate.curve_files.items():
+            (folder / f"learning_curve.{extension}").write_bytes(data)
+        # metadata.json last: its presence means the run has all of them.
+        client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
+        (folder / "metadata.json").write_bytes(metadata_bytes)
+        client.log_artifact(run_id, str(folder / "metadata.json"), ARTIFACT_DIR)
