@@ -304,10 +304,17 @@ def describe_manifest(manifest: dict[str, Any]) -> list[str]:
         + ", ".join(f"{b['rows']:,}" for b in manifest["batches"]),
         f"  {len(sets)} cumulative sets: " + ", ".join(f"{s['rows']:,}" for s in sets),
         f"  {len(manifest['jobs'])} training jobs = {len(sets)} sets x "
-        f"{len(manifest['algorithms'])} algorithms ({', '.join(manifest['algorithms'])}); "
-        f"the first {manifest.get('reused_sets', 0)} sets were fitted for an earlier version "
-        f"and are only re-scored",
+        f"{len(manifest['algorithms'])} algorithms ({', '.join(manifest['algorithms'])})"
+        + _reused_sets_note(manifest.get("reused_sets", 0)),
     ]
+
+
+def _reused_sets_note(reused_sets: int) -> str:
+    if not reused_sets:
+        return ""
+    return (
+        f"; the first {reused_sets} sets were fitted for an earlier version and are only re-scored"
+    )
 
 
 def learning_curve_text(store: Any, settings: Any, dataset_id: str) -> str | None:
