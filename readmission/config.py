@@ -89,8 +89,9 @@ class Settings:
     # results are missing (the last jobs then run on the other workers; 0: never).
     prepare_ahead_missing: int = 4
     # The promotion gate (readmission.gate): a challenger replaces the champion only if it beats
-    # it on the new version's test rows by at least GATE_MARGIN (selection metric) and the 95%
-    # paired-bootstrap lower bound (GATE_RESAMPLES >= 1000 resamples, GATE_SEED) is above zero.
+    # it on the new version's test rows by at least GATE_MARGIN (selection metric) and the
+    # one-sided paired-bootstrap lower bound at the gate's confidence (GATE_RESAMPLES >= 1000
+    # resamples, GATE_SEED) is above zero.
     gate_margin: float = 0.002
     gate_resamples: int = 1000
     gate_seed: int = 42

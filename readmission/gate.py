@@ -14,9 +14,9 @@ The bootstrap draws ``resamples`` sets of n row indices with replacement from
 ``rng.integers(0, n, size=(chunk, n))`` call) and scores BOTH models on the same indices of each
 resample (paired), so their shared sampling noise cancels out of the difference. The interval
 reported is ``(q(1 - confidence), q(confidence))`` of the bootstrap differences (numpy's default
-linear quantiles): its lower end is the one-sided ``confidence`` lower bound (the 5% quantile at
-0.95) that decides; its upper end is the matching one-sided upper bound. A resample on which the
-metric is undefined is skipped; if more than half are, a ValueError is raised.
+linear quantiles): its lower end is the one-sided ``confidence`` lower bound that decides; its
+upper end is the matching one-sided upper bound. A resample on which the metric is undefined is
+skipped; if more than half are, a ValueError is raised.
 
 Contract (pure: numpy and scikit-learn only, no I/O, deterministic for given inputs and seed):
 
@@ -56,7 +56,8 @@ METRICS = (
     "roc_auc_ovr",
 )
 ROC_AUC = "roc_auc_ovr"
-# Resamples drawn and scored at a time: 100 x n int64 indices (12 MB at n = 15,000).
+# Resamples drawn and scored at a time: the index block is CHUNK x n int64 values, so memory
+# grows with the test split's rows, never with GATE_RESAMPLES.
 CHUNK = 100
 # Bins of one chunk's joint bincount above which each model gets its own bincount instead.
 JOINT_BINS_LIMIT = 1 << 22
