@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -179,6 +180,17 @@ def test_a_second_drop_fits_only_its_new_sets_and_every_promotion_is_recorded(
     assert receipt and receipt["status"] == "already_ingested"
     wait_idle(stack)
     assert store.list_keys(buckets.jobs) == jobs_before
+
+    # a random sample of rows the corpus already holds: nothing new, nothing trained, and the
+    # champion does not change
+    header, *rows = [line for line in first_half.split(b"\r\n") if line]
+    sample = b"\r\n".join([header, *random.Random(7).sample(rows, 300)]) + b"\r\n"
+    champion_before = store.get_json(buckets.models, keys.CHAMPION_METADATA_KEY)
+    sampled = drop_and_wait(stack, "drops/sample.csv", sample)
+    assert sampled["status"] == "nothing_new" and sampled["version"] is None
+    wait_idle(stack)
+    assert store.list_keys(buckets.jobs) == jobs_before
+    assert store.get_json(buckets.models, keys.CHAMPION_METADATA_KEY) == champion_before
 
     # the operator promotes version 1 by name, then rolls back: two recorded decisions
     served_before = champion["dataset_id"]
