@@ -2,8 +2,9 @@
 
 Ingress: POST a CloudEvent (binary or structured) to any path -> 202 once queued, 400 if it is
 not a valid CloudEvent. ``GET /status`` -> JSON counters, ``GET /healthz`` -> 200.
-PingSources of the manifests are fired on their schedule straight to their sink (events/pinger.py);
-``POST /pingsources/<name>`` fires one now.
+PingSources of the manifests are fired on their schedule straight to their sink (events/pinger.py;
+not with BROKER_PINGSOURCES=off, as in the local stack, whose PingSources are a process of their
+own); ``POST /pingsources/<name>`` fires one now.
 
 Routing comes from the manifests (events/routing.py), reloaded when they change. Subscribers
 are Knative Service names resolved through a JSON file ``{"service": ["http://...", ...]}``;
@@ -506,7 +507,10 @@ def main() -> None:
     )
     config = BrokerConfig.from_env()
     server = BrokerServer(Broker(config))
-    server.broker.start_pinger()
+    # The local stack runs its PingSources as a process of their own (python -m events.pinger),
+    # so the reconciler is not lost with the broker; BROKER_PINGSOURCES=off says so.
+    if os.environ.get("BROKER_PINGSOURCES", "on").strip().lower() not in {"off", "0", "false"}:
+        server.broker.start_pinger()
     log.info("broker listening on %s (manifests %s)", server.url, config.manifests)
     try:
         server.serve_forever()

@@ -1,8 +1,15 @@
-"""Knative PingSource for the local broker: fires ``dev.knative.sources.ping`` on a schedule.
+"""Knative PingSource for the local stack: fires ``dev.knative.sources.ping`` on a schedule.
 
 Schedules of the form ``*/N * * * *`` (every N minutes, on the wall-clock minute like cron) and
 ``* * * * *`` are understood; any other schedule is logged and not fired (fire it by hand with
 ``POST /pingsources/<name>`` on the broker).
+
+``python -m events.pinger`` is the stack's PingSource adapter, a process of its own as Knative's
+is: it reads the PingSources of the manifests (PINGSOURCE_MANIFESTS, default ``infra/knative``)
+and POSTs each ping straight to its sink's replicas (PINGSOURCE_SERVICES, the stack's
+``services.json``), so the reconciler runs on schedule even while the broker is down. A ping
+that is not delivered is retried with exponential backoff (1 s doubling, PING_ATTEMPTS
+attempts in all, default 5), then logged and dropped: the next scheduled ping comes anyway.
 """
 
 from __future__ import annotations
@@ -10,15 +17,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from cloudevents.http import CloudEvent
 
-from events.routing import PingSource, Routing
+from events.delivery import Verdict, post_binary
+from events.routing import PingSource, Routing, load_routing
 
 log = logging.getLogger("broker.ping")
 
@@ -109,3 +119,69 @@ class Pinger:
                 if when <= at and self._fired.get(source.name) != when:
                     self._fired[source.name] = when
                     self.fire(source)
+
+
+def sink_urls(services_file: Path, source: PingSource) -> list[str]:
+    """The replica URLs of a PingSource's sink, from the stack's services.json (none if absent
+    or unreadable: the sink's function is not running)."""
+    if source.sink.uri:
+        return [source.sink.uri]
+    try:
+        services = json.loads(services_file.read_text())
+    except (OSError, ValueError):
+        return []
+    urls = services.get(source.sink.service or "", [])
+    return [urls] if isinstance(urls, str) else [str(url) for url in urls]
+
+
+def fire_direct(
+    source: PingSource,
+    services_file: Path,
+    *,
+    attempts: int = 5,
+    timeout: float = 300.0,
+    stopping: threading.Event | None = None,
+) -> bool:
+    """Deliver one ping to its sink, not through any broker; retried on any failure but 400."""
+    event = ping_event(source)
+    stopping = stopping or threading.Event()
+    for attempt in range(max(1, attempts)):
+        if attempt and stopping.wait(2.0 ** (attempt - 1)):
+            return False
+        urls = sink_urls(services_file, source)
+        if not urls:
+            log.warning("PingSource %s: no replica of its sink %s", source.name, source.sink)
+            continue
+        result = post_binary(urls[attempt % len(urls)], event, timeout)
+        if result.verdict == Verdict.DELIVERED:
+            log.info("PingSource %s: delivered to %s", source.name, result.url)
+            return True
+        log.warning("PingSource %s: %s answered %s", source.name, result.url, result.error)
+        if result.verdict == Verdict.NO_RETRY:
+            return False
+    return False
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    manifests = Path(os.environ.get("PINGSOURCE_MANIFESTS", "infra/knative"))
+    services_file = Path(os.environ.get("PINGSOURCE_SERVICES", ".state/services.json"))
+    attempts = int(os.environ.get("PING_ATTEMPTS", "5"))
+    stopping = threading.Event()
+
+    def fire(source: PingSource) -> bool:
+        return fire_direct(source, services_file, attempts=attempts, stopping=stopping)
+
+    pinger = Pinger(lambda: load_routing(manifests), fire, stopping).start()
+    log.info("PingSources of %s fire to the sinks in %s", manifests, services_file)
+    try:
+        pinger.thread.join()
+    except KeyboardInterrupt:
+        stopping.set()
+
+
+if __name__ == "__main__":
+    main()

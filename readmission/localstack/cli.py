@@ -18,6 +18,7 @@ from readmission.localstack.progress import (
     wait,
 )
 from readmission.localstack.supervisor import Supervisor
+from readmission.localstack.watchdog import restart_counts
 
 # CLI ---------------------------------------------------------------------------------------------
 
@@ -29,13 +30,21 @@ def _status(config: StackConfig) -> int:
         print(f"no stack processes recorded in {config.state_dir}")
         return 1
     info = StackInfo.load(config.state_dir)
+    restarts = restart_counts(config.state_dir)
     all_up = True
     for process in recorded:
         running = processes.is_running(process)
         all_up &= running
         port = info.ports.get("s3" if process.name == "seaweedfs" else process.name)
         where = f"http://{HOST}:{port}" if port else ""
-        print(f"  {process.name:<15} pid {process.pid:<8} {'up' if running else 'DOWN':<5} {where}")
+        restarted = restarts.get(process.name) or {}
+        count = f"restarts {restarted.get('restarts', 0)}"
+        if restarted:
+            count += f" (last {restarted.get('last_restart')})"
+        print(
+            f"  {process.name:<15} pid {process.pid:<8} {'up' if running else 'DOWN':<5} "
+            f"{where:<24} {count}"
+        )
     if info.skipped:
         print(f"  skipped (no source yet): {', '.join(info.skipped)}")
     status = broker_status(info)

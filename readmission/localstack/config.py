@@ -109,6 +109,8 @@ class StackConfig:
     mlflow_workers: int = 1
     start_timeout: float = 180.0
     strict: bool = False  # a pipeline function that cannot start fails `up` (else: a warning)
+    # LOCAL_RESTART (default on): the watchdog process restarts any process that dies
+    restart: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)  # settings for every process
 
     @classmethod
@@ -140,6 +142,8 @@ class StackConfig:
             mlflow_workers=max(1, _env_int("MLFLOW_WORKERS", 1)),
             start_timeout=float(_env_int("STACK_START_TIMEOUT", 180)),
             strict=os.environ.get("STACK_STRICT", "").strip() in {"1", "true", "yes"},
+            restart=os.environ.get("LOCAL_RESTART", "on").strip().lower()
+            not in {"off", "0", "false", "no"},
             extra_env=extra_env,
         )
 

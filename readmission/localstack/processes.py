@@ -81,10 +81,28 @@ def start(
             start_new_session=True,
         )
     process = Process(name, child.pid, list(cmd), log_path)
+    # How to start it again (the watchdog's restarts): private, as the env holds the S3 keys.
+    launch = run_dir / f"{name}.launch.json"
+    launch.touch(mode=0o600)
+    launch.write_text(json.dumps({"cmd": list(cmd), "env": dict(env), "cwd": str(cwd)}))
     (run_dir / f"{name}.pid").write_text(
         json.dumps({"pid": child.pid, "cmd": list(cmd), "log": str(log_path)})
     )
     return process
+
+
+def relaunch(name: str, *, run_dir: Path, log_dir: Path) -> Process:
+    """Start ``name`` again with the command, environment and working directory it was started
+    with (OSError or ValueError when it was never started through `start`)."""
+    launch = json.loads((run_dir / f"{name}.launch.json").read_text())
+    return start(
+        name,
+        launch["cmd"],
+        run_dir=run_dir,
+        log_dir=log_dir,
+        env=launch["env"],
+        cwd=Path(launch["cwd"]),
+    )
 
 
 def recorded(run_dir: Path) -> list[Process]:
@@ -205,6 +223,7 @@ def stop_all(
         )
     for process in recorded_processes:
         (run_dir / f"{process.name}.pid").unlink(missing_ok=True)
+        (run_dir / f"{process.name}.launch.json").unlink(missing_ok=True)
     return [p.name for p in running]
 
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from readmission.localstack import processes, seaweed
+from readmission.localstack import processes, seaweed, watchdog
 from readmission.localstack.config import (
     CORE_PROCESSES,
     HOST,
@@ -41,6 +41,7 @@ _SINGLE_THREADED = {
 # in the volume's .dat/.idx, filer entries in leveldb's journal, written before it answers), so
 # it gets SIGKILL after 3 s, as the tests' SeaweedFS server does after 1 s.
 STOP_STAGES = (
+    processes.StopStage(frozenset({watchdog.NAME})),  # first: it would restart the others
     processes.StopStage(frozenset({"events-adapter"})),
     processes.StopStage(None),
     processes.StopStage(frozenset({"mlflow"})),
@@ -125,6 +126,12 @@ class Supervisor:
             )
             if not_grown:
                 log(f"could not allocate volumes ahead for {', '.join(not_grown)}: not needed")
+            if config.restart:
+                log("starting watchdog   (restarts any process that dies)")
+                command = [sys.executable, "-m", watchdog.__name__, str(config.state_dir)]
+                self._start(
+                    watchdog.NAME, command, self._process_env(env_for_clients), config.root
+                )
         except BaseException:
             log("start failed: stopping what was started")
             self.down(log=lambda _: None)
@@ -213,9 +220,19 @@ class Supervisor:
             BROKER_MANIFESTS=str(config.root / "infra" / "knative"),
             BROKER_SERVICES=str(config.path("services.json")),
             BROKER_DEAD_LETTER_FILE=str(config.path("dead-letters.jsonl")),
+            BROKER_PINGSOURCES="off",
         )
         log(f"starting broker     ({env_for_clients['BROKER_URL']})")
         self._start("broker", [sys.executable, "-m", "events.broker"], broker_env, config.root)
+        # Knative's PingSource adapter is not the broker: the reconciler's schedule survives it
+        pingsource_env = self._process_env(
+            env_for_clients,
+            PINGSOURCE_MANIFESTS=str(config.root / "infra" / "knative"),
+            PINGSOURCE_SERVICES=str(config.path("services.json")),
+        )
+        log("starting pingsource (the manifests' PingSources, straight to their sinks)")
+        pingsource = [sys.executable, "-m", "events.pinger"]
+        self._start("pingsource", pingsource, pingsource_env, config.root)
 
         for spec in config.present_functions():
             names = (

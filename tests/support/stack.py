@@ -45,7 +45,9 @@ from readmission.localstack import (
 )
 from readmission.storage import ObjectStore
 
-DEFAULT_TEST_ENV = {"TRAIN_WORKERS": "2"}
+# The watchdog is off: several tests kill and restart processes themselves (on in
+# tests/test_self_healing.py, and for `scripts/run-local.sh`).
+DEFAULT_TEST_ENV = {"TRAIN_WORKERS": "2", "LOCAL_RESTART": "off"}
 
 
 @dataclass
