@@ -139,11 +139,17 @@ def subset_metrics(
     actual_positive = labels == POSITIVE_CLASS
     predicted_positive = predicted == POSITIVE_CLASS
     hits = int(np.sum(actual_positive & predicted_positive))
-    auc: float | None = None  # undefined when a class is absent from these rows
-    if set(labels) == {str(c) for c in classes}:
+    # Class indices instead of the labels: the same score, without sorting strings.
+    codes = pd.Index([str(c) for c in classes]).get_indexer(labels)
+    auc: float | None = None  # undefined when a class (or a label) is absent from these rows
+    if len(np.unique(codes)) == len(classes) and (codes >= 0).all():
         auc = float(
             roc_auc_score(
-                labels, probabilities, multi_class="ovr", average="weighted", labels=list(classes)
+                codes,
+                probabilities,
+                multi_class="ovr",
+                average="weighted",
+                labels=np.arange(len(classes)),
             )
         )
     return {
