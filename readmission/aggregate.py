@@ -20,8 +20,10 @@ nothing ("waiting k of n"). When all are in, it
    `Settings.registered_model`, and records the decision (readmission.decisions:
    `decisions/<version>.json`, which fires `io.readmission.decision.made`, and MLflow tags on
    the registered version);
-6. logs the learning curve, the ONNX file, the metadata and the test metrics to the winning run;
-7. writes `models/<id>/model.onnx` and `learning_curve.{csv,md,png}`, applies the decision
+6. logs the learning curve, the ONNX file, the quality report, the metadata and the test
+   metrics to the winning run;
+7. writes `models/<id>/model.onnx`, `learning_curve.{csv,md,png}`, `quality.json` and
+   `reliability.png` (readmission.quality: calibration and per-group metrics), applies the decision
    (promoted: alias `champion` and `champion/metadata.json`, the key predict polls; kept:
    alias `challenger` and `challenger/metadata.json`), and LAST `<id>/metadata.json`.
 
@@ -226,6 +228,7 @@ def _aggregate(
             exported=candidate.exported,
             onnx_sha256=candidate.onnx_sha256,
             test_metrics=candidate.test_metrics,
+            quality_report=candidate.quality,
         )
         metadata_bytes = json_bytes(metadata)
         if decision["new_model"]:

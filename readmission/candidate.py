@@ -2,8 +2,8 @@
 selected, tested once on the held-out test split, exported to ONNX with its parity proven, and
 the learning curve of all results drawn.
 
-Reads the version's result documents (results bucket), its test parts (datasets bucket) and the
-selected run's model (MLflow); writes nothing. Contract:
+Reads the version's result documents (results bucket), its test and validation parts (datasets
+bucket) and the selected run's model (MLflow); writes nothing. Contract:
 
 * every result is checked against its key and its manifest before it is used (`read_result`):
   one that is not its key's job is an InvalidResult, which no retry can fix;
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from readmission import keys, tracking
+from readmission import keys, quality, tracking
 from readmission.config import Settings
 from readmission.features import target_values, to_model_frame
 from readmission.learning_curve import build_learning_curve, to_csv, to_markdown, to_png
@@ -119,6 +119,9 @@ class TestedModel:
     test_target: np.ndarray
     test_probabilities: np.ndarray  # columns in `classes` order
     classes: tuple[str, ...]
+    validation_frame: pd.DataFrame  # the version's validation rows (for the quality report)
+    validation_target: np.ndarray
+    validation_probabilities: np.ndarray  # columns in `classes` order
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ class Candidate(TestedModel):
     """A TestedModel with the dataset's learning curve: ready to register and publish."""
 
     curve_files: dict[str, tuple[bytes, str]]  # extension -> (bytes, content type)
+    quality: dict[str, Any]  # readmission.quality.quality_report (validation and test)
+    quality_files: dict[str, tuple[bytes, str]]  # extension -> (bytes, content type)
     prepared_ahead: bool = False  # the TestedModel came from PreparedAhead
 
     @property
@@ -143,11 +148,15 @@ def test_and_export(
 ) -> TestedModel:
     """Load `best`'s model, score it once on the held-out test split, export it to ONNX and
     check parity on the WHOLE test split (ParityError: loud, retried, then dead-lettered,
-    before anything is registered or written)."""
+    before anything is registered or written). Its validation probabilities are kept for the
+    quality report (one more prediction, of a split the size of the test split)."""
     test = read_test(store, settings, manifest)
     frame, y_test = to_model_frame(test), target_values(test)
+    validation = read_validation(store, settings, manifest)
+    val_frame, y_val = to_model_frame(validation), target_values(validation)
     pipeline = tracking.load_pipeline(best["model_uri"])
     probabilities = predict_probabilities(pipeline, frame)
+    val_probabilities = predict_probabilities(pipeline, val_frame)
     # the only look at the test split
     test_metrics = score(probabilities, np.asarray(pipeline.classes_), y_test)
     exported = (exporter or export_onnx)(pipeline, frame.head(ONNX_SAMPLE_ROWS))
@@ -155,14 +164,41 @@ def test_and_export(
         pipeline, exported.onnx_bytes, frame, tolerance=parity_tolerance, expected=probabilities
     )
     classes = tuple(str(c) for c in pipeline.classes_)
-    return TestedModel(best, test_metrics, exported, parity, frame, y_test, probabilities, classes)
+    return TestedModel(
+        best,
+        test_metrics,
+        exported,
+        parity,
+        frame,
+        y_test,
+        probabilities,
+        classes,
+        val_frame,
+        y_val,
+        val_probabilities,
+    )
+
+
+def read_split(
+    store: ObjectStore, settings: Settings, manifest: Mapping[str, Any], split: str
+) -> pd.DataFrame:
+    """The version's rows of a held-out split ("validation" or "test"): every drop's part, in
+    manifest order."""
+    bucket = settings.buckets.datasets
+    parts = [read_parquet(store, bucket, key) for key in manifest[split]["keys"]]
+    return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
 
 def read_test(store: ObjectStore, settings: Settings, manifest: Mapping[str, Any]) -> pd.DataFrame:
     """The version's test rows: every drop's test part, in manifest order."""
-    bucket = settings.buckets.datasets
-    parts = [read_parquet(store, bucket, key) for key in manifest["test"]["keys"]]
-    return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+    return read_split(store, settings, manifest, "test")
+
+
+def read_validation(
+    store: ObjectStore, settings: Settings, manifest: Mapping[str, Any]
+) -> pd.DataFrame:
+    """The version's validation rows: every drop's validation part, in manifest order."""
+    return read_split(store, settings, manifest, "validation")
 
 
 class PreparedAhead:
@@ -248,8 +284,9 @@ def prepare_candidate(
     parity_tolerance: float,
     exporter: Exporter | None,
 ) -> Candidate:
-    """Select, test once, export and check parity (see `test_and_export`), and draw the
-    learning curve of all results."""
+    """Select, test once, export and check parity (see `test_and_export`), draw the learning
+    curve of all results, and report the selected model's calibration and per-group quality
+    on validation and test (readmission.quality)."""
     dataset_id = str(manifest["dataset_id"])
     best = select_best(results, settings.selection_metric)
     log.info(
@@ -270,6 +307,21 @@ def prepare_candidate(
         "md": (to_markdown(curve).encode(), "text/markdown"),
         "png": (to_png(curve), "image/png"),
     }
+    report = quality.quality_report(
+        tested.classes,
+        {
+            "validation": (
+                tested.validation_frame,
+                tested.validation_target,
+                tested.validation_probabilities,
+            ),
+            "test": (tested.test_frame, tested.test_target, tested.test_probabilities),
+        },
+    )
+    quality_files = {
+        "json": (quality.to_json(report), "application/json"),
+        "png": (quality.to_png(report, f"Reliability of {dataset_id}"), "image/png"),
+    }
     return Candidate(
         best=tested.best,
         test_metrics=tested.test_metrics,
@@ -279,6 +331,11 @@ def prepare_candidate(
         test_target=tested.test_target,
         test_probabilities=tested.test_probabilities,
         classes=tested.classes,
+        validation_frame=tested.validation_frame,
+        validation_target=tested.validation_target,
+        validation_probabilities=tested.validation_probabilities,
         curve_files=curve_files,
+        quality=report,
+        quality_files=quality_files,
         prepared_ahead=prepared_ahead,
     )

@@ -97,6 +97,16 @@ def learning_curve_key(dataset_id: str, extension: str) -> str:
     return f"{dataset_id}/learning_curve.{extension}"
 
 
+def quality_key(dataset_id: str) -> str:
+    """The selected model's calibration and per-group report (readmission.quality)."""
+    return f"{dataset_id}/quality.json"
+
+
+def reliability_key(dataset_id: str) -> str:
+    """The selected model's reliability diagram (readmission.quality.to_png)."""
+    return f"{dataset_id}/reliability.png"
+
+
 def rejected_key(content_hash: str, original_key: str) -> str:
     return f"{content_hash}/{original_key}"
 

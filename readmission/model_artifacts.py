@@ -2,9 +2,10 @@
 in the models bucket, and its artifacts on the winning MLflow run.
 
 `build_metadata` is the document docs/design.md fixes for `models/<id>/metadata.json` and
-`champion/metadata.json` (pure). `write_artifacts` writes `models/<id>/model.onnx` and
-`learning_curve.{csv,md,png}` (the models bucket fires no event); `log_to_run` logs the test
-metrics, the ONNX file, the learning curve and the metadata to the winning run.
+`champion/metadata.json` (pure). `write_artifacts` writes `models/<id>/model.onnx`,
+`learning_curve.{csv,md,png}`, `quality.json` and `reliability.png` (the models bucket fires no
+event); `log_to_run` logs the test metrics (with the test Brier and ECE), the ONNX file, the
+learning curve, the quality report and the metadata to the winning run.
 
 Idempotent: `write_if_changed` writes an object only if its bytes differ, and `log_to_run`
 logs nothing on a run whose `aggregate/metadata.json` exists (written last, so its presence
@@ -24,7 +25,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from readmission import keys, registry
+from readmission import keys, quality, registry
 from readmission.candidate import Candidate
 from readmission.config import Settings
 from readmission.onnx_export import ExportedModel
@@ -55,8 +56,10 @@ def build_metadata(
     exported: ExportedModel,
     onnx_sha256: str,
     test_metrics: Mapping[str, Any],
+    quality_report: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The document design.md fixes for models/<id>/metadata.json and champion/metadata.json."""
+    """The document design.md fixes for models/<id>/metadata.json and champion/metadata.json;
+    `quality` is the compact summary of `quality_report` and the keys of its files."""
     outputs = _plain(exported.outputs)
     return {
         "model_name": settings.registered_model,
@@ -83,6 +86,11 @@ def build_metadata(
             "md": keys.learning_curve_key(dataset_id, "md"),
             "png": keys.learning_curve_key(dataset_id, "png"),
         },
+        "quality": {
+            **quality.summary(quality_report),
+            "report": keys.quality_key(dataset_id),
+            "reliability": keys.reliability_key(dataset_id),
+        },
     }
 
 
@@ -104,6 +112,30 @@ def write_artifacts(store: ObjectStore, settings: Settings, dataset_id: str, c: 
     for extension, (data, content_type) in c.curve_files.items():
         key = keys.learning_curve_key(dataset_id, extension)
         write_if_changed(store, models, key, data, content_type)
+    for key, (data, content_type) in quality_objects(dataset_id, c).items():
+        write_if_changed(store, models, key, data, content_type)
+
+
+def quality_objects(dataset_id: str, c: Candidate) -> dict[str, tuple[bytes, str]]:
+    """key -> (bytes, content type) of the quality report and the reliability diagram."""
+    return {
+        keys.quality_key(dataset_id): c.quality_files["json"],
+        keys.reliability_key(dataset_id): c.quality_files["png"],
+    }
+
+
+def _metric_name(label: str) -> str:
+    """A class label as MLflow accepts it in a metric name ("<30" -> "lt30", ">30" -> "gt30")."""
+    return label.replace("<", "lt").replace(">", "gt")
+
+
+def quality_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """The test split's Brier (mean of the classes) and ECE per class, as run metrics."""
+    test = report["splits"]["test"]
+    metrics = {"test_brier_mean": test["brier_mean"]}
+    for label, value in test["ece"].items():
+        metrics[f"test_ece_{_metric_name(label)}"] = value
+    return {name: float(value) for name, value in metrics.items() if value is not None}
 
 
 def log_to_run(
@@ -120,6 +152,10 @@ def log_to_run(
             Metric(f"test_{name}", float(value), timestamp, 0)
             for name, value in sorted(candidate.test_metrics.items())
             if value is not None
+        ]
+        + [
+            Metric(name, value, timestamp, 0)
+            for name, value in sorted(quality_metrics(candidate.quality).items())
         ],
     )
     client.set_tag(run_id, "aggregate.champion", "true")
@@ -128,6 +164,8 @@ def log_to_run(
         (folder / "model.onnx").write_bytes(candidate.exported.onnx_bytes)
         for extension, (data, _) in candidate.curve_files.items():
             (folder / f"learning_curve.{extension}").write_bytes(data)
+        for key, (data, _) in quality_objects(str(candidate.best["dataset_id"]), candidate).items():
+            (folder / Path(key).name).write_bytes(data)
         # metadata.json last: its presence means the run has all of them.
         client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
         (folder / "metadata.json").write_bytes(metadata_bytes)

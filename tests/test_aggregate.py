@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from mlflow import MlflowClient
+from sklearn.metrics import brier_score_loss
 from support.mlflow_server import MlflowServer
 from support.python_snippet import run_python
 from support.seaweed_server import SeaweedServer
@@ -308,6 +309,8 @@ def test_aggregates_all_results_into_one_champion(
             prefix + "learning_curve.png",
             prefix + "metadata.json",
             prefix + "model.onnx",
+            prefix + "quality.json",
+            prefix + "reliability.png",
         ]
     )
     metadata = store.get_json("models", prefix + "metadata.json")
@@ -354,6 +357,25 @@ def test_aggregates_all_results_into_one_champion(
     assert store.get_bytes("models", prefix + "learning_curve.png").startswith(b"\x89PNG")
     assert "Verdict" in store.get_bytes("models", prefix + "learning_curve.md").decode()
 
+    # the quality report: the test Brier is sklearn's on the test rows, the summary is in the
+    # metadata and the reliability diagram is beside the model
+    report = store.get_json("models", prefix + "quality.json")
+    y_test = target_values(test)
+    briers = {
+        str(c): brier_score_loss(y_test == c, expected[:, i]) for i, c in enumerate(model.classes_)
+    }
+    assert report["splits"]["test"]["brier"] == pytest.approx(briers, abs=1e-6)
+    assert report["splits"]["test"]["brier_mean"] == pytest.approx(
+        np.mean(list(briers.values())), abs=1e-6
+    )
+    assert report["splits"]["test"]["rows"] == len(test)
+    assert set(report["splits"]) == {"validation", "test"}
+    assert metadata["quality"]["test"]["brier"] == report["splits"]["test"]["brier"]
+    assert metadata["quality"]["test"]["ece"] == report["splits"]["test"]["ece"]
+    assert metadata["quality"]["flagged_groups"] == report["splits"]["test"]["flagged"]
+    assert metadata["quality"]["report"] == prefix + "quality.json"
+    assert store.get_bytes("models", prefix + "reliability.png").startswith(b"\x89PNG")
+
     # ... and the winning run got the artifacts and the test metrics
     artifacts = {Path(f.path).name for f in client.list_artifacts(best["run_id"], "aggregate")}
     assert artifacts == {
@@ -362,9 +384,17 @@ def test_aggregates_all_results_into_one_champion(
         "learning_curve.png",
         "metadata.json",
         "model.onnx",
+        "quality.json",
+        "reliability.png",
     }
     run = client.get_run(best["run_id"])
     assert run.data.metrics["test_f1_weighted"] == pytest.approx(test_metrics["f1_weighted"])
+    assert run.data.metrics["test_brier_mean"] == pytest.approx(
+        np.mean(list(briers.values())), abs=1e-6
+    )
+    assert run.data.metrics["test_ece_lt30"] == pytest.approx(
+        report["splits"]["test"]["ece"]["<30"]
+    )
 
 
 def test_redelivery_and_concurrent_calls_change_nothing(
@@ -534,8 +564,8 @@ def test_operator_promote_and_rollback_are_recorded_decisions(
     promoted = decisions.promote(store, client, settings, SHUFFLED_ID, "try the challenger")
     assert promoted["kind"] == "manual" and promoted["reason"] == "manual: try the challenger"
     assert promoted["key"] == keys.manual_decision_key(promoted["sequence"])
-    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == (
-        challenger["version"]
+    assert (
+        client.get_model_version_by_alias(MODEL_NAME, "champion").version == (challenger["version"])
     )
     assert store.get_json("models", "champion/metadata.json") == challenger
     assert not store.exists("models", "challenger/metadata.json")  # no longer pending
