@@ -36,7 +36,7 @@ try:  # functions-framework serves with gunicorn (see _read_body)
 except ImportError:  # pragma: no cover
     _LengthReader = None
 
-from readmission import heap, http_close
+from readmission.glue import heap, http_close
 from readmission import serving_metrics as metrics
 from readmission import serving_v2 as v2
 from readmission.serving import (
