@@ -774,8 +774,8 @@ METRICS = {
 
 
 def exported_metrics() -> set[str] | None:
-    """Metric names the predict function exports (readmission/serving_metrics.py), if present."""
-    path = ROOT / "readmission" / "serving_metrics.py"
+    """Metric names the predict function exports (readmission/serving/metrics.py), if present."""
+    path = ROOT / "readmission" / "serving" / "metrics.py"
     if not path.exists():
         return None
     found = re.findall(
@@ -841,7 +841,7 @@ def check_monitoring() -> list[str]:
     if exported is not None:
         for name in sorted(used - exported):
             problems.append(
-                f"monitoring uses {name}, which readmission/serving_metrics.py does not export"
+                f"monitoring uses {name}, which readmission/serving/metrics.py does not export"
             )
     alerts = {
         rule.get("alert")

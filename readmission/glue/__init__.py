@@ -7,6 +7,7 @@ private internals. Each such reach-in names the library version range it was che
 it logs one warning and takes the library's public path instead.
 
 Modules: `event_handler` (functions-framework/flask glue of the CloudEvent functions),
+`request_body` and `responses` (the predict function's flask requests and replies),
 `http_close` (gunicorn's close after a reply), `heap` (glibc heap trimming of a worker),
-`skl2onnx_patch` (a converter bug fix).
+`onnxruntime_run` (the session binding's run), `skl2onnx_patch` (a converter bug fix).
 """

@@ -9,8 +9,9 @@ from typing import Any
 
 from readmission.config import Settings
 from readmission.keys import CHAMPION_METADATA_KEY
-from readmission.serving import ModelLoadError, ServingSettings
-from readmission.serving_s3 import S3Object, S3Reader
+from readmission.serving.errors import ModelLoadError
+from readmission.serving.s3 import S3Object, S3Reader
+from readmission.serving.settings import ServingSettings
 
 
 class StoreModelSource:
