@@ -8,9 +8,9 @@ CATEGORICAL_FEATURES in contract order, "?" for missing); outputs `label` (strin
 The graph is built from the one fitted Pipeline: its encoders become a handful of ONNX nodes
 written here (one LabelEncoder over all 39 columns, a Gather of per-column codes), and its
 classifier is converted by skl2onnx. skl2onnx converting the whole pipeline would give one
-input per column and ~80 per-column encoder nodes, whose fixed per-node cost is most of a
-single-row prediction (~70 us against ~15 us). `check_parity` proves the result equals the
-pipeline's predict_proba.
+input per column and ~80 per-column encoder nodes, whose fixed per-node cost would then be
+most of a single-row prediction. `check_parity` proves the result equals the pipeline's
+predict_proba.
 """
 
 from __future__ import annotations
@@ -73,14 +73,6 @@ class ParityReport:
     max_abs_diff: float
     argmax_mismatches: int
     label_mismatches: int
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {
-            "rows": self.rows,
-            "max_abs_diff": self.max_abs_diff,
-            "argmax_mismatches": self.argmax_mismatches,
-            "label_mismatches": self.label_mismatches,
-        }
 
 
 NUMERIC_INPUT = "numeric"
