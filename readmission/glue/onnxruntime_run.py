@@ -20,6 +20,8 @@ from readmission.glue.versions import checked, warn_once
 
 CHECKED_RANGE = ((1, 18), (2,))  # onnxruntime versions `_sess.run` was checked against
 _WHAT = "onnxruntime InferenceSession._sess"
+# decided at import (in gunicorn's master, before the fork), not in a worker's session thread
+checked("onnxruntime", *CHECKED_RANGE, _WHAT)
 
 
 def fast_run(session: Any) -> Any:

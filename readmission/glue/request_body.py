@@ -33,6 +33,7 @@ CHECKED_RANGE = ((26,), (27,))  # gunicorn versions the Body/LengthReader use wa
 _WHAT = "gunicorn wsgi.input LengthReader"
 DRAIN_BYTES = 16 * 1024 * 1024  # oversized bodies up to this are read and dropped before 413
 JSON = "application/json"
+checked("gunicorn", *CHECKED_RANGE, _WHAT)  # decided at import, not on a request
 
 
 def _drain(request: flask.Request, budget: int) -> bool:

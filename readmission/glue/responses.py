@@ -27,6 +27,7 @@ from readmission.serving.json_codec import dumps
 CHECKED_RANGE = ((26,), (27,))  # gunicorn versions the must_close reach-in was checked on
 _WHAT = "gunicorn wsgi.input.reader.req.must_close"
 JSON = "application/json"
+checked("gunicorn", *CHECKED_RANGE, _WHAT)  # decided at import, not on a request
 
 Response = flask.Response
 Request = flask.Request

@@ -32,7 +32,9 @@ def parse_version(text: str) -> Version:
     return tuple(numbers)
 
 
+@functools.cache
 def installed_version(distribution: str) -> Version | None:
+    """The installed release of `distribution` (read once per process), or None."""
     try:
         return parse_version(metadata.version(distribution))
     except metadata.PackageNotFoundError:
