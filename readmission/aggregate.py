@@ -110,7 +110,7 @@ def warm_up_onnxruntime() -> None:
     """Import onnxruntime (~0.4 s), which the parity check uses. Only in the process that
     aggregates, i.e. in gunicorn's worker after the fork, never in its master: importing
     onnxruntime starts a thread, and a forked worker that exits joins its copy of that thread
-    and aborts (std::system_error; see readmission.serving.ModelServer)."""
+    and aborts (std::system_error; see readmission.serving.server.ModelServer)."""
     import onnxruntime  # noqa: F401
 
 

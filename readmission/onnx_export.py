@@ -39,6 +39,7 @@ from readmission.features import (
     learned_categories,
     n_model_features,
 )
+from readmission.glue.skl2onnx_patch import patch_hist_gradient_boosting
 from readmission.onnx_parity import (
     CATEGORICAL_INPUT,
     LABEL_OUTPUT,
@@ -52,28 +53,7 @@ TARGET_OPSET: dict[str, int] = {"": 17, "ai.onnx.ml": 3}
 GRAPH_NAME = "readmission"
 
 
-def _patch_skl2onnx_hist_gradient_boosting() -> None:
-    """skl2onnx 1.20 passes a Python bool (False, for leaves) as the ONNX int attribute
-    nodes_missing_value_tracks_true when converting HistGradientBoosting trees, which onnx
-    refuses ("Expected an int, got a boolean"). Coerce the flag to int; idempotent."""
-    from skl2onnx.common import tree_ensemble
-
-    original = tree_ensemble.add_node
-    if getattr(original, "_readmission_patched", False):
-        return
-
-    def add_node(*args: Any, **kwargs: Any) -> Any:
-        if "nodes_missing_value_tracks_true" in kwargs:
-            kwargs["nodes_missing_value_tracks_true"] = int(
-                kwargs["nodes_missing_value_tracks_true"]
-            )
-        return original(*args, **kwargs)
-
-    add_node._readmission_patched = True  # type: ignore[attr-defined]
-    tree_ensemble.add_node = add_node
-
-
-_patch_skl2onnx_hist_gradient_boosting()
+patch_hist_gradient_boosting()  # skl2onnx 1.20's tree converter (readmission.glue)
 
 
 @dataclass(frozen=True)

@@ -43,14 +43,6 @@ class ParityReport:
     argmax_mismatches: int
     label_mismatches: int
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {
-            "rows": self.rows,
-            "max_abs_diff": self.max_abs_diff,
-            "argmax_mismatches": self.argmax_mismatches,
-            "label_mismatches": self.label_mismatches,
-        }
-
 
 def frame_feeds(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     """onnxruntime feeds for a (contract or model) frame, following the documented feed rules."""

@@ -88,7 +88,7 @@ summary() {  # tool requests duration_s rps p50_s p90_s p99_s errors
 
 if [ "$TOOL" = hey ]; then
   command -v hey >/dev/null || { echo "hey not found: apt-get install hey" >&2; exit 2; }
-  # The example patient of the API (readmission.serving_openapi.EXAMPLE_PATIENT).
+  # The example patient of the API (readmission.serving.examples.EXAMPLE_PATIENT).
   cat > "$TMP/body.json" <<'JSON'
 {"features": {"race": "Caucasian", "gender": "Female", "age": "[70-80)", "weight": "?",
  "admission_type_id": "1", "discharge_disposition_id": "1", "admission_source_id": "7",

@@ -1,4 +1,4 @@
-"""readmission.heap: freed heap pages go back to the operating system (glibc)."""
+"""readmission.glue.heap: freed heap pages go back to the operating system (glibc)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from readmission import heap
+from readmission.glue import heap
 
 
 def _rss_kb() -> int:

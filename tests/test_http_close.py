@@ -1,4 +1,4 @@
-"""readmission.http_close: the predict function's close after a reply, on real loopback TCP.
+"""readmission.glue.http_close: the predict function's close after a reply, on real loopback TCP.
 
 A server socket that is still open (lingering) reads and drops what the client sends; a closed
 one answers it with a reset. The tests observe which one happened.
@@ -14,7 +14,7 @@ import gunicorn.util
 import pytest
 from support.predict_support import reset_after_sending
 
-from readmission import http_close
+from readmission.glue import http_close
 
 REQUEST = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
 REPLY = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"

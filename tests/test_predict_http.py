@@ -36,8 +36,9 @@ from support.seaweed_server import SeaweedServer
 from readmission.contract import FEATURES, ID_COLUMNS, NUMERIC_FEATURES, TARGET
 from readmission.localstack.processes import child_pids
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV
-from readmission.serving_openapi import EXAMPLE_PATIENT, ROUTES
-from readmission.serving_s3 import S3Error, S3Reader
+from readmission.serving.examples import EXAMPLE_PATIENT
+from readmission.serving.routes import ROUTES
+from readmission.serving.s3 import S3Error, S3Reader
 
 MODEL = "diabetes_readmission_model"
 BATCH_LIMIT = 50
@@ -545,7 +546,7 @@ def test_content_length_is_checked_before_reading(server: str) -> None:
 def test_a_finished_connection_is_closed_without_waiting_for_the_client(server: str) -> None:
     """gunicorn's sync worker answers one request per connection and, since gunicorn 26,
     lingers until the client closes (up to 2 s), serving nothing else meanwhile. The function
-    reads every body to its end, so it closes at once (readmission.http_close): bytes sent
+    reads every body to its end, so it closes at once (readmission.glue.http_close): bytes sent
     after the reply then meet a closed socket and are answered with a reset."""
     host, port = server.removeprefix("http://").split(":")
     body = json.dumps({"features": EXAMPLE_PATIENT}).encode()

@@ -331,7 +331,7 @@ def test_no_secret_in_the_stack_logs_and_state_files_are_private(stack: Any) -> 
 
 
 def _serving_sources() -> list[Path]:
-    files = sorted((ROOT / "readmission").glob("serving*.py"))
+    files = sorted((ROOT / "readmission" / "serving").glob("*.py"))
     files += sorted((ROOT / "functions" / "predict").rglob("*.py"))
     return files
 
@@ -361,9 +361,10 @@ def _project_closure(paths: list[Path]) -> dict[Path, set[str]]:
             continue
         seen[path] = _imports(path)
         for module in seen[path]:
-            candidate = ROOT / (module.replace(".", "/") + ".py")
-            if module.split(".")[0] in {"readmission", "events"} and candidate.exists():
-                todo.append(candidate)
+            stem = ROOT / module.replace(".", "/")
+            for candidate in (stem.with_suffix(".py"), stem / "__init__.py"):
+                if module.split(".")[0] in {"readmission", "events"} and candidate.exists():
+                    todo.append(candidate)
     return seen
 
 

@@ -1,4 +1,4 @@
-"""The serving core (readmission.serving*) without a server: feeds, validation, errors,
+"""The serving core (readmission.serving) without a server: feeds, validation, errors,
 metadata checks, hot swap, and the import rule of the predict image."""
 
 from __future__ import annotations
@@ -27,18 +27,13 @@ from support.predict_support import (
 from support.python_snippet import run_python
 
 from readmission.contract import FEATURES
-from readmission.serving import (
-    InputError,
-    LoadedModel,
-    ModelLoadError,
-    ModelNotReady,
-    ModelServer,
-    ServingSettings,
-    rounded_probabilities,
-)
-from readmission.serving_decisions import GateDocuments
-from readmission.serving_openapi import EXAMPLE_PATIENT
-from readmission.serving_sources import LocalModelSource
+from readmission.serving.decisions import GateDocuments
+from readmission.serving.errors import InputError, ModelLoadError, ModelNotReady
+from readmission.serving.examples import EXAMPLE_PATIENT
+from readmission.serving.model import LoadedModel, rounded_probabilities
+from readmission.serving.server import ModelServer
+from readmission.serving.settings import ServingSettings
+from readmission.serving.sources import LocalModelSource
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +234,7 @@ def test_an_unknown_key_is_refused_and_named_on_every_path(model: LoadedModel) -
 
 
 def test_v2_tensors_follow_the_same_input_rule(model: LoadedModel) -> None:
-    from readmission import serving_v2 as v2
+    from readmission.serving import v2
 
     def tensor(name: str, datatype: str, data: list[Any]) -> dict[str, Any]:
         return {"name": name, "datatype": datatype, "shape": [len(data), 1], "data": data}
@@ -269,7 +264,7 @@ def test_v2_tensors_follow_the_same_input_rule(model: LoadedModel) -> None:
 
 
 def test_v2_data_nested_too_deeply_is_an_input_error(model: LoadedModel) -> None:
-    from readmission import serving_v2 as v2
+    from readmission.serving import v2
 
     deep: Any = ["Caucasian"]
     for _ in range(5000):
@@ -541,7 +536,7 @@ def test_gate_documents_are_read_by_the_poll_thread_and_never_touch_the_model(
             "metrics": challenger_metadata("2")["metrics"],
         }
         assert info["last_decision"] == decision_document("kept")
-        with caplog.at_level(logging.WARNING, logger="readmission.serving_decisions"):
+        with caplog.at_level(logging.WARNING, logger="readmission.serving.decisions"):
             (tmp_path / "last-decision.json").write_text('{"verdict": "promo')
             next_poll()
             assert gate.info()["last_decision"] is None
@@ -583,7 +578,7 @@ def test_a_decision_without_optional_fields_and_a_broken_source_keep_serving() -
         def document(self, key: str, token: str | None = None) -> Any:
             if self.fail:
                 raise OSError("store down")
-            from readmission.serving_s3 import S3Object
+            from readmission.serving.s3 import S3Object
 
             return S3Object(self.documents[key], "etag-" + key)
 
@@ -642,7 +637,7 @@ assert "onnxruntime" not in sys.modules
 before = gc.get_freeze_count()
 pid = os.fork()
 if pid == 0:
-    from readmission.serving_openapi import EXAMPLE_PATIENT
+    from readmission.serving.examples import EXAMPLE_PATIENT
     main.SERVER.ensure_serving()  # as every request does: waits for the session's thread
     label = main.SERVER.require_model().predict_one(EXAMPLE_PATIENT)[0]
     sys.stdout.write(json.dumps([before, gc.get_freeze_count(), label]) + "\\n")
@@ -668,9 +663,9 @@ def test_serving_path_imports_no_training_libraries(tmp_path: Path) -> None:
         + """
 assert main.SERVER.ready, main.SERVER.last_error
 main.SERVER.ensure_serving()
-from readmission.serving_openapi import EXAMPLE_PATIENT
+from readmission.serving.examples import EXAMPLE_PATIENT
 main.SERVER.require_model().predict([EXAMPLE_PATIENT])
-import readmission.serving_sources, readmission.serving_v2
+import readmission.serving.sources, readmission.serving.v2
 print(json.dumps(sorted(sys.modules)))
 """
     )

@@ -29,7 +29,7 @@ PROBE = textwrap.dedent(
 
     present = [m for m in sys.argv[1].split(",") if importlib.util.find_spec(m) is not None]
     import readmission, readmission.config, readmission.keys, readmission.storage
-    import readmission.handler
+    import readmission.glue.event_handler
     report = {"present": present, "readmission": readmission.__file__, "prefix": sys.prefix,
               "functions": {}}
     os.chdir(sys.argv[2])  # the image's WORKDIR: functions/ and events/ below it

@@ -24,7 +24,12 @@ from readmission.aggregate import (
     start_onnxruntime_warm_up,
     warm_up,
 )
-from readmission.handler import MalformedEvent, function_context, object_ref, reply_empty_on_success
+from readmission.glue.event_handler import (
+    MalformedEvent,
+    function_context,
+    object_ref,
+    reply_empty_on_success,
+)
 from readmission.ingest import unreadable_key_problem
 from readmission.keys import parse_job_key
 

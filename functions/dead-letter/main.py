@@ -14,7 +14,7 @@ from typing import Any
 import functions_framework
 from cloudevents.http import CloudEvent
 
-from readmission.handler import function_context, reply_empty_on_success
+from readmission.glue.event_handler import function_context, reply_empty_on_success
 from readmission.keys import dead_letter_key
 from readmission.storage import json_bytes
 

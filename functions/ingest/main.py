@@ -17,7 +17,7 @@ from typing import Any
 import functions_framework
 
 from readmission import contract
-from readmission.handler import (
+from readmission.glue.event_handler import (
     MalformedEvent,
     function_context,
     object_ref,

@@ -20,7 +20,7 @@ from typing import Any
 
 import functions_framework
 
-from readmission.handler import MalformedEvent, function_context, reply_empty_on_success
+from readmission.glue.event_handler import MalformedEvent, function_context, reply_empty_on_success
 from readmission.reconcile import reconcile, sink_emitter
 
 PING = "dev.knative.sources.ping"

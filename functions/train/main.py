@@ -26,7 +26,12 @@ import functions_framework  # noqa: E402
 
 from readmission import keys, tracking  # noqa: E402
 from readmission.config import Settings  # noqa: E402
-from readmission.handler import MalformedEvent, function_context, object_ref, reply_empty_on_success  # noqa: E402
+from readmission.glue.event_handler import (  # noqa: E402
+    MalformedEvent,
+    function_context,
+    object_ref,
+    reply_empty_on_success,
+)
 from readmission.ingest import unreadable_key_problem  # noqa: E402
 from readmission.job_spec import InvalidJobSpec, JobSpec  # noqa: E402
 from readmission.storage import ObjectStore  # noqa: E402

@@ -4,7 +4,7 @@
 * single-row throughput and p50/p99 latency at concurrency C (default 16) for (a) the predict
   function, (b) a trivial functions-framework handler returning a constant JSON body (same
   server settings), and (c) that handler closing its connections as the predict function does
-  (readmission.http_close), and the ratios a/b (the target) and a/c (like for like): the best
+  (readmission.glue.http_close), and the ratios a/b (the target) and a/c (like for like): the best
   of --rounds (default 3) alternating rounds of each, every round printed;
 * batch throughput (rows/s) of /predict/batch;
 * cold start: process start -> first successful /predict, model fetched from the object store
@@ -46,7 +46,7 @@ from support.seaweed_server import SeaweedServer  # noqa: E402
 
 from readmission.localstack.processes import child_pids, free_port, stop_popen_group  # noqa: E402
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV  # noqa: E402
-from readmission.serving_openapi import EXAMPLE_PATIENT  # noqa: E402
+from readmission.serving.examples import EXAMPLE_PATIENT  # noqa: E402
 
 FUNCTIONS_FRAMEWORK = Path(sys.executable).with_name("functions-framework")
 TRIVIAL_SOURCE = """
@@ -59,10 +59,11 @@ BODY = (b'{"readmission_prediction":"NO","probabilities":{"<30":0.1,">30":0.3,"N
 def predict(request):
     return flask.Response(BODY, 200, mimetype="application/json")
 """
-# The same handler closing its connections as the predict function does (readmission.
+# The same handler closing its connections as the predict function does (readmission.glue.
 # http_close): the like-for-like ceiling, so the ratio to it is the function's own cost.
 TRIVIAL_SAME_CLOSE_SOURCE = TRIVIAL_SOURCE.replace(
-    "import flask\n", "import flask\n\nfrom readmission import http_close\n\nhttp_close.install()\n"
+    "import flask\n",
+    "import flask\n\nfrom readmission.glue import http_close\n\nhttp_close.install()\n",
 )
 SERVERS = ("predict", "trivial", "trivial_same_close")
 

@@ -40,7 +40,7 @@ from bench_predict import (  # noqa: E402  (bench_predict puts ROOT and tests/ o
     realistic_model,
 )
 
-from readmission.serving_openapi import EXAMPLE_PATIENT  # noqa: E402
+from readmission.serving.examples import EXAMPLE_PATIENT  # noqa: E402
 
 
 class Sampler(threading.Thread):

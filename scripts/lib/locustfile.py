@@ -40,7 +40,7 @@ def _patients() -> list[dict[str, Any]]:
     import sys
 
     sys.path.insert(0, str(ROOT))
-    from readmission.serving_openapi import EXAMPLE_PATIENT
+    from readmission.serving.examples import EXAMPLE_PATIENT
 
     rng = random.Random(42)
     varied = []

@@ -315,7 +315,7 @@ class FunctionProcess:
 def reset_after_sending(client: socket.socket) -> bool:
     """Send bytes on a connection whose reply was read to its end. True if the server's kernel
     answers with a reset (the server closed its socket), False if they are read and dropped
-    for a second (the server lingers: readmission.http_close, gunicorn's 2 s close_graceful).
+    for a second (the server lingers: readmission.glue.http_close, gunicorn's 2 s close_graceful).
     The reset answering one send fails a later one (a read only reports the earlier FIN)."""
     try:
         for _ in range(10):

@@ -51,8 +51,8 @@ METRICS = {
 
 
 def exported_metrics(root: Path) -> set[str] | None:
-    """Metric names the predict function exports (readmission/serving_metrics.py), if present."""
-    path = root / "readmission" / "serving_metrics.py"
+    """Metric names the predict function exports (readmission/serving/metrics.py), if present."""
+    path = root / "readmission" / "serving" / "metrics.py"
     if not path.exists():
         return None
     found = re.findall(
@@ -118,7 +118,7 @@ def check_monitoring(root: Path) -> list[str]:
     if exported is not None:
         for name in sorted(used - exported):
             problems.append(
-                f"monitoring uses {name}, which readmission/serving_metrics.py does not export"
+                f"monitoring uses {name}, which readmission/serving/metrics.py does not export"
             )
     alerts = {
         rule.get("alert")

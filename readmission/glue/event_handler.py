@@ -36,7 +36,7 @@ def _store_for(settings: Settings) -> ObjectStore:
 
 def function_context() -> tuple[Settings, ObjectStore]:
     """The settings in the environment now, and an S3 client for them: built once per
-    distinct settings (a boto3 client costs ~50 ms of CPU), not once per event."""
+    distinct settings (building a boto3 client costs much CPU), not once per event."""
     settings = Settings.from_env()
     return settings, _store_for(settings)
 

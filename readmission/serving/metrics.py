@@ -14,11 +14,12 @@ model of the worker that answered the scrape (workers swap within one poll inter
 from __future__ import annotations
 
 import atexit
+import collections
 import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -71,7 +72,7 @@ from prometheus_client import (  # noqa: E402
 from prometheus_client.core import InfoMetricFamily  # noqa: E402
 from prometheus_client.registry import Collector  # noqa: E402
 
-from readmission.serving import LoadedModel  # noqa: E402
+from readmission.serving.model import LoadedModel  # noqa: E402
 
 if MULTIPROCESS_DIR is not None and values.ValueClass is values.MutexValue:
     values.ValueClass = values.get_value_class()  # imported before the variable was set
@@ -182,6 +183,15 @@ def latency(endpoint: str) -> Any:
 @functools.cache
 def prediction_counter(prediction_class: str) -> Any:
     return PREDICTIONS.labels(prediction_class)
+
+
+def count_predictions(labels: Sequence[str]) -> None:
+    """Count predicted rows by predicted class."""
+    if len(labels) == 1:
+        prediction_counter(labels[0]).inc()
+        return
+    for label, n in collections.Counter(labels).items():
+        prediction_counter(label).inc(n)
 
 
 def record_model(model: LoadedModel) -> None:

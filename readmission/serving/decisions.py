@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from readmission.keys import CHALLENGER_METADATA_KEY, LAST_DECISION_KEY
-from readmission.serving_s3 import S3Object
-from readmission.serving_sources import LocalModelSource
+from readmission.serving.s3 import S3Object
+from readmission.serving.sources import LocalModelSource
 
 log = logging.getLogger(__name__)
 

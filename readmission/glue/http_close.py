@@ -8,11 +8,11 @@ when request bytes are still unread or still on their way: closing a socket with
 makes the kernel answer with a reset, and the client may lose the reply.
 
 A sync worker serves nothing else while it waits, so each request also cost the client's time
-to read the reply and close: closing at once gave the function 28 % more single-row requests
-per second on 2 busy cores, a trivial handler 36 % (docs/predict.md, Benchmark). For this
-function the wait protects nothing in almost every case. functions-framework reads the whole
-request body before every non-streamed reply (`read_request`), so when nothing more has
-arrived either, nothing unread is left, and close() sends a plain FIN after the reply.
+to read the reply and close, which bounds the requests per second of a worker (measured in
+docs/predict.md, Benchmark). For this function the wait protects nothing in almost every
+case. functions-framework reads the whole request body before every non-streamed reply
+(`read_request`), so when nothing more has arrived either, nothing unread is left, and
+close() sends a plain FIN after the reply.
 
 `close_after_reply` therefore lingers as gunicorn does only when a reset could cost the client
 its reply:
@@ -23,6 +23,10 @@ Otherwise it half-closes and closes at once. The one case left to gunicorn ≤ 2
 close: an HTTP/1.1 client that pipelines a request onto a connection the server closes
 (`Connection: close`) and sends it after the close. No client in this project's path does
 (hey, Locust, Knative's queue-proxy wait for each reply).
+
+Reach-in: `gunicorn.util.close_graceful` is gunicorn's internal, replaced by `install()`.
+Checked against gunicorn 26.x (pinned in pyproject.toml); with another version, or without
+`close_graceful`, `install()` warns once and leaves gunicorn's own close in place.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ from typing import Any
 
 import gunicorn.util
 
+from readmission.glue.versions import checked, warn_once
+
+CHECKED_RANGE = ((26,), (27,))  # gunicorn versions close_graceful was checked against
+_WHAT = "gunicorn.util.close_graceful"
 _LINGERING: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 _gunicorn_close: Callable[..., None] | None = getattr(gunicorn.util, "close_graceful", None)
 
@@ -67,9 +75,12 @@ def close_after_reply(sock: socket.socket, timeout: float = 2.0, max_drain: int 
 
 
 def install() -> bool:
-    """Make gunicorn's workers close with `close_after_reply`; False if this gunicorn has no
-    lingering close (before 26: it then closes at once anyway)."""
+    """Make gunicorn's workers close with `close_after_reply`; False (with one warning) if this
+    gunicorn is outside the checked range or has no lingering close: its own close stays."""
+    if not checked("gunicorn", *CHECKED_RANGE, _WHAT):
+        return False
     if _gunicorn_close is None:
+        warn_once(_WHAT, "this gunicorn has no close_graceful")
         return False
     gunicorn.util.close_graceful = close_after_reply
     return True

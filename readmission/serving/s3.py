@@ -4,6 +4,10 @@ Importing boto3 and creating an S3 client costs about 0.3 s, a third of the cold
 the scale-to-zero predict function, which only ever reads two or three objects. This module
 signs those reads itself with the standard library. Everything else uses
 `readmission.storage.ObjectStore` (boto3).
+
+Contract: `S3Reader.head_etag` and `get` return None for a missing object (404) and raise
+S3Error for any other non-success status; `get(..., if_none_match=etag)` returns
+`not_modified` while the object is still at that ETag.
 """
 
 from __future__ import annotations

@@ -1,4 +1,11 @@
-"""Model sources for the predict function: the object store, or two local files."""
+"""Model sources for the predict function: the object store, or two local files.
+
+Contract (readmission.serving.server.ModelSource): `token()` is a version token of the current
+metadata (None when there is none yet) that changes whenever the model `fetch()` would give
+changes; `fetch()` returns (ONNX bytes, metadata, token) or raises ModelLoadError saying why
+(no champion yet, a missing or malformed file); `asset(key)` and `document(key, token)` read
+the other files the metadata or the gate names, None when missing.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,9 @@ from typing import Any
 
 from readmission.config import Settings
 from readmission.keys import CHAMPION_METADATA_KEY
-from readmission.serving import ModelLoadError, ServingSettings
-from readmission.serving_s3 import S3Object, S3Reader
+from readmission.serving.errors import ModelLoadError
+from readmission.serving.s3 import S3Object, S3Reader
+from readmission.serving.settings import ServingSettings
 
 
 class StoreModelSource:

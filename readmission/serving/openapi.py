@@ -1,8 +1,9 @@
-"""The predict function's routes and its OpenAPI 3.1 document (generated from the model).
+"""The predict function's OpenAPI 3.1 document, generated from the model it serves.
 
-`ROUTES` is the single list of (method, path template) the function answers; main.py checks at
-import that its dispatch table is exactly this list, and the OpenAPI document has one operation
-per entry, so the document cannot drift from the server.
+Contract: `build_openapi(model, ...)` documents one operation per entry of
+`readmission.serving.routes.ROUTES` (the list the function's dispatch table must equal, checked
+at import), so the document cannot drift from the server; with no model loaded yet it
+documents the contract's features.
 """
 
 from __future__ import annotations
@@ -10,59 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from readmission.contract import COLUMNS, FEATURES, NUMERIC_FEATURES, TARGET_CLASSES
-from readmission.serving import LoadedModel
-
-# A realistic patient (values seen often in the UCI data): the web form's default, the example
-# of the OpenAPI document and the load test's body.
-EXAMPLE_PATIENT: dict[str, Any] = {
-    "race": "Caucasian",
-    "gender": "Female",
-    "age": "[70-80)",
-    "weight": "?",
-    "admission_type_id": "1",
-    "discharge_disposition_id": "1",
-    "admission_source_id": "7",
-    "time_in_hospital": 5,
-    "payer_code": "MC",
-    "medical_specialty": "InternalMedicine",
-    "num_lab_procedures": 45,
-    "num_procedures": 1,
-    "num_medications": 16,
-    "number_outpatient": 0,
-    "number_emergency": 0,
-    "number_inpatient": 1,
-    "diag_1": "428",
-    "diag_2": "427",
-    "diag_3": "250",
-    "number_diagnoses": 9,
-    "max_glu_serum": "None",
-    "A1Cresult": ">8",
-    **{med: "No" for med in FEATURES[FEATURES.index("metformin") : FEATURES.index("change")]},
-    "metformin": "Steady",
-    "insulin": "Up",
-    "change": "Ch",
-    "diabetesMed": "Yes",
-}
-assert set(EXAMPLE_PATIENT) == set(FEATURES)
-
-ROUTES: tuple[tuple[str, str], ...] = (
-    ("GET", "/"),
-    ("GET", "/assets/{filename}"),
-    ("POST", "/predict"),
-    ("POST", "/predict/batch"),
-    ("GET", "/health"),
-    ("GET", "/ready"),
-    ("GET", "/model-info"),
-    ("GET", "/model/learning-curve.png"),
-    ("GET", "/metrics"),
-    ("GET", "/openapi.json"),
-    ("GET", "/v2"),
-    ("GET", "/v2/health/live"),
-    ("GET", "/v2/health/ready"),
-    ("GET", "/v2/models/{model_name}"),
-    ("GET", "/v2/models/{model_name}/ready"),
-    ("POST", "/v2/models/{model_name}/infer"),
-)
+from readmission.serving.examples import EXAMPLE_PATIENT, example_for
+from readmission.serving.model import LoadedModel
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -142,16 +92,12 @@ def _feature_schema(model: LoadedModel | None) -> dict[str, Any]:
         for spec in model.inputs
     }
     properties.update((column, _IGNORED) for column in model.ignored_columns)
-    example = {}
-    for spec in model.inputs:
-        value = EXAMPLE_PATIENT.get(spec.column)
-        example[spec.column] = value if spec.accepted is None or value in spec.accepted else None
     return {
         "type": "object",
         "required": [spec.column for spec in model.inputs],
         "properties": properties,
         "additionalProperties": False,
-        "example": example,
+        "example": example_for(model),
     }
 
 

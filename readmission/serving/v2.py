@@ -15,9 +15,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from readmission.serving import InputError, LoadedModel, Prediction, shown
+from readmission.serving.errors import InputError, shown
+from readmission.serving.model import LoadedModel, Prediction
 
 MAX_DATA_NESTING = 32  # `data` is flat or row-major nested: as deep as its shape, never more
+
+
+def named_model(model: LoadedModel, name: str) -> LoadedModel:
+    """The model a V2 path names: the served one, or 404 unknown_model."""
+    if name != model.name:
+        raise InputError(
+            f"unknown model {name!r}; this server serves {model.name!r}",
+            "model_name",
+            kind="unknown_model",
+            status=404,
+        )
+    return model
 
 
 def server_metadata(version: str) -> dict[str, Any]:

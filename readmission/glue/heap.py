@@ -1,15 +1,14 @@
 """Give the heap memory freed after large requests back to the operating system.
 
-A 1000-row batch parses ~1.5 MB of JSON into ~1000 dicts and builds arrays from them. Once
+A large batch parses its JSON body into one dict per row and builds arrays from them. Once
 the reply is built they are freed, but glibc keeps most of the freed pages (fragmented in the
-middle of its heap, not at the top, where it trims by itself): each worker stayed ~14 MB
-larger after the benchmark's batch load (docs/predict.md, Benchmark). `malloc_trim(0)` hands
-those pages back in ~0.7 ms. Elsewhere than glibc (musl, macOS) it does nothing.
+middle of its heap, not at the top, where it trims by itself), so a worker stayed larger after
+a batch load than before it (docs/predict.md, Benchmark). `malloc_trim(0)` hands those pages
+back. Elsewhere than glibc (musl, macOS) it does nothing.
 
-Trimming after every batch cost 17 % of the batch throughput (86,000 -> 70,000 rows/s): the
-next batch faults the same pages back in. `IdleHeapTrim` trims once the worker has had no
-large request for a moment, so a sustained batch load keeps its working set and an idle
-worker returns to its idle size.
+Trimming after every batch costs batch throughput: the next batch faults the same pages back
+in. `IdleHeapTrim` trims once the worker has had no large request for a moment, so a
+sustained batch load keeps its working set and an idle worker returns to its idle size.
 """
 
 from __future__ import annotations

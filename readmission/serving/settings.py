@@ -1,0 +1,70 @@
+"""Settings of the predict function, read once from the environment.
+
+Contract: `ServingSettings.from_env()` returns a frozen value or raises ValueError naming the
+variable that is wrong; every variable and its default is documented in docs/predict.md. No
+other serving module reads the environment for these settings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+POLICIES = ("reject", "unseen")  # UNKNOWN_CATEGORY_POLICY values
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, "").strip() or default
+
+
+def _env_number(name: str, default: float, minimum: float) -> float:
+    raw = _env(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Settings of the predict function (env var -> default, documented in docs/predict.md)."""
+
+    model_path: str = ""  # MODEL_PATH: local ONNX file (with MODEL_METADATA_PATH): no store
+    metadata_path: str = ""  # MODEL_METADATA_PATH
+    poll_seconds: float = 10.0  # MODEL_POLL_SECONDS: 0 disables hot swap
+    unknown_category_policy: str = "reject"  # UNKNOWN_CATEGORY_POLICY: reject | unseen
+    batch_limit: int = 1000  # PREDICT_BATCH_LIMIT
+    max_body_bytes: int = 2 * 1024 * 1024  # PREDICT_MAX_BODY_BYTES
+    intra_op_threads: int = 1  # ORT_INTRA_OP_THREADS
+    # THREADS: gunicorn's threads per worker (functions-framework reads it; its default is
+    # cores x 4). With one, a worker answers one request at a time, and single rows skip the
+    # micro-batcher, which only helps rows of concurrent requests meet.
+    request_threads: int = (os.cpu_count() or 1) * 4
+    load_mode: str = "eager"  # MODEL_LOAD: eager (at import, before the port opens) | background
+
+    @classmethod
+    def from_env(cls) -> ServingSettings:
+        policy = _env("UNKNOWN_CATEGORY_POLICY", cls.unknown_category_policy).lower()
+        if policy not in POLICIES:
+            raise ValueError(f"UNKNOWN_CATEGORY_POLICY must be one of {POLICIES}, got {policy!r}")
+        load_mode = _env("MODEL_LOAD", cls.load_mode).lower()
+        if load_mode not in ("eager", "background"):
+            raise ValueError(f"MODEL_LOAD must be eager or background, got {load_mode!r}")
+        model_path = _env("MODEL_PATH", "")
+        metadata_path = _env("MODEL_METADATA_PATH", "")
+        if bool(model_path) != bool(metadata_path):
+            raise ValueError("set both MODEL_PATH and MODEL_METADATA_PATH, or neither")
+        return cls(
+            model_path=model_path,
+            metadata_path=metadata_path,
+            poll_seconds=_env_number("MODEL_POLL_SECONDS", cls.poll_seconds, 0),
+            unknown_category_policy=policy,
+            batch_limit=int(_env_number("PREDICT_BATCH_LIMIT", cls.batch_limit, 1)),
+            max_body_bytes=int(_env_number("PREDICT_MAX_BODY_BYTES", cls.max_body_bytes, 1)),
+            intra_op_threads=int(_env_number("ORT_INTRA_OP_THREADS", cls.intra_op_threads, 1)),
+            request_threads=int(_env_number("THREADS", cls.request_threads, 1)),
+            load_mode=load_mode,
+        )
