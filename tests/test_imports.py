@@ -124,3 +124,16 @@ def test_no_serving_module_is_long() -> None:
         for p in _python_files("readmission/serving", "readmission/glue")
     }
     assert {name: n for name, n in lengths.items() if n > 400} == {}
+
+
+def test_the_glue_stands_below_the_serving_core() -> None:
+    """readmission.serving may use readmission.glue; glue never imports the serving core."""
+    upward = {
+        str(path.relative_to(ROOT)): sorted(
+            name
+            for name in _imported_modules(ast.parse(path.read_text()))
+            if name.startswith("readmission.serving")
+        )
+        for path in _python_files("readmission/glue")
+    }
+    assert {path: names for path, names in upward.items() if names} == {}

@@ -22,7 +22,6 @@ from typing import Any
 import flask
 
 from readmission.glue import heap, http_close
-from readmission.glue.request_body import read_json
 from readmission.glue.responses import error_response, json_response, raw_response
 from readmission.serving import metrics, v2
 from readmission.serving.assets import ModelAssets
@@ -33,6 +32,7 @@ from readmission.serving.forking import register_fork_hooks
 from readmission.serving.inputs import check_batch_size
 from readmission.serving.model import LoadedModel
 from readmission.serving.openapi import build_openapi
+from readmission.serving.request_json import read_json
 from readmission.serving.routes import Router
 from readmission.serving.server import ModelServer
 from readmission.serving.settings import ServingSettings

@@ -8,7 +8,9 @@ it logs one warning and takes the library's public path instead.
 
 Modules: `event_handler` (functions-framework/flask glue of the CloudEvent functions),
 `request_body` and `responses` (the predict function's flask requests and replies),
+`json_codec` (orjson or the stdlib for HTTP bodies),
 `http_close` (gunicorn's close after a reply), `heap` (glibc heap trimming of a worker),
 `onnxruntime_run` (the session binding's run), `skl2onnx_patch` (a converter bug fix),
-`versions` (the version guard).
+`versions` (the version guard). Glue imports nothing of readmission.serving: the serving
+core stands on it, not the other way round.
 """

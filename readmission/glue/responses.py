@@ -1,7 +1,7 @@
 """The predict function's flask replies: JSON documents, errors, files.
 
 Contract: `json_response(body, status)` is compact JSON; `error_response(error)` is the
-InputError's JSON body with its status. For an error raised before the body was read
+error's JSON body (`to_dict()`) with its `status`. For an error raised before the body was read
 (`error.unread`), the reply is streamed and its connection closed after it, see
 `error_response`.
 
@@ -15,14 +15,13 @@ with one request per connection needs.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import flask
 
 from readmission.glue import http_close
+from readmission.glue.json_codec import dumps
 from readmission.glue.versions import checked
-from readmission.serving.errors import InputError
-from readmission.serving.json_codec import dumps
 
 CHECKED_RANGE = ((26,), (27,))  # gunicorn versions the must_close reach-in was checked on
 _WHAT = "gunicorn wsgi.input.reader.req.must_close"
@@ -50,7 +49,15 @@ def raw_response(
     )
 
 
-def error_response(error: InputError) -> flask.Response:
+class ErrorReply(Protocol):
+    """What an error reply is made of (readmission.serving.errors.InputError has it)."""
+
+    status: int
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def error_response(error: ErrorReply) -> flask.Response:
     if not getattr(error, "unread", False):
         return json_response(error.to_dict(), error.status)
     # functions-framework reads the whole request body into memory after every non-streamed

@@ -6,8 +6,10 @@ client sees), inputs (the model's inputs and the one rule set validating a clien
 feeds (rows -> ONNX feeds), batching (micro-batching of concurrent single rows), session (the
 onnxruntime session), model (LoadedModel: load, predict), server (ModelServer: ready, poll,
 hot swap), sources and s3 (where models come from), decisions (the gate's documents), v2
-(KServe V2 protocol), routes, openapi, examples, assets, static_files, metrics, json_codec,
-forking (gunicorn's fork hooks).
+(KServe V2 protocol), request_json (what a JSON request body must be), routes, openapi,
+examples, assets, static_files, metrics, forking (gunicorn's fork hooks).
+
+Layers: serving uses readmission.glue (below it) and glue never imports serving.
 
 Callers import from the module that defines a name; this package re-exports nothing.
 """

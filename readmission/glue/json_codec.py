@@ -1,4 +1,4 @@
-"""The JSON codec of the predict function's bodies: orjson when installed, else the stdlib.
+"""The JSON codec of the predict function's HTTP bodies: orjson if installed, else the stdlib.
 
 Contract: `dumps(body)` gives compact JSON bytes, the same document either way. `loads(data)`
 accepts and reads exactly what the stdlib's `json.loads` does (orjson only makes the common
