@@ -47,14 +47,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-METRICS = (
-    "accuracy",
-    "precision_weighted",
-    "recall_weighted",
-    "f1_weighted",
-    "f1_macro",
-    "roc_auc_ovr",
-)
+from readmission.scoring import METRIC_NAMES
+
+METRICS = METRIC_NAMES  # the gate scores with the same metrics as training and selection
 ROC_AUC = "roc_auc_ovr"
 # Resamples drawn and scored at a time: the index block is CHUNK x n int64 values, so memory
 # grows with the test split's rows, never with GATE_RESAMPLES.
