@@ -27,6 +27,7 @@
 #   MINIO_ROOT_USER, MINIO_ROOT_PASSWORD              -> Secret minio-root
 #   POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB, POSTGRES_HOST -> Secret mlflow-db
 #   MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD -> Secret mlflow-auth (MLflow's admin)
+#   MLFLOW_FLASK_SERVER_SECRET_KEY                    -> Secret mlflow-server
 #       An existing Secret is kept unless all of its variables are set; a missing one is
 #       created from the variables, generating random values for unset credentials.
 #   WAIT_TIMEOUT     per-step readiness timeout (default 300s)
@@ -176,6 +177,7 @@ ensure_secret readmission-s3 AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
 ensure_secret minio-root MINIO_ROOT_USER MINIO_ROOT_PASSWORD
 ensure_secret mlflow-db POSTGRES_USER POSTGRES_PASSWORD POSTGRES_DB POSTGRES_HOST
 ensure_secret mlflow-auth MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD
+ensure_secret mlflow-server MLFLOW_FLASK_SERVER_SECRET_KEY
 apply "$K/configmap.yaml"
 
 # ------------------------------------------------------------------ MinIO and buckets

@@ -556,6 +556,7 @@ def test_deploy_applies_in_order_against_a_fake_cluster(tmp_path: Path) -> None:
         "<stdin>",  # minio-root
         "<stdin>",  # mlflow-db
         "<stdin>",  # mlflow-auth
+        "<stdin>",  # mlflow-server
         "configmap.yaml",
         "pvc.yaml",
         "minio.yaml",
@@ -586,7 +587,7 @@ def test_deploy_applies_in_order_against_a_fake_cluster(tmp_path: Path) -> None:
     )
     # Secrets: the given value is used, generated ones fill the rest; nothing is printed.
     creates = [c for c in calls if c.startswith("create secret generic")]
-    assert len(creates) == 4
+    assert len(creates) == 5
     auth = next(c for c in creates if "mlflow-auth" in c)
     assert "--from-literal=MLFLOW_TRACKING_USERNAME=admin" in auth
     password = re.search(r"--from-literal=MLFLOW_TRACKING_PASSWORD=(\S+)", auth)

@@ -1,6 +1,7 @@
 """MLflow behind authentication: the server runs MLflow's basic-auth app with its admin taken
-from the Secret mlflow-auth, and every Service that talks to MLflow reads that Secret (whose
-keys are the ones MLflow's client sends as HTTP basic credentials)."""
+from the Secret mlflow-auth and its Flask key from mlflow-server (without which the app does not
+start), and every Service that talks to MLflow reads mlflow-auth (whose keys are the ones
+MLflow's client sends as HTTP basic credentials)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from .common import _args, by_kind, knative_services, load_docs
 
 AUTH_SECRET = "mlflow-auth"
 CLIENT_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-# The server's admin user (MLflow's auth app reads these) -> the Secret key it comes from.
-ADMIN_ENV = {
-    "MLFLOW_AUTH_ADMIN_USERNAME": "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_AUTH_ADMIN_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+# What the server reads (its admin user, the auth app's Flask key) -> (Secret, key).
+SERVER_ENV = {
+    "MLFLOW_AUTH_ADMIN_USERNAME": (AUTH_SECRET, "MLFLOW_TRACKING_USERNAME"),
+    "MLFLOW_AUTH_ADMIN_PASSWORD": (AUTH_SECRET, "MLFLOW_TRACKING_PASSWORD"),
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": ("mlflow-server", "MLFLOW_FLASK_SERVER_SECRET_KEY"),
 }
 # The Knative Services whose code uses MLflow (the train step and the aggregator).
 MLFLOW_CLIENTS = ("train", "aggregate")
@@ -36,9 +38,9 @@ def check_mlflow_auth(root: Path) -> list[str]:
         if _args(container).get("app-name") != "basic-auth":
             problems.append(f"{doc.where}: the server must run --app-name=basic-auth")
         env = {e.get("name"): e for e in container.get("env", [])}
-        for name, key in ADMIN_ENV.items():
-            if _secret_ref(env.get(name, {})) != (AUTH_SECRET, key):
-                problems.append(f"{doc.where}: {name} must come from Secret {AUTH_SECRET} {key}")
+        for name, (secret, key) in SERVER_ENV.items():
+            if _secret_ref(env.get(name, {})) != (secret, key):
+                problems.append(f"{doc.where}: {name} must come from Secret {secret} {key}")
     secrets = {d.name: d for d in by_kind(docs, "Secret")}
     keys = set((secrets[AUTH_SECRET].obj.get("stringData") or {}) if AUTH_SECRET in secrets else ())
     for key in CLIENT_KEYS:
