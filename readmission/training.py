@@ -329,16 +329,20 @@ def fit_digests(
     store: ObjectStore, settings: Settings, job: JobSpec, record: tracking.RunRecord
 ) -> dict[str, str]:
     """The digests of the model files of the fit behind `record`, as they were when it was
-    logged. A fit made for an earlier version whose result names the same run: that result's
-    digests (in the object store, which needs keys), and the run's tag must agree with them
-    (ModelFilesMismatch otherwise). Else the run's tag; a run logged before digests were
-    recorded is pinned as its files are now (logged)."""
+    logged. A fit made for an earlier version whose result names the same run and pins its
+    files: that result's digests (in the object store, which needs keys), and the run's tag
+    must agree with them (ModelFilesMismatch otherwise). Else the run's tag; a run logged
+    before digests were recorded is pinned as its files are now (logged)."""
     recorded = model_files.from_tag(record.tags)
     fitted_for = record.tags.get(tracking.DATASET_TAG, job.dataset_id)
     if fitted_for != job.dataset_id:
         first_key = keys.result_key(fitted_for, job.cumulative_index, job.algorithm)
         first = store.get_json_if_exists(settings.buckets.results, first_key)
-        if isinstance(first, dict) and first.get("run_id") == record.run_id:
+        if (
+            isinstance(first, dict)
+            and model_files.RESULT_KEY in first
+            and first.get("run_id") == record.run_id
+        ):
             try:
                 pinned = model_files.parse_digests(first.get(model_files.RESULT_KEY))
             except ValueError as error:

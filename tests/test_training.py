@@ -338,6 +338,25 @@ def test_a_later_version_reuses_the_fit_and_only_rescores_it_on_its_validation_r
 REUSING_VERSION = "0a0a0a0a0a0a0a0a"
 
 
+def reusing_job(env: Env) -> tuple[str, dict[str, Any]]:
+    """(key, spec) of the logistic regression job of a later version holding batch 0 only:
+    the fit of set 0 reused (its manifest and spec written, its result removed)."""
+    manifest = manifest_of(
+        REUSING_VERSION,
+        [keys.batch_key(DATASET_ID, 0)],
+        [DATASET_ID],
+        ["logistic_regression"],
+        [(0, "logistic_regression")],
+    )
+    datasets = env.settings.buckets.datasets
+    env.store.put_json(datasets, keys.manifest_key(REUSING_VERSION), manifest)
+    key = keys.job_key(REUSING_VERSION, 0, "logistic_regression")
+    spec = jobs.job_spec(manifest, key, datasets)
+    env.store.put_json(env.settings.buckets.jobs, key, spec)
+    env.store.delete(env.settings.buckets.results, key)
+    return key, spec
+
+
 def test_a_reused_fit_whose_model_files_were_rewritten_is_refused_with_400(
     env: Env, function_client: Any
 ) -> None:
@@ -346,18 +365,8 @@ def test_a_reused_fit_whose_model_files_were_rewritten_is_refused_with_400(
     rewritten to match it, is refused before skops reads anything, by the train function with
     a 400 (a retry would download the same files), and no result is written."""
     first = train_job(env.store, env.settings, job_spec(0, "logistic_regression"))
-    manifest = manifest_of(
-        REUSING_VERSION,
-        [keys.batch_key(DATASET_ID, 0)],
-        [DATASET_ID],
-        ["logistic_regression"],
-        [(0, "logistic_regression")],
-    )
-    datasets, results = env.settings.buckets.datasets, env.settings.buckets.results
-    env.store.put_json(datasets, keys.manifest_key(REUSING_VERSION), manifest)
-    key = keys.job_key(REUSING_VERSION, 0, "logistic_regression")
-    later = jobs.job_spec(manifest, key, datasets)
-    env.store.put_json(env.settings.buckets.jobs, key, later)
+    results = env.settings.buckets.results
+    key, later = reusing_job(env)
     skops_file = logged_model_dir(env.client, first["run_id"]) / "model.skops"
 
     with rewritten(skops_file, skops_file.read_bytes() + b"\0"):
@@ -381,6 +390,30 @@ def test_a_reused_fit_whose_model_files_were_rewritten_is_refused_with_400(
     result = train_job(env.store, env.settings, later)  # the files as logged: reused
     assert result["reused"] and result["run_id"] == first["run_id"]
     assert result["model_files"] == first["model_files"]
+
+
+def test_a_fit_logged_before_model_files_were_pinned_is_pinned_as_it_is_when_reused(
+    env: Env,
+) -> None:
+    """Runs and results written before this change carry no digests: a later version reusing
+    such a fit pins its files as they are then (with a warning), instead of refusing it."""
+    first = train_job(env.store, env.settings, job_spec(0, "logistic_regression"))
+    results, first_key = (
+        env.settings.buckets.results,
+        keys.result_key(DATASET_ID, 0, "logistic_regression"),
+    )
+    key, later = reusing_job(env)
+    env.client.delete_tag(first["run_id"], model_files.DIGESTS_TAG)
+    env.store.put_json(results, first_key, {k: v for k, v in first.items() if k != "model_files"})
+    try:
+        result = train_job(env.store, env.settings, later)
+    finally:
+        env.client.set_tag(
+            first["run_id"], model_files.DIGESTS_TAG, model_files.to_tag(first["model_files"])
+        )
+        env.store.put_json(results, first_key, first)
+    assert result["reused"] and result["model_files"] == first["model_files"]
+    env.store.delete(results, key)
 
 
 def test_stale_runs_of_a_killed_attempt_are_removed(env: Env) -> None:
