@@ -39,7 +39,7 @@ RUN pip install --no-cache-dir "/src[pipeline]" \
 
 # MLflow tracking server with the PostgreSQL driver and the S3 client for its artifacts.
 FROM build-base AS deps-mlflow
-RUN pip install --no-cache-dir "mlflow==3.17.2" "psycopg2-binary==2.9.13" "boto3==1.44.8"
+RUN pip install --no-cache-dir "mlflow[auth]==3.17.2" "psycopg2-binary==2.9.13" "boto3==1.44.8"
 
 # ---------------------------------------------------------------- runtime images
 FROM ${PYTHON_IMAGE} AS runtime

@@ -5,7 +5,9 @@ nothing ("waiting k of n"). When all are in, it
 
 1. selects the best result by validation `Settings.selection_metric` (ROC-AUC breaks ties,
    then the job key, i.e. fewer training rows and then the algorithm name);
-2. loads that run's model from MLflow and evaluates it ONCE on the held-out test split;
+2. loads that run's model from MLflow, only from a download whose every file matches the
+   sha256 its result pins (readmission.model_files; else InvalidResult, before skops reads
+   anything), and evaluates it ONCE on the held-out test split;
 3. exports it to ONNX and checks parity on the WHOLE test split (same argmax, max |Δp| <=
    1e-4): a failure raises, so the event is retried and finally dead-lettered, and nothing is
    registered or written;

@@ -6,7 +6,11 @@ Reads the version's result documents (results bucket), its test and validation p
 bucket) and the selected run's model (MLflow); writes nothing. Contract:
 
 * every result is checked against its key and its manifest before it is used (`read_result`):
-  one that is not its key's job is an InvalidResult, which no retry can fix;
+  one that is not its key's job, or that does not pin its model files, is an InvalidResult,
+  which no retry can fix;
+* the selected model is loaded only from a local copy whose every file matches the digests its
+  result pins (`load_selected`, readmission.model_files): a model changed in MLflow's artifact
+  store after its run is an InvalidResult, before skops reads anything;
 * the selection is deterministic for any order of the results (`select_best`: validation
   `Settings.selection_metric`, then validation ROC-AUC, then the smaller job key);
 * the test split is looked at by the selected model only, once (`test_and_export`), and parity
@@ -31,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from readmission import keys, quality, tracking
+from readmission import keys, model_files, quality
 from readmission.config import Settings
 from readmission.features import target_values, to_model_frame
 from readmission.learning_curve import build_learning_curve, to_csv, to_markdown, to_png
@@ -73,6 +77,11 @@ def read_result(
     named = tuple(result.get(name) for name in ("dataset_id", "cumulative_index", "algorithm"))
     if named != (dataset_id, index, algorithm):
         raise InvalidResult(f"{where} is the result of {named}, not of its key's job")
+    try:
+        pinned = model_files.parse_digests(result.get(model_files.RESULT_KEY))
+    except ValueError as error:
+        raise InvalidResult(f"{where}: {error}") from error
+    result[model_files.RESULT_KEY] = pinned
     if result.get("training_rows") != rows:
         raise InvalidResult(
             f"{where} was trained on {result.get('training_rows')} rows, cumulative set "
@@ -101,6 +110,16 @@ def select_best(results: Sequence[Mapping[str, Any]], metric: str) -> Mapping[st
         return (-_score(result, metric), -_score(result, TIE_BREAK_METRIC), job)
 
     return min(results, key=order)
+
+
+def load_selected(result: Mapping[str, Any]) -> Any:
+    """The pipeline of a result read by `read_result`, loaded only if every file of its MLflow
+    model directory is the one its training run logged: InvalidResult (no retry can fix it)
+    before any deserialisation otherwise."""
+    try:
+        return model_files.load_verified(str(result["model_uri"]), result[model_files.RESULT_KEY])
+    except model_files.ModelFilesMismatch as error:
+        raise InvalidResult(f"result of run {result.get('run_id')}: {error}") from error
 
 
 def read_parquet(store: ObjectStore, bucket: str, key: str) -> pd.DataFrame:
@@ -154,7 +173,7 @@ def test_and_export(
     frame, y_test = to_model_frame(test), target_values(test)
     validation = read_validation(store, settings, manifest)
     val_frame, y_val = to_model_frame(validation), target_values(validation)
-    pipeline = tracking.load_pipeline(best["model_uri"])
+    pipeline = load_selected(best)
     probabilities = predict_probabilities(pipeline, frame)
     val_probabilities = predict_probabilities(pipeline, val_frame)
     # the only look at the test split

@@ -12,7 +12,9 @@ Contract: a version is decided once. `decide` reads a recorded decision back and
 unchanged (a retry re-applies it, and readmission.decisions never lets it undo a later one).
 The first model ever is promoted without a gate; a challenger that is the champion's own fit is
 kept without registering it twice; otherwise challenger and champion are scored on the same
-rows (the candidate's test split) and readmission.gate decides with `gate_rule(settings)`.
+rows (the candidate's test split) and readmission.gate decides with `gate_rule(settings)`. The
+champion's pipeline is loaded only if its MLflow model files match the digests pinned by the
+result naming its run (`load_champion`; InvalidResult otherwise, nothing decided).
 Applying the decision (aliases, champion/challenger metadata) is readmission.decisions.apply,
 called by the aggregator.
 """
@@ -20,6 +22,7 @@ called by the aggregator.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -28,11 +31,13 @@ from typing import Any
 import numpy as np
 from mlflow import MlflowClient
 
-from readmission import contract, decisions, gate, keys, registry, tracking
-from readmission.candidate import Candidate
+from readmission import contract, decisions, gate, keys, model_files, registry, tracking
+from readmission.candidate import Candidate, InvalidResult
 from readmission.config import Settings
 from readmission.scoring import predict_probabilities
 from readmission.storage import ObjectStore
+
+log = logging.getLogger(__name__)
 
 MODEL_DESCRIPTION = (
     "Hospital readmission (<30, >30, NO) classifier of the Diabetes 130-US hospitals pipeline. "
@@ -109,9 +114,57 @@ def gate_rule(settings: Settings) -> gate.GateRule:
     )
 
 
-def run_gate(candidate: Candidate, champion_run_id: str, rule: gate.GateRule) -> gate.GateResult:
-    """Challenger and champion scored on the same rows: the candidate's test split."""
-    champion = tracking.load_pipeline(f"runs:/{champion_run_id}/{tracking.MODEL_NAME}")
+def champion_model_files(
+    store: ObjectStore, settings: Settings, version: Any
+) -> dict[str, str] | None:
+    """The model files pinned by the result (results bucket) that names the champion's run:
+    the result of its corpus version (the version's tag) and algorithm. InvalidResult if no
+    result names the run; None (logged) if that result predates pinned model files."""
+    run_id = registry.run_of(version)
+    dataset_id = str(version.tags.get(registry.DATASET_TAG, ""))
+    suffix = f"-{version.tags.get('algorithm', '')}.json"
+    bucket = settings.buckets.results
+    for key in store.list_keys(bucket, f"{dataset_id}/") if dataset_id else []:
+        if not key.endswith(suffix):
+            continue
+        result = store.get_json_if_exists(bucket, key)
+        if not isinstance(result, dict) or result.get("run_id") != run_id:
+            continue
+        if model_files.RESULT_KEY not in result:
+            log.warning(
+                "champion run %s: s3://%s/%s predates pinned model files; its model is loaded "
+                "unverified",
+                run_id,
+                bucket,
+                key,
+            )
+            return None
+        try:
+            return model_files.parse_digests(result[model_files.RESULT_KEY])
+        except ValueError as error:
+            raise InvalidResult(f"s3://{bucket}/{key}: {error}") from error
+    raise InvalidResult(
+        f"no result in s3://{bucket}/{dataset_id}/ names the champion's run {run_id}: its model "
+        "files cannot be verified"
+    )
+
+
+def load_champion(store: ObjectStore, settings: Settings, version: Any) -> Any:
+    """The champion's pipeline, loaded only if its MLflow model files are the ones its training
+    run logged (InvalidResult otherwise, before any deserialisation)."""
+    uri = f"runs:/{registry.run_of(version)}/{tracking.MODEL_NAME}"
+    files = champion_model_files(store, settings, version)
+    if files is None:
+        return tracking.load_pipeline(uri)
+    try:
+        return model_files.load_verified(uri, files)
+    except model_files.ModelFilesMismatch as error:
+        raise InvalidResult(f"champion version {version.version}: {error}") from error
+
+
+def run_gate(candidate: Candidate, champion: Any, rule: gate.GateRule) -> gate.GateResult:
+    """Challenger and champion (its pipeline) scored on the same rows: the candidate's test
+    split."""
     champion_probabilities = predict_probabilities(champion, candidate.test_frame)
     codes = np.array([contract.TARGET_CLASSES.index(str(y)) for y in candidate.test_target])
     return gate.compare(
@@ -152,7 +205,8 @@ def decide(
     else:
         if current is not None:
             gate_started = time.perf_counter()
-            result = run_gate(candidate, registry.run_of(current), rule)
+            champion_pipeline = load_champion(store, settings, current)
+            result = run_gate(candidate, champion_pipeline, rule)
             gate_seconds = time.perf_counter() - gate_started
         version, created = register(client, settings, dataset_id, candidate)
         if current is None:

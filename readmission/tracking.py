@@ -204,19 +204,22 @@ def complete_run(
     model_metrics: Mapping[str, float | None],
     model_id: str,
     run_metrics: Mapping[str, float] | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> None:
     """End a run whose params and model are logged: its metrics and the COMPLETE_TAG in one
     request (None metrics are skipped), then status FINISHED.
 
     `model_metrics` are also the logged model's (MLflow 3 links them to it by `model_id`);
-    `run_metrics` are the run's alone. Metrics are logged after the model on purpose: metrics
+    `run_metrics` are the run's alone; `tags` are set in the same request as COMPLETE_TAG (a
+    complete run always has them). Metrics are logged after the model on purpose: metrics
     already on the run when a model is logged make MLflow re-read each one's history to link
     it (one request per metric: ~28 more requests per run here)."""
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,
         metrics=_metrics(model_metrics, now, model_id) + _metrics(run_metrics or {}, now, None),
-        tags=[RunTag(COMPLETE_TAG, "true")],
+        tags=[RunTag(name, value) for name, value in sorted((tags or {}).items())]
+        + [RunTag(COMPLETE_TAG, "true")],
     )
     client.set_terminated(run_id, status="FINISHED")
 

@@ -28,8 +28,11 @@ answers 400: dead-lettered once, never retried), before any object is read or ru
 4. the result document is written LAST: its arrival fires the aggregator.
 
 The result is built from the finished run (and, for a reused fit, a deterministic re-scoring),
-so a redelivered job writes a byte-identical document. The metrics are those of
-readmission.scoring.
+so a redelivered job writes a byte-identical document. It pins the sha256 of every file of the
+logged model directory (`model_files`, readmission.model_files): recorded on the run with its
+completion, carried forward unchanged by every reuse of the fit, and checked before a reused
+fit is re-scored (a mismatch is a ModelFilesMismatch: the train function answers 400). The
+metrics are those of readmission.scoring.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from mlflow import MlflowClient
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
-from readmission import tracking
+from readmission import keys, model_files, tracking
 from readmission.config import Settings
 from readmission.features import (
     build_pipeline,
@@ -257,6 +260,9 @@ def fit_and_log(
     try:
         tracking.log_params(client, run_id, _run_params(job, pipeline, len(x_train)))
         model = tracking.log_pipeline(run_id, pipeline, x_train)
+        # The digests of the model directory as the store holds it right after logging; they
+        # go on the run with its completion and into every result made from it.
+        files = model_files.logged_digests(model.model_uri)
         # MLflow's cost for this job (create, params, model), logged for the budget.
         mlflow_seconds = time.perf_counter() - started
         tracking.complete_run(
@@ -265,6 +271,7 @@ def fit_and_log(
             _run_metrics(timing, train_metrics, val_metrics),
             model.model_id,
             {"mlflow_seconds": mlflow_seconds},
+            {model_files.DIGESTS_TAG: model_files.to_tag(files)},
         )
     except BaseException:
         try:
@@ -280,11 +287,13 @@ def fit_and_log(
 def result_document(
     job: JobSpec,
     record: tracking.RunRecord,
+    files: Mapping[str, str],
     validation: Mapping[str, float | None] | None = None,
     rescore_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """The result document (docs/design.md) of a complete run; `validation` replaces the run's
-    logged validation metrics when the run was fitted for another corpus version."""
+    """The result document (docs/design.md) of a complete run; `files` are its model files'
+    digests (`fit_digests`); `validation` replaces the run's logged validation metrics when
+    the run was fitted for another corpus version."""
     metrics: dict[str, dict[str, float | None]] = {}
     for split, prefix in SPLIT_PREFIXES.items():
         metrics[split] = {name: record.metrics.get(f"{prefix}{name}") for name in METRIC_NAMES}
@@ -298,27 +307,75 @@ def result_document(
         "training_rows": int(record.params["n_samples"]),
         "n_features": int(record.params["n_features"]),
         "run_id": record.run_id,
-        "model_uri": f"runs:/{record.run_id}/{tracking.MODEL_NAME}",
+        "model_uri": model_uri(record),
         "fit_id": job.fit_id,
         "fitted_for": fitted_for,
         "reused": fitted_for != job.dataset_id,
         "fit_seconds": record.metrics["fit_seconds"],
         "fit_cpu_seconds": record.metrics.get("fit_cpu_seconds"),
         "metrics": metrics,
+        model_files.RESULT_KEY: dict(files),
     }
     if rescore_seconds is not None:
         document["rescore_seconds"] = rescore_seconds
     return document
 
 
+def model_uri(record: tracking.RunRecord) -> str:
+    return f"runs:/{record.run_id}/{tracking.MODEL_NAME}"
+
+
+def fit_digests(
+    store: ObjectStore, settings: Settings, job: JobSpec, record: tracking.RunRecord
+) -> dict[str, str]:
+    """The digests of the model files of the fit behind `record`, as they were when it was
+    logged. A fit made for an earlier version whose result names the same run and pins its
+    files: that result's digests (in the object store, which needs keys), and the run's tag
+    must agree with them (ModelFilesMismatch otherwise). Else the run's tag; a run logged
+    before digests were recorded is pinned as its files are now (logged)."""
+    recorded = model_files.from_tag(record.tags)
+    fitted_for = record.tags.get(tracking.DATASET_TAG, job.dataset_id)
+    if fitted_for != job.dataset_id:
+        first_key = keys.result_key(fitted_for, job.cumulative_index, job.algorithm)
+        first = store.get_json_if_exists(settings.buckets.results, first_key)
+        if (
+            isinstance(first, dict)
+            and model_files.RESULT_KEY in first
+            and first.get("run_id") == record.run_id
+        ):
+            try:
+                pinned = model_files.parse_digests(first.get(model_files.RESULT_KEY))
+            except ValueError as error:
+                raise model_files.ModelFilesMismatch(
+                    f"results/{first_key} of run {record.run_id}: {error}"
+                ) from error
+            if recorded is not None and recorded != pinned:
+                raise model_files.ModelFilesMismatch(
+                    f"run {record.run_id}'s tag {model_files.DIGESTS_TAG} differs from the "
+                    f"digests in results/{first_key}: refusing to reuse the fit"
+                )
+            return pinned
+    if recorded is None:
+        log.warning(
+            "job %s: run %s has no %s (logged before model files were pinned): pinning its "
+            "files as they are now",
+            job.key,
+            record.run_id,
+            model_files.DIGESTS_TAG,
+        )
+        return model_files.logged_digests(model_uri(record))
+    return recorded
+
+
 def rescore(
-    store: ObjectStore, job: JobSpec, record: tracking.RunRecord
+    store: ObjectStore, job: JobSpec, record: tracking.RunRecord, files: Mapping[str, str]
 ) -> tuple[dict[str, float | None], float]:
     """(metrics on this version's validation rows, wall seconds) of a fit made for an earlier
-    version: prediction only."""
+    version: prediction only, by the model whose files match `files` (ModelFilesMismatch
+    before loading otherwise)."""
     started = time.perf_counter()
     validation = read_validation(store, job)
-    pipeline = tracking.load_pipeline(f"runs:/{record.run_id}/{tracking.MODEL_NAME}")
+    pipeline = model_files.load_verified(model_uri(record), files)
     metrics = compute_metrics(pipeline, validation.frame, validation.target)
     return metrics, time.perf_counter() - started
 
@@ -362,8 +419,9 @@ def train_job(
         if kept is not None and kept.info.run_id != record.run_id:
             record = tracking.run_record(kept)
 
+    files = fit_digests(store, settings, job, record)
     if record.tags.get(tracking.DATASET_TAG, job.dataset_id) != job.dataset_id:
-        validation, seconds = rescore(store, job, record)
+        validation, seconds = rescore(store, job, record, files)
         log.info(
             "job %s: fit %s of version %s re-scored on this version's validation rows in %.2fs",
             job.key,
@@ -371,8 +429,8 @@ def train_job(
             record.tags.get(tracking.DATASET_TAG),
             seconds,
         )
-        result = result_document(job, record, validation, seconds)
+        result = result_document(job, record, files, validation, seconds)
     else:
-        result = result_document(job, record)
+        result = result_document(job, record, files)
     store.put_json(results_bucket, job.result_key, result)
     return result

@@ -26,6 +26,8 @@
 #   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY          -> Secret readmission-s3
 #   MINIO_ROOT_USER, MINIO_ROOT_PASSWORD              -> Secret minio-root
 #   POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB, POSTGRES_HOST -> Secret mlflow-db
+#   MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD -> Secret mlflow-auth (MLflow's admin)
+#   MLFLOW_FLASK_SERVER_SECRET_KEY                    -> Secret mlflow-server
 #       An existing Secret is kept unless all of its variables are set; a missing one is
 #       created from the variables, generating random values for unset credentials.
 #   WAIT_TIMEOUT     per-step readiness timeout (default 300s)
@@ -158,6 +160,7 @@ ensure_secret() {
         POSTGRES_USER) value=mlflow ;;
         POSTGRES_DB) value=mlflow ;;
         POSTGRES_HOST) value=mlflow-postgres ;;
+        MLFLOW_TRACKING_USERNAME) value="admin" ;;
         *) value="$(random_secret 24)" ;;
       esac
       log "secret $name: generated $var"
@@ -173,6 +176,8 @@ ensure_secret() {
 ensure_secret readmission-s3 AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
 ensure_secret minio-root MINIO_ROOT_USER MINIO_ROOT_PASSWORD
 ensure_secret mlflow-db POSTGRES_USER POSTGRES_PASSWORD POSTGRES_DB POSTGRES_HOST
+ensure_secret mlflow-auth MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD
+ensure_secret mlflow-server MLFLOW_FLASK_SERVER_SECRET_KEY
 apply "$K/configmap.yaml"
 
 # ------------------------------------------------------------------ MinIO and buckets

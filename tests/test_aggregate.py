@@ -16,6 +16,7 @@ import io
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -29,9 +30,10 @@ import onnx
 import pandas as pd
 import pyarrow as pa
 import pytest
+import yaml
 from mlflow import MlflowClient
 from sklearn.metrics import brier_score_loss
-from support.mlflow_server import MlflowServer
+from support.mlflow_server import MlflowServer, logged_model_dir, rewritten
 from support.python_snippet import run_python
 from support.seaweed_server import SeaweedServer
 
@@ -504,22 +506,26 @@ GOOD_AGAIN_ID = "600dbeef600dbeef"
 
 
 def shuffled_labels_copy(
-    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+    store: ObjectStore,
+    settings: Settings,
+    client: MlflowClient,
+    scenario: Scenario,
+    new_id: str = SHUFFLED_ID,
 ) -> Scenario:
     """The scenario's rows under another version id, with the training labels shuffled, and
     one job (logistic regression on every batch) trained on them for real."""
-    copy = copy_dataset(store, scenario, SHUFFLED_ID)
+    copy = copy_dataset(store, scenario, new_id)
     rng = np.random.default_rng(3)
     for batch in copy.manifest["batches"]:
         frame = read_split(store, batch["key"])
         frame[contract.TARGET] = rng.permutation(frame[contract.TARGET].to_numpy())
         store.put_bytes("datasets", batch["key"], parquet_bytes(pa.Table.from_pandas(frame)))
     last = len(copy.manifest["cumulative_sets"]) - 1
-    job = keys.job_key(SHUFFLED_ID, last, "logistic_regression")
+    job = keys.job_key(new_id, last, "logistic_regression")
     copy.manifest["jobs"] = [job]
-    store.put_json("datasets", keys.manifest_key(SHUFFLED_ID), copy.manifest)
+    store.put_json("datasets", keys.manifest_key(new_id), copy.manifest)
     result = train_job(store, settings, job_spec(copy.manifest, job, "datasets"), client)
-    return Scenario(SHUFFLED_ID, copy.manifest, {job: result})
+    return Scenario(new_id, copy.manifest, {job: result})
 
 
 def test_a_challenger_trained_on_shuffled_labels_is_kept_and_the_decision_recorded(
@@ -672,6 +678,75 @@ def test_a_failed_preparation_ahead_only_leaves_the_work_to_the_fan_in(
         f"waiting ({len(jobs) - 1} of {len(jobs)} results)",
     )
     assert store.list_keys("models", f"{broken.dataset_id}/") == []
+
+
+def more_trusted_types(mlmodel: bytes) -> bytes:
+    """The MLmodel file with `builtins.eval` among the types skops is told to trust."""
+    document = yaml.safe_load(mlmodel)
+    document["flavors"]["sklearn"]["skops_trusted_types"].append("builtins.eval")
+    return yaml.safe_dump(document).encode()
+
+
+def nothing_of(store: ObjectStore, client: MlflowClient, dataset_id: str) -> bool:
+    """No model object, decision or registered version of the version (and no lease left)."""
+    return (
+        store.list_keys("models", f"{dataset_id}/") == []
+        and not store.exists("models", keys.decision_key(dataset_id))
+        and versions(client, dataset_id) == []
+    )
+
+
+def test_a_model_rewritten_in_mlflows_artifact_store_is_refused_and_nothing_registered(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    """MLflow's artifact store takes writes without a key, and the MLmodel file decides what
+    skops trusts, the skops file what it builds: the selected model, with either rewritten
+    after its training run, is refused before skops reads it (InvalidResult; the function
+    answers 400, dead-lettered: a retry downloads the same files) and nothing is registered
+    or written. The files as logged are aggregated as usual."""
+    from functions_framework import create_app
+
+    copy = copy_dataset(store, scenario, "0000000000ad0de1")
+    write_results(store, copy, list(copy.results))
+    best = select_best(list(copy.results.values()), settings.selection_metric)
+    directory = logged_model_dir(client, best["run_id"])
+    mlmodel, skops_file = directory / "MLmodel", directory / "model.skops"
+    app = create_app("aggregate", str(ROOT / "functions/aggregate/main.py"), "cloudevent")
+    for path, content in (
+        (mlmodel, more_trusted_types(mlmodel.read_bytes())),
+        (skops_file, skops_file.read_bytes() + b"\0"),
+    ):
+        with rewritten(path, content):
+            with pytest.raises(InvalidResult, match=f"changed: {re.escape(path.name)}"):
+                aggregate_dataset(store, settings, copy.dataset_id)
+            reply = post_result_event(app, next(iter(copy.results)))
+            assert reply.status_code == 400
+            assert b"not the ones its training run logged" in reply.data
+        assert nothing_of(store, client, copy.dataset_id)
+    outcome = aggregate_dataset(store, settings, copy.dataset_id)
+    assert outcome.status == "aggregated", outcome
+    assert store.get_json("models", f"{copy.dataset_id}/metadata.json")["run_id"] == best["run_id"]
+
+
+def test_a_champion_rewritten_in_mlflows_artifact_store_is_never_loaded_for_the_gate(
+    store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
+) -> None:
+    """The gate loads the sitting champion's pipeline too: its files are checked against the
+    result (results bucket) naming its run, and a rewritten MLmodel stops the decision before
+    skops reads it: no registration, no decision, the version not done (its own, verified
+    model.onnx is written before the decision, as always, and served by nothing)."""
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    mlmodel = logged_model_dir(client, registry.run_of(champion)) / "MLmodel"
+    with rewritten(mlmodel, more_trusted_types(mlmodel.read_bytes())):
+        challenger = shuffled_labels_copy(store, settings, client, scenario, "5ca1ab1e0000beef")
+        with pytest.raises(InvalidResult, match=f"champion version {champion.version}: .*MLmodel"):
+            aggregate_dataset(store, settings, challenger.dataset_id)
+    dataset_id = challenger.dataset_id
+    assert not store.exists("models", f"{dataset_id}/metadata.json")
+    assert not store.exists("models", keys.decision_key(dataset_id))
+    assert not store.exists("models", lease_key(dataset_id))
+    assert versions(client, dataset_id) == []
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == champion.version
 
 
 def test_lease_admits_one_holder_and_expires(store: ObjectStore) -> None:

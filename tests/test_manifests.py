@@ -267,6 +267,21 @@ def test_detects_literal_password_in_env(broken) -> None:
     assert "has a literal value (use a Secret)" in _problems("config-refs")
 
 
+def test_detects_mlflow_without_auth_or_a_client_without_its_credentials(broken) -> None:
+    broken("infra/knative/mlflow.yaml", _replace("            - --app-name=basic-auth\n", ""))
+    broken(
+        "infra/knative/services.yaml",
+        _replace(
+            "            # MLflow's basic-auth credentials (infra/knative/mlflow.yaml)\n"
+            "            - secretRef:\n                name: mlflow-auth\n",
+            "",
+        ),
+    )
+    problems = _problems("mlflow-auth")
+    assert "the server must run --app-name=basic-auth" in problems
+    assert "Service/train: envFrom must include secretRef mlflow-auth" in problems
+
+
 def test_detects_unknown_field_in_builtin_kind(broken) -> None:
     _require("kubernetes-schemas")
     broken("infra/minio/minio.yaml", _replace("  strategy:\n", "  stratgey:\n"))
@@ -511,7 +526,9 @@ def test_deploy_applies_in_order_against_a_fake_cluster(tmp_path: Path) -> None:
     log = tmp_path / "calls.log"
     env = {
         **{
-            k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MINIO_", "POSTGRES_"))
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AWS_", "MINIO_", "POSTGRES_", "MLFLOW_TRACKING_"))
         },
         "KUBECTL": str(kubectl),
         "KUBECTL_LOG": str(log),
@@ -538,6 +555,8 @@ def test_deploy_applies_in_order_against_a_fake_cluster(tmp_path: Path) -> None:
         "<stdin>",  # readmission-s3
         "<stdin>",  # minio-root
         "<stdin>",  # mlflow-db
+        "<stdin>",  # mlflow-auth
+        "<stdin>",  # mlflow-server
         "configmap.yaml",
         "pvc.yaml",
         "minio.yaml",
@@ -568,7 +587,11 @@ def test_deploy_applies_in_order_against_a_fake_cluster(tmp_path: Path) -> None:
     )
     # Secrets: the given value is used, generated ones fill the rest; nothing is printed.
     creates = [c for c in calls if c.startswith("create secret generic")]
-    assert len(creates) == 3
+    assert len(creates) == 5
+    auth = next(c for c in creates if "mlflow-auth" in c)
+    assert "--from-literal=MLFLOW_TRACKING_USERNAME=admin" in auth
+    password = re.search(r"--from-literal=MLFLOW_TRACKING_PASSWORD=(\S+)", auth)
+    assert password and password.group(1) not in result.stdout + result.stderr
     assert "--from-literal=MINIO_ROOT_PASSWORD=do-not-print-me-0123" in joined
     assert "do-not-print-me-0123" not in result.stdout + result.stderr
     s3 = next(c for c in creates if "readmission-s3" in c)

@@ -1,6 +1,8 @@
 """Security properties of the project and of the REAL local stack (tests/support/stack.py).
 
-* the object store refuses anonymous and wrong-key requests (raw HTTP and boto3);
+* the object store refuses anonymous and wrong-key requests (raw HTTP and boto3), its filer
+  and volume HTTP APIs unsigned ones, and its gRPC ports clients without the stack's
+  certificate (`weed shell`);
 * every listening TCP socket of the stack's processes is bound to the loopback address;
 * no secret in the files git would commit, none in the stack's log files;
 * the serving path loads ONNX only: no unpickling module imported by the predict code, and the
@@ -75,7 +77,12 @@ def _secrets(stack: Any) -> list[str]:
     values = [value for name, value in info.items() if name != "access_key" and value]
     security = stack.state_dir / "seaweedfs" / "security.toml"
     if security.exists():
-        values += re.findall(r'(?m)^key\s*=\s*"([^"]+)"', security.read_text())
+        keys = re.findall(r'(?m)^key\s*=\s*"([^"]+)"', security.read_text())
+        values += [key for key in keys if not key.startswith("/")]  # not the gRPC key's path
+    grpc_key = stack.state_dir / "seaweedfs" / "tls" / "grpc.key"
+    if grpc_key.exists():  # the base64 lines of the gRPC private key
+        lines = grpc_key.read_text().splitlines()
+        values += [line for line in lines if "-----" not in line and len(line) >= 16]
     return values
 
 
@@ -163,6 +170,50 @@ def test_the_filer_and_volume_http_apis_refuse_anonymous_access(stack: Any) -> N
     assert not stack.store.exists(raw, "filer-anon.csv")
     volume = f"http://127.0.0.1:{stack.ports['volume']}"
     assert _http("POST", f"{volume}/1,01637037d6", b"x") in {401, 403}
+
+
+def _weed_shell(stack: Any, commands: str, cwd: Path, timeout: float = 60) -> str:
+    """`weed shell` against the stack's master and filer (gRPC), run in `cwd` with HOME=cwd
+    (where it looks for security.toml); its output, or how it timed out."""
+    ports = stack.ports
+    master = f"127.0.0.1:{ports['master']}.{ports['master.grpc']}"
+    filer = f"127.0.0.1:{ports['filer']}.{ports['filer.grpc']}"
+    weed = Path(sys.executable).with_name("weed")
+    try:
+        done = subprocess.run(
+            [str(weed), "shell", f"-master={master}", f"-filer={filer}"],
+            input=commands,
+            cwd=cwd,
+            env={**os.environ, "HOME": str(cwd)},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as error:
+        return f"timed out after {timeout}s: {error.stdout!r} {error.stderr!r}"
+    return done.stdout + done.stderr
+
+
+@pytest.mark.stack
+def test_seaweedfs_grpc_refuses_a_client_without_the_stacks_certificate(
+    stack: Any, tmp_path: Path
+) -> None:
+    """Around the S3 keys: `weed shell` renames and deletes through the filer's gRPC port.
+    Without the stack's client certificate (mutual TLS, localstack/seaweed_tls.py) it cannot
+    connect: the object stays where it is. With it (the stack's own security.toml) the same
+    shell lists the bucket, so the refusal is the certificate's doing."""
+    raw = stack.settings.buckets.raw
+    stack.store.put_bytes(raw, "grpc-probe.txt", b"probe")  # not .csv: fires no event
+    output = _weed_shell(
+        stack,
+        f"fs.mv /buckets/{raw}/grpc-probe.txt /buckets/{raw}/grpc-moved.txt\n"
+        f"fs.rm /buckets/{raw}/grpc-probe.txt\nexit\n",
+        tmp_path,
+    )
+    assert stack.store.exists(raw, "grpc-probe.txt"), output
+    assert not stack.store.exists(raw, "grpc-moved.txt"), output
+    listed = _weed_shell(stack, f"fs.ls /buckets/{raw}\nexit\n", stack.state_dir / "seaweedfs")
+    assert "grpc-probe.txt" in listed, listed
 
 
 # --------------------------------------------------------------------------- sockets
@@ -320,8 +371,9 @@ def test_no_secret_in_the_stack_logs_and_state_files_are_private(stack: Any) -> 
         path.name for path in logs if any(v in path.read_text(errors="replace") for v in values)
     ]
     assert leaking == []
-    for private in ("credentials.json", "env", "seaweedfs/s3.json", "seaweedfs/security.toml"):
-        if private == "seaweedfs/security.toml" and not (stack.state_dir / private).exists():
+    optional = ("seaweedfs/security.toml", "seaweedfs/tls/grpc.key")
+    for private in ("credentials.json", "env", "seaweedfs/s3.json", *optional):
+        if private in optional and not (stack.state_dir / private).exists():
             continue
         mode = (stack.state_dir / private).stat().st_mode & 0o777
         assert mode == 0o600, f"{private} has mode {oct(mode)}"

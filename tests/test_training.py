@@ -22,12 +22,12 @@ from cloudevents.http import CloudEvent
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from sklearn.metrics import f1_score
-from support.mlflow_server import MlflowServer
+from support.mlflow_server import MlflowServer, logged_model_dir, rewritten
 from support.seaweed_server import SeaweedServer
 from test_features import generated_frame, real_sample
 from threadpoolctl import threadpool_limits
 
-from readmission import jobs, keys, tracking
+from readmission import jobs, keys, model_files, tracking
 from readmission.config import Buckets, Settings
 from readmission.features import ALGORITHMS, build_pipeline, target_values, to_model_frame
 from readmission.job_spec import InvalidJobSpec, JobSpec
@@ -223,6 +223,12 @@ def test_train_job_logs_one_run_and_writes_the_result(env: Env) -> None:
     with zipfile.ZipFile(skops_file) as archive:
         assert archive.read("schema.json").startswith(b'{"__class__": "Pipeline"')
 
+    # Every file of the logged model is pinned by its sha256, on the run and in the result.
+    local = Path(mlflow.artifacts.download_artifacts(result["model_uri"]))
+    assert result["model_files"] == model_files.digests_of(local)
+    assert {"MLmodel", "model.skops"} <= set(result["model_files"])
+    assert model_files.from_tag(run.data.tags) == result["model_files"]
+
     # The logged model loads (skops, trusted types recorded) and reproduces the metric.
     pipeline = tracking.load_pipeline(result["model_uri"])
     _, validation = real_sample(2 * BATCH_ROWS, VALIDATION_ROWS)
@@ -309,6 +315,7 @@ def test_a_later_version_reuses_the_fit_and_only_rescores_it_on_its_validation_r
     assert result["run_id"] == first["run_id"] and result["fitted_for"] == DATASET_ID
     assert result["fit_seconds"] == first["fit_seconds"] and result["rescore_seconds"] > 0
     assert result["metrics"]["train"] == first["metrics"]["train"]
+    assert result["model_files"] == first["model_files"]  # the same files, carried forward
     # scored on the later version's whole validation split
     validation = pd.concat(
         [real_sample(2 * BATCH_ROWS, VALIDATION_ROWS)[1], extra], ignore_index=True
@@ -326,6 +333,87 @@ def test_a_later_version_reuses_the_fit_and_only_rescores_it_on_its_validation_r
     # other parameters or other rows are another fit
     assert JobSpec.parse(job_spec(1, "decision_tree"), "datasets").fit_id != first["fit_id"]
     assert JobSpec.parse(job_spec(0, "random_forest"), "datasets").fit_id != first["fit_id"]
+
+
+REUSING_VERSION = "0a0a0a0a0a0a0a0a"
+
+
+def reusing_job(env: Env) -> tuple[str, dict[str, Any]]:
+    """(key, spec) of the logistic regression job of a later version holding batch 0 only:
+    the fit of set 0 reused (its manifest and spec written, its result removed)."""
+    manifest = manifest_of(
+        REUSING_VERSION,
+        [keys.batch_key(DATASET_ID, 0)],
+        [DATASET_ID],
+        ["logistic_regression"],
+        [(0, "logistic_regression")],
+    )
+    datasets = env.settings.buckets.datasets
+    env.store.put_json(datasets, keys.manifest_key(REUSING_VERSION), manifest)
+    key = keys.job_key(REUSING_VERSION, 0, "logistic_regression")
+    spec = jobs.job_spec(manifest, key, datasets)
+    env.store.put_json(env.settings.buckets.jobs, key, spec)
+    env.store.delete(env.settings.buckets.results, key)
+    return key, spec
+
+
+def test_a_reused_fit_whose_model_files_were_rewritten_is_refused_with_400(
+    env: Env, function_client: Any
+) -> None:
+    """A later version reuses a fit only if its model files are the ones the fitting run
+    logged: a skops file rewritten in MLflow's artifact store, or the run's digest tag
+    rewritten to match it, is refused before skops reads anything, by the train function with
+    a 400 (a retry would download the same files), and no result is written."""
+    first = train_job(env.store, env.settings, job_spec(0, "logistic_regression"))
+    results = env.settings.buckets.results
+    key, later = reusing_job(env)
+    skops_file = logged_model_dir(env.client, first["run_id"]) / "model.skops"
+
+    with rewritten(skops_file, skops_file.read_bytes() + b"\0"):
+        with pytest.raises(model_files.ModelFilesMismatch, match=r"changed: model\.skops"):
+            train_job(env.store, env.settings, later)
+        response = post_event(function_client, env.settings.buckets.jobs, key)
+        assert response.status_code == 400
+        assert b"not the ones its training run logged" in response.get_data()
+        # the run's tag rewritten to the new files: the first version's result still pins them
+        forged = model_files.digests_of(skops_file.parent)
+        env.client.set_tag(first["run_id"], model_files.DIGESTS_TAG, model_files.to_tag(forged))
+        try:
+            with pytest.raises(model_files.ModelFilesMismatch, match="differs from the digests"):
+                train_job(env.store, env.settings, later)
+        finally:
+            env.client.set_tag(
+                first["run_id"], model_files.DIGESTS_TAG, model_files.to_tag(first["model_files"])
+            )
+    assert env.store.get_bytes_if_exists(results, key) is None
+
+    result = train_job(env.store, env.settings, later)  # the files as logged: reused
+    assert result["reused"] and result["run_id"] == first["run_id"]
+    assert result["model_files"] == first["model_files"]
+
+
+def test_a_fit_logged_before_model_files_were_pinned_is_pinned_as_it_is_when_reused(
+    env: Env,
+) -> None:
+    """Runs and results written before this change carry no digests: a later version reusing
+    such a fit pins its files as they are then (with a warning), instead of refusing it."""
+    first = train_job(env.store, env.settings, job_spec(0, "logistic_regression"))
+    results, first_key = (
+        env.settings.buckets.results,
+        keys.result_key(DATASET_ID, 0, "logistic_regression"),
+    )
+    key, later = reusing_job(env)
+    env.client.delete_tag(first["run_id"], model_files.DIGESTS_TAG)
+    env.store.put_json(results, first_key, {k: v for k, v in first.items() if k != "model_files"})
+    try:
+        result = train_job(env.store, env.settings, later)
+    finally:
+        env.client.set_tag(
+            first["run_id"], model_files.DIGESTS_TAG, model_files.to_tag(first["model_files"])
+        )
+        env.store.put_json(results, first_key, first)
+    assert result["reused"] and result["model_files"] == first["model_files"]
+    env.store.delete(results, key)
 
 
 def test_stale_runs_of_a_killed_attempt_are_removed(env: Env) -> None:

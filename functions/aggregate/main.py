@@ -4,8 +4,10 @@ Thin entry point: the event names a result object; its key gives the dataset id,
 `readmission.aggregate.aggregate_dataset` does the rest (nothing until every job of the
 dataset has a result; then select, test, export, check parity, register, publish).
 A key that is not a result key, that no object store can serve, or that its manifest does not
-list, and a result that is not its key's job's (`readmission.aggregate.InvalidResult`) answer
-400 (MalformedEvent, dead-lettered: a person must look); anything transient (S3 or MLflow
+list, a result that is not its key's job's, and a selected (or champion) model whose files in
+MLflow's artifact store are not the ones its training run logged (all
+`readmission.aggregate.InvalidResult`) answer 400 (MalformedEvent, dead-lettered, never
+retried: a person must look); anything transient (S3 or MLflow
 down, lease held too long, a failed parity check) raises: 500, retried.
 """
 

@@ -5,8 +5,9 @@ Thin entry point; the work is `readmission.training.train_job`. One fit per proc
 A job spec that is missing, not JSON, invalid, or not a job of the manifest it names (no such
 corpus version, other batches, bucket, index, rows or algorithm: `job_spec.check_against_manifest`)
 is a MalformedEvent (400: not retried, sent to the dead-letter sink once, and the reconciler does
-not re-emit a job whose dead letter records a 400); object-store or MLflow failures raise (500)
-so the broker retries.
+not re-emit a job whose dead letter records a 400), and so is a reused fit whose model files are
+not the ones its run logged (`readmission.model_files.ModelFilesMismatch`: a retry downloads the
+same files); object-store or MLflow failures raise (500) so the broker retries.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from readmission.glue.event_handler import (  # noqa: E402
 )
 from readmission.ingest import unreadable_key_problem  # noqa: E402
 from readmission.job_spec import InvalidJobSpec, JobSpec  # noqa: E402
+from readmission.model_files import ModelFilesMismatch  # noqa: E402
 from readmission.storage import ObjectStore  # noqa: E402
 from readmission.training import train_job  # noqa: E402
 
@@ -81,7 +83,7 @@ def train(event: Any) -> None:
     job, document = read_job_spec(store, settings, ref.bucket, ref.key)
     try:
         result = train_job(store, settings, document, key=ref.key)
-    except InvalidJobSpec as error:
+    except (InvalidJobSpec, ModelFilesMismatch) as error:
         raise MalformedEvent(f"s3://{ref.bucket}/{ref.key}: {error}") from error
     log.info(
         "event %s: job %s done in %.2fs: run %s, validation f1_weighted %s",

@@ -10,7 +10,9 @@
 * ``security.toml`` (mode 0600): JWT signing keys, fresh at every start, so the filer's and
   the volume server's own HTTP APIs refuse unsigned reads and writes (401): only the S3
   gateway, which signs its requests, reaches the data. Directory metadata and the volume UI are
-  not exposed.
+  not exposed. With a ``GrpcTls`` (readmission.localstack.seaweed_tls), every gRPC port
+  requires a client certificate signed by the stack's fresh CA, so ``weed shell`` and other
+  gRPC clients without it cannot rename, delete or look up anything.
 * every port SeaweedFS opens is given explicitly and bound to 127.0.0.1; the Iceberg and Lance
   catalogue ports are disabled and telemetry is off.
 """
@@ -26,6 +28,8 @@ import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from readmission.localstack.seaweed_tls import GrpcTls
 
 SEAWEED_PORTS = ("master", "volume", "filer", "s3")
 _KEY_ALPHABET = string.ascii_uppercase + string.digits
@@ -102,13 +106,24 @@ def write_notification_config(path: Path, webhook_url: str, bearer_token: str = 
     )
 
 
-def write_security_config(path: Path) -> None:
-    """JWT keys for volume and filer HTTP reads and writes (``weed scaffold -config=security``)."""
+# The SeaweedFS components `weed server` runs whose gRPC port requires a client certificate.
+GRPC_COMPONENTS = ("master", "volume", "filer", "s3")
+
+
+def write_security_config(path: Path, grpc_tls: GrpcTls | None = None) -> None:
+    """JWT keys for volume and filer HTTP reads and writes (``weed scaffold -config=security``)
+    and, with `grpc_tls`, mutual TLS on every gRPC port (server side and client side)."""
     sections = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
     text = "# Written by readmission.localstack: fresh keys at every start.\n"
     for section in sections:
         text += f'[{section}]\nkey = "{secrets.token_urlsafe(32)}"\nexpires_after_seconds = 60\n'
     text += "[access]\nui = false\n[filer.expose_directory_metadata]\nenabled = false\n"
+    if grpc_tls is not None:
+        pair = f'cert = "{grpc_tls.cert}"\nkey = "{grpc_tls.key}"\n'
+        text += f'[grpc]\nca = "{grpc_tls.ca}"\n'
+        for component in GRPC_COMPONENTS:
+            text += f"[grpc.{component}]\n{pair}"
+        text += f"[grpc.client]\n{pair}"
     _write_private(path, text)
 
 

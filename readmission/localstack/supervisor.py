@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from readmission.localstack import processes, seaweed, watchdog
+from readmission.localstack import processes, seaweed, seaweed_tls, watchdog
 from readmission.localstack.config import (
     CORE_PROCESSES,
     HOST,
@@ -191,7 +191,9 @@ class Supervisor:
     ) -> None:
         weed_dir = self.config.path("seaweedfs")
         seaweed.write_identities(weed_dir / "s3.json", credentials)
-        seaweed.write_security_config(weed_dir / "security.toml")  # read from the working dir
+        grpc_tls = seaweed_tls.write_grpc_certificates(weed_dir / "tls")
+        # read from the working dir; fresh keys and certificates at every start
+        seaweed.write_security_config(weed_dir / "security.toml", grpc_tls)
         adapter = f"http://{HOST}:{ports['events-adapter']}/" if "events-adapter" in ports else ""
         seaweed.write_notification_config(
             weed_dir / "notification.toml", adapter, credentials.webhook_token

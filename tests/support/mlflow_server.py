@@ -3,6 +3,8 @@
 `mlflow server` with a SQLite backend store and a local artifact root, both in a temp dir
 (MLflow 3.17 refuses the plain file store). `MlflowServer` works without pytest (scripts use
 it); `mlflow_server` is a module-scoped pytest fixture yielding a running server.
+`logged_model_dir` and `rewritten` tamper with a logged model in its artifact store, as anyone
+who can write MLflow's artifacts could.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,6 +91,28 @@ class MlflowServer:
         self.process = None
         if not os.environ.get("KEEP_MLFLOW_DIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def logged_model_dir(client: Any, run_id: str) -> Path:
+    """The directory of the server's artifact store (on this machine) holding the files of
+    the run's logged model: where anyone who can write MLflow's artifacts could rewrite them."""
+    [output] = client.get_run(run_id).outputs.model_outputs
+    location = str(client.get_logged_model(output.model_id).artifact_location)
+    directory = Path(location.removeprefix("file://"))
+    if not (directory / "MLmodel").is_file():
+        raise RuntimeError(f"run {run_id}'s model is not in a local artifact store: {location}")
+    return directory
+
+
+@contextmanager
+def rewritten(path: Path, content: bytes) -> Iterator[bytes]:
+    """`path` holds `content` while inside (yields the original bytes, restored after)."""
+    original = path.read_bytes()
+    path.write_bytes(content)
+    try:
+        yield original
+    finally:
+        path.write_bytes(original)
 
 
 @pytest.fixture(scope="module")

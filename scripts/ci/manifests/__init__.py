@@ -10,6 +10,7 @@ from .config import check_config_refs, check_no_secrets
 from .dockerfile import check_dockerfile
 from .knative import check_eventing, check_function_sources, check_scaling, check_services
 from .minio import check_minio
+from .mlflow import check_mlflow_auth
 from .monitoring import check_monitoring, check_promql
 from .schemas import check_crd_schemas, check_kubernetes_schemas
 from .syntax import check_parse, check_yamllint
@@ -26,6 +27,7 @@ CHECKS: dict[str, Callable[[Path], list[str]]] = {
     "config-refs": check_config_refs,
     "no-secrets": check_no_secrets,
     "minio": check_minio,
+    "mlflow-auth": check_mlflow_auth,
     "monitoring": check_monitoring,
     "promql": check_promql,
     "dockerfile": check_dockerfile,
