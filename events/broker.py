@@ -52,6 +52,7 @@ from events.routing import (
     load_routing,
     manifests_signature,
 )
+from events.services import ServiceDirectory
 
 log = logging.getLogger("broker")
 
@@ -93,39 +94,6 @@ class BrokerConfig:
             ),
             max_body_bytes=int(_env("BROKER_MAX_BODY_BYTES", str(cls.max_body_bytes))),
         )
-
-
-class ServiceDirectory:
-    """Service name -> replica URLs, read from a JSON file again whenever it changes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._stamp: tuple[float, int] | None = None
-        self._urls: dict[str, list[str]] = {}
-        self._lock = threading.Lock()
-
-    def urls(self, service: str) -> list[str]:
-        with self._lock:
-            try:
-                stat = self.path.stat()
-                stamp = (stat.st_mtime, stat.st_size)
-                if stamp != self._stamp:
-                    loaded = json.loads(self.path.read_text())
-                    self._urls = {
-                        str(name): [urls] if isinstance(urls, str) else [str(u) for u in urls]
-                        for name, urls in loaded.items()
-                    }
-                    self._stamp = stamp
-            except FileNotFoundError:
-                self._urls, self._stamp = {}, None
-            except (ValueError, AttributeError) as exc:  # half-written file: keep the last one
-                log.warning("cannot read %s: %s", self.path, exc)
-            return list(self._urls.get(service, []))
-
-    def resolve(self, destination: Destination) -> list[str]:
-        if destination.uri:
-            return [destination.uri]
-        return self.urls(destination.service or "")
 
 
 @dataclass(order=True)

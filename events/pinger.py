@@ -29,6 +29,7 @@ from cloudevents.http import CloudEvent
 
 from events.delivery import Verdict, post_binary
 from events.routing import PingSource, Routing, load_routing
+from events.services import ServiceDirectory
 
 log = logging.getLogger("broker.ping")
 
@@ -121,19 +122,6 @@ class Pinger:
                     self.fire(source)
 
 
-def sink_urls(services_file: Path, source: PingSource) -> list[str]:
-    """The replica URLs of a PingSource's sink, from the stack's services.json (none if absent
-    or unreadable: the sink's function is not running)."""
-    if source.sink.uri:
-        return [source.sink.uri]
-    try:
-        services = json.loads(services_file.read_text())
-    except (OSError, ValueError):
-        return []
-    urls = services.get(source.sink.service or "", [])
-    return [urls] if isinstance(urls, str) else [str(url) for url in urls]
-
-
 def fire_direct(
     source: PingSource,
     services_file: Path,
@@ -148,7 +136,7 @@ def fire_direct(
     for attempt in range(max(1, attempts)):
         if attempt and stopping.wait(2.0 ** (attempt - 1)):
             return False
-        urls = sink_urls(services_file, source)
+        urls = ServiceDirectory(services_file).resolve(source.sink)
         if not urls:
             log.warning("PingSource %s: no replica of its sink %s", source.name, source.sink)
             continue
