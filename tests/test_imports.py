@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.imports import imported_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 GLUE = ROOT / "readmission" / "glue"
@@ -26,20 +27,6 @@ INTERNALS = {"_sess", "close_graceful", "LengthReader", "must_close", "add_node"
 
 def _python_files(*folders: str) -> list[Path]:
     return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
-
-
-def _imported_modules(tree: ast.AST) -> set[str]:
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-        elif isinstance(node, ast.Call) and getattr(
-            node.func, "attr", getattr(node.func, "id", "")
-        ) in {"import_module", "__import__"}:
-            found |= {a.value for a in node.args if isinstance(a, ast.Constant)}
-    return {name for name in found if isinstance(name, str)}
 
 
 def _internal_names(tree: ast.AST) -> set[str]:
@@ -67,7 +54,7 @@ def test_server_libraries_are_imported_only_by_the_glue() -> None:
     offenders = {}
     for path in _python_files("readmission"):
         tree = ast.parse(path.read_text(), filename=str(path))
-        used = {m for m in _imported_modules(tree) if m.split(".")[0] in SERVER_LIBRARIES}
+        used = {m for m in imported_modules(tree) if m.split(".")[0] in SERVER_LIBRARIES}
         if used and _outside_glue(path):
             offenders[str(path.relative_to(ROOT))] = sorted(used)
     assert offenders == {}
@@ -89,7 +76,7 @@ def test_the_checks_find_what_they_look_for() -> None:
         "from gunicorn.http.body import LengthReader\n"
     )
     tree = ast.parse(source)
-    assert {m.split(".")[0] for m in _imported_modules(tree)} == {"gunicorn", "flask"}
+    assert {m.split(".")[0] for m in imported_modules(tree)} == {"gunicorn", "flask"}
     assert _internal_names(tree) == {"_sess", "close_graceful", "LengthReader"}
 
 
@@ -131,7 +118,7 @@ def test_the_glue_stands_below_the_serving_core() -> None:
     upward = {
         str(path.relative_to(ROOT)): sorted(
             name
-            for name in _imported_modules(ast.parse(path.read_text()))
+            for name in imported_modules(ast.parse(path.read_text()))
             if name.startswith("readmission.serving")
         )
         for path in _python_files("readmission/glue")

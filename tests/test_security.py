@@ -31,6 +31,7 @@ import pytest
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from support.imports import imported_modules
 
 from readmission.localstack import processes
 
@@ -389,18 +390,7 @@ def _serving_sources() -> list[Path]:
 
 
 def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-        elif isinstance(node, ast.Call) and getattr(
-            node.func, "attr", getattr(node.func, "id", "")
-        ) in {"import_module", "__import__"}:
-            found |= {a.value for a in node.args if isinstance(a, ast.Constant)}
-    return found
+    return imported_modules(ast.parse(path.read_text(), filename=str(path)))
 
 
 def _project_closure(paths: list[Path]) -> dict[Path, set[str]]:
