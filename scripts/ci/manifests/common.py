@@ -40,6 +40,7 @@ CRD_GROUPS = (
     "eventing.knative.dev/",
     "sources.knative.dev/",
     "messaging.knative.dev/",
+    "sinks.knative.dev/",
     "monitoring.coreos.com/",
 )
 # Fields of a Knative RevisionSpec that are not PodSpec fields.
