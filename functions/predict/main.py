@@ -28,6 +28,7 @@ from readmission.serving.assets import ModelAssets
 from readmission.serving.decisions import GateDocuments
 from readmission.serving.errors import InputError, ModelNotReady
 from readmission.serving.examples import example_for
+from readmission.serving.explain import explain_requested, with_explanation
 from readmission.serving.forking import register_fork_hooks
 from readmission.serving.inputs import check_batch_size
 from readmission.serving.model import LoadedModel
@@ -76,6 +77,7 @@ def _predict_one(request: flask.Request, params: dict[str, str]) -> flask.Respon
             "features",
             kind="invalid_body",
         )
+    explain = explain_requested(request.args.get("explain"))  # 400 unless true/false/absent
     model = SERVER.require_model()
     try:
         label, probabilities, warnings = model.predict_one(features)
@@ -90,6 +92,8 @@ def _predict_one(request: flask.Request, params: dict[str, str]) -> flask.Respon
     }
     if warnings:
         result["warnings"] = warnings
+    if explain:
+        result = with_explanation(result, model, features)
     return json_response(result)
 
 

@@ -132,6 +132,17 @@ class LoadedModel:
         readmission.serving.inputs (the batch scorer checks each distinct value once)."""
         return self._feeds.feeds_columns(arrays)
 
+    def columns_one(self, row: Any, warnings: list[list[str]] | None) -> list[np.ndarray]:
+        """One row validated by the rules (as `predict_one` validates it) as (1, 1) columns in
+        input order: float32 for numeric inputs, object for categorical ones."""
+        numbers, texts = self._feeds.values_one(row, warnings if self.policy == "unseen" else None)
+        columns: list[np.ndarray] = [np.empty((1, 1))] * len(self.inputs)
+        for value, index in zip(numbers, self.layout.numeric_order, strict=True):
+            columns[index] = np.array([[value]], dtype=np.float32)
+        for text, index in zip(texts, self.layout.categorical_order, strict=True):
+            columns[index] = np.array([[text]], dtype=object)
+        return columns
+
     def _feeds_one(self, row: Any, warnings: list[list[str]] | None) -> dict[str, np.ndarray]:
         """The single-row path (latency matters): two numpy arrays, one (1, 1) view per input."""
         numbers, texts = self._feeds.values_one(row, warnings)
