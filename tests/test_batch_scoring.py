@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -213,3 +214,28 @@ def test_rows_without_a_whole_encounter_id_are_rejected_by_row(
     assert "encounter_id must be a whole number, got 'E-17'" in first["reasons"]
     parquet = store.get_bytes(BUCKET, output_keys(model.version, "ids.csv")["parquet"])
     assert pq.read_table(io.BytesIO(parquet)).schema.field("encounter_id").type == pa.int64()
+
+
+def test_files_under_explain_get_the_top_factors_of_each_row(
+    store: ObjectStore, model: LoadedModel
+) -> None:
+    from readmission.serving.explain import Explainer
+
+    data = sample_csv(every=400)
+    etag = _put(store, "explain/ward-1.csv", data)
+    outcome = score_object(store, SETTINGS, OPTIONS, BUCKET, "explain/ward-1.csv", etag, model)
+    assert outcome.status == SCORED
+    keys = output_keys(model.version, "explain/ward-1.csv")
+    rows = pq.read_table(io.BytesIO(store.get_bytes(BUCKET, keys["parquet"]))).to_pylist()
+    by_id = {r["encounter_id"]: r for r in rows}
+    explainer = Explainer(model)
+    checked = 0
+    for row in _client_rows(data):
+        if int(row["encounter_id"]) in by_id:
+            wanted = explainer.explain_one(row, k=OPTIONS.top_k)["top_factors"]
+            assert json.loads(by_id[int(row["encounter_id"])]["top_features"]) == wanted
+            checked += 1
+    assert checked == len(rows) > 0
+    summary = store.get_json(BUCKET, keys["summary"])
+    assert summary["explanations"] is True
+    assert summary["timing"]["explain_ms_per_row"] > 0

@@ -115,3 +115,20 @@ def test_an_unclear_explain_parameter_is_a_400() -> None:
     with pytest.raises(InputError) as error:
         explain_requested("maybe")
     assert error.value.status == 400
+
+
+def test_the_baseline_is_the_median_and_the_most_frequent_category() -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "time_in_hospital": np.array([1, 2, np.nan, 9], dtype=np.float32),
+            "race": ["Caucasian", "?", "AfricanAmerican", "AfricanAmerican"],
+            "weight": np.array([np.nan] * 4, dtype=np.float32),
+        }
+    )
+    assert explain_baseline(frame) == {
+        "time_in_hospital": 2.0,
+        "race": "AfricanAmerican",
+        "weight": None,
+    }
