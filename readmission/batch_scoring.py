@@ -90,7 +90,7 @@ class ScoreOptions:
     """Settings of the score function (env var -> default, documented in docs/predict.md)."""
 
     explain: bool = False  # SCORE_EXPLAIN: explanations for every file, not only `explain/`
-    chunk_bytes: int = 4 * 1024 * 1024  # SCORE_CHUNK_BYTES: CSV bytes parsed per chunk
+    chunk_bytes: int = 1024 * 1024  # SCORE_CHUNK_BYTES: CSV bytes parsed per chunk
     top_k: int = 5  # SCORE_EXPLAIN_TOP_K: contributing features listed per row
     intra_op_threads: int = os.cpu_count() or 1  # SCORE_ORT_THREADS
 
@@ -232,6 +232,11 @@ class _Chunk:
 
 
 def _whole_numbers(column: Any, name: str, n: int, reasons: dict[int, list[str]]) -> np.ndarray:
+    """An id column as int64; a row whose value is no whole number gets a reason."""
+    try:  # the usual case, vectorised: every value is a plain integer
+        return pc.cast(column, pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        pass  # some value is not: each distinct value through int(), below
     values, indices = _text_column(column)
     parsed = np.zeros(len(values), dtype=np.int64)
     bad = np.zeros(len(values), dtype=bool)
