@@ -236,6 +236,21 @@ def test_kserve_v2_protocol(server: str) -> None:
     assert [o["name"] for o in only["outputs"]] == ["label"]
 
 
+def test_v2_sends_the_explanation_output_only_when_asked_for_it(server: str) -> None:
+    meta = _json(http(server + f"/v2/models/{MODEL}"))
+    rows = patient_rows(3)
+    url = server + f"/v2/models/{MODEL}/infer"
+    outputs = [{"name": "label"}, {"name": "explanation"}]
+    answer = _json(http(url, {"inputs": _v2_inputs(rows, meta), "outputs": outputs}))
+    found = {o["name"]: o for o in answer["outputs"]}
+    assert list(found) == ["label", "explanation"] and found["explanation"]["shape"] == [3]
+    for row, text in zip(rows, found["explanation"]["data"], strict=True):
+        single = _json(http(server + "/predict?explain=true", {"features": row}))
+        assert json.loads(text) == single["explanation"]["top_factors"]
+    plain = _json(http(url, {"inputs": _v2_inputs(rows, meta)}))
+    assert [o["name"] for o in plain["outputs"]] == ["label", "probabilities"]
+
+
 # ---- bad input: always 4xx with a JSON error naming the field -------------------------------
 def _without(column: str) -> dict[str, Any]:
     return {k: v for k, v in EXAMPLE_PATIENT.items() if k != column}

@@ -31,7 +31,7 @@ from readmission.serving.model import LoadedModel
 
 METHOD = "occlusion"
 FOCUS_CLASS = "<30"  # the class every answer reports a contribution to, beside the predicted one
-ROWS_PER_CALL = 256  # rows (blocks of n+1) per onnxruntime call in batch scoring
+ROWS_PER_CALL = 64  # rows (blocks of n+1) per onnxruntime call in batch scoring (peak RSS)
 DEFAULT_TOP_K = 5
 
 
@@ -151,6 +151,15 @@ def with_explanation(
 ) -> dict[str, Any]:
     """`POST /predict?explain=true`: the plain answer with an `explanation` added last."""
     return {**answer, "explanation": explainer_for(model).explain_one(features, k)}
+
+
+def explanation_output(model: LoadedModel, rows: Sequence[Any], name: str) -> dict[str, Any]:
+    """The V2 `explanation` output: each row's top factors as JSON text, BYTES [N]."""
+    explainer = explainer_for(model)
+    data = [
+        json.dumps(explainer.explain_one(row)["top_factors"], separators=(",", ":")) for row in rows
+    ]
+    return {"name": name, "datatype": "BYTES", "shape": [len(data)], "data": data}
 
 
 def _shown(value: Any) -> Any:
