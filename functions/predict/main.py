@@ -28,6 +28,11 @@ from readmission.serving.assets import ModelAssets
 from readmission.serving.decisions import GateDocuments
 from readmission.serving.errors import InputError, ModelNotReady
 from readmission.serving.examples import example_for
+from readmission.serving.explain import (
+    explain_requested,
+    explanation_output,
+    with_explanation,
+)
 from readmission.serving.forking import register_fork_hooks
 from readmission.serving.inputs import check_batch_size
 from readmission.serving.model import LoadedModel
@@ -76,6 +81,7 @@ def _predict_one(request: flask.Request, params: dict[str, str]) -> flask.Respon
             "features",
             kind="invalid_body",
         )
+    explain = explain_requested(request.args.get("explain"))  # 400 unless true/false/absent
     model = SERVER.require_model()
     try:
         label, probabilities, warnings = model.predict_one(features)
@@ -90,6 +96,8 @@ def _predict_one(request: flask.Request, params: dict[str, str]) -> flask.Respon
     }
     if warnings:
         result["warnings"] = warnings
+    if explain:
+        result = with_explanation(result, model, features)
     return json_response(result)
 
 
@@ -125,7 +133,10 @@ def _v2_infer(request: flask.Request, params: dict[str, str]) -> flask.Response:
     predictions = model.predict(rows)
     metrics.count_predictions([p.label for p in predictions])
     request_id = body.get("id") if isinstance(body.get("id"), str) else None
-    return json_response(v2.response(model, predictions, request_id, requested))
+    answer = v2.response(model, predictions, request_id, requested)
+    if requested and v2.EXPLANATION_OUTPUT in requested:  # only when asked for by name
+        answer["outputs"].append(explanation_output(model, rows, v2.EXPLANATION_OUTPUT))
+    return json_response(answer)
 
 
 # ---- everything else ------------------------------------------------------------------------

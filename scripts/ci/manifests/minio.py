@@ -66,6 +66,7 @@ def check_minio(root: Path) -> list[str]:
         "BUCKET_REJECTED",
         "BUCKET_DEAD_LETTER",
         "BUCKET_MLFLOW",
+        "BUCKET_SCORING",
     ):
         if f'"${env}"' not in bucket_list:
             problems.append(f"minio-buckets does not create ${env}")
@@ -103,6 +104,7 @@ def check_minio(root: Path) -> list[str]:
         ("BUCKET_RESULTS", "", ".json"),
         ("BUCKET_MODELS", "champion/", "metadata.json"),
         ("BUCKET_MODELS", "decisions/", ".json"),
+        ("BUCKET_SCORING", "", ""),
     }
     if subscriptions != wanted:
         problems.append(
