@@ -45,6 +45,9 @@ class Buckets:
     rejected: str = "rejected"
     dead_letter: str = "dead-letter"
     mlflow: str = "mlflow"
+    # the predict function's prediction log (Parquet batches) and the realized outcomes
+    predictions_log: str = "predictions-log"
+    outcomes: str = "outcomes"
 
     @classmethod
     def from_env(cls) -> Buckets:
@@ -57,6 +60,8 @@ class Buckets:
             rejected=_env("BUCKET_REJECTED", cls.rejected),
             dead_letter=_env("BUCKET_DEAD_LETTER", cls.dead_letter),
             mlflow=_env("BUCKET_MLFLOW", cls.mlflow),
+            predictions_log=_env("BUCKET_PREDICTIONS_LOG", cls.predictions_log),
+            outcomes=_env("BUCKET_OUTCOMES", cls.outcomes),
         )
 
     def all(self) -> list[str]:
@@ -69,6 +74,8 @@ class Buckets:
             self.rejected,
             self.dead_letter,
             self.mlflow,
+            self.predictions_log,
+            self.outcomes,
         ]
 
 
