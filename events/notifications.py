@@ -32,7 +32,15 @@ JOB_CREATED = "io.readmission.job.created"
 RESULT_CREATED = "io.readmission.result.created"
 MODEL_CREATED = "io.readmission.model.created"
 DECISION_MADE = "io.readmission.decision.made"
-EVENT_TYPES = (RAW_CREATED, JOB_CREATED, RESULT_CREATED, MODEL_CREATED, DECISION_MADE)
+OUTCOMES_CREATED = "io.readmission.outcomes.created"
+EVENT_TYPES = (
+    RAW_CREATED,
+    JOB_CREATED,
+    RESULT_CREATED,
+    MODEL_CREATED,
+    DECISION_MADE,
+    OUTCOMES_CREATED,
+)
 
 SEAWEEDFS_BUCKETS_ROOT = "/buckets"
 SEAWEEDFS_ETAG_ATTRIBUTE = "Seaweed-X-Amz-ETag"
@@ -86,6 +94,8 @@ def event_type_for(bucket: str, key: str, buckets: Buckets) -> str | None:
         return MODEL_CREATED
     if bucket == buckets.models and key.startswith(DECISIONS_PREFIX) and key.endswith(".json"):
         return DECISION_MADE
+    if bucket == buckets.outcomes and key.lower().endswith(".csv"):
+        return OUTCOMES_CREATED
     return None
 
 
