@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 from support.seaweed_server import SeaweedServer
 
 from readmission.config import Buckets, Settings
@@ -21,6 +22,9 @@ from readmission.outcomes import (
 )
 from readmission.scoring import score
 from readmission.serving.prediction_log import PredictionLog
+from readmission.serving.realized import RealizedGauges
+from readmission.serving.s3 import S3Reader
+from readmission.serving.sources import StoreModelSource
 from readmission.storage import ObjectStore
 
 CLASSES = ("<30", ">30", "NO")
@@ -121,6 +125,30 @@ def test_realized_metrics_equal_the_direct_computation_per_version(
     stored = store.get_json(settings.buckets.models, realized.key)
     assert stored == json.loads(json.dumps(document))
     assert store.get_json(settings.buckets.models, REALIZED_LATEST_KEY) == stored
+
+    # the predict function's gauges: the latest document, as its poll thread reads it
+    reader = S3Reader(seaweed.endpoint_url, seaweed.access_key, seaweed.secret_key)
+    gauges = RealizedGauges(StoreModelSource(reader, settings.buckets.models))
+    registry = CollectorRegistry()
+    registry.register(gauges)
+    assert (
+        registry.get_sample_value(
+            "readmission_realized_f1_weighted", {"model_version": "1", "period": one["period"]}
+        )
+        is None
+    )
+    gauges.refresh()
+    for version, group in by_version.items():
+        labels = {"model_version": version, "period": group["period"]}
+        for name in ("f1_weighted", "f1_macro", "roc_auc_ovr", "brier", "recall_lt30", "matched"):
+            sample = registry.get_sample_value(f"readmission_realized_{name}", labels)
+            assert sample == group["metrics"][name], (version, name)
+    delta = registry.get_sample_value(
+        "readmission_realized_minus_offline_f1_weighted",
+        {"model_version": "1", "period": one["period"]},
+    )
+    assert delta == one["realized_minus_offline"]["f1_weighted"]
+    assert registry.get_sample_value("readmission_realized_unmatched") == 3
 
 
 def test_a_redelivered_outcomes_file_writes_nothing_new(seaweed: SeaweedServer) -> None:

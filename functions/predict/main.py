@@ -33,6 +33,7 @@ from readmission.serving.inputs import check_batch_size
 from readmission.serving.model import LoadedModel
 from readmission.serving.openapi import build_openapi
 from readmission.serving.prediction_log import log_from_settings, request_id
+from readmission.serving.realized import RealizedGauges
 from readmission.serving.request_json import read_json
 from readmission.serving.routes import Router
 from readmission.serving.server import ModelServer
@@ -49,6 +50,9 @@ SERVER.on_swap.append(metrics.record_model)
 GATE = GateDocuments.for_source(SERVER.source)  # challenger, last decision: informational
 SERVER.on_poll.append(GATE.refresh)  # read by the poll thread, never on a request
 ASSETS = ModelAssets(SERVER.source)
+REALIZED = RealizedGauges(SERVER.source)  # the outcomes function's latest realized metrics
+SERVER.on_poll.append(REALIZED.refresh)
+metrics.register_collector(REALIZED)
 # Every answered prediction, batched to the predictions-log bucket by a thread of each worker.
 PREDICTION_LOG = log_from_settings(SETTINGS)
 REQUEST_ID_HEADER = "X-Request-Id"  # carried by the request, or made here; always answered

@@ -65,7 +65,7 @@ TRIVIAL_SAME_CLOSE_SOURCE = TRIVIAL_SOURCE.replace(
     "import flask\n",
     "import flask\n\nfrom readmission.glue import http_close\n\nhttp_close.install()\n",
 )
-SERVERS = ("predict", "trivial", "trivial_same_close")
+SERVERS = ("predict", "trivial", "trivial_same_close", "predict_log_off")
 
 
 def log(message: str) -> None:
@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         "predict": ROOT / "functions" / "predict" / "main.py",
         "trivial": workdir / "trivial.py",
         "trivial_same_close": workdir / "trivial_same_close.py",
+        # the function without its prediction log (PREDICTION_LOG=off): the log's cost
+        "predict_log_off": ROOT / "functions" / "predict" / "main.py",
     }
     sources["trivial"].write_text(TRIVIAL_SOURCE)
     sources["trivial_same_close"].write_text(TRIVIAL_SAME_CLOSE_SOURCE)
@@ -377,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"cold start ({mode}): {results[f'cold_start_{mode}_all_s']}")
 
         if args.only in ("all", "load"):
+            envs = {"predict": env, "predict_log_off": {**env, "PREDICTION_LOG": "off"}}
             functions = {
-                name: Function(env if name == "predict" else server_env, source)
+                name: Function(envs.get(name, server_env), source)
                 for name, source in sources.items()
             }
             predict = functions["predict"]
@@ -431,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  single row, c={args.concurrency}: {name} {r['rps']:.0f} req/s "
                 f"p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms errors {r['errors']}"
             )
-        p, t, same = (results[name]["rps"] for name in SERVERS)
+        p, t, same, off = (results[name]["rps"] for name in SERVERS)
         results["ratio"] = p / t if t else float("nan")
         results["ratio_same_close"] = p / same if same else float("nan")
         print(
@@ -441,6 +444,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  ratio predict/trivial_same_close: {results['ratio_same_close']:.2f}   (like for "
             "like: the trivial handler closing connections as the function does)"
+        )
+        results["ratio_log_off"] = off / t if t else float("nan")
+        results["p99_log_cost_ms"] = (
+            results["predict"]["p99_ms"] - results["predict_log_off"]["p99_ms"]
+        )
+        print(
+            f"  prediction log: predict/trivial {results['ratio']:.2f} with it, "
+            f"{results['ratio_log_off']:.2f} without (PREDICTION_LOG=off); p99 with minus without "
+            f"{results['p99_log_cost_ms']:+.2f} ms   (target: ratio >= 0.7, p99 +1 ms at most)"
         )
         for name in SERVERS:
             rounds = ", ".join(
