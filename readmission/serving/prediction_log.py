@@ -18,10 +18,11 @@ nothing; a crash (SIGKILL, OOM kill) loses the rows recorded since the last flus
 batch (`rows` rows, or `seconds` of traffic), plus any batch whose PUT was still failing.
 
 One row per predicted row: request_id, row (index in the request), time (UTC, ms),
-model_version, endpoint, encounter_id (when the row carried one), features (the row as the
-request carried it, JSON: only keys the input rules accept, i.e. the model's inputs and the
-data file's id and target columns), prediction (the label) and probability_<class> per class
-(as answered, rounded to 6 digits). docs/predict.md describes the format.
+model_version, endpoint, prediction (the label), encounter_id (when the row carried one),
+features (the row as the request carried it, one JSON object: a schema that never changes
+with the model's inputs; only keys the input rules accept, i.e. the model's inputs and the
+data file's id and target columns) and probability_<class> per class (as answered, rounded to
+6 digits). docs/predict.md describes the format.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ class _Entry:
         self.probs = probs
 
 
+# the row as the request carried it: one JSON object (keys in the request's order)
+_FEATURES_JSON = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def _writer_id() -> str:
     host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:63] or "host"
     return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -104,43 +109,30 @@ def encode_batch(entries: Sequence[_Entry]) -> bytes:
     classes = entries[0].classes
     columns: dict[str, list[Any]] = {
         name: []
-        for name in (
-            "request_id",
-            "row",
-            "time",
-            "model_version",
-            "endpoint",
-            "encounter_id",
-            "features",
-            "prediction",
-        )
+        for name in ("request_id", "row", "time", "model_version", "endpoint", "prediction")
     }
     probabilities: list[list[float]] = [[] for _ in classes]
+    rows: list[Any] = []
     for entry in entries:
-        millis = int(entry.time * 1000)
-        for index, (row, label, probs) in enumerate(
-            zip(entry.rows, entry.labels, entry.probs, strict=True)
-        ):
-            columns["request_id"].append(entry.request_id)
-            columns["row"].append(index)
-            columns["time"].append(millis)
-            columns["model_version"].append(entry.version)
-            columns["endpoint"].append(entry.endpoint)
-            columns["encounter_id"].append(_encounter(row))
-            columns["features"].append(json.dumps(row, separators=(",", ":"), default=str))
-            columns["prediction"].append(label)
-            for values, probability in zip(probabilities, probs, strict=True):
-                values.append(float(probability))
+        count = len(entry.rows)
+        rows.extend(entry.rows)
+        columns["request_id"] += [entry.request_id] * count
+        columns["row"] += range(count)
+        columns["time"] += [int(entry.time * 1000)] * count
+        columns["model_version"] += [entry.version] * count
+        columns["endpoint"] += [entry.endpoint] * count
+        columns["prediction"] += entry.labels
+        for values, column in zip(probabilities, zip(*entry.probs, strict=True), strict=True):
+            values += column
     kinds = {"row": "int64", "time": "timestamp_ms"}
-    table = [
-        Column(name, kinds.get(name, "string"), values, optional=name == "encounter_id")
-        for name, values in columns.items()
-    ]
+    table = [Column(name, kinds.get(name, "string"), values) for name, values in columns.items()]
+    table.append(Column("encounter_id", "string", [_encounter(row) for row in rows], True))
+    table.append(Column("features", "string", list(map(_FEATURES_JSON, rows))))
     table += [
-        Column(f"probability_{name}", "double", values)
+        Column(f"probability_{name}", "double", [float(v) for v in values])
         for name, values in zip(classes, probabilities, strict=True)
     ]
-    return write_table(table, len(columns["row"]), created_by="readmission predict")
+    return write_table(table, len(rows), created_by="readmission predict")
 
 
 class PredictionLog:
