@@ -501,6 +501,7 @@ EVENT_TYPES = {
     "train": "io.readmission.job.created",
     "aggregate": "io.readmission.result.created",
     "dead-letter": "io.readmission.raw.created",
+    "outcomes": "io.readmission.outcomes.created",
 }
 
 
@@ -522,6 +523,7 @@ def test_adapter_and_broker_refuse_oversized_bodies(stack: Any) -> None:
         "aggregate",
         "dead-letter",
         "ingest",
+        "outcomes",
         "train",
     ],
 )
