@@ -102,9 +102,8 @@ def read_log(store: ObjectStore, bucket: str) -> pd.DataFrame:
 
 def _matched(log_frame: pd.DataFrame, outcomes: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Logged rows joined with their outcome (column `readmitted`), and the unmatched count."""
-    log_frame = log_frame.sort_values("time", kind="stable")
-    rows_per_request = log_frame.groupby("request_id")["row"].transform("size")
-    single = log_frame[rows_per_request == 1]
+    batches = set(log_frame.loc[log_frame["row"] > 0, "request_id"])
+    single = log_frame[~log_frame["request_id"].isin(batches)]  # single-row requests
     outcomes = outcomes.reset_index(drop=True).rename_axis("outcome").reset_index()
     by_request = outcomes.dropna(subset=["request_id"]).merge(
         single.drop(columns=["encounter_id"]), on="request_id"
@@ -115,7 +114,9 @@ def _matched(log_frame: pd.DataFrame, outcomes: pd.DataFrame) -> tuple[pd.DataFr
     )
     joined = pd.concat([by_request, by_encounter], ignore_index=True)
     # a key predicted more than once by one version: its latest prediction
-    joined = joined.drop_duplicates(["outcome", "model_version"], keep="last")
+    joined = joined.sort_values("time", kind="stable").drop_duplicates(
+        ["outcome", "model_version"], keep="last"
+    )
     unmatched = len(outcomes) - joined["outcome"].nunique()
     return joined, unmatched
 

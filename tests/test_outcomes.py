@@ -4,6 +4,7 @@ function's writer, in a real SeaweedFS; realized metrics equal those computed di
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,6 +87,10 @@ def test_realized_metrics_equal_the_direct_computation_per_version(
         truth["2"].append((probs, label))
         lines.append(f",{5000 + i},{label}")
     lines += ["never-seen,,NO", ",999999,<30", "batch-1,,NO"]  # unmatched: 3
+    time.sleep(0.01)
+    again = _probabilities(rng, 1)  # r5 asked again (a client retry): its latest answer counts
+    log.record("r5", "1", CLASSES, "predict", [{"age": "x"}], ["NO"], again)
+    truth["1"][5] = (again[0], truth["1"][5][1])
     log.flush()
     csv = ("\n".join(lines) + "\n").encode()
     store.put_bytes(settings.buckets.outcomes, "week-1.csv", csv)
