@@ -53,12 +53,12 @@ ASSETS = ModelAssets(SERVER.source)
 REALIZED = RealizedGauges(SERVER.source)  # the outcomes function's latest realized metrics
 SERVER.on_poll.append(REALIZED.refresh)
 metrics.register_collector(REALIZED)
-# Every answered prediction, batched to the predictions-log bucket by a thread of each worker.
-PREDICTION_LOG = log_from_settings(SETTINGS)
-REQUEST_ID_HEADER = "X-Request-Id"  # carried by the request, or made here; always answered
 
 STATIC = load_static(Path(__file__).resolve().parent / "static")
 HEAP_TRIM = heap.IdleHeapTrim()  # freed heap pages go back once a worker is quiet for 0.2 s
+# Every answered prediction, batched to the predictions-log bucket by a thread of each worker.
+PREDICTION_LOG = log_from_settings(SETTINGS, after_write=HEAP_TRIM.large_request_done)
+REQUEST_ID_HEADER = "X-Request-Id"  # carried by the request, or made here; always answered
 
 if SETTINGS.load_mode == "eager":
     SERVER.try_load()  # before gunicorn binds: fetched and checked; each worker builds its session

@@ -152,10 +152,19 @@ def encode_batch(entries: Sequence[_Entry]) -> bytes:
 class PredictionLog:
     """Batches answered predictions and PUTs them from a background thread (see module)."""
 
-    def __init__(self, put: Put | None, rows: int, seconds: float) -> None:
+    def __init__(
+        self,
+        put: Put | None,
+        rows: int,
+        seconds: float,
+        after_write: Callable[[], None] | None = None,
+    ) -> None:
         self.put = put  # None: the log is off, `record` does nothing
         self.rows = rows
         self.seconds = seconds
+        # called after each write (the function's idle heap trim: encoding a batch leaves
+        # freed heap pages behind, like parsing a large request does)
+        self.after_write = after_write
         self.dropped_rows = 0  # rows of batches given up on (store refusing too long)
         self.written_rows = 0
         self._pid = 0
@@ -248,7 +257,9 @@ class PredictionLog:
                 self.dropped_rows += count
                 log.error("prediction log: gave up on %s (%d rows)", key, count)
             self.written_rows += written
-            return written
+        if batches and self.after_write is not None:
+            self.after_write()
+        return written
 
     def _cut(self, pending: list[_Entry]) -> list[tuple[str, bytes, int]]:
         """Batches of `pending` by (model version, UTC date), each with its key."""
@@ -276,11 +287,14 @@ class PredictionLog:
             log.exception("prediction log: the final flush failed")
 
 
-def log_from_settings(settings: ServingSettings) -> PredictionLog:
+def log_from_settings(
+    settings: ServingSettings, after_write: Callable[[], None] | None = None
+) -> PredictionLog:
     """The log the settings ask for: off with PREDICTION_LOG=off, and when the model comes
     from local files (MODEL_PATH: no object store to write to)."""
+    rows, seconds = settings.prediction_log_rows, settings.prediction_log_seconds
     if not settings.prediction_log or settings.model_path:
-        return PredictionLog(None, settings.prediction_log_rows, settings.prediction_log_seconds)
+        return PredictionLog(None, rows, seconds)
     store = Settings.from_env()
     reader = S3Reader.from_env(store)
     bucket = store.buckets.predictions_log
@@ -288,4 +302,4 @@ def log_from_settings(settings: ServingSettings) -> PredictionLog:
     def put(key: str, data: bytes) -> None:
         reader.put(bucket, key, data, PARQUET_CONTENT_TYPE)
 
-    return PredictionLog(put, settings.prediction_log_rows, settings.prediction_log_seconds)
+    return PredictionLog(put, rows, seconds, after_write)
