@@ -128,10 +128,12 @@ def test_a_refused_batch_is_written_under_its_key_once_the_store_takes_it(
     client.create_bucket(Bucket="log-later")
     refusing = S3Reader(seaweed.endpoint_url, seaweed.access_key, "not-the-secret")
     readers = [refusing]  # the store answers 403 until the right credentials are in place
+    writes: list[int] = []
     log = PredictionLog(
         lambda key, data: readers[0].put("log-later", key, data, "application/octet-stream"),
         rows=10**6,
         seconds=3600,
+        after_write=lambda: writes.append(1),
     )
     _record(log, "a", n=3)
     assert log.flush() == 0  # refused: kept with its key
@@ -142,6 +144,7 @@ def test_a_refused_batch_is_written_under_its_key_once_the_store_takes_it(
     assert sorted(k.split("/")[0] for k in written) == ["7", "8"]
     assert sorted(k.rsplit("-", 1)[-1] for k in written) == ["000001.parquet", "000002.parquet"]
     assert log.dropped_rows == 0 and log.written_rows == 4
+    assert log.flush() == 0 and len(writes) == 2  # the heap-trim hook: after each attempt
     log.close()
 
 
