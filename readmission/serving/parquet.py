@@ -19,7 +19,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,19 +186,11 @@ def _schema_element(column: Column) -> _Struct:
     return element
 
 
-def write_table(
-    columns: Sequence[Column],
-    rows: int,
-    created_by: str = "readmission",
-    pause: Callable[[], None] | None = None,
-) -> bytes:
-    """One Parquet file holding `columns` (each of `rows` values) in one row group; `pause`,
-    if given, is called between columns (a writer thread lets request threads run)."""
+def write_table(columns: Sequence[Column], rows: int, created_by: str = "readmission") -> bytes:
+    """One Parquet file holding `columns` (each of `rows` values) in one row group."""
     out = bytearray(b"PAR1")
     chunks = []
     for column in columns:
-        if pause is not None:
-            pause()
         data, chunk = _column_chunk(column, rows, len(out))
         out += data
         chunks.append(chunk)

@@ -94,16 +94,6 @@ class _Entry:
 _FEATURES_JSON = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
-# The writer thread shares the worker's interpreter lock with the request thread: it hands
-# the lock over between slices of work (each well under a millisecond of CPU), so a request
-# arriving during a write waits for a slice, not for Python's 5 ms switch interval.
-_SLICE_ROWS = 50
-
-
-def _let_requests_run() -> None:
-    time.sleep(0)  # releases the interpreter lock; a waiting request thread takes it
-
-
 def _writer_id() -> str:
     host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:63] or "host"
     return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -137,16 +127,12 @@ def encode_batch(entries: Sequence[_Entry]) -> bytes:
     kinds = {"row": "int64", "time": "timestamp_ms"}
     table = [Column(name, kinds.get(name, "string"), values) for name, values in columns.items()]
     table.append(Column("encounter_id", "string", [_encounter(row) for row in rows], True))
-    features: list[str] = []
-    for start in range(0, len(rows), _SLICE_ROWS):
-        features += map(_FEATURES_JSON, rows[start : start + _SLICE_ROWS])
-        _let_requests_run()
-    table.append(Column("features", "string", features))
+    table.append(Column("features", "string", list(map(_FEATURES_JSON, rows))))
     table += [
         Column(f"probability_{name}", "double", [float(v) for v in values])
         for name, values in zip(classes, probabilities, strict=True)
     ]
-    return write_table(table, len(rows), "readmission predict", _let_requests_run)
+    return write_table(table, len(rows), "readmission predict")
 
 
 class PredictionLog:
