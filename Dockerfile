@@ -1,13 +1,13 @@
 # One image per function, all from this file:
 #   docker build --build-arg FUNCTION=predict --build-arg CODE_VERSION=TAG \
 #     -t REGISTRY/readmission/predict:TAG .
-# FUNCTION is one of ingest, train, aggregate, predict, score, dead-letter, events-adapter,
-# reconcile.
+# FUNCTION is one of ingest, train, aggregate, outcomes, predict, score, dead-letter,
+# events-adapter, reconcile.
 # * predict, events-adapter, dead-letter, reconcile: the project's base dependency set only
 #   (no scikit-learn, pandas, pyarrow or mlflow in the serving image);
 # * score: the base set plus the `score` extra (pyarrow only: still no scikit-learn, pandas
 #   or mlflow);
-# * ingest, train, aggregate: the base set plus the `pipeline` extra.
+# * ingest, train, aggregate, outcomes: the base set plus the `pipeline` extra.
 # The MLflow tracking server image is a separate target:
 #   docker build --target mlflow-server -t REGISTRY/readmission/mlflow:TAG .
 # The entry point is functions-framework; the function's target, source file and signature
@@ -130,6 +130,11 @@ ENV FUNCTION_TARGET=train \
 FROM pipeline AS fn-aggregate
 ENV FUNCTION_TARGET=aggregate \
     FUNCTION_SOURCE=functions/aggregate/main.py \
+    FUNCTION_SIGNATURE_TYPE=cloudevent
+
+FROM pipeline AS fn-outcomes
+ENV FUNCTION_TARGET=outcomes \
+    FUNCTION_SOURCE=functions/outcomes/main.py \
     FUNCTION_SIGNATURE_TYPE=cloudevent
 
 # The default (last) stage: the function chosen by --build-arg FUNCTION. The base is one of the

@@ -33,6 +33,7 @@ RESULT_CREATED = "io.readmission.result.created"
 MODEL_CREATED = "io.readmission.model.created"
 DECISION_MADE = "io.readmission.decision.made"
 SCORING_CREATED = "io.readmission.scoring.created"
+OUTCOMES_CREATED = "io.readmission.outcomes.created"
 EVENT_TYPES = (
     RAW_CREATED,
     JOB_CREATED,
@@ -40,6 +41,7 @@ EVENT_TYPES = (
     MODEL_CREATED,
     DECISION_MADE,
     SCORING_CREATED,
+    OUTCOMES_CREATED,
 )
 # The score function's own outputs in the scoring bucket: they fire no event.
 SCORING_OUTPUT_PREFIX = "predictions/"
@@ -98,6 +100,8 @@ def event_type_for(bucket: str, key: str, buckets: Buckets) -> str | None:
         return DECISION_MADE
     if bucket == buckets.scoring and not key.startswith(SCORING_OUTPUT_PREFIX):
         return SCORING_CREATED  # any file: one that is not a table is rejected with a report
+    if bucket == buckets.outcomes and key.lower().endswith(".csv"):
+        return OUTCOMES_CREATED
     return None
 
 

@@ -46,6 +46,9 @@ class Buckets:
     dead_letter: str = "dead-letter"
     mlflow: str = "mlflow"
     scoring: str = "scoring"  # batch scoring: inputs, and the scorer's outputs under predictions/
+    # the predict function's prediction log (Parquet batches) and the realized outcomes
+    predictions_log: str = "predictions-log"
+    outcomes: str = "outcomes"
 
     @classmethod
     def from_env(cls) -> Buckets:
@@ -59,6 +62,8 @@ class Buckets:
             dead_letter=_env("BUCKET_DEAD_LETTER", cls.dead_letter),
             mlflow=_env("BUCKET_MLFLOW", cls.mlflow),
             scoring=_env("BUCKET_SCORING", cls.scoring),
+            predictions_log=_env("BUCKET_PREDICTIONS_LOG", cls.predictions_log),
+            outcomes=_env("BUCKET_OUTCOMES", cls.outcomes),
         )
 
     def all(self) -> list[str]:
@@ -72,6 +77,8 @@ class Buckets:
             self.dead_letter,
             self.mlflow,
             self.scoring,
+            self.predictions_log,
+            self.outcomes,
         ]
 
 

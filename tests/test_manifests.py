@@ -473,7 +473,7 @@ def test_deploy_dry_run_without_cluster_renders(tmp_path: Path) -> None:
     assert "nothing applied" in result.stdout
     services = (out / "knative" / "services.yaml").read_text()
     images = re.findall(r"image: (\S+)", services)
-    assert len(images) == 7  # one per function Service
+    assert len(images) == 8  # one per function Service
     assert all(re.fullmatch(r"ghcr\.io/acme/readmission/[a-z-]+:1\.2\.3", i) for i in images)
     assert "image: registry.example.com" not in "".join(p.read_text() for p in out.rglob("*.yaml"))
     assert (

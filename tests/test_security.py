@@ -502,6 +502,7 @@ EVENT_TYPES = {
     "aggregate": "io.readmission.result.created",
     "dead-letter": "io.readmission.raw.created",
     "score": "io.readmission.scoring.created",
+    "outcomes": "io.readmission.outcomes.created",
 }
 
 
@@ -524,6 +525,7 @@ def test_adapter_and_broker_refuse_oversized_bodies(stack: Any) -> None:
         "dead-letter",
         "ingest",
         "score",
+        "outcomes",
         "train",
     ],
 )

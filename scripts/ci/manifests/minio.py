@@ -67,6 +67,8 @@ def check_minio(root: Path) -> list[str]:
         "BUCKET_DEAD_LETTER",
         "BUCKET_MLFLOW",
         "BUCKET_SCORING",
+        "BUCKET_PREDICTIONS_LOG",
+        "BUCKET_OUTCOMES",
     ):
         if f'"${env}"' not in bucket_list:
             problems.append(f"minio-buckets does not create ${env}")
@@ -105,6 +107,7 @@ def check_minio(root: Path) -> list[str]:
         ("BUCKET_MODELS", "champion/", "metadata.json"),
         ("BUCKET_MODELS", "decisions/", ".json"),
         ("BUCKET_SCORING", "", ""),
+        ("BUCKET_OUTCOMES", "", ".csv"),
     }
     if subscriptions != wanted:
         problems.append(
