@@ -79,7 +79,7 @@ class Settings:
     buckets: Buckets = field(default_factory=Buckets)
     batch_rows: int = 15_000
     split_seed: int = 42
-    max_upload_bytes: int = 256 * 1024 * 1024
+    max_upload_bytes: int = 2 * 1024 * 1024 * 1024
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     selection_metric: str = "f1_weighted"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"

@@ -29,7 +29,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -195,20 +195,23 @@ def plan_drop(
     is_first = np.zeros(n, dtype=bool)
     is_first[first] = True
 
-    conflicts = []
-    new = np.zeros(n, dtype=bool)
-    duplicates = 0
-    for row in range(n):  # only cheap checks per row; counts are small
-        if in_corpus[row] and not same_in_corpus[row]:
-            reason = "the corpus holds this encounter_id with different values"
-            conflicts.append(Conflict(row + 2, int(encounter_ids[row]), reason))
-        elif differing_in_drop[row] and not in_corpus[row]:
-            reason = "this encounter_id appears more than once in the file with different values"
-            conflicts.append(Conflict(row + 2, int(encounter_ids[row]), reason))
-        elif in_corpus[row] or not is_first[row]:
-            duplicates += 1
-        else:
-            new[row] = True
+    # every row is exactly one of: a conflict, a duplicate, or new (vectorised: a drop can
+    # have millions of rows)
+    corpus_conflict = in_corpus & ~same_in_corpus
+    drop_conflict = differing_in_drop & ~in_corpus
+    conflicting = corpus_conflict | drop_conflict
+    new = ~conflicting & ~in_corpus & is_first
+    duplicates = int(np.sum(~conflicting & ~new))
+    in_corpus_reason = "the corpus holds this encounter_id with different values"
+    in_drop_reason = "this encounter_id appears more than once in the file with different values"
+    conflicts = [
+        Conflict(
+            int(row) + 2,
+            int(encounter_ids[row]),
+            in_corpus_reason if corpus_conflict[row] else in_drop_reason,
+        )
+        for row in np.flatnonzero(conflicting)
+    ]
     new_rows = np.flatnonzero(new)
     if len(conflicts) > CONFLICT_REJECT_SHARE * n:
         problem = (
@@ -226,12 +229,23 @@ def plan_drop(
 # --------------------------------------------------------------------------- the new version
 
 
+class DropRows(Protocol):
+    """What the new version needs of every row of a drop (readmission.drop_file.ParsedDrop),
+    in file order."""
+
+    encounter_ids: np.ndarray  # int64
+    patient_nbrs: np.ndarray  # int64
+    labels: np.ndarray  # int8, label_codes
+    row_hashes: np.ndarray  # uint64, row_hashes
+
+
 @dataclass(frozen=True)
 class NewVersion:
     """Everything ingest writes for one appended drop: Parquet parts, the index, the manifest."""
 
     version: str
-    parts: list[tuple[str, pa.Table]]  # (key, rows): new batches, new validation, new test
+    # (key, the drop's row numbers in the part's order): new batches, new validation, new test
+    parts: list[tuple[str, np.ndarray]]
     index: pa.Table  # the whole corpus's encounter index (parent's + the new rows)
     manifest: dict[str, Any]
 
@@ -275,7 +289,7 @@ def build_version(
     *,
     parent: Mapping[str, Any] | None,
     parent_index: pa.Table | None,
-    table: pa.Table,
+    rows: DropRows,
     plan: DropPlan,
     source: Mapping[str, Any],
     split_seed: int,
@@ -283,27 +297,29 @@ def build_version(
     algorithms: Sequence[str],
     job_order: Any,
 ) -> NewVersion:
-    """The version that appends `plan.new_rows` of `table` to `parent` (None: the first).
+    """The version that appends `plan.new_rows` of the drop (`rows`) to `parent` (None: the
+    first).
 
     `job_order(set_rows, algorithms, reused_sets, fitted_algorithms)` orders the version's jobs
     (ingest's cost model). Raises ValueError with the reasons if the resulting corpus cannot
-    be trained.
+    be trained. The parts are named, not built: each is the drop's row numbers it holds, in
+    its order (the caller streams the drop's rows into them).
     """
     version = version_id(
         parent["version"] if parent else None, str(source["sha256"]), split_seed, batch_rows
     )
-    new = table.take(pa.array(plan.new_rows, pa.int64()))
-    patients = new.column(contract.GROUP_COLUMN).to_numpy(zero_copy_only=False)
-    encounters = new.column("encounter_id").to_numpy(zero_copy_only=False)
+    new_rows = np.asarray(plan.new_rows, dtype=np.int64)
+    patients = rows.patient_nbrs[new_rows]
+    encounters = rows.encounter_ids[new_rows]
     codes = patient_split_codes(patients, split_seed)
-    labels = label_codes(new)
+    labels = rows.labels[new_rows]
     new_index = pa.table(
         {
             "encounter_id": pa.array(encounters, pa.int64()),
             "patient_nbr": pa.array(patients, pa.int64()),
             "split": pa.array(codes, pa.int8()),
             "label": pa.array(labels, pa.int8()),
-            "row_hash": pa.array(row_hashes(new), pa.uint64()),
+            "row_hash": pa.array(rows.row_hashes[new_rows], pa.uint64()),
         }
     )
     index = pa.concat_tables([parent_index or empty_index(), new_index])
@@ -314,23 +330,23 @@ def build_version(
     train = np.flatnonzero(codes == TRAIN)
     train = train[training_order(encounters[train], split_seed)]
     first_batch = len(parent["batches"]) if parent else 0
-    parts: list[tuple[str, pa.Table]] = []
+    parts: list[tuple[str, np.ndarray]] = []
     batches = list(parent["batches"]) if parent else []
     for offset in range(0, len(train), batch_rows):
-        rows = train[offset : offset + batch_rows]
+        batch = train[offset : offset + batch_rows]
         key = keys.batch_key(version, first_batch + offset // batch_rows)
-        parts.append((key, new.take(pa.array(rows, pa.int64()))))
-        batches.append({"index": len(batches), "key": key, "rows": len(rows), "version": version})
+        parts.append((key, new_rows[batch]))
+        batches.append({"index": len(batches), "key": key, "rows": len(batch), "version": version})
     held_out = {}
     for name, code, key in (
         ("validation", VALIDATION, keys.validation_key(version)),
         ("test", TEST, keys.test_key(version)),
     ):
-        rows = np.flatnonzero(codes == code)
+        held = np.flatnonzero(codes == code)
         previous = dict(parent[name]) if parent else {"keys": [], "rows": 0}
-        if len(rows):
-            parts.append((key, new.take(pa.array(rows, pa.int64()))))
-            previous = {"keys": [*previous["keys"], key], "rows": previous["rows"] + len(rows)}
+        if len(held):
+            parts.append((key, new_rows[held]))
+            previous = {"keys": [*previous["keys"], key], "rows": previous["rows"] + len(held)}
         held_out[name] = previous
 
     cumulative = [

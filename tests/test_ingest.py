@@ -539,9 +539,9 @@ class OverwritingStore(RecordingStore):
             self.overwrite = None
             ObjectStore.put_bytes(self, bucket, key, data, "text/csv")
 
-    def get_version(self, bucket: str, key: str, etag: str) -> bytes | None:
+    def open_version(self, bucket: str, key: str, etag: str | None = None) -> Any | None:
         self._maybe_overwrite("get", bucket)
-        return super().get_version(bucket, key, etag)
+        return super().open_version(bucket, key, etag)
 
     def copy(
         self,
