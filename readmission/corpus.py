@@ -85,7 +85,10 @@ def _string_hashes(column: pa.ChunkedArray) -> np.ndarray:
     )
     indices = encoded.indices.to_numpy(zero_copy_only=False)
     nulls = encoded.indices.is_null().to_numpy(zero_copy_only=False)
-    values = table[np.where(nulls, 0, indices).astype(np.int64)] if len(table) else indices
+    if len(table):
+        values = table[np.where(nulls, 0, indices).astype(np.int64)]
+    else:  # every value null: no float detour, which would round _NULL_HASH
+        values = np.zeros(len(indices), dtype=np.uint64)
     return np.where(nulls, _NULL_HASH, values).astype(np.uint64)
 
 

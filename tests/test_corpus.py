@@ -60,6 +60,14 @@ def test_row_hashes_see_content_not_layout() -> None:
     assert corpus.row_hashes(table_of(changed))[0] != hashes[0]
 
 
+def test_a_row_hashes_the_same_whether_or_not_its_file_has_a_column_without_values() -> None:
+    header, rows = lines_of(real_csv_bytes())
+    alone = table_of(csv_of(header, rows[:50]))  # no payer_code on any of these rows
+    assert "payer_code" in contract.missing_feature_columns(alone)
+    among_others = table_of(csv_of(header, rows[:50] + rows[-50:]))
+    assert np.array_equal(corpus.row_hashes(alone), corpus.row_hashes(among_others)[:50])
+
+
 def test_a_drop_is_split_into_new_rows_duplicates_and_conflicts() -> None:
     header, rows = lines_of(sample_csv(every=200))
     first = table_of(csv_of(header, rows[:300]))
