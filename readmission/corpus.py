@@ -18,15 +18,21 @@ A drop is deduplicated against the corpus by ``encounter_id``:
   whole: it is a different data set, or the same one with rewritten values, not new encounters.
 
 A version's training rows are its parent's batches followed by new batches of the drop's new
-training rows (readmission.split gives the split and the order), so cumulative set i of a version
-is cumulative set i of every later version. Validation and test are the union of every drop's
-new validation and test rows.
+training rows (readmission.split gives the split and the order). The cumulative sets follow a
+schedule (`set_sizes`): the parent's sets, then sets of 1, 2, 3, ... batches up to
+`linear_sets` sets, then each set `growth` times the batches of the one before, and always a
+last set of every batch. So cumulative set i of a version is cumulative set i of every later
+version, the real file keeps its five 15,000-row steps, and the number of sets (and the total
+rows fitted) grows about logarithmically (linearly) with the corpus, not linearly
+(quadratically). Validation and test are the union of every drop's new validation and test
+rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -56,7 +62,19 @@ _FNV_PRIME = np.uint64(0x100000001B3)
 APPEND, NOTHING_NEW, REJECT = "append", "nothing_new", "reject"
 
 
-def version_id(parent: str | None, drop_sha256: str, split_seed: int, batch_rows: int) -> str:
+# The schedule of cumulative sets (`set_sizes`) unless the settings or the parent say otherwise.
+LINEAR_SETS = 6
+SET_GROWTH = 2.0
+
+
+def version_id(
+    parent: str | None,
+    drop_sha256: str,
+    split_seed: int,
+    batch_rows: int,
+    linear_sets: int = LINEAR_SETS,
+    growth: float = SET_GROWTH,
+) -> str:
     """Content address of the version that appends this drop to `parent` (None: the first)."""
     text = json.dumps(
         {
@@ -64,10 +82,28 @@ def version_id(parent: str | None, drop_sha256: str, split_seed: int, batch_rows
             "drop": drop_sha256,
             "split_seed": split_seed,
             "batch_rows": batch_rows,
+            "schedule": [linear_sets, growth],
         },
         sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def set_sizes(batches: int, previous: Sequence[int], linear_sets: int, growth: float) -> list[int]:
+    """The number of batches in each cumulative set of a version with `batches` batches whose
+    parent's sets had `previous` batches each (kept as they are): then 1, 2, ... batches while
+    there are fewer than `linear_sets` sets, then `ceil(growth x` the last`)` batches (at least
+    one more), and last every batch."""
+    sizes = list(previous)
+    while True:
+        last = sizes[-1] if sizes else 0
+        grown = last + 1 if len(sizes) < linear_sets else max(last + 1, math.ceil(last * growth))
+        if grown >= batches:
+            break
+        sizes.append(grown)
+    if batches and (not sizes or sizes[-1] != batches):
+        sizes.append(batches)
+    return sizes
 
 
 # --------------------------------------------------------------------------- row identity
@@ -299,9 +335,11 @@ def build_version(
     batch_rows: int,
     algorithms: Sequence[str],
     job_order: Any,
+    linear_sets: int = LINEAR_SETS,
+    growth: float = SET_GROWTH,
 ) -> NewVersion:
     """The version that appends `plan.new_rows` of the drop (`rows`) to `parent` (None: the
-    first).
+    first), its cumulative sets on the schedule (`linear_sets`, `growth`; see `set_sizes`).
 
     `job_order(set_rows, algorithms, reused_sets, fitted_algorithms)` orders the version's jobs
     (ingest's cost model). Raises ValueError with the reasons if the resulting corpus cannot
@@ -309,7 +347,12 @@ def build_version(
     its order (the caller streams the drop's rows into them).
     """
     version = version_id(
-        parent["version"] if parent else None, str(source["sha256"]), split_seed, batch_rows
+        parent["version"] if parent else None,
+        str(source["sha256"]),
+        split_seed,
+        batch_rows,
+        linear_sets,
+        growth,
     )
     new_rows = np.asarray(plan.new_rows, dtype=np.int64)
     patients = rows.patient_nbrs[new_rows]
@@ -352,13 +395,11 @@ def build_version(
             previous = {"keys": [*previous["keys"], key], "rows": previous["rows"] + len(held)}
         held_out[name] = previous
 
+    previous = [len(c["batch_keys"]) for c in parent["cumulative_sets"]] if parent else []
+    ends = np.cumsum([b["rows"] for b in batches])
     cumulative = [
-        {
-            "index": i,
-            "rows": sum(b["rows"] for b in batches[: i + 1]),
-            "batch_keys": [b["key"] for b in batches[: i + 1]],
-        }
-        for i in range(len(batches))
+        {"index": i, "rows": int(ends[size - 1]), "batch_keys": [b["key"] for b in batches[:size]]}
+        for i, size in enumerate(set_sizes(len(batches), previous, linear_sets, growth))
     ]
     reused_sets = len(parent["cumulative_sets"]) if parent else 0
     all_splits = index["split"].to_numpy()
@@ -378,6 +419,7 @@ def build_version(
         "split_seed": split_seed,
         "split_rule": SPLIT_RULE,
         "batch_rows": batch_rows,
+        "schedule": {"linear_sets": linear_sets, "growth": growth},
         "rows": {
             "total": index.num_rows,
             **{name: int(np.sum(all_splits == c)) for c, name in enumerate(SPLIT_NAMES)},

@@ -201,6 +201,12 @@ def append_drop(
     # would move patients between splits, another BATCH_ROWS would cut other batches.
     split_seed = int(parent["split_seed"]) if parent else settings.split_seed
     batch_rows = int(parent["batch_rows"]) if parent else settings.batch_rows
+    # ... and its schedule of cumulative sets (a corpus made before schedules: 15,000-row steps
+    # up to the settings' number of sets, as a new one)
+    schedule = (parent or {}).get("schedule") or {
+        "linear_sets": settings.cumulative_linear_sets,
+        "growth": settings.cumulative_growth,
+    }
     if (split_seed, batch_rows) != (settings.split_seed, settings.batch_rows):
         warnings.append(
             f"the corpus was created with SPLIT_SEED={split_seed} and BATCH_ROWS={batch_rows}; "
@@ -217,6 +223,8 @@ def append_drop(
             batch_rows=batch_rows,
             algorithms=settings.algorithms,
             job_order=job_order,
+            linear_sets=int(schedule["linear_sets"]),
+            growth=float(schedule["growth"]),
         )
     except ValueError as error:  # the corpus would not be trainable yet
         raise DropRejected([str(error)]) from error
