@@ -5,8 +5,9 @@ the ingest function does for one `io.readmission.raw.created` event (see docs/in
 readmission.corpus decides what a drop adds (deduplication by encounter_id, the stable split, the
 new batches); readmission.corpus_append writes it (the append, its crash recovery, the drop
 record, the receipt) and readmission.jobs the job specs. This module reads the event's object
-version, validates it and routes it: gone, superseded, rejected (the rejection is written
-here), a known drop, or an append under the corpus lease.
+version (streamed to a local copy and validated block by block by readmission.drop_file, so
+memory does not grow with the file) and routes it: gone, superseded, rejected (the rejection is
+written here), a known drop, or an append under the corpus lease.
 
 An event names one object version by its ETag. Ingest reads that version and no other (a GET
 with If-Match): if the key was overwritten before the event was handled, the event's version is
