@@ -89,7 +89,11 @@ class Settings:
     buckets: Buckets = field(default_factory=Buckets)
     batch_rows: int = 15_000
     split_seed: int = 42
-    max_upload_bytes: int = 256 * 1024 * 1024
+    # The cumulative sets' schedule (readmission.corpus.set_sizes): sets of 1, 2, ... batches
+    # up to CUMULATIVE_LINEAR_SETS sets, then CUMULATIVE_GROWTH times the previous set's.
+    cumulative_linear_sets: int = 6
+    cumulative_growth: float = 2.0
+    max_upload_bytes: int = 2 * 1024 * 1024 * 1024
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     selection_metric: str = "f1_weighted"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
@@ -116,6 +120,12 @@ class Settings:
         batch_rows = _env_int("BATCH_ROWS", cls.batch_rows)
         if batch_rows < 1:
             raise ValueError(f"BATCH_ROWS must be positive, got {batch_rows}")
+        linear_sets = _env_int("CUMULATIVE_LINEAR_SETS", cls.cumulative_linear_sets)
+        if linear_sets < 1:
+            raise ValueError(f"CUMULATIVE_LINEAR_SETS must be positive, got {linear_sets}")
+        growth = _env_float("CUMULATIVE_GROWTH", cls.cumulative_growth)
+        if growth <= 1:
+            raise ValueError(f"CUMULATIVE_GROWTH must be more than 1, got {growth}")
         prepare_ahead_missing = _env_int("PREPARE_AHEAD_MISSING", cls.prepare_ahead_missing)
         if prepare_ahead_missing < 0:
             raise ValueError(f"PREPARE_AHEAD_MISSING must be >= 0, got {prepare_ahead_missing}")
@@ -130,6 +140,8 @@ class Settings:
             buckets=Buckets.from_env(),
             batch_rows=batch_rows,
             split_seed=_env_int("SPLIT_SEED", cls.split_seed),
+            cumulative_linear_sets=linear_sets,
+            cumulative_growth=growth,
             max_upload_bytes=_env_int("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             algorithms=algorithms,
             selection_metric=_env("SELECTION_METRIC", cls.selection_metric),
