@@ -65,6 +65,7 @@ from readmission.learning_curve import warm_up_png
 from readmission.model_artifacts import (
     build_metadata,
     explain_baseline,
+    input_ranges,
     log_to_run,
     write_artifacts,
     write_if_changed,
@@ -233,6 +234,7 @@ def _aggregate(
             test_metrics=candidate.test_metrics,
             quality_report=candidate.quality,
             explain_baseline=explain_baseline(candidate.validation_frame),
+            input_ranges=input_ranges(candidate.validation_frame),
         )
         metadata_bytes = json_bytes(metadata)
         if decision["new_model"]:

@@ -58,12 +58,18 @@ def build_metadata(
     test_metrics: Mapping[str, Any],
     quality_report: Mapping[str, Any],
     explain_baseline: Mapping[str, Any] | None = None,
+    input_ranges: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
     """The document design.md fixes for models/<id>/metadata.json and champion/metadata.json;
     `quality` is the compact summary of `quality_report` and the keys of its files;
-    `explain_baseline` the reference row of the explanations (readmission.serving.explain)."""
+    `explain_baseline` the reference row of the explanations (readmission.serving.explain);
+    `input_ranges` the numeric inputs' observed ranges (the web form's min/max hints)."""
     outputs = _plain(exported.outputs)
-    extra = {} if explain_baseline is None else {"explain_baseline": dict(explain_baseline)}
+    extra: dict[str, Any] = {}
+    if explain_baseline is not None:
+        extra["explain_baseline"] = dict(explain_baseline)
+    if input_ranges is not None:
+        extra["input_ranges"] = {c: dict(r) for c, r in input_ranges.items()}
     return {
         **extra,
         "model_name": settings.registered_model,
@@ -115,6 +121,22 @@ def explain_baseline(frame: Any) -> dict[str, Any]:
             top = counts[counts == counts.max()].index
             baseline[column] = sorted(top)[0] if len(top) else None
     return baseline
+
+
+def input_ranges(frame: Any) -> dict[str, dict[str, float]]:
+    """{column: {"min", "max"}} of each numeric input of a model frame
+    (features.to_model_frame), NaN ignored; a column without a value is left out. The web form
+    shows them as the inputs' min/max; the service does not reject values outside them."""
+    ranges: dict[str, dict[str, float]] = {}
+    for column in frame.columns:
+        values = frame[column]
+        if values.dtype.kind != "f":
+            continue
+        finite = values.to_numpy(dtype=np.float64)
+        finite = finite[np.isfinite(finite)]
+        if len(finite):
+            ranges[column] = {"min": float(finite.min()), "max": float(finite.max())}
+    return ranges
 
 
 def write_if_changed(

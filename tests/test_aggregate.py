@@ -332,6 +332,9 @@ def test_aggregates_all_results_into_one_champion(
     assert len(metadata["inputs"]) == 47
     assert metadata["outputs"] == {"label": "label", "probabilities": "probabilities"}
     assert set(metadata["explain_baseline"]) == {i["column"] for i in metadata["inputs"]}
+    numeric = {i["column"] for i in metadata["inputs"] if i["kind"] == "numeric"}
+    assert set(metadata["input_ranges"]) == numeric
+    assert all(r["min"] <= r["max"] for r in metadata["input_ranges"].values())
     assert metadata["registered_at"].endswith("Z")
     assert set(metadata["metrics"]["test"]) == {
         "accuracy",

@@ -760,3 +760,36 @@ def test_concurrent_single_rows_are_micro_batched_and_answer_their_own_row(
     assert not failures, failures[:3]
     assert sum(runs) == 16 * 20 and max(runs) > 1 and len(runs) < 16 * 20
     assert not batcher._busy and not batcher._queue
+
+
+def test_input_ranges_are_each_numeric_columns_min_and_max_without_missing_values() -> None:
+    import pandas as pd
+
+    from readmission.model_artifacts import input_ranges
+
+    frame = pd.DataFrame(
+        {
+            "time_in_hospital": np.array([3, 1, np.nan, 14], dtype=np.float32),
+            "race": ["Caucasian", "?", "AfricanAmerican", "Other"],
+            "weight": np.array([np.nan] * 4, dtype=np.float32),
+        }
+    )
+    assert input_ranges(frame) == {"time_in_hospital": {"min": 1.0, "max": 14.0}}
+
+
+def test_model_info_gives_numeric_inputs_the_ranges_of_the_metadata(model: LoadedModel) -> None:
+    frame = sample_frame(20)  # the rows build_model fitted on
+    inputs = {spec["column"]: spec for spec in model.info()["inputs"]}
+    for column, spec in inputs.items():
+        if spec["kind"] == "numeric":
+            values = frame[column].astype(float)
+            assert (spec["min"], spec["max"]) == (values.min(), values.max())
+        else:
+            assert "min" not in spec and spec["categories"]
+    # older metadata without ranges, and a malformed entry: plain number inputs
+    onnx_bytes, metadata = build_model()
+    older = {k: v for k, v in metadata.items() if k != "input_ranges"}
+    bad = dict(metadata, input_ranges={"time_in_hospital": {"min": 9, "max": 1}})
+    for variant in (older, bad):
+        info = LoadedModel(onnx_bytes, variant, session=False).info()
+        assert not any("min" in spec or "max" in spec for spec in info["inputs"])

@@ -15,6 +15,7 @@ mlflow (the predict image has none of them; a test checks `sys.modules`).
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import numpy as np
 from readmission.serving.batching import MicroBatcher
 from readmission.serving.errors import ModelLoadError
 from readmission.serving.feeds import Feeds
-from readmission.serving.inputs import input_layout, parse_inputs
+from readmission.serving.inputs import InputSpec, input_layout, parse_inputs
 from readmission.serving.session import check_session, new_session, session_runner
 
 if TYPE_CHECKING:
@@ -196,6 +197,25 @@ class LoadedModel:
         )
         return labels.tolist(), rounded_probabilities(probabilities)
 
+    def _input_schema(self, spec: InputSpec) -> dict[str, Any]:
+        """An input's schema with, for a numeric input, the "min" and "max" of the metadata's
+        `input_ranges` (written by the aggregator; older metadata has none, and a malformed
+        entry is left out: the ranges are hints for the web form, never a validation rule)."""
+        entry = spec.schema()
+        ranges = self.metadata.get("input_ranges")
+        found = ranges.get(spec.column) if spec.numeric and isinstance(ranges, dict) else None
+        if isinstance(found, dict):
+            low, high = found.get("min"), found.get("max")
+            if (
+                type(low) in (int, float)
+                and type(high) in (int, float)
+                and math.isfinite(low)
+                and math.isfinite(high)
+                and low <= high
+            ):
+                entry["min"], entry["max"] = low, high
+        return entry
+
     def info(self) -> dict[str, Any]:
         meta = self.metadata
         return {
@@ -210,7 +230,7 @@ class LoadedModel:
             "selection_metric": meta.get("selection_metric"),
             "metrics": meta.get("metrics", {}),
             "classes": self.classes,
-            "inputs": [spec.schema() for spec in self.inputs],
+            "inputs": [self._input_schema(spec) for spec in self.inputs],
             "outputs": {"label": self.label_output, "probabilities": self.probabilities_output},
             "model_sha256": meta.get("model_sha256"),
             "unknown_category_policy": self.policy,

@@ -136,6 +136,7 @@ def build_model(
 ) -> tuple[bytes, dict[str, Any]]:
     """(ONNX bytes, metadata) of a pipeline fitted on a sample of the real data."""
     from readmission.features import build_pipeline, target_values, to_model_frame
+    from readmission.model_artifacts import input_ranges
     from readmission.onnx_export import export_onnx
 
     frame = sample_frame(every)
@@ -158,6 +159,7 @@ def build_model(
         "classes": list(exported.classes),
         "inputs": exported.inputs,
         "outputs": dict(exported.outputs),
+        "input_ranges": input_ranges(to_model_frame(frame)),
         "metrics": {
             "validation": {"f1_weighted": 0.51, "roc_auc_ovr": 0.62, "accuracy": 0.55},
             "test": {"f1_weighted": 0.5, "roc_auc_ovr": 0.61, "accuracy": 0.54},
