@@ -2,7 +2,10 @@
 
 Loads /, submits the pre-filled form with a real mouse click, checks the predicted class, the
 probability bars and the model card, screenshots the page (the PNG must show a non-blank result
-panel), and checks that a hostile value typed into a field comes back as text, not markup.
+panel), checks that a hostile value sent from a field comes back as text, not markup, and that
+the fields offer the model's categories ("other / unknown" added) and numeric ranges and work
+with the keyboard only (Tab, End, type-ahead, Enter: real key events) to a result with bars and
+factors.
 
 Needs Debian's `chromium` (apt-get install chromium); the DevTools client is the small
 standard-library websocket client below. Set PREDICT_SCREENSHOT_DIR to keep the screenshots.
@@ -121,8 +124,9 @@ class DevTools:
 
     def click(self, selector: str) -> None:
         box = self.evaluate(
-            f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
-            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
+            "e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect(); "
+            "return [r.x + r.width / 2, r.y + r.height / 2]; })()"
         )
         for kind in ("mousePressed", "mouseReleased"):
             self.call(
@@ -136,6 +140,19 @@ class DevTools:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def press(browser: DevTools, key: str, code: int, text: str | None = None) -> None:
+    """One key stroke as the keyboard gives it (keyDown with its text, or rawKeyDown)."""
+    down: dict[str, Any] = {"type": "keyDown", "text": text} if text else {"type": "rawKeyDown"}
+    for event in (down, {"type": "keyUp"}):
+        browser.call(
+            "Input.dispatchKeyEvent",
+            key=key,
+            code=key if len(key) > 1 else f"Key{key.upper()}",
+            windowsVirtualKeyCode=code,
+            **event,
+        )
 
 
 def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
@@ -290,7 +307,7 @@ def test_form_predicts_and_shows_bars_and_model_card(page_server: str, browser: 
         "Utilisation",
     ]
     assert browser.evaluate("document.getElementById('f-age').value") == "[70-80)"
-    assert browser.evaluate("document.querySelectorAll('#groups input').length") == 47
+    assert browser.evaluate("document.querySelectorAll('#groups :is(input, select)').length") == 47
     browser.click("#submit")
     browser.wait_for("!document.getElementById('result').hidden")
     expected = json.loads(
@@ -351,6 +368,7 @@ def test_form_predicts_and_shows_bars_and_model_card(page_server: str, browser: 
     assert HOSTILE in decision and "-0.0038" in decision and "[-0.0090, +0.0010] (95 %)" in decision
     assert browser.evaluate("document.querySelectorAll('#model-gate img').length") == 0
     # the screenshot: the result panel must be painted (many colours, not a blank box)
+    browser.evaluate("window.scrollTo(0, 0)")  # the click scrolled to the button
     box = browser.evaluate(
         "(() => { const r = document.getElementById('result-panel')"
         ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()"
@@ -369,10 +387,12 @@ def test_form_predicts_and_shows_bars_and_model_card(page_server: str, browser: 
 
 def test_hostile_value_is_shown_as_text(page_server: str, browser: DevTools) -> None:
     _open(browser, page_server)
+    # race is a select: a tampered page (or an edited option) sends a value it does not list
     browser.evaluate(
-        "document.getElementById('f-race').focus(); document.getElementById('f-race').select()"
+        "(() => { const s = document.getElementById('f-race'); const o = "
+        f"document.createElement('option'); o.value = o.textContent = {json.dumps(HOSTILE)}; "
+        "s.append(o); s.value = o.value; })()"
     )
-    browser.call("Input.insertText", text=HOSTILE)
     assert browser.evaluate("document.getElementById('f-race').value") == HOSTILE
     browser.click("#submit")
     browser.wait_for("!document.getElementById('error').hidden")
@@ -386,3 +406,76 @@ def test_hostile_value_is_shown_as_text(page_server: str, browser: DevTools) -> 
         browser.evaluate("document.getElementById('f-race').getAttribute('aria-invalid')") == "true"
     )
     _screenshot(browser, "predict-page-error.png")
+
+
+def test_fields_offer_known_categories_and_ranges_and_work_by_keyboard(
+    page_server: str, browser: DevTools
+) -> None:
+    _open(browser, page_server)
+    info = json.loads(urllib.request.urlopen(page_server + "/model-info", timeout=10).read())
+    categorical = [s for s in info["inputs"] if s["kind"] == "categorical"]
+    numeric = [s for s in info["inputs"] if s["kind"] == "numeric"]
+    assert categorical and numeric and all("categories" in s for s in categorical)
+    assert all(isinstance(s.get("min"), float) and s["min"] <= s["max"] for s in numeric)
+    shown = browser.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('#groups select')].map(s => "
+        "[s.name, [...s.options].map(o => [o.value, o.textContent])]))"
+    )
+    assert set(shown) == {s["column"] for s in categorical}
+    for spec in categorical:
+        known = [c for c in spec["categories"] if c != "?"]
+        assert shown[spec["column"]] == [[c, c] for c in known] + [["", "other / unknown"]]
+    ranges = browser.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('#groups input[type=number]')]"
+        ".map(i => [i.name, [Number(i.min), Number(i.max)]]))"
+    )
+    assert ranges == {s["column"]: [s["min"], s["max"]] for s in numeric}
+    # keyboard only: Tab to race, End picks "other / unknown", Tab to gender, type-ahead "M",
+    # Tab on to time_in_hospital, type a new value, Enter submits
+    active = "document.activeElement.id"
+    press(browser, "Tab", 9)
+    assert browser.evaluate(active) == "f-race"
+    press(browser, "End", 35)
+    press(browser, "Tab", 9)
+    assert browser.evaluate(active) == "f-gender"
+    press(browser, "M", 77, "M")
+    for _ in range(len(info["inputs"])):
+        if browser.evaluate(active) == "f-time_in_hospital":
+            break
+        press(browser, "Tab", 9)
+    assert browser.evaluate(active) == "f-time_in_hospital"
+    for _ in range(4):
+        press(browser, "Backspace", 8)
+    press(browser, "5", 53, "5")
+    press(browser, "Enter", 13, "\r")
+    browser.wait_for("!document.getElementById('result').hidden")
+    sent = browser.evaluate("readForm(modelInfo)")
+    assert sent["race"] is None and sent["gender"] == "Male" and sent["time_in_hospital"] == 5
+    explained = json.loads(
+        urllib.request.urlopen(
+            urllib.request.Request(
+                page_server + "/predict?explain=true",
+                data=json.dumps({"features": sent}).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=10,
+        ).read()
+    )
+    bars = browser.evaluate(
+        "[...document.querySelectorAll('#bars [role=listitem]')].map(b => b.textContent)"
+    )
+    assert bars == [
+        f"{name}{explained['probabilities'][name] * 100:.1f} %" for name in info["classes"]
+    ]
+    factors = browser.evaluate(
+        "[...document.querySelectorAll('#result-factors li')].map(li => li.dataset.feature)"
+    )
+    assert factors and factors == [f["feature"] for f in explained["explanation"]["top_factors"]]
+    assert (
+        browser.evaluate(
+            "(() => { const t = document.getElementById("
+            "document.getElementById('result-factors').getAttribute('aria-labelledby')); "
+            "return !t.hidden && t.textContent; })()"
+        )
+        == "What moved this prediction"
+    )

@@ -47,17 +47,7 @@ function buildForm(info) {
       const spec = byColumn.get(column);
       placed.add(column);
       const label = el("label", { for: fieldId(column) }, column);
-      const input = el("input", { id: fieldId(column), name: column, autocomplete: "off" });
-      input.dataset.kind = spec.kind;
-      if (spec.kind === "numeric") {
-        input.setAttribute("inputmode", "decimal");
-      } else if (Array.isArray(spec.categories)) {
-        const list = el("datalist", { id: fieldId(column) + "-list" });
-        for (const category of spec.categories) list.append(el("option", { value: category }));
-        input.setAttribute("list", fieldId(column) + "-list");
-        label.append(list);
-      }
-      label.append(input);
+      label.append(field(spec));
       grid.append(label);
     }
     fieldset.append(grid);
@@ -66,12 +56,57 @@ function buildForm(info) {
   fillExample(info);
 }
 
+// One input's control. A categorical input with known categories is a select of them plus
+// "other / unknown" (value "": sent as null, i.e. missing, which the model accepts under
+// either unknown-category policy); the missing marker "?" is that choice, not an option of
+// its own. A numeric input is a number field with the range seen in training (min/max of
+// /model-info, absent for older models) as min/max and as a visible hint; values outside it
+// are still sent (the form is novalidate: the range is a hint, not a rule). The hint sits in
+// the label, so it is part of the field's accessible name.
+function field(spec) {
+  const id = fieldId(spec.column);
+  if (spec.kind !== "numeric" && Array.isArray(spec.categories)) {
+    const select = el("select", { id, name: spec.column });
+    for (const category of spec.categories) {
+      if (category !== "?") select.append(el("option", { value: category }, category));
+    }
+    select.append(el("option", { value: "", "data-other": "true" }, "other / unknown"));
+    select.dataset.kind = spec.kind;
+    return select;
+  }
+  const input = el("input", { id, name: spec.column, autocomplete: "off" });
+  input.dataset.kind = spec.kind;
+  if (spec.kind === "numeric") {
+    input.setAttribute("type", "number");
+    input.setAttribute("step", "any");
+    input.setAttribute("inputmode", "decimal");
+    if (typeof spec.min === "number" && typeof spec.max === "number") {
+      input.setAttribute("min", String(spec.min));
+      input.setAttribute("max", String(spec.max));
+      const hint = el("span", { id: id + "-range", class: "range" },
+        "seen in training: " + fmt(spec.min) + "–" + fmt(spec.max));
+      const wrap = document.createDocumentFragment();
+      wrap.append(input, hint);
+      return wrap;
+    }
+  }
+  return input;
+}
+
 function fillExample(info) {
   for (const spec of info.inputs) {
     const input = $(fieldId(spec.column));
     const value = info.example ? info.example[spec.column] : null;
     input.value = value === null || value === undefined ? "" : String(value);
+    // a select keeps no value it has no option for: then "other / unknown"
+    if (input.tagName === "SELECT" && input.selectedIndex < 0) input.value = "";
   }
+}
+
+// The first number field holding text that is not a number (its value reads as ""), or null.
+function badNumber(info) {
+  const spec = info.inputs.find((s) => s.kind === "numeric" && $(fieldId(s.column)).validity.badInput);
+  return spec ? spec.column : null;
 }
 
 function readForm(info) {
@@ -113,7 +148,7 @@ function showResult(body, classes) {
   for (const name of classes) {
     const p = Number(body.probabilities[name]) || 0;
     const row = el("div", { class: "bar" + (name === body.readmission_prediction ? " top" : ""),
-      "data-class": name });
+      "data-class": name, role: "listitem" });
     const track = el("div", { class: "track" });
     const fill = el("div", { class: "fill" });
     fill.style.width = (Math.max(0, Math.min(1, p)) * 100).toFixed(1) + "%";
@@ -146,6 +181,11 @@ async function submit(event) {
   if (!modelInfo) return;
   $("error").hidden = true;
   for (const input of document.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+  const bad = badNumber(modelInfo);
+  if (bad) {
+    showError({ error: bad + " must be a number (or empty for missing)", field: bad }, 0);
+    return;
+  }
   $("submit").disabled = true;
   try {
     const response = await fetch("/predict?explain=true", {
