@@ -479,3 +479,18 @@ def test_fields_offer_known_categories_and_ranges_and_work_by_keyboard(
         )
         == "What moved this prediction"
     )
+    # text that is not a number is refused in the page, naming the field
+    assert browser.evaluate(active) == "f-time_in_hospital"
+    press(browser, "Backspace", 8)
+    press(browser, "e", 69, "e")
+    press(browser, "Enter", 13, "\r")
+    browser.wait_for("!document.getElementById('error').hidden")
+    assert "time_in_hospital must be a number" in browser.evaluate(
+        "document.getElementById('error').textContent"
+    )
+    assert (
+        browser.evaluate(
+            "document.getElementById('f-time_in_hospital').getAttribute('aria-invalid')"
+        )
+        == "true"
+    )
