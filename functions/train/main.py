@@ -27,6 +27,7 @@ import functions_framework  # noqa: E402
 
 from readmission import keys, tracking  # noqa: E402
 from readmission.config import Settings  # noqa: E402
+from readmission.glue import slow_clients  # noqa: E402
 from readmission.glue.event_handler import (  # noqa: E402
     MalformedEvent,
     function_context,
@@ -38,6 +39,8 @@ from readmission.job_spec import InvalidJobSpec, JobSpec  # noqa: E402
 from readmission.model_files import ModelFilesMismatch  # noqa: E402
 from readmission.storage import ObjectStore  # noqa: E402
 from readmission.training import train_job  # noqa: E402
+
+slow_clients.install()  # header and body read timeouts: docs/reliability.md
 
 EVENT_TYPE = "io.readmission.job.created"
 
