@@ -13,7 +13,8 @@ in front of its handler:
   request). So any number of idle, half-header and stalled small-body clients hold no handler.
 - Invariant: a connection that has not sent its whole head within `HTTP_HEADER_TIMEOUT`
   seconds of its accept, or whose body (waited for in the gate) makes no progress for
-  `HTTP_BODY_TIMEOUT` seconds, is closed without an answer.
+  `HTTP_BODY_TIMEOUT` seconds, is closed without an answer. A worker holds at most gunicorn's
+  `worker_connections` (1000) connections in its gate; it closes the ones beyond at once.
 - A WHOLE request goes to the worker's own thread when `THREADS=1` (the predict function, as
   before), else to a pool of `THREADS` threads. A STREAMED one (larger or chunked body, or
   `Expect: 100-continue`) goes to a pool of `HTTP_STREAM_THREADS` threads of its own, so a
@@ -235,6 +236,9 @@ class GatedWorker(SyncWorker):
                 if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED):
                     return
                 raise
+            if len(waiting) >= self.cfg.worker_connections:  # gunicorn's cap (1000): shed
+                client.close()
+                continue
             client.setblocking(False)
             conn = _Waiting(client, addr, listener, deadline)
             conn.seen = -1  # looked at once after this round of events: it may have sent already
