@@ -118,7 +118,7 @@ def request_state(data: bytes, most: int = GATE_BYTES) -> str:
 class _Waiting:
     """A connection in the gate: not yet handed to a handler."""
 
-    __slots__ = ("addr", "deadline", "head_done", "listener", "seen", "sock")
+    __slots__ = ("addr", "deadline", "head_done", "listener", "seen", "sock", "watched")
 
     def __init__(
         self, sock: socket.socket, addr: object, listener: socket.socket, deadline: float
@@ -127,8 +127,9 @@ class _Waiting:
         self.addr = addr
         self.listener = listener
         self.deadline = deadline
-        self.seen = 0
+        self.seen = -1  # not looked at yet
         self.head_done = False
+        self.watched = False  # registered with the epoll
 
 
 class GatedWorker(SyncWorker):
@@ -149,7 +150,8 @@ class GatedWorker(SyncWorker):
 
         def hand_over(conn: _Waiting, state: str) -> None:
             del waiting[conn.sock.fileno()]
-            poller.unregister(conn.sock.fileno())
+            if conn.watched:
+                poller.unregister(conn.sock.fileno())
             conn.sock.settimeout(timeouts.body)  # every read and write of the handler
             if state == STREAMED:  # its reads may stall: never on the handlers of whole ones
                 streams.submit(self.handle, conn.listener, conn.sock, conn.addr)
@@ -160,8 +162,9 @@ class GatedWorker(SyncWorker):
 
         def drop(conn: _Waiting) -> None:
             del waiting[conn.sock.fileno()]
-            with contextlib.suppress(OSError, KeyError, ValueError):
-                poller.unregister(conn.sock.fileno())
+            if conn.watched:
+                with contextlib.suppress(OSError, KeyError, ValueError):
+                    poller.unregister(conn.sock.fileno())
             with contextlib.suppress(OSError):
                 conn.sock.close()
 
@@ -199,7 +202,7 @@ class GatedWorker(SyncWorker):
                 now = time.monotonic()
                 for fd, _mask in events:
                     if fd in listeners:
-                        self._accept_all(listeners[fd], poller, waiting, now + timeouts.header)
+                        self._accept_all(listeners[fd], waiting, now + timeouts.header)
                     elif fd == self.PIPE[0]:
                         with contextlib.suppress(OSError):
                             os.read(fd, 64)
@@ -207,10 +210,16 @@ class GatedWorker(SyncWorker):
                         look(waiting[fd], now)
                     if not self.alive:
                         break
-                # connections accepted with their request already there, seen on accept
+                # new connections: most have sent their whole request already and are handed
+                # over at once; the others are watched (an edge for each arrival from now on,
+                # and one at once if bytes came since the look: no arrival is missed)
                 for conn in [c for c in waiting.values() if c.seen < 0]:
                     conn.seen = 0
                     look(conn, now)
+                    if conn.sock.fileno() in waiting and not conn.watched:
+                        conn.watched = True
+                        events_mask = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+                        poller.register(conn.sock.fileno(), events_mask)
                 now = time.monotonic()
                 for conn in [c for c in waiting.values() if c.deadline <= now]:
                     drop(conn)
@@ -225,7 +234,6 @@ class GatedWorker(SyncWorker):
     def _accept_all(
         self,
         listener: socket.socket,
-        poller: select.epoll,
         waiting: dict[int, _Waiting],
         deadline: float,
     ) -> None:
@@ -240,10 +248,7 @@ class GatedWorker(SyncWorker):
                 client.close()
                 continue
             client.setblocking(False)
-            conn = _Waiting(client, addr, listener, deadline)
-            conn.seen = -1  # looked at once after this round of events: it may have sent already
-            waiting[client.fileno()] = conn
-            poller.register(client.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+            waiting[client.fileno()] = _Waiting(client, addr, listener, deadline)
 
 
 def install() -> bool:
