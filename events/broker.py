@@ -63,6 +63,17 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
 
 
+def parse_timeout_caps(text: str) -> dict[str, float]:
+    """ "train=1,ingest=30" -> {"train": 1.0, "ingest": 30.0}; ValueError if malformed."""
+    caps = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        service, _, seconds = item.partition("=")
+        if not service.strip() or not seconds.strip():
+            raise ValueError(f"BROKER_TIMEOUT_CAPS: {item!r} is not service=seconds")
+        caps[service.strip()] = float(seconds)
+    return caps
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     host: str = "127.0.0.1"
@@ -72,6 +83,10 @@ class BrokerConfig:
     dead_letter_file: Path = Path(".state/dead-letters.jsonl")
     broker_name: str | None = None
     default_timeout: float = 600.0  # per attempt, when the delivery spec sets no timeout
+    # Service -> seconds: caps the delivery timeout to that Service, as a shorter timeoutSeconds
+    # would cut its requests (BROKER_TIMEOUT_CAPS="train=1"): to try out requests shorter
+    # than the work they carry.
+    timeout_caps: dict[str, float] = field(default_factory=dict)
     max_inflight_per_replica: int = 16  # cap for containerConcurrency 0 (unlimited)
     max_body_bytes: int = 1024 * 1024
     dead_letter_attempts: int = 3
@@ -93,6 +108,7 @@ class BrokerConfig:
             ),
             broker_name=os.environ.get("BROKER_NAME") or None,
             default_timeout=float(_env("BROKER_DEFAULT_TIMEOUT", str(cls.default_timeout))),
+            timeout_caps=parse_timeout_caps(os.environ.get("BROKER_TIMEOUT_CAPS", "")),
             max_inflight_per_replica=int(
                 _env("BROKER_MAX_INFLIGHT", str(cls.max_inflight_per_replica))
             ),
@@ -255,6 +271,9 @@ class Broker:
     def attempt(self, job: _Job, url: str) -> None:
         delivery = job.trigger.delivery
         timeout = delivery.timeout or self.config.default_timeout
+        cap = self.config.timeout_caps.get(job.trigger.subscriber.service or "")
+        if cap is not None:
+            timeout = min(timeout, cap)
         if url:
             result = post_binary(url, job.event, timeout)
         else:

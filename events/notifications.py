@@ -32,7 +32,19 @@ JOB_CREATED = "io.readmission.job.created"
 RESULT_CREATED = "io.readmission.result.created"
 MODEL_CREATED = "io.readmission.model.created"
 DECISION_MADE = "io.readmission.decision.made"
-EVENT_TYPES = (RAW_CREATED, JOB_CREATED, RESULT_CREATED, MODEL_CREATED, DECISION_MADE)
+SCORING_CREATED = "io.readmission.scoring.created"
+OUTCOMES_CREATED = "io.readmission.outcomes.created"
+EVENT_TYPES = (
+    RAW_CREATED,
+    JOB_CREATED,
+    RESULT_CREATED,
+    MODEL_CREATED,
+    DECISION_MADE,
+    SCORING_CREATED,
+    OUTCOMES_CREATED,
+)
+# The score function's own outputs in the scoring bucket: they fire no event.
+SCORING_OUTPUT_PREFIX = "predictions/"
 
 SEAWEEDFS_BUCKETS_ROOT = "/buckets"
 SEAWEEDFS_ETAG_ATTRIBUTE = "Seaweed-X-Amz-ETag"
@@ -86,6 +98,10 @@ def event_type_for(bucket: str, key: str, buckets: Buckets) -> str | None:
         return MODEL_CREATED
     if bucket == buckets.models and key.startswith(DECISIONS_PREFIX) and key.endswith(".json"):
         return DECISION_MADE
+    if bucket == buckets.scoring and not key.startswith(SCORING_OUTPUT_PREFIX):
+        return SCORING_CREATED  # any file: one that is not a table is rejected with a report
+    if bucket == buckets.outcomes and key.lower().endswith(".csv"):
+        return OUTCOMES_CREATED
     return None
 
 

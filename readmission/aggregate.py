@@ -64,6 +64,7 @@ from readmission.config import Settings
 from readmission.learning_curve import warm_up_png
 from readmission.model_artifacts import (
     build_metadata,
+    explain_baseline,
     log_to_run,
     write_artifacts,
     write_if_changed,
@@ -231,6 +232,7 @@ def _aggregate(
             onnx_sha256=candidate.onnx_sha256,
             test_metrics=candidate.test_metrics,
             quality_report=candidate.quality,
+            explain_baseline=explain_baseline(candidate.validation_frame),
         )
         metadata_bytes = json_bytes(metadata)
         if decision["new_model"]:

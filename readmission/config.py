@@ -45,6 +45,10 @@ class Buckets:
     rejected: str = "rejected"
     dead_letter: str = "dead-letter"
     mlflow: str = "mlflow"
+    scoring: str = "scoring"  # batch scoring: inputs, and the scorer's outputs under predictions/
+    # the predict function's prediction log (Parquet batches) and the realized outcomes
+    predictions_log: str = "predictions-log"
+    outcomes: str = "outcomes"
 
     @classmethod
     def from_env(cls) -> Buckets:
@@ -57,6 +61,9 @@ class Buckets:
             rejected=_env("BUCKET_REJECTED", cls.rejected),
             dead_letter=_env("BUCKET_DEAD_LETTER", cls.dead_letter),
             mlflow=_env("BUCKET_MLFLOW", cls.mlflow),
+            scoring=_env("BUCKET_SCORING", cls.scoring),
+            predictions_log=_env("BUCKET_PREDICTIONS_LOG", cls.predictions_log),
+            outcomes=_env("BUCKET_OUTCOMES", cls.outcomes),
         )
 
     def all(self) -> list[str]:
@@ -69,6 +76,9 @@ class Buckets:
             self.rejected,
             self.dead_letter,
             self.mlflow,
+            self.scoring,
+            self.predictions_log,
+            self.outcomes,
         ]
 
 
@@ -79,7 +89,11 @@ class Settings:
     buckets: Buckets = field(default_factory=Buckets)
     batch_rows: int = 15_000
     split_seed: int = 42
-    max_upload_bytes: int = 256 * 1024 * 1024
+    # The cumulative sets' schedule (readmission.corpus.set_sizes): sets of 1, 2, ... batches
+    # up to CUMULATIVE_LINEAR_SETS sets, then CUMULATIVE_GROWTH times the previous set's.
+    cumulative_linear_sets: int = 6
+    cumulative_growth: float = 2.0
+    max_upload_bytes: int = 2 * 1024 * 1024 * 1024
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     selection_metric: str = "f1_weighted"
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
@@ -106,6 +120,12 @@ class Settings:
         batch_rows = _env_int("BATCH_ROWS", cls.batch_rows)
         if batch_rows < 1:
             raise ValueError(f"BATCH_ROWS must be positive, got {batch_rows}")
+        linear_sets = _env_int("CUMULATIVE_LINEAR_SETS", cls.cumulative_linear_sets)
+        if linear_sets < 1:
+            raise ValueError(f"CUMULATIVE_LINEAR_SETS must be positive, got {linear_sets}")
+        growth = _env_float("CUMULATIVE_GROWTH", cls.cumulative_growth)
+        if growth <= 1:
+            raise ValueError(f"CUMULATIVE_GROWTH must be more than 1, got {growth}")
         prepare_ahead_missing = _env_int("PREPARE_AHEAD_MISSING", cls.prepare_ahead_missing)
         if prepare_ahead_missing < 0:
             raise ValueError(f"PREPARE_AHEAD_MISSING must be >= 0, got {prepare_ahead_missing}")
@@ -120,6 +140,8 @@ class Settings:
             buckets=Buckets.from_env(),
             batch_rows=batch_rows,
             split_seed=_env_int("SPLIT_SEED", cls.split_seed),
+            cumulative_linear_sets=linear_sets,
+            cumulative_growth=growth,
             max_upload_bytes=_env_int("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             algorithms=algorithms,
             selection_metric=_env("SELECTION_METRIC", cls.selection_metric),

@@ -18,18 +18,24 @@ A drop is deduplicated against the corpus by ``encounter_id``:
   whole: it is a different data set, or the same one with rewritten values, not new encounters.
 
 A version's training rows are its parent's batches followed by new batches of the drop's new
-training rows (readmission.split gives the split and the order), so cumulative set i of a version
-is cumulative set i of every later version. Validation and test are the union of every drop's
-new validation and test rows.
+training rows (readmission.split gives the split and the order). The cumulative sets follow a
+schedule (`set_sizes`): the parent's sets, then sets of 1, 2, 3, ... batches up to
+`linear_sets` sets, then each set `growth` times the batches of the one before, and always a
+last set of every batch. So cumulative set i of a version is cumulative set i of every later
+version, the real file keeps its five 15,000-row steps, and the number of sets (and the total
+rows fitted) grows about logarithmically (linearly) with the corpus, not linearly
+(quadratically). Validation and test are the union of every drop's new validation and test
+rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -56,7 +62,19 @@ _FNV_PRIME = np.uint64(0x100000001B3)
 APPEND, NOTHING_NEW, REJECT = "append", "nothing_new", "reject"
 
 
-def version_id(parent: str | None, drop_sha256: str, split_seed: int, batch_rows: int) -> str:
+# The schedule of cumulative sets (`set_sizes`) unless the settings or the parent say otherwise.
+LINEAR_SETS = 6
+SET_GROWTH = 2.0
+
+
+def version_id(
+    parent: str | None,
+    drop_sha256: str,
+    split_seed: int,
+    batch_rows: int,
+    linear_sets: int = LINEAR_SETS,
+    growth: float = SET_GROWTH,
+) -> str:
     """Content address of the version that appends this drop to `parent` (None: the first)."""
     text = json.dumps(
         {
@@ -64,10 +82,28 @@ def version_id(parent: str | None, drop_sha256: str, split_seed: int, batch_rows
             "drop": drop_sha256,
             "split_seed": split_seed,
             "batch_rows": batch_rows,
+            "schedule": [linear_sets, growth],
         },
         sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def set_sizes(batches: int, previous: Sequence[int], linear_sets: int, growth: float) -> list[int]:
+    """The number of batches in each cumulative set of a version with `batches` batches whose
+    parent's sets had `previous` batches each (kept as they are): then 1, 2, ... batches while
+    there are fewer than `linear_sets` sets, then `ceil(growth x` the last`)` batches (at least
+    one more), and last every batch."""
+    sizes = list(previous)
+    while True:
+        last = sizes[-1] if sizes else 0
+        grown = last + 1 if len(sizes) < linear_sets else max(last + 1, math.ceil(last * growth))
+        if grown >= batches:
+            break
+        sizes.append(grown)
+    if batches and (not sizes or sizes[-1] != batches):
+        sizes.append(batches)
+    return sizes
 
 
 # --------------------------------------------------------------------------- row identity
@@ -85,7 +121,10 @@ def _string_hashes(column: pa.ChunkedArray) -> np.ndarray:
     )
     indices = encoded.indices.to_numpy(zero_copy_only=False)
     nulls = encoded.indices.is_null().to_numpy(zero_copy_only=False)
-    values = table[np.where(nulls, 0, indices).astype(np.int64)] if len(table) else indices
+    if len(table):
+        values = table[np.where(nulls, 0, indices).astype(np.int64)]
+    else:  # every value null: no float detour, which would round _NULL_HASH
+        values = np.zeros(len(indices), dtype=np.uint64)
     return np.where(nulls, _NULL_HASH, values).astype(np.uint64)
 
 
@@ -195,20 +234,23 @@ def plan_drop(
     is_first = np.zeros(n, dtype=bool)
     is_first[first] = True
 
-    conflicts = []
-    new = np.zeros(n, dtype=bool)
-    duplicates = 0
-    for row in range(n):  # only cheap checks per row; counts are small
-        if in_corpus[row] and not same_in_corpus[row]:
-            reason = "the corpus holds this encounter_id with different values"
-            conflicts.append(Conflict(row + 2, int(encounter_ids[row]), reason))
-        elif differing_in_drop[row] and not in_corpus[row]:
-            reason = "this encounter_id appears more than once in the file with different values"
-            conflicts.append(Conflict(row + 2, int(encounter_ids[row]), reason))
-        elif in_corpus[row] or not is_first[row]:
-            duplicates += 1
-        else:
-            new[row] = True
+    # every row is exactly one of: a conflict, a duplicate, or new (vectorised: a drop can
+    # have millions of rows)
+    corpus_conflict = in_corpus & ~same_in_corpus
+    drop_conflict = differing_in_drop & ~in_corpus
+    conflicting = corpus_conflict | drop_conflict
+    new = ~conflicting & ~in_corpus & is_first
+    duplicates = int(np.sum(~conflicting & ~new))
+    in_corpus_reason = "the corpus holds this encounter_id with different values"
+    in_drop_reason = "this encounter_id appears more than once in the file with different values"
+    conflicts = [
+        Conflict(
+            int(row) + 2,
+            int(encounter_ids[row]),
+            in_corpus_reason if corpus_conflict[row] else in_drop_reason,
+        )
+        for row in np.flatnonzero(conflicting)
+    ]
     new_rows = np.flatnonzero(new)
     if len(conflicts) > CONFLICT_REJECT_SHARE * n:
         problem = (
@@ -226,12 +268,23 @@ def plan_drop(
 # --------------------------------------------------------------------------- the new version
 
 
+class DropRows(Protocol):
+    """What the new version needs of every row of a drop (readmission.drop_file.ParsedDrop),
+    in file order."""
+
+    encounter_ids: np.ndarray  # int64
+    patient_nbrs: np.ndarray  # int64
+    labels: np.ndarray  # int8, label_codes
+    row_hashes: np.ndarray  # uint64, row_hashes
+
+
 @dataclass(frozen=True)
 class NewVersion:
     """Everything ingest writes for one appended drop: Parquet parts, the index, the manifest."""
 
     version: str
-    parts: list[tuple[str, pa.Table]]  # (key, rows): new batches, new validation, new test
+    # (key, the drop's row numbers in the part's order): new batches, new validation, new test
+    parts: list[tuple[str, np.ndarray]]
     index: pa.Table  # the whole corpus's encounter index (parent's + the new rows)
     manifest: dict[str, Any]
 
@@ -275,35 +328,44 @@ def build_version(
     *,
     parent: Mapping[str, Any] | None,
     parent_index: pa.Table | None,
-    table: pa.Table,
+    rows: DropRows,
     plan: DropPlan,
     source: Mapping[str, Any],
     split_seed: int,
     batch_rows: int,
     algorithms: Sequence[str],
     job_order: Any,
+    linear_sets: int = LINEAR_SETS,
+    growth: float = SET_GROWTH,
 ) -> NewVersion:
-    """The version that appends `plan.new_rows` of `table` to `parent` (None: the first).
+    """The version that appends `plan.new_rows` of the drop (`rows`) to `parent` (None: the
+    first), its cumulative sets on the schedule (`linear_sets`, `growth`; see `set_sizes`).
 
     `job_order(set_rows, algorithms, reused_sets, fitted_algorithms)` orders the version's jobs
     (ingest's cost model). Raises ValueError with the reasons if the resulting corpus cannot
-    be trained.
+    be trained. The parts are named, not built: each is the drop's row numbers it holds, in
+    its order (the caller streams the drop's rows into them).
     """
     version = version_id(
-        parent["version"] if parent else None, str(source["sha256"]), split_seed, batch_rows
+        parent["version"] if parent else None,
+        str(source["sha256"]),
+        split_seed,
+        batch_rows,
+        linear_sets,
+        growth,
     )
-    new = table.take(pa.array(plan.new_rows, pa.int64()))
-    patients = new.column(contract.GROUP_COLUMN).to_numpy(zero_copy_only=False)
-    encounters = new.column("encounter_id").to_numpy(zero_copy_only=False)
+    new_rows = np.asarray(plan.new_rows, dtype=np.int64)
+    patients = rows.patient_nbrs[new_rows]
+    encounters = rows.encounter_ids[new_rows]
     codes = patient_split_codes(patients, split_seed)
-    labels = label_codes(new)
+    labels = rows.labels[new_rows]
     new_index = pa.table(
         {
             "encounter_id": pa.array(encounters, pa.int64()),
             "patient_nbr": pa.array(patients, pa.int64()),
             "split": pa.array(codes, pa.int8()),
             "label": pa.array(labels, pa.int8()),
-            "row_hash": pa.array(row_hashes(new), pa.uint64()),
+            "row_hash": pa.array(rows.row_hashes[new_rows], pa.uint64()),
         }
     )
     index = pa.concat_tables([parent_index or empty_index(), new_index])
@@ -314,32 +376,30 @@ def build_version(
     train = np.flatnonzero(codes == TRAIN)
     train = train[training_order(encounters[train], split_seed)]
     first_batch = len(parent["batches"]) if parent else 0
-    parts: list[tuple[str, pa.Table]] = []
+    parts: list[tuple[str, np.ndarray]] = []
     batches = list(parent["batches"]) if parent else []
     for offset in range(0, len(train), batch_rows):
-        rows = train[offset : offset + batch_rows]
+        batch = train[offset : offset + batch_rows]
         key = keys.batch_key(version, first_batch + offset // batch_rows)
-        parts.append((key, new.take(pa.array(rows, pa.int64()))))
-        batches.append({"index": len(batches), "key": key, "rows": len(rows), "version": version})
+        parts.append((key, new_rows[batch]))
+        batches.append({"index": len(batches), "key": key, "rows": len(batch), "version": version})
     held_out = {}
     for name, code, key in (
         ("validation", VALIDATION, keys.validation_key(version)),
         ("test", TEST, keys.test_key(version)),
     ):
-        rows = np.flatnonzero(codes == code)
+        held = np.flatnonzero(codes == code)
         previous = dict(parent[name]) if parent else {"keys": [], "rows": 0}
-        if len(rows):
-            parts.append((key, new.take(pa.array(rows, pa.int64()))))
-            previous = {"keys": [*previous["keys"], key], "rows": previous["rows"] + len(rows)}
+        if len(held):
+            parts.append((key, new_rows[held]))
+            previous = {"keys": [*previous["keys"], key], "rows": previous["rows"] + len(held)}
         held_out[name] = previous
 
+    previous = [len(c["batch_keys"]) for c in parent["cumulative_sets"]] if parent else []
+    ends = np.cumsum([b["rows"] for b in batches])
     cumulative = [
-        {
-            "index": i,
-            "rows": sum(b["rows"] for b in batches[: i + 1]),
-            "batch_keys": [b["key"] for b in batches[: i + 1]],
-        }
-        for i in range(len(batches))
+        {"index": i, "rows": int(ends[size - 1]), "batch_keys": [b["key"] for b in batches[:size]]}
+        for i, size in enumerate(set_sizes(len(batches), previous, linear_sets, growth))
     ]
     reused_sets = len(parent["cumulative_sets"]) if parent else 0
     all_splits = index["split"].to_numpy()
@@ -359,6 +419,7 @@ def build_version(
         "split_seed": split_seed,
         "split_rule": SPLIT_RULE,
         "batch_rows": batch_rows,
+        "schedule": {"linear_sets": linear_sets, "growth": growth},
         "rows": {
             "total": index.num_rows,
             **{name: int(np.sum(all_splits == c)) for c, name in enumerate(SPLIT_NAMES)},

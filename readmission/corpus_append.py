@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from readmission import contract, corpus, keys
 from readmission.config import Settings
+from readmission.drop_file import ParsedDrop
 from readmission.jobs import job_order, write_jobs
 from readmission.storage import ObjectInfo, ObjectStore, json_bytes
 
@@ -151,28 +154,26 @@ def append_drop(
     settings: Settings,
     info: ObjectInfo,
     sha256: str,
-    table: pa.Table,
+    drop: ParsedDrop,
     timer: Timer,
+    scratch: Path,
 ) -> IngestOutcome:
     """Append the drop's new rows to the corpus as a new version (under the corpus lease).
 
-    DropRejected, before anything is written, if the drop cannot join the corpus."""
+    DropRejected, before anything is written, if the drop cannot join the corpus. The parts
+    are written by streaming the drop's rows through local files under `scratch`
+    (`_write_parts`), so memory holds one part at a time per upload thread, not the drop."""
     datasets = settings.buckets.datasets
     parent, parent_index = _read_head(store, settings)
     appended = _version_with_drop(store, settings, parent, sha256[:16])
     if appended is not None:  # appended before a crash that came before the drop's record
-        return _finish_append(store, settings, info, appended, table, timer)
-    plan = corpus.plan_drop(
-        table.column("encounter_id").to_numpy(zero_copy_only=False),
-        corpus.row_hashes(table),
-        parent_index,
-    )
+        return _finish_append(store, settings, info, appended, drop, timer)
+    plan = corpus.plan_drop(drop.encounter_ids, drop.row_hashes, parent_index)
     timer.lap("deduplicate")
     source = {"bucket": info.bucket, "key": info.key, "size": info.size, "sha256": sha256}
     warnings = []
-    missing = contract.missing_feature_columns(table)
-    if missing:
-        warnings.append(contract.missing_columns_warning(missing))
+    if drop.missing_columns:
+        warnings.append(contract.missing_columns_warning(drop.missing_columns))
     if plan.conflicts and plan.status != corpus.REJECT:
         warnings.append(_conflicts_warning(len(plan.conflicts)))
     if plan.status == corpus.REJECT:
@@ -200,6 +201,12 @@ def append_drop(
     # would move patients between splits, another BATCH_ROWS would cut other batches.
     split_seed = int(parent["split_seed"]) if parent else settings.split_seed
     batch_rows = int(parent["batch_rows"]) if parent else settings.batch_rows
+    # ... and its schedule of cumulative sets (a corpus made before schedules: 15,000-row steps
+    # up to the settings' number of sets, as a new one)
+    schedule = (parent or {}).get("schedule") or {
+        "linear_sets": settings.cumulative_linear_sets,
+        "growth": settings.cumulative_growth,
+    }
     if (split_seed, batch_rows) != (settings.split_seed, settings.batch_rows):
         warnings.append(
             f"the corpus was created with SPLIT_SEED={split_seed} and BATCH_ROWS={batch_rows}; "
@@ -209,20 +216,20 @@ def append_drop(
         version = corpus.build_version(
             parent=parent,
             parent_index=parent_index,
-            table=table,
+            rows=drop,
             plan=plan,
             source=source,
             split_seed=split_seed,
             batch_rows=batch_rows,
             algorithms=settings.algorithms,
             job_order=job_order,
+            linear_sets=int(schedule["linear_sets"]),
+            growth=float(schedule["growth"]),
         )
     except ValueError as error:  # the corpus would not be trainable yet
         raise DropRejected([str(error)]) from error
     timer.lap("split")
-    written = _write_parallel(
-        store, datasets, [(k, lambda t=t: parquet_bytes(t)) for k, t in version.parts]
-    )
+    written = _write_parts(store, datasets, drop, version.parts, scratch)
     index_key = keys.encounters_key(version.version)
     if store.put_if_absent(datasets, index_key, parquet_bytes(version.index), PARQUET_TYPE):
         written.append(f"{datasets}/{index_key}")
@@ -266,7 +273,7 @@ def _finish_append(
     settings: Settings,
     info: ObjectInfo,
     manifest: dict[str, Any],
-    table: pa.Table,
+    drop: ParsedDrop,
     timer: Timer,
 ) -> IngestOutcome:
     """Record a drop whose version is in the corpus already, as the append would have."""
@@ -274,9 +281,8 @@ def _finish_append(
     warnings = []
     # the same bytes as the append parsed (those read, not the key's newer version if any):
     # the same columns are missing
-    missing = contract.missing_feature_columns(table)
-    if missing:
-        warnings.append(contract.missing_columns_warning(missing))
+    if drop.missing_columns:
+        warnings.append(contract.missing_columns_warning(drop.missing_columns))
     added = manifest["added"]
     if added["conflicts"]:
         warnings.append(_conflicts_warning(added["conflicts"]))
@@ -351,19 +357,61 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _write_parallel(
-    store: ObjectStore, bucket: str, items: Iterable[tuple[str, Callable[[], bytes]]]
+def _write_parts(
+    store: ObjectStore,
+    bucket: str,
+    drop: ParsedDrop,
+    parts: Sequence[tuple[str, np.ndarray]],
+    scratch: Path,
 ) -> list[str]:
-    """put_if_absent each (key, make bytes) concurrently; the bytes are built only if needed."""
+    """put_if_absent each part (key, the drop's row numbers in the part's order).
 
-    def write(item: tuple[str, Callable[[], bytes]]) -> str | None:
-        key, make = item
-        if store.exists(bucket, key):
-            return None
-        return f"{bucket}/{key}" if store.put_if_absent(bucket, key, make(), PARQUET_TYPE) else None
+    The parts missing from the store are filled in one pass over the drop's rows: each block's
+    rows go to a local Arrow file per part (with their place in the part); then each part is
+    read back, put in order and written as Parquet, UPLOAD_THREADS at a time. The bytes are
+    those of `parquet_bytes(rows of the whole drop, taken in the part's order)`."""
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        present = list(pool.map(lambda part: store.exists(bucket, part[0]), parts))
+    missing = [part for part, there in zip(parts, present, strict=True) if not there]
+    if not missing:
+        return []
+    destination = np.full(drop.rows, -1, dtype=np.int32)
+    place = np.zeros(drop.rows, dtype=np.int64)
+    for number, (_, rows) in enumerate(missing):
+        destination[rows] = number
+        place[rows] = np.arange(len(rows))
+    files = [scratch / f"part-{number:05d}.arrow" for number in range(len(missing))]
+    writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+    places: dict[int, list[np.ndarray]] = {number: [] for number in range(len(missing))}
+    offset = 0
+    try:
+        for block in drop.blocks():
+            where = destination[offset : offset + block.num_rows]
+            order = np.argsort(where, kind="stable")
+            numbers, starts = np.unique(where[order], return_index=True)
+            for number, chunk in zip(numbers, np.split(order, starts[1:]), strict=True):
+                if number < 0:  # rows no part takes (duplicates, conflicts)
+                    continue
+                if number not in writers:
+                    writers[number] = pa.ipc.new_file(str(files[number]), block.schema)
+                writers[number].write_table(block.take(pa.array(chunk, pa.int64())))
+                places[number].append(place[offset + chunk])
+            offset += block.num_rows
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+    def write(number: int) -> str | None:
+        key = missing[number][0]
+        table = pa.ipc.open_file(pa.memory_map(str(files[number]))).read_all()
+        order = np.argsort(np.concatenate(places[number]), kind="stable")
+        data = parquet_bytes(table.take(pa.array(order, pa.int64())).combine_chunks())
+        del table
+        files[number].unlink()
+        return f"{bucket}/{key}" if store.put_if_absent(bucket, key, data, PARQUET_TYPE) else None
 
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
-        return [name for name in pool.map(write, items) if name]
+        return [name for name in pool.map(write, range(len(missing))) if name]
 
 
 # --------------------------------------------------------------------------- receipts

@@ -5,8 +5,9 @@ the ingest function does for one `io.readmission.raw.created` event (see docs/in
 readmission.corpus decides what a drop adds (deduplication by encounter_id, the stable split, the
 new batches); readmission.corpus_append writes it (the append, its crash recovery, the drop
 record, the receipt) and readmission.jobs the job specs. This module reads the event's object
-version, validates it and routes it: gone, superseded, rejected (the rejection is written
-here), a known drop, or an append under the corpus lease.
+version (streamed to a local copy and validated block by block by readmission.drop_file, so
+memory does not grow with the file) and routes it: gone, superseded, rejected (the rejection is
+written here), a known drop, or an append under the corpus lease.
 
 An event names one object version by its ETag. Ingest reads that version and no other (a GET
 with If-Match): if the key was overwritten before the event was handled, the event's version is
@@ -33,13 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from readmission import contract, corpus, keys, lease
+from readmission import contract, corpus, drop_file, keys, lease
 from readmission.config import Settings
 from readmission.corpus_append import (
     ALREADY_INGESTED,
@@ -134,28 +137,41 @@ def ingest_object(
         return _reject(
             store, settings, info, [problem], _unread_id(info), sha256=None, etag=expected
         )
-    if expected is None:
-        data = store.get_bytes_if_exists(bucket, key)
-    else:
-        try:  # If-Match: overwritten between HEAD and GET is superseded too
-            data = store.get_version(bucket, key, expected)
-        except PreconditionFailed:
-            current = store.head(bucket, key)
-            return _superseded(store, settings, bucket, key, expected, current and current.etag)
-    if data is None:  # deleted between HEAD and GET
+    with tempfile.TemporaryDirectory(prefix="ingest-") as scratch:
+        return _ingest_version(store, settings, info, expected, timer, Path(scratch))
+
+
+def _ingest_version(
+    store: ObjectStore,
+    settings: Settings,
+    info: ObjectInfo,
+    expected: str | None,
+    timer: Timer,
+    scratch: Path,
+) -> IngestOutcome:
+    """`ingest_object` once HEAD found the version: download it to `scratch` (streaming, hashed
+    on the way), check it, and route it. The local copy lives until this returns."""
+    bucket, key = info.bucket, info.key
+    try:  # If-Match: overwritten between HEAD and GET is superseded too
+        body = store.open_version(bucket, key, expected)
+    except PreconditionFailed:
+        current = store.head(bucket, key)
+        return _superseded(store, settings, bucket, key, str(expected), current and current.etag)
+    if body is None:  # deleted between HEAD and GET
         return IngestOutcome(GONE, bucket, key)
-    info = replace(info, size=len(data))  # describe the bytes read, even if replaced since HEAD
+    local = scratch / "drop.csv"
+    size, sha256 = drop_file.download(drop_file.stream_chunks(body), local)
+    info = replace(info, size=size)  # describe the bytes read, even if replaced since HEAD
     timer.lap("download")
-    sha256 = hashlib.sha256(data).hexdigest()
     if not key.lower().endswith(".csv"):
         problem = f"the file name {key!r} does not end in .csv; only CSV files are ingested"
         return _reject(store, settings, info, [problem], sha256[:16], sha256, etag=expected)
-    drop_id = keys.content_id(data)
+    drop_id = sha256[:16]  # keys.content_id of the bytes
     record = store.get_json_if_exists(settings.buckets.datasets, keys.drop_key(drop_id))
     if record is not None:
         return known_drop(store, settings, info, record)
-    try:
-        table = contract.parse_csv_table(data)
+    try:  # the whole file is checked before anything is appended
+        drop = drop_file.read_drop(local, size)
     except contract.ContractViolation as violation:
         return _reject(
             store, settings, info, violation.problems, sha256[:16], sha256, etag=expected
@@ -174,11 +190,15 @@ def ingest_object(
         if record is not None:  # a concurrent delivery of the same bytes appended it
             return known_drop(store, settings, info, record)
         try:
-            return append_drop(store, settings, info, sha256, table, timer)
+            outcome = append_drop(store, settings, info, sha256, drop, timer, scratch)
         except DropRejected as rejected:  # nothing was appended: reject it under the lease
             return _reject(
                 store, settings, info, rejected.problems, sha256[:16], sha256, etag=expected
             )
+    # After the append, outside the lease: `drop` still streams the file's rows
+    # (`drop.blocks()`, file order) and `drop.rows` counts them; a consumer of the accepted
+    # rows at scale reads a sample of the blocks, not the whole drop into memory.
+    return outcome
 
 
 def _superseded(

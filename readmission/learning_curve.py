@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import math
 import sys
 from collections.abc import Iterable, Mapping
@@ -230,8 +231,18 @@ def warm_up_png() -> None:
     figure.savefig(io.BytesIO(), format="png")
 
 
+def geometric(curve: LearningCurve) -> bool:
+    """Whether the curve's sizes grow geometrically (readmission.corpus.set_sizes beyond its
+    single-batch steps): a step between sizes, the last (a partial batch) aside, at least
+    twice another."""
+    rows = sorted({size for _, size in curve.sizes})
+    steps = [b - a for a, b in itertools.pairwise(rows)][:-1]
+    return len(steps) >= 2 and max(steps) >= 2 * min(steps)
+
+
 def to_png(curve: LearningCurve) -> bytes:
-    """Validation F1 (left) and ROC-AUC (right) against training rows, one line per algorithm."""
+    """Validation F1 (left) and ROC-AUC (right) against training rows, one line per algorithm;
+    rows on a log axis when the sizes grow geometrically (`geometric`)."""
     figure = _figure(figsize=(11, 4.5), dpi=110, layout="constrained")
     axes = figure.subplots(1, 2)
     for ax, metric in zip(axes, (F1, AUC), strict=True):
@@ -239,7 +250,9 @@ def to_png(curve: LearningCurve) -> bytes:
             own = [p for p in curve.points if p.algorithm == algorithm]
             ys = [p.f1 if metric == F1 else p.auc for p in own]
             ax.plot([p.training_rows for p in own], ys, marker="o", label=algorithm)
-        ax.set_xlabel("training rows")
+        if geometric(curve):
+            ax.set_xscale("log")
+        ax.set_xlabel("training rows (log scale)" if geometric(curve) else "training rows")
         ax.set_ylabel(METRIC_LABELS[metric])
         ax.grid(True, alpha=0.3)
     axes[0].legend(loc="best", fontsize="small")

@@ -46,7 +46,7 @@ class Lease:
 
     def renew(self, ttl_seconds: float) -> bool:
         """Push the expiry `ttl_seconds` ahead; False if the lease is no longer ours."""
-        etag = _put(
+        etag = conditional_put(
             self.store,
             self.bucket,
             self.key,
@@ -78,7 +78,7 @@ class Lease:
         self._stop.set()
         if self._keeper is not None:
             self._keeper.join()
-        current = _read(self.store, self.bucket, self.key)
+        current = read_json_with_etag(self.store, self.bucket, self.key)
         if current is not None and current[0].get("owner") == self.owner:
             self.store.delete(self.bucket, self.key)
 
@@ -95,7 +95,10 @@ def _is_conflict(error: ClientError) -> bool:
     return code in _CONFLICT or status in _CONFLICT
 
 
-def _read(store: ObjectStore, bucket: str, key: str) -> tuple[dict[str, Any], str] | None:
+def read_json_with_etag(
+    store: ObjectStore, bucket: str, key: str
+) -> tuple[dict[str, Any], str] | None:
+    """A JSON object ({} if it is not JSON) and its ETag, or None if there is none."""
     try:
         response = store.client.get_object(Bucket=bucket, Key=key)
     except ClientError as error:
@@ -109,7 +112,9 @@ def _read(store: ObjectStore, bucket: str, key: str) -> tuple[dict[str, Any], st
     return document, response["ETag"]
 
 
-def _put(store: ObjectStore, bucket: str, key: str, body: bytes, **condition: str) -> str | None:
+def conditional_put(
+    store: ObjectStore, bucket: str, key: str, body: bytes, **condition: str
+) -> str | None:
     """Conditional PUT: the new ETag, or None when the condition failed."""
     try:
         response = store.client.put_object(
@@ -134,12 +139,12 @@ def try_acquire(
     """Take the lease now, or None if someone else holds an unexpired one."""
     owner = uuid.uuid4().hex
     body = _body(owner, ttl_seconds, purpose)
-    etag = _put(store, bucket, key, body, IfNoneMatch="*")
+    etag = conditional_put(store, bucket, key, body, IfNoneMatch="*")
     if etag is not None:
         return Lease(store, bucket, key, owner, etag, purpose)
-    current = _read(store, bucket, key)
+    current = read_json_with_etag(store, bucket, key)
     if current is None:  # released between our PUT and GET: try once more
-        etag = _put(store, bucket, key, body, IfNoneMatch="*")
+        etag = conditional_put(store, bucket, key, body, IfNoneMatch="*")
         return None if etag is None else Lease(store, bucket, key, owner, etag, purpose)
     document, current_etag = current
     expires_at = document.get("expires_at")
@@ -148,7 +153,7 @@ def try_acquire(
     log.warning(
         "lease s3://%s/%s expired (holder %s): taking it over", bucket, key, document.get("owner")
     )
-    etag = _put(store, bucket, key, body, IfMatch=current_etag)
+    etag = conditional_put(store, bucket, key, body, IfMatch=current_etag)
     return None if etag is None else Lease(store, bucket, key, owner, etag, purpose)
 
 

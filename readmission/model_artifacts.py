@@ -57,11 +57,15 @@ def build_metadata(
     onnx_sha256: str,
     test_metrics: Mapping[str, Any],
     quality_report: Mapping[str, Any],
+    explain_baseline: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The document design.md fixes for models/<id>/metadata.json and champion/metadata.json;
-    `quality` is the compact summary of `quality_report` and the keys of its files."""
+    `quality` is the compact summary of `quality_report` and the keys of its files;
+    `explain_baseline` the reference row of the explanations (readmission.serving.explain)."""
     outputs = _plain(exported.outputs)
+    extra = {} if explain_baseline is None else {"explain_baseline": dict(explain_baseline)}
     return {
+        **extra,
         "model_name": settings.registered_model,
         "version": str(version.version),
         "run_id": best["run_id"],
@@ -92,6 +96,25 @@ def build_metadata(
             "reliability": keys.reliability_key(dataset_id),
         },
     }
+
+
+def explain_baseline(frame: Any) -> dict[str, Any]:
+    """The reference row of the explanations, from a model frame (features.to_model_frame):
+    the median of each numeric input (NaN ignored; null if it has no value) and the most
+    frequent category of each categorical one (ties: the first in sorted order; the missing
+    marker counts as a category). Deterministic for the same rows."""
+    baseline: dict[str, Any] = {}
+    for column in frame.columns:
+        values = frame[column]
+        if values.dtype.kind == "f":
+            finite = values.to_numpy(dtype=np.float64)
+            finite = finite[~np.isnan(finite)]
+            baseline[column] = float(np.median(finite)) if len(finite) else None
+        else:
+            counts = values.astype(str).value_counts()
+            top = counts[counts == counts.max()].index
+            baseline[column] = sorted(top)[0] if len(top) else None
+    return baseline
 
 
 def write_if_changed(

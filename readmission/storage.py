@@ -121,6 +121,22 @@ class ObjectStore:
             raise
         return response["Body"].read()
 
+    def open_version(self, bucket: str, key: str, etag: str | None = None) -> Any | None:
+        """A stream of the object's bytes (botocore StreamingBody: `iter_chunks`, `close`),
+        without reading them: with `etag`, only if it is still that version (If-Match; a
+        multipart upload's ETag `<md5>-<parts>` works alike). None if there is no object,
+        PreconditionFailed if another version replaced it."""
+        extra = {} if etag is None else {"IfMatch": _quoted(etag)}
+        try:
+            response = self.client.get_object(Bucket=bucket, Key=key, **extra)
+        except ClientError as error:
+            if _is_not_found(error):
+                return None
+            if _is_precondition_failed(error):
+                raise PreconditionFailed(f"s3://{bucket}/{key} is no longer {etag}") from error
+            raise
+        return response["Body"]
+
     def get_json(self, bucket: str, key: str) -> Any:
         return json.loads(self.get_bytes(bucket, key))
 

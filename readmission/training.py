@@ -380,6 +380,16 @@ def rescore(
     return metrics, time.perf_counter() - started
 
 
+def checked_job(
+    store: ObjectStore, settings: Settings, job_spec: Mapping[str, Any], *, key: str | None = None
+) -> JobSpec:
+    """The job of a spec that is one of the manifest it names (InvalidJobSpec otherwise)."""
+    job = JobSpec.parse(job_spec, settings.buckets.datasets)
+    manifest = read_manifest(store, settings, job.dataset_id)
+    check_against_manifest(job, job_spec, manifest, settings, key)
+    return job
+
+
 def train_job(
     store: ObjectStore,
     settings: Settings,
@@ -395,9 +405,7 @@ def train_job(
     names, before any work; anything else that fails (object store, MLflow) raises as it is,
     so the event is retried.
     """
-    job = JobSpec.parse(job_spec, settings.buckets.datasets)
-    manifest = read_manifest(store, settings, job.dataset_id)
-    check_against_manifest(job, job_spec, manifest, settings, key)
+    job = checked_job(store, settings, job_spec, key=key)
     results_bucket = settings.buckets.results
     existing = store.get_json_if_exists(results_bucket, job.result_key)
     if existing is not None:

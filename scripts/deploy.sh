@@ -131,7 +131,7 @@ rerun_job() {
 }
 
 for crd in services.serving.knative.dev brokers.eventing.knative.dev triggers.eventing.knative.dev \
-  sinkbindings.sources.knative.dev; do
+  sinkbindings.sources.knative.dev jobsinks.sinks.knative.dev; do
   k get crd "$crd" >/dev/null 2>&1 || die "CRD $crd not found: install Knative Serving and Eventing first"
 done
 

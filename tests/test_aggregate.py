@@ -331,6 +331,7 @@ def test_aggregates_all_results_into_one_champion(
     assert metadata["classes"] == sorted(["<30", ">30", "NO"])
     assert len(metadata["inputs"]) == 47
     assert metadata["outputs"] == {"label": "label", "probabilities": "probabilities"}
+    assert set(metadata["explain_baseline"]) == {i["column"] for i in metadata["inputs"]}
     assert metadata["registered_at"].endswith("Z")
     assert set(metadata["metrics"]["test"]) == {
         "accuracy",

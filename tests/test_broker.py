@@ -18,7 +18,7 @@ from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 from support.http_stub import Subscriber
 
-from events.broker import BrokerConfig, BrokerServer, serve
+from events.broker import BrokerConfig, BrokerServer, parse_timeout_caps, serve
 from events.delivery import decode_header_value, encode_header_value, post_binary
 
 MANIFESTS = """
@@ -319,6 +319,39 @@ def test_connection_errors_and_timeouts_are_retried(setup: Setup) -> None:
     setup.wait_idle(dead_lettered=1)
     assert sink.ids() == ["e2"] and sink.received[0].headers["ce-knativeerrordest"] == url
     assert "ce-knativeerrorcode" not in sink.received[0].headers
+
+
+def test_a_timeout_cap_cuts_the_deliveries_to_one_service_only(tmp_path: Path) -> None:
+    assert parse_timeout_caps(" next=0.2, step=30 ") == {"next": 0.2, "step": 30.0}
+    with pytest.raises(ValueError, match="service=seconds"):
+        parse_timeout_caps("next")
+    manifests = tmp_path / "knative"
+    manifests.mkdir()
+    (manifests / "all.yaml").write_text(MANIFESTS)
+    config = BrokerConfig(
+        port=0,
+        manifests=manifests,
+        services_file=tmp_path / "services.json",
+        dead_letter_file=tmp_path / "dead-letters.jsonl",
+        timeout_caps={"next": 0.3},
+    )
+    server = serve(config)
+    setup = Setup(server, config.services_file, config.dead_letter_file, {}, manifests)
+    try:
+        # 1 s answers: far within the pool Trigger's timeout (none: 600 s), beyond next's cap
+        uncapped = setup.subscriber("pool", (204, {}, b"", 1.0))
+        capped = setup.subscriber("next", (204, {}, b"", 1.0))
+        setup.route(pool=[uncapped], next=[capped])
+        post(setup.broker.url, event("test.pool", "p1"))
+        post(setup.broker.url, event("test.next", "n1"))
+        totals = setup.wait_idle(delivered=2)
+        assert len(uncapped.received) == 1
+        assert len(capped.received) >= 2 and totals["retries"] >= 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        for subscriber in setup.subscribers.values():
+            subscriber.stop()
 
 
 def test_unreachable_dead_letter_sink_appends_to_a_file(setup: Setup) -> None:

@@ -60,6 +60,36 @@ def test_row_hashes_see_content_not_layout() -> None:
     assert corpus.row_hashes(table_of(changed))[0] != hashes[0]
 
 
+def test_the_schedule_keeps_single_batch_steps_for_the_real_file_then_doubles() -> None:
+    assert corpus.set_sizes(5, [], 6, 2.0) == [1, 2, 3, 4, 5]  # the real file: 5 sets
+    assert corpus.set_sizes(48, [], 6, 2.0) == [1, 2, 3, 4, 5, 6, 12, 24, 48]
+    assert corpus.set_sizes(50, [], 6, 2.0) == [1, 2, 3, 4, 5, 6, 12, 24, 48, 50]
+    assert corpus.set_sizes(50, [], 100, 2.0) == list(range(1, 51))  # linear throughout
+
+
+def test_a_later_version_keeps_its_parents_sets_and_continues_the_schedule() -> None:
+    parent = corpus.set_sizes(5, [], 6, 2.0)
+    child = corpus.set_sizes(30, parent, 6, 2.0)
+    assert child[: len(parent)] == parent and child == [1, 2, 3, 4, 5, 6, 12, 24, 30]
+    assert corpus.set_sizes(5, parent, 6, 2.0) == parent  # no new batch: no new set
+
+
+def test_ten_times_the_batches_fits_at_most_twelve_times_the_rows() -> None:
+    for batches in (5, 8, 12):
+        work = sum(corpus.set_sizes(batches, [], 6, 2.0))
+        assert sum(corpus.set_sizes(10 * batches, [], 6, 2.0)) <= 12 * work
+    # the linear schedule's work grows with the square of the data
+    assert sum(corpus.set_sizes(50, [], 100, 2.0)) > 80 * sum(corpus.set_sizes(5, [], 100, 2.0))
+
+
+def test_a_row_hashes_the_same_whether_or_not_its_file_has_a_column_without_values() -> None:
+    header, rows = lines_of(real_csv_bytes())
+    alone = table_of(csv_of(header, rows[:50]))  # no payer_code on any of these rows
+    assert "payer_code" in contract.missing_feature_columns(alone)
+    among_others = table_of(csv_of(header, rows[:50] + rows[-50:]))
+    assert np.array_equal(corpus.row_hashes(alone), corpus.row_hashes(among_others)[:50])
+
+
 def test_a_drop_is_split_into_new_rows_duplicates_and_conflicts() -> None:
     header, rows = lines_of(sample_csv(every=200))
     first = table_of(csv_of(header, rows[:300]))

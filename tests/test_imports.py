@@ -124,3 +124,23 @@ def test_the_glue_stands_below_the_serving_core() -> None:
         for path in _python_files("readmission/glue")
     }
     assert {path: names for path, names in upward.items() if names} == {}
+
+
+def test_the_batch_scorer_imports_no_training_library() -> None:
+    """The score image is the serving image plus pyarrow: scoring a file must never import
+    scikit-learn, pandas, mlflow or skl2onnx (readmission/batch_scoring.py, functions/score)."""
+    probe = (
+        "import sys, readmission.batch_scoring as b, readmission.serving.explain\n"
+        "banned = ('sklearn', 'pandas', 'mlflow', 'skl2onnx', 'matplotlib')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in banned))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

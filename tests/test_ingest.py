@@ -20,7 +20,7 @@ from support.python_snippet import run_python
 from support.seaweed_server import SeaweedServer, real_csv_bytes, sample_csv, seaweed_s3
 
 from events.delivery import encode_attribute_headers
-from readmission import contract, corpus, ingest, jobs, keys
+from readmission import contract, corpus, drop_file, ingest, jobs, keys
 from readmission.config import Buckets, Settings
 from readmission.corpus_append import parquet_bytes
 from readmission.storage import ObjectStore, PreconditionFailed
@@ -419,6 +419,49 @@ def test_too_large_upload_is_rejected_without_reading_it(store: RecordingStore) 
     assert store.list_keys(settings.buckets.raw) == []
 
 
+def _multipart_upload(store: ObjectStore, settings: Settings, key: str, data: bytes) -> str:
+    """Upload `data` in 5 MiB parts (as clients send large files); the object's ETag."""
+    from boto3.s3.transfer import TransferConfig
+
+    parts = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
+    store.client.upload_fileobj(io.BytesIO(data), settings.buckets.raw, key, Config=parts)
+    etag = store.head(settings.buckets.raw, key).etag
+    assert "-" in etag  # a multipart ETag: <md5 of the parts' md5s>-<parts>
+    return etag
+
+
+def test_a_multipart_upload_is_read_by_its_etag_and_named_by_its_content(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(drop_file, "BLOCK_BYTES", 1 << 20)
+    settings = fresh_settings(store, batch_rows=10_000)
+    data = sample_csv(every=2)
+    etag = _multipart_upload(store, settings, "big.csv", data)
+    outcome = ingest.ingest_object(store, settings, settings.buckets.raw, "big.csv", etag=etag)
+    assert outcome.status == ingest.INGESTED, outcome.summary()
+    assert outcome.dataset_id == first_version(settings, data)
+    record = store.get_json(settings.buckets.datasets, keys.drop_key(keys.content_id(data)))
+    assert record["source"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert record["rows"]["new"] == len(data.split(b"\r\n")) - 2
+
+
+def test_a_file_too_large_to_read_whole_that_breaks_the_contract_on_its_last_line_appends_nothing(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(drop_file, "BLOCK_BYTES", 1 << 20)
+    monkeypatch.setattr(drop_file, "DETAILED_PARSE_MAX_BYTES", 0)  # only the streaming pass
+    settings = fresh_settings(store)
+    data = sample_csv(every=2)
+    data = data[: data.rstrip(b"\r\n").rindex(b",") + 1] + b"YES\r\n"
+    etag = _multipart_upload(store, settings, "late.csv", data)
+    outcome = ingest.ingest_object(store, settings, settings.buckets.raw, "late.csv", etag=etag)
+    assert outcome.status == ingest.REJECTED
+    assert outcome.problems[0].startswith("target readmitted is not one of NO, >30, <30")
+    copy_key, report_key = _report_key(data, "late.csv")
+    rejected = settings.buckets.rejected
+    assert set(snapshot(store, settings)) == {f"{rejected}/{copy_key}", f"{rejected}/{report_key}"}
+
+
 @pytest.mark.parametrize("crash_at", [1, 2], ids=["after-copy", "after-report"])
 def test_crash_while_rejecting_loses_nothing_and_the_redelivery_finishes(
     store: ObjectStore, seaweed_s3: SeaweedServer, crash_at: int
@@ -539,9 +582,9 @@ class OverwritingStore(RecordingStore):
             self.overwrite = None
             ObjectStore.put_bytes(self, bucket, key, data, "text/csv")
 
-    def get_version(self, bucket: str, key: str, etag: str) -> bytes | None:
+    def open_version(self, bucket: str, key: str, etag: str | None = None) -> Any | None:
         self._maybe_overwrite("get", bucket)
-        return super().get_version(bucket, key, etag)
+        return super().open_version(bucket, key, etag)
 
     def copy(
         self,

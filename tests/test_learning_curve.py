@@ -133,3 +133,16 @@ def test_png_is_a_deterministic_image() -> None:
     assert first.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(first) > 10_000
     assert first == second
+
+
+def test_rows_are_on_a_log_axis_only_when_the_sizes_grow_geometrically() -> None:
+    from dataclasses import replace
+
+    from readmission.learning_curve import geometric
+
+    linear = build_learning_curve("d" * 16, results())
+    assert not geometric(linear)
+    doubling = replace(linear, sizes=((0, 1000), (1, 2000), (2, 4000), (3, 8000), (4, 9000)))
+    assert geometric(doubling)
+    assert not geometric(replace(linear, sizes=((0, 1000), (1, 2000), (2, 3000), (3, 3500))))
+    assert to_png(doubling) != to_png(linear)

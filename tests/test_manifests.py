@@ -294,6 +294,30 @@ def test_detects_unknown_field_in_knative_pod_template(broken) -> None:
     assert "envForm" in _problems("kubernetes-schemas")
 
 
+def test_detects_a_jobsink_deadline_other_than_the_handoff_setting(broken) -> None:
+    broken(
+        "infra/knative/jobsink.yaml",
+        _replace("activeDeadlineSeconds: 21600", "activeDeadlineSeconds: 3600"),
+    )
+    assert "activeDeadlineSeconds 3600 is not the ConfigMap's TRAIN_JOB_DEADLINE_SECONDS 21600" in (
+        _problems("config-refs")
+    )
+
+
+def test_detects_a_handoff_url_naming_no_jobsink(broken) -> None:
+    broken(
+        "infra/knative/configmap.yaml",
+        _replace("/readmission/train-long", "/readmission/train-longer"),
+    )
+    assert "names no JobSink readmission/train-longer" in _problems("config-refs")
+
+
+def test_detects_unknown_field_in_the_jobsink_job(broken) -> None:
+    _require("kubernetes-schemas")
+    broken("infra/knative/jobsink.yaml", _replace("backoffLimit: 3", "backofLimit: 3"))
+    assert "backofLimit" in _problems("kubernetes-schemas")
+
+
 @pytest.mark.skipif(NO_NODE, reason="node is not installed")
 def test_detects_knative_schema_violation(broken) -> None:
     broken(
@@ -449,7 +473,7 @@ def test_deploy_dry_run_without_cluster_renders(tmp_path: Path) -> None:
     assert "nothing applied" in result.stdout
     services = (out / "knative" / "services.yaml").read_text()
     images = re.findall(r"image: (\S+)", services)
-    assert len(images) == 6
+    assert len(images) == 8  # one per function Service
     assert all(re.fullmatch(r"ghcr\.io/acme/readmission/[a-z-]+:1\.2\.3", i) for i in images)
     assert "image: registry.example.com" not in "".join(p.read_text() for p in out.rglob("*.yaml"))
     assert (

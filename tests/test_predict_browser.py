@@ -316,6 +316,21 @@ def test_form_predicts_and_shows_bars_and_model_card(page_server: str, browser: 
     for name, fill, track in bars:
         assert track > 50
         assert abs(fill / track - expected["probabilities"][name]) < 0.02
+    # the explanation: the top factors of /predict?explain=true, in its order
+    factors = browser.evaluate(
+        "[...document.querySelectorAll('#result-factors li')].map(li => li.dataset.feature)"
+    )
+    explained = json.loads(
+        urllib.request.urlopen(
+            urllib.request.Request(
+                page_server + "/predict?explain=true",
+                data=json.dumps({"features": browser.evaluate("readForm(modelInfo)")}).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=10,
+        ).read()
+    )
+    assert factors == [f["feature"] for f in explained["explanation"]["top_factors"]]
     # the model card
     card = browser.evaluate("document.getElementById('card-facts').textContent")
     assert "decision_tree" in card and "Version1" in card.replace(" ", "")

@@ -103,6 +103,25 @@ def test_predict_one_patient(server: str) -> None:
     )
 
 
+def test_explain_false_answers_byte_for_byte_as_without_and_true_adds_the_factors(
+    server: str,
+) -> None:
+    body = {"features": EXAMPLE_PATIENT}
+    plain = http(server + "/predict", body)
+    assert plain[0] == 200
+    assert http(server + "/predict?explain=false", body)[2] == plain[2]
+    status, _, explained = http(server + "/predict?explain=true", body)
+    assert status == 200
+    answer = json.loads(explained)
+    explanation = answer.pop("explanation")
+    assert answer == json.loads(plain[2])
+    assert explanation["method"] == "occlusion" and len(explanation["top_factors"]) == 5
+    label = answer["readmission_prediction"]
+    assert all(set(f["contribution"]) == {"<30", label} for f in explanation["top_factors"])
+    status, _, error = http(server + "/predict?explain=maybe", body)
+    assert status == 400 and json.loads(error)["field"] == "explain"
+
+
 def test_batch_in_both_forms_matches_single_predictions(server: str) -> None:
     rows = patient_rows(10)
     wrapped = _json(http(server + "/predict/batch", {"instances": rows}))
@@ -215,6 +234,21 @@ def test_kserve_v2_protocol(server: str) -> None:
         )
     )
     assert [o["name"] for o in only["outputs"]] == ["label"]
+
+
+def test_v2_sends_the_explanation_output_only_when_asked_for_it(server: str) -> None:
+    meta = _json(http(server + f"/v2/models/{MODEL}"))
+    rows = patient_rows(3)
+    url = server + f"/v2/models/{MODEL}/infer"
+    outputs = [{"name": "label"}, {"name": "explanation"}]
+    answer = _json(http(url, {"inputs": _v2_inputs(rows, meta), "outputs": outputs}))
+    found = {o["name"]: o for o in answer["outputs"]}
+    assert list(found) == ["label", "explanation"] and found["explanation"]["shape"] == [3]
+    for row, text in zip(rows, found["explanation"]["data"], strict=True):
+        single = _json(http(server + "/predict?explain=true", {"features": row}))
+        assert json.loads(text) == single["explanation"]["top_factors"]
+    plain = _json(http(url, {"inputs": _v2_inputs(rows, meta)}))
+    assert [o["name"] for o in plain["outputs"]] == ["label", "probabilities"]
 
 
 # ---- bad input: always 4xx with a JSON error naming the field -------------------------------

@@ -501,6 +501,8 @@ EVENT_TYPES = {
     "train": "io.readmission.job.created",
     "aggregate": "io.readmission.result.created",
     "dead-letter": "io.readmission.raw.created",
+    "score": "io.readmission.scoring.created",
+    "outcomes": "io.readmission.outcomes.created",
 }
 
 
@@ -522,6 +524,8 @@ def test_adapter_and_broker_refuse_oversized_bodies(stack: Any) -> None:
         "aggregate",
         "dead-letter",
         "ingest",
+        "score",
+        "outcomes",
         "train",
     ],
 )

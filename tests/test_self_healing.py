@@ -111,9 +111,7 @@ def test_every_kind_of_process_killed_mid_pipeline_is_restarted_and_nothing_is_l
             assert back, f"{name} not restarted\n--- watchdog\n{stack.log('watchdog', 30)}"
 
         wait_version_done(stack, version, TIMEOUT)
-        manifest = stack.store.get_json(
-            stack.settings.buckets.datasets, keys.manifest_key(version)
-        )
+        manifest = stack.store.get_json(stack.settings.buckets.datasets, keys.manifest_key(version))
         for job in manifest["jobs"]:
             assert stack.store.exists(stack.settings.buckets.results, job), job
         client = MlflowClient(stack.mlflow_uri)

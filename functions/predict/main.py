@@ -28,10 +28,17 @@ from readmission.serving.assets import ModelAssets
 from readmission.serving.decisions import GateDocuments
 from readmission.serving.errors import InputError, ModelNotReady
 from readmission.serving.examples import example_for
+from readmission.serving.explain import (
+    explain_requested,
+    explanation_output,
+    with_explanation,
+)
 from readmission.serving.forking import register_fork_hooks
 from readmission.serving.inputs import check_batch_size
 from readmission.serving.model import LoadedModel
 from readmission.serving.openapi import build_openapi
+from readmission.serving.prediction_log import log_from_settings, request_id
+from readmission.serving.realized import RealizedGauges
 from readmission.serving.request_json import read_json
 from readmission.serving.routes import Router
 from readmission.serving.server import ModelServer
@@ -48,9 +55,15 @@ SERVER.on_swap.append(metrics.record_model)
 GATE = GateDocuments.for_source(SERVER.source)  # challenger, last decision: informational
 SERVER.on_poll.append(GATE.refresh)  # read by the poll thread, never on a request
 ASSETS = ModelAssets(SERVER.source)
+REALIZED = RealizedGauges(SERVER.source)  # the outcomes function's latest realized metrics
+SERVER.on_poll.append(REALIZED.refresh)
+metrics.register_collector(REALIZED)
 
 STATIC = load_static(Path(__file__).resolve().parent / "static")
 HEAP_TRIM = heap.IdleHeapTrim()  # freed heap pages go back once a worker is quiet for 0.2 s
+# Every answered prediction, batched to the predictions-log bucket by a thread of each worker.
+PREDICTION_LOG = log_from_settings(SETTINGS, after_write=HEAP_TRIM.large_request_done)
+REQUEST_ID_HEADER = "X-Request-Id"  # carried by the request, or made here; always answered
 
 if SETTINGS.load_mode == "eager":
     SERVER.try_load()  # before gunicorn binds: fetched and checked; each worker builds its session
@@ -77,6 +90,7 @@ def _predict_one(request: flask.Request, params: dict[str, str]) -> flask.Respon
             "features",
             kind="invalid_body",
         )
+    explain = explain_requested(request.args.get("explain"))  # 400 unless true/false/absent
     model = SERVER.require_model()
     try:
         label, probabilities, warnings = model.predict_one(features)
@@ -91,7 +105,18 @@ def _predict_one(request: flask.Request, params: dict[str, str]) -> flask.Respon
     }
     if warnings:
         result["warnings"] = warnings
-    return json_response(result)
+    if explain:
+        result = with_explanation(result, model, features)
+    rid = request_id(request.headers.get(REQUEST_ID_HEADER))
+    PREDICTION_LOG.record(
+        rid, model.version, model.classes, "predict", (features,), (label,), (probabilities,)
+    )
+    return _with_request_id(json_response(result), rid)
+
+
+def _with_request_id(response: flask.Response, rid: str) -> flask.Response:
+    response.headers[REQUEST_ID_HEADER] = rid
+    return response
 
 
 def _predict_batch(request: flask.Request, params: dict[str, str]) -> flask.Response:
@@ -115,7 +140,10 @@ def _predict_batch(request: flask.Request, params: dict[str, str]) -> flask.Resp
     for row, warn in zip(rows, warnings, strict=True):
         if warn:
             row["warnings"] = warn
-    return json_response({"predictions": rows, "model_version": model.version, "count": len(rows)})
+    rid = request_id(request.headers.get(REQUEST_ID_HEADER))
+    PREDICTION_LOG.record(rid, model.version, classes, "batch", instances, labels, probabilities)
+    answer = {"predictions": rows, "model_version": model.version, "count": len(rows)}
+    return _with_request_id(json_response(answer), rid)
 
 
 def _v2_infer(request: flask.Request, params: dict[str, str]) -> flask.Response:
@@ -124,9 +152,17 @@ def _v2_infer(request: flask.Request, params: dict[str, str]) -> flask.Response:
     rows, requested = v2.request_rows(model, body)
     check_batch_size(len(rows), SETTINGS.batch_limit, "inputs")
     predictions = model.predict(rows)
-    metrics.count_predictions([p.label for p in predictions])
-    request_id = body.get("id") if isinstance(body.get("id"), str) else None
-    return json_response(v2.response(model, predictions, request_id, requested))
+    labels = [p.label for p in predictions]
+    metrics.count_predictions(labels)
+    carried = body.get("id") if isinstance(body.get("id"), str) else None
+    rid = request_id(carried or request.headers.get(REQUEST_ID_HEADER))
+    if PREDICTION_LOG.enabled:
+        probabilities = [[p.probabilities[c] for c in model.classes] for p in predictions]
+        PREDICTION_LOG.record(rid, model.version, model.classes, "v2", rows, labels, probabilities)
+    answer = v2.response(model, predictions, carried, requested)
+    if requested and v2.EXPLANATION_OUTPUT in requested:  # only when asked for by name
+        answer["outputs"].append(explanation_output(model, rows, v2.EXPLANATION_OUTPUT))
+    return _with_request_id(json_response(answer), rid)
 
 
 # ---- everything else ------------------------------------------------------------------------

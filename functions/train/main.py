@@ -8,6 +8,11 @@ is a MalformedEvent (400: not retried, sent to the dead-letter sink once, and th
 not re-emit a job whose dead letter records a 400), and so is a reused fit whose model files are
 not the ones its run logged (`readmission.model_files.ModelFilesMismatch`: a retry downloads the
 same files); object-store or MLflow failures raise (500) so the broker retries.
+
+A fit estimated longer than the request allows (`readmission.fit_handoff`: TRAIN_JOBSINK_URL,
+TRAIN_REQUEST_SECONDS) is checked the same way, then handed to the JobSink, which runs it as a
+Kubernetes Job (functions/train/job.py); the request answers once the JobSink accepted it
+(202), and a JobSink that refuses raises (500: retried). Redeliveries land on the same Job.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any  # noqa: E402
 
 import functions_framework  # noqa: E402
 
-from readmission import keys, tracking  # noqa: E402
+from readmission import fit_handoff, keys, tracking  # noqa: E402
 from readmission.config import Settings  # noqa: E402
 from readmission.glue import slow_clients  # noqa: E402
 from readmission.glue.event_handler import (  # noqa: E402
@@ -38,7 +43,7 @@ from readmission.ingest import unreadable_key_problem  # noqa: E402
 from readmission.job_spec import InvalidJobSpec, JobSpec  # noqa: E402
 from readmission.model_files import ModelFilesMismatch  # noqa: E402
 from readmission.storage import ObjectStore  # noqa: E402
-from readmission.training import train_job  # noqa: E402
+from readmission.training import checked_job, train_job  # noqa: E402
 
 slow_clients.install()  # header and body read timeouts: docs/reliability.md
 
@@ -84,6 +89,26 @@ def train(event: Any) -> None:
     if problem is not None:  # a GET of it would fail the same way forever
         raise MalformedEvent(f"s3://{ref.bucket}: {problem}: it can never be read")
     job, document = read_job_spec(store, settings, ref.bucket, ref.key)
+    handoff = fit_handoff.HandoffSettings.from_env()
+    if fit_handoff.runs_as_job(job, handoff):
+        try:
+            checked_job(store, settings, document, key=ref.key)
+        except InvalidJobSpec as error:
+            raise MalformedEvent(f"s3://{ref.bucket}/{ref.key}: {error}") from error
+        if store.exists(settings.buckets.results, job.result_key):
+            log.info("event %s: job %s has its result, nothing to do", event["id"], job.key)
+            return
+        forwarded = fit_handoff.hand_off(
+            store, handoff, ref.bucket, ref.key, event.get_attributes(), event.get_data()
+        )
+        log.info(
+            "event %s: job %s (~%.0fs of fit) handed to the JobSink as event %s",
+            event["id"],
+            job.key,
+            fit_handoff.estimated_fit_seconds(job),
+            forwarded,
+        )
+        return
     try:
         result = train_job(store, settings, document, key=ref.key)
     except (InvalidJobSpec, ModelFilesMismatch) as error:

@@ -172,7 +172,7 @@ def assign_ports(config: StackConfig) -> dict[str, int]:
     functions = config.process_names()
     if config.free_ports:
         names = [f"{n}{s}" for n in seaweed.SEAWEED_PORTS for s in ("", ".grpc")]
-        names += ["mlflow", "broker", *functions]
+        names += ["mlflow", "broker", "jobsink", *functions]
         return dict(zip(names, processes.free_ports(len(names)), strict=True))
     ports = {
         "s3": _env_int("S3_PORT", 8333),
@@ -183,6 +183,7 @@ def assign_ports(config: StackConfig) -> dict[str, int]:
     ports.update({f"{name}.grpc": port + 10000 for name, port in list(ports.items())})
     ports["mlflow"] = _env_int("MLFLOW_PORT", 5000)
     ports["broker"] = _env_int("BROKER_PORT", 8100)
+    ports["jobsink"] = _env_int("JOBSINK_PORT", 8099)
     base = _env_int("FUNCTIONS_PORT", 8101)
     others = sorted(n for n in functions if n not in _FUNCTION_PORT_OFFSET and "train-" not in n)
     for name in functions:
@@ -260,6 +261,7 @@ def client_env(
         "AWS_EC2_METADATA_DISABLED": "true",
         "MLFLOW_TRACKING_URI": f"http://{HOST}:{ports['mlflow']}",
         "BROKER_URL": f"http://{HOST}:{ports['broker']}",
+        "JOBSINK_URL": f"http://{HOST}:{ports['jobsink']}",
     }
     if "predict" in ports:
         env["PREDICT_URL"] = f"http://{HOST}:{ports['predict']}"

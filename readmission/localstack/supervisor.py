@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from events.jobsink import job_sinks
 from readmission.localstack import processes, seaweed, seaweed_tls, watchdog
 from readmission.localstack.config import (
     CORE_PROCESSES,
@@ -129,9 +130,7 @@ class Supervisor:
             if config.restart:
                 log("starting watchdog   (restarts any process that dies)")
                 command = [sys.executable, "-m", watchdog.__name__, str(config.state_dir)]
-                self._start(
-                    watchdog.NAME, command, self._process_env(env_for_clients), config.root
-                )
+                self._start(watchdog.NAME, command, self._process_env(env_for_clients), config.root)
         except BaseException:
             log("start failed: stopping what was started")
             self.down(log=lambda _: None)
@@ -236,6 +235,29 @@ class Supervisor:
         pingsource = [sys.executable, "-m", "events.pinger"]
         self._start("pingsource", pingsource, pingsource_env, config.root)
 
+        # Knative Eventing's JobSink: the long fits' Jobs, as processes (events/jobsink.py)
+        sinks = job_sinks(config.root / "infra" / "knative")
+        if sinks:
+            jobsink_env = self._process_env(
+                env_for_clients,
+                **_SINGLE_THREADED,
+                JOBSINK_HOST=HOST,
+                JOBSINK_PORT=str(ports["jobsink"]),
+                JOBSINK_MANIFESTS=str(config.root / "infra" / "knative"),
+                JOBSINK_STATE_DIR=str(config.path("jobsink")),
+                JOBSINK_PARALLELISM=str(config.train_workers),
+                JOBSINK_ROOT=str(config.root),
+            )
+            log(f"starting jobsink    ({env_for_clients['JOBSINK_URL']})")
+            jobsink = [sys.executable, "-m", "events.jobsink"]
+            self._start("jobsink", jobsink, jobsink_env, config.root)
+        # the train Service hands long fits to the (only) JobSink
+        handoff_url = (
+            f"{env_for_clients['JOBSINK_URL']}/{'/'.join(next(iter(sinks)))}"
+            if len(sinks) == 1
+            else ""
+        )
+
         for spec in config.present_functions():
             names = (
                 [f"train-{i}" for i in range(1, config.train_workers + 1)]
@@ -248,6 +270,7 @@ class Supervisor:
                     extra["ADAPTER_TOKEN"] = credentials.webhook_token
                 if spec.service == "train":
                     extra |= {**_SINGLE_THREADED, "THREADS": "2", "TRAIN_REPLICA": name}
+                    extra |= {"TRAIN_JOBSINK_URL": handoff_url} if handoff_url else {}
                 elif spec.service == "aggregate":
                     extra |= {"THREADS": "2"}
                 elif spec.service == "predict":
@@ -299,6 +322,10 @@ class Supervisor:
                 processes.http_status(f"http://{HOST}:{ports['broker']}/healthz") == 200
             ),
         }
+        if sinks:
+            checks["jobsink"] = lambda: (
+                processes.http_status(f"{env_for_clients['JOBSINK_URL']}/healthz") == 200
+            )
         for name in config.process_names():  # functions-framework has no health route: any answer
             url = f"http://{HOST}:{ports[name]}/"
             checks[name] = lambda url=url: processes.http_status(url) is not None

@@ -60,6 +60,11 @@ class Feeds:
                 arrays.append(self._numeric(spec, values))
             else:
                 arrays.append(self._categorical(spec, values, warnings))
+        return self.feeds_columns(arrays)
+
+    def feeds_columns(self, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Feeds from validated (k, 1) columns in input order (float32 numeric, object text):
+        packed into the layout's two tensors, or one tensor per input."""
         layout = self.layout
         if not layout.packed:
             return {spec.onnx_name: array for spec, array in zip(self.inputs, arrays, strict=True)}

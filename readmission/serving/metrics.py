@@ -229,5 +229,12 @@ def _running(pid: int) -> bool:
     return True
 
 
+def register_collector(collector: Collector) -> None:
+    """Export a collector read at scrape time (like `predict_model_info`) in every worker."""
+    REGISTRY.register(collector)
+    if SCRAPE_REGISTRY is not REGISTRY:
+        SCRAPE_REGISTRY.register(collector)
+
+
 def render() -> bytes:
     return generate_latest(SCRAPE_REGISTRY)

@@ -127,6 +127,22 @@ class LoadedModel:
         """ONNX feeds for rows (mappings column -> value), or InputError naming the field."""
         return self._feeds.feeds(rows, warnings)
 
+    def feeds_columns(self, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """ONNX feeds from (k, 1) columns in input order already checked by the rules of
+        readmission.serving.inputs (the batch scorer checks each distinct value once)."""
+        return self._feeds.feeds_columns(arrays)
+
+    def columns_one(self, row: Any, warnings: list[list[str]] | None) -> list[np.ndarray]:
+        """One row validated by the rules (as `predict_one` validates it) as (1, 1) columns in
+        input order: float32 for numeric inputs, object for categorical ones."""
+        numbers, texts = self._feeds.values_one(row, warnings if self.policy == "unseen" else None)
+        columns: list[np.ndarray] = [np.empty((1, 1))] * len(self.inputs)
+        for value, index in zip(numbers, self.layout.numeric_order, strict=True):
+            columns[index] = np.array([[value]], dtype=np.float32)
+        for text, index in zip(texts, self.layout.categorical_order, strict=True):
+            columns[index] = np.array([[text]], dtype=object)
+        return columns
+
     def _feeds_one(self, row: Any, warnings: list[list[str]] | None) -> dict[str, np.ndarray]:
         """The single-row path (latency matters): two numpy arrays, one (1, 1) view per input."""
         numbers, texts = self._feeds.values_one(row, warnings)
@@ -143,6 +159,11 @@ class LoadedModel:
         labels, probabilities = self._run([self.label_output, self.probabilities_output], feeds)
         rounded = rounded_probabilities(probabilities)
         return [str(label) for label in labels.tolist()], rounded, warnings
+
+    def run_feeds(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, float32 probabilities in `classes` order) of feeds already validated by
+        this model's rules (`self.feeds`, or `Feeds.feeds_columns` over checked columns)."""
+        return self._run([self.label_output, self.probabilities_output], dict(feeds))
 
     def predict(self, rows: Sequence[Any]) -> list[Prediction]:
         labels, rounded, warnings = self.predict_lists(rows)

@@ -119,10 +119,22 @@ def build_openapi(
             "warnings": {"type": "array", "items": {"type": "string"}},
         },
     }
+    explanation = {  # readmission.serving.explain, with ?explain=true only
+        "type": "object",
+        "properties": {
+            "method": {"type": "string", "enum": ["occlusion"]},
+            "baseline": {"type": "string"},
+            "top_factors": {"type": "array", "items": {"type": "object"}},
+        },
+    }
     single = {
         **result,
         "required": [*result["required"], "model_version"],
-        "properties": {**result["properties"], "model_version": {"type": "string"}},
+        "properties": {
+            **result["properties"],
+            "model_version": {"type": "string"},
+            "explanation": explanation,
+        },
     }
     tensor = {
         "type": "object",
@@ -165,6 +177,15 @@ def build_openapi(
         "/predict": {
             "post": {
                 "summary": "Predict the readmission class of one patient",
+                "parameters": [
+                    {
+                        "name": "explain",
+                        "in": "query",
+                        "required": False,
+                        "description": "true: add the top contributing inputs (occlusion)",
+                        "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+                    }
+                ],
                 "requestBody": {
                     "required": True,
                     "content": {

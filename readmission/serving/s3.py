@@ -1,13 +1,14 @@
-"""A minimal S3 reader (HEAD and GET, AWS Signature V4) for the predict function.
+"""A minimal S3 client (HEAD, GET and PUT, AWS Signature V4) for the predict function.
 
 Importing boto3 and creating an S3 client costs about 0.3 s, a third of the cold-start budget of
-the scale-to-zero predict function, which only ever reads two or three objects. This module
-signs those reads itself with the standard library. Everything else uses
-`readmission.storage.ObjectStore` (boto3).
+the scale-to-zero predict function, which only ever reads two or three objects (and PUTs its
+prediction log's batches). This module signs those requests itself with the standard
+library. Everything else uses `readmission.storage.ObjectStore` (boto3).
 
 Contract: `S3Reader.head_etag` and `get` return None for a missing object (404) and raise
 S3Error for any other non-success status; `get(..., if_none_match=etag)` returns
-`not_modified` while the object is still at that ETag.
+`not_modified` while the object is still at that ETag; `put` stores bytes under a key
+(a plain, atomic PUT) or raises S3Error.
 """
 
 from __future__ import annotations
@@ -80,11 +81,13 @@ class S3Reader:
             os.environ.get("AWS_SESSION_TOKEN"),
         )
 
-    def _headers(self, method: str, path: str, now: dt.datetime) -> dict[str, str]:
+    def _headers(
+        self, method: str, path: str, now: dt.datetime, payload_sha256: str = _EMPTY_SHA256
+    ) -> dict[str, str]:
         amz_date = now.strftime("%Y%m%dT%H%M%SZ")
         headers = {
             "host": self.host_header,
-            "x-amz-content-sha256": _EMPTY_SHA256,
+            "x-amz-content-sha256": payload_sha256,
             "x-amz-date": amz_date,
         }
         if self.session_token:
@@ -100,7 +103,7 @@ class S3Reader:
                 "",
                 "".join(f"{name}:{headers[name]}\n" for name in sorted(headers)),
                 signed,
-                _EMPTY_SHA256,
+                payload_sha256,
             ]
         )
         scope = f"{day}/{self.region}/s3/aws4_request"
@@ -118,11 +121,17 @@ class S3Reader:
         return headers
 
     def _request(
-        self, method: str, bucket: str, key: str, extra: dict[str, str] | None = None
+        self,
+        method: str,
+        bucket: str,
+        key: str,
+        extra: dict[str, str] | None = None,
+        body: bytes | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         """`extra` headers are sent unsigned (SigV4 signs only the headers it lists)."""
         path = quote(f"{self.base_path}/{bucket}/{key}", safe="/~")
-        headers = self._headers(method, path, dt.datetime.now(dt.UTC))
+        digest = _EMPTY_SHA256 if body is None else hashlib.sha256(body).hexdigest()
+        headers = self._headers(method, path, dt.datetime.now(dt.UTC), digest)
         if extra:
             headers.update(extra)
         connection_class = (
@@ -130,7 +139,7 @@ class S3Reader:
         )
         connection = connection_class(self.host, self.port, timeout=self.timeout)
         try:
-            connection.request(method, path, headers=headers)
+            connection.request(method, path, body=body, headers=headers)
             response = connection.getresponse()
             body = response.read()
             return response.status, {k.lower(): v for k, v in response.getheaders()}, body
@@ -165,3 +174,10 @@ class S3Reader:
         if if_none_match and etag == if_none_match:
             return S3Object(b"", etag, not_modified=True)
         return S3Object(body, etag)
+
+    def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
+        """Store `data` under `key` (one atomic PUT: readers see all of it or nothing)."""
+        extra = {"content-type": content_type, "content-length": str(len(data))}
+        status, _, body = self._request("PUT", bucket, key, extra, data)
+        if status != 200:
+            raise S3Error(status, f"PUT {bucket}/{key}: {body[:200]!r}")

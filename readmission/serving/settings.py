@@ -44,6 +44,11 @@ class ServingSettings:
     # micro-batcher, which only helps rows of concurrent requests meet.
     request_threads: int = (os.cpu_count() or 1) * 4
     load_mode: str = "eager"  # MODEL_LOAD: eager (at import, before the port opens) | background
+    # The prediction log (readmission.serving.prediction_log): PREDICTION_LOG on | off; a batch
+    # is written every PREDICTION_LOG_ROWS rows or PREDICTION_LOG_SECONDS, whichever is first.
+    prediction_log: bool = True
+    prediction_log_rows: int = 1000
+    prediction_log_seconds: float = 30.0
 
     @classmethod
     def from_env(cls) -> ServingSettings:
@@ -53,6 +58,9 @@ class ServingSettings:
         load_mode = _env("MODEL_LOAD", cls.load_mode).lower()
         if load_mode not in ("eager", "background"):
             raise ValueError(f"MODEL_LOAD must be eager or background, got {load_mode!r}")
+        prediction_log = _env("PREDICTION_LOG", "on").lower()
+        if prediction_log not in ("on", "off"):
+            raise ValueError(f"PREDICTION_LOG must be on or off, got {prediction_log!r}")
         model_path = _env("MODEL_PATH", "")
         metadata_path = _env("MODEL_METADATA_PATH", "")
         if bool(model_path) != bool(metadata_path):
@@ -67,4 +75,9 @@ class ServingSettings:
             intra_op_threads=int(_env_number("ORT_INTRA_OP_THREADS", cls.intra_op_threads, 1)),
             request_threads=int(_env_number("THREADS", cls.request_threads, 1)),
             load_mode=load_mode,
+            prediction_log=prediction_log == "on",
+            prediction_log_rows=int(_env_number("PREDICTION_LOG_ROWS", cls.prediction_log_rows, 1)),
+            prediction_log_seconds=_env_number(
+                "PREDICTION_LOG_SECONDS", cls.prediction_log_seconds, 0.01
+            ),
         )

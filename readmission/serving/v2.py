@@ -33,6 +33,11 @@ def named_model(model: LoadedModel, name: str) -> LoadedModel:
     return model
 
 
+# An extra output a request may ask for by name (never sent unasked): each row's top factors
+# (readmission.serving.explain) as JSON text, BYTES [N].
+EXPLANATION_OUTPUT = "explanation"
+
+
 def server_metadata(version: str) -> dict[str, Any]:
     return {"name": "readmission-predict", "version": version, "extensions": []}
 
@@ -150,7 +155,7 @@ def request_rows(model: LoadedModel, body: Any) -> tuple[list[dict[str, Any]], l
     if isinstance(outputs, list):
         requested = [o.get("name") for o in outputs if isinstance(o, dict)]
         for name in requested:
-            if name not in (model.label_output, model.probabilities_output):
+            if name not in (model.label_output, model.probabilities_output, EXPLANATION_OUTPUT):
                 raise InputError(
                     f"unknown output {shown(name)}"[:300], "outputs", kind="unknown_output"
                 )

@@ -9,6 +9,8 @@
   like) and d/c (the gate's cost): the best of --rounds (default 3) alternating rounds of each,
   every round printed;
 * batch throughput (rows/s) of /predict/batch;
+* the prediction log's cost: the function with PREDICTION_LOG=off in the same rounds (single
+  rows: ratio to trivial and p99 beside the function's) and the same batch load;
 * cold start: process start -> first successful /predict, model fetched from the object store
   (a real SeaweedFS with keys), for MODEL_LOAD=eager and MODEL_LOAD=background;
 * resident memory (RSS) of the function's processes after load;
@@ -74,7 +76,7 @@ TRIVIAL_GATED_SOURCE = TRIVIAL_SAME_CLOSE_SOURCE.replace(
     "from readmission.glue import http_close, slow_clients\n\n"
     "http_close.install()\nslow_clients.install()\n",
 )
-SERVERS = ("predict", "trivial", "trivial_same_close", "trivial_gated")
+SERVERS = ("predict", "trivial", "trivial_same_close", "predict_log_off", "trivial_gated")
 
 
 def log(message: str) -> None:
@@ -295,6 +297,38 @@ def hey(url: str, body_file: Path, concurrency: int, duration: float) -> dict[st
     }
 
 
+def prediction_log_cpu(patients: list[dict[str, Any]]) -> dict[str, float]:
+    """CPU (process time, steady on a shared machine) of the prediction log in this process:
+    the request path's `request_id` + `record` per single-row request, and the writer's
+    encoding per row (1,000 single-row requests, then one batch of them)."""
+    from readmission.serving.prediction_log import PredictionLog, request_id
+
+    classes = ("<30", ">30", "NO")
+    probabilities = [0.1, 0.2, 0.7]
+    held = PredictionLog(lambda key, data: None, rows=10**9, seconds=3600)
+    held.record("warm-up", "1", classes, "predict", (patients[0],), ("NO",), (probabilities,))
+    held.flush()
+    rows = [patients[i % len(patients)] for i in range(1000)]
+    started = time.process_time()
+    for row in rows:
+        rid = request_id(None)
+        held.record(rid, "1", classes, "predict", (row,), ("NO",), (probabilities,))
+    request_path = time.process_time() - started
+    started = time.process_time()
+    held.flush()
+    single_rows = time.process_time() - started
+    held.record("b", "1", classes, "batch", rows, ["NO"] * len(rows), [probabilities] * len(rows))
+    started = time.process_time()
+    held.flush()
+    batch_rows = time.process_time() - started
+    held.close()
+    return {
+        "request_path_us": request_path / len(rows) * 1e6,
+        "encode_single_us_per_row": single_rows / len(rows) * 1e6,
+        "encode_batch_us_per_row": batch_rows / len(rows) * 1e6,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algorithm", default="gradient_boosting")
@@ -335,10 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     batch = workdir / "batch.json"
     patients = known_only(sample_patients(args.batch_size * 3), metadata)[: args.batch_size]
     batch.write_text(json.dumps({"instances": patients}))
+    log_cpu = prediction_log_cpu(patients)
     sources = {
         "predict": ROOT / "functions" / "predict" / "main.py",
         "trivial": workdir / "trivial.py",
         "trivial_same_close": workdir / "trivial_same_close.py",
+        # the function without its prediction log (PREDICTION_LOG=off): the log's cost
+        "predict_log_off": ROOT / "functions" / "predict" / "main.py",
         "trivial_gated": workdir / "trivial_gated.py",
     }
     sources["trivial"].write_text(TRIVIAL_SOURCE)
@@ -388,8 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"cold start ({mode}): {results[f'cold_start_{mode}_all_s']}")
 
         if args.only in ("all", "load"):
+            envs = {"predict": env, "predict_log_off": {**env, "PREDICTION_LOG": "off"}}
             functions = {
-                name: Function(env if name == "predict" else server_env, source)
+                name: Function(envs.get(name, server_env), source)
                 for name, source in sources.items()
             }
             predict = functions["predict"]
@@ -419,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
                     results["batch"]["ok"] / args.duration * args.batch_size
                 )
                 log(f"batch: {results['batch']}")
+                off = functions["predict_log_off"].url + "/predict/batch"
+                results["batch_log_off"] = hey(off, batch, 2, args.duration)
+                results["batch_log_off_rows_per_s"] = (
+                    results["batch_log_off"]["ok"] / args.duration * args.batch_size
+                )
+                log(f"batch, PREDICTION_LOG=off: {results['batch_log_off']}")
                 results["rss_worker_busy_mb"], results["pss_total_busy_mb"] = predict.rss_mb()
                 time.sleep(1)  # a worker gives back what batches freed once quiet for 0.2 s
                 results["rss_worker_after_load_mb"], results["pss_total_after_load_mb"] = (
@@ -435,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
         f"predict function benchmark ({args.algorithm}, {args.rows} training rows, "
         f"{len(onnx_bytes) / 1e6:.2f} MB ONNX; THREADS={args.threads} WORKERS={args.workers})"
     )
+    results["prediction_log_cpu"] = log_cpu
+    print(
+        "  prediction log, CPU in one process: request path (request_id + record) "
+        f"{log_cpu['request_path_us']:.1f} us a request; writer "
+        f"{log_cpu['encode_single_us_per_row']:.1f} us a row of single-row requests, "
+        f"{log_cpu['encode_batch_us_per_row']:.1f} us a row of a batch"
+    )
     if "predict" in results:
         for name in SERVERS:
             r = results[name]
@@ -442,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  single row, c={args.concurrency}: {name} {r['rps']:.0f} req/s "
                 f"p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms errors {r['errors']}"
             )
-        p, t, same, gated = (results[name]["rps"] for name in SERVERS)
+        p, t, same, off, gated = (results[name]["rps"] for name in SERVERS)
         results["ratio"] = p / t if t else float("nan")
         results["ratio_same_close"] = p / same if same else float("nan")
         results["ratio_gated_same_close"] = gated / same if same else float("nan")
@@ -457,6 +508,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  ratio trivial_gated/trivial_same_close: {results['ratio_gated_same_close']:.2f}"
             "   (the read-timeout gate's own cost: readmission.glue.slow_clients)"
+        )
+        results["ratio_log_off"] = off / t if t else float("nan")
+        results["p99_log_cost_ms"] = (
+            results["predict"]["p99_ms"] - results["predict_log_off"]["p99_ms"]
+        )
+        print(
+            f"  prediction log: predict/trivial {results['ratio']:.2f} with it, "
+            f"{results['ratio_log_off']:.2f} without (PREDICTION_LOG=off); p99 with minus without "
+            f"{results['p99_log_cost_ms']:+.2f} ms   (target: ratio >= 0.7, p99 +1 ms at most)"
         )
         for name in SERVERS:
             rounds = ", ".join(
@@ -475,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
             f"  batch of {args.batch_size}, c=2: {results['batch_rows_per_s']:.0f} rows/s "
             f"(p50 {results['batch']['p50_ms']:.1f} ms, errors {results['batch']['errors']})"
             "   (target >= 50000)"
+        )
+        print(
+            f"  the same with PREDICTION_LOG=off: {results['batch_log_off_rows_per_s']:.0f} rows/s"
+            f" (ratio with / without the log "
+            f"{results['batch_rows_per_s'] / max(1.0, results['batch_log_off_rows_per_s']):.2f})"
         )
         print(
             f"  memory 1 s after the load test: worker RSS "

@@ -123,6 +123,22 @@ function showResult(body, classes) {
   }
   const warnings = $("result-warnings");
   warnings.replaceChildren(...(body.warnings || []).map((w) => el("li", {}, w)));
+  showFactors(body);
+}
+
+// Each factor: the input, its value, and how much replacing it by the training reference
+// would take off each class's probability (occlusion; docs/predict.md, Explanations).
+function showFactors(body) {
+  const factors = (body.explanation && body.explanation.top_factors) || [];
+  $("factors-title").hidden = factors.length === 0;
+  $("result-factors").replaceChildren(...factors.map((f) => {
+    const parts = Object.entries(f.contribution || {}).map(([name, delta]) => {
+      const points = Number(delta) * 100;
+      return (points >= 0 ? "+" : "") + points.toFixed(2) + " pts on " + name;
+    });
+    return el("li", { "data-feature": f.feature },
+      f.feature + " = " + fmt(f.value) + ": " + parts.join(", "));
+  }));
 }
 
 async function submit(event) {
@@ -132,7 +148,7 @@ async function submit(event) {
   for (const input of document.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
   $("submit").disabled = true;
   try {
-    const response = await fetch("/predict", {
+    const response = await fetch("/predict?explain=true", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ features: readForm(modelInfo) }),

@@ -12,6 +12,7 @@ const MODULES = {
   "eventing.knative.dev/v1": "@kubernetes-models/knative/eventing.knative.dev/v1",
   "sources.knative.dev/v1": "@kubernetes-models/knative/sources.knative.dev/v1",
   "messaging.knative.dev/v1": "@kubernetes-models/knative/messaging.knative.dev/v1",
+  "sinks.knative.dev/v1alpha1": "@kubernetes-models/knative/sinks.knative.dev/v1alpha1",
   "monitoring.coreos.com/v1": "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1",
 };
 

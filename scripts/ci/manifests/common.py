@@ -34,12 +34,21 @@ def dashboard_configmap(root: Path) -> Path:
 # Eventing 1.18+ need Kubernetes 1.31+; 1.32 is the minimum documented in docs/kubernetes.md).
 KUBERNETES_VERSIONS = ("1.32.0", "1.37.0")
 
-EXPECTED_SERVICES = ("events-adapter", "dead-letter", "ingest", "train", "aggregate", "predict")
+EXPECTED_SERVICES = (
+    "events-adapter",
+    "dead-letter",
+    "ingest",
+    "train",
+    "aggregate",
+    "predict",
+    "score",
+)
 CRD_GROUPS = (
     "serving.knative.dev/",
     "eventing.knative.dev/",
     "sources.knative.dev/",
     "messaging.knative.dev/",
+    "sinks.knative.dev/",
     "monitoring.coreos.com/",
 )
 # Fields of a Knative RevisionSpec that are not PodSpec fields.

@@ -24,6 +24,8 @@ def _workloads(docs: Iterable[Doc]) -> Iterator[tuple[Doc, dict[str, Any]]]:
             pod = spec.get("template", {}).get("spec", {})
         elif doc.kind == "CronJob":
             pod = spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec", {})
+        elif doc.kind == "JobSink":
+            pod = spec.get("job", {}).get("spec", {}).get("template", {}).get("spec", {})
         else:
             continue
         for container in pod.get("containers", []) + pod.get("initContainers", []):
@@ -74,11 +76,34 @@ def check_config_refs(root: Path) -> list[str]:
         problems.append(
             f"ConfigMap readmission-settings does not set {name} (readmission/config.py)"
         )
+    problems += _check_jobsink_settings(docs)
     s3 = secrets.get("readmission-s3", set())
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         if key not in s3:
             problems.append(f"Secret readmission-s3 lacks {key}")
     return problems
+
+
+def _check_jobsink_settings(docs: list[Doc]) -> list[str]:
+    """TRAIN_JOBSINK_URL names a JobSink of the manifests, whose Job deadline is the
+    ConfigMap's TRAIN_JOB_DEADLINE_SECONDS (readmission/fit_handoff.py)."""
+    configmaps = [d for d in by_kind(docs, "ConfigMap") if d.name == "readmission-settings"]
+    data = configmaps[0].obj.get("data") or {} if configmaps else {}
+    url = str(data.get("TRAIN_JOBSINK_URL") or "")
+    if not url:
+        return []
+    sinks = {(d.obj["metadata"].get("namespace"), d.name): d for d in by_kind(docs, "JobSink")}
+    namespace, _, name = url.split("://", 1)[-1].partition("/")[2].partition("/")
+    sink = sinks.get((namespace, name))
+    if sink is None:
+        return [f"TRAIN_JOBSINK_URL {url} names no JobSink {namespace}/{name} of the manifests"]
+    deadline = sink.obj["spec"]["job"]["spec"].get("activeDeadlineSeconds")
+    if str(deadline) != str(data.get("TRAIN_JOB_DEADLINE_SECONDS")):
+        return [
+            f"{sink.where}: activeDeadlineSeconds {deadline} is not the ConfigMap's "
+            f"TRAIN_JOB_DEADLINE_SECONDS {data.get('TRAIN_JOB_DEADLINE_SECONDS')}"
+        ]
+    return []
 
 
 def check_no_secrets(root: Path) -> list[str]:

@@ -66,6 +66,9 @@ def check_minio(root: Path) -> list[str]:
         "BUCKET_REJECTED",
         "BUCKET_DEAD_LETTER",
         "BUCKET_MLFLOW",
+        "BUCKET_SCORING",
+        "BUCKET_PREDICTIONS_LOG",
+        "BUCKET_OUTCOMES",
     ):
         if f'"${env}"' not in bucket_list:
             problems.append(f"minio-buckets does not create ${env}")
@@ -103,6 +106,8 @@ def check_minio(root: Path) -> list[str]:
         ("BUCKET_RESULTS", "", ".json"),
         ("BUCKET_MODELS", "champion/", "metadata.json"),
         ("BUCKET_MODELS", "decisions/", ".json"),
+        ("BUCKET_SCORING", "", ""),
+        ("BUCKET_OUTCOMES", "", ".csv"),
     }
     if subscriptions != wanted:
         problems.append(

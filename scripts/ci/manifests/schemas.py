@@ -35,6 +35,15 @@ def _pod_from_revision_template(doc: Doc) -> dict[str, Any]:
     }
 
 
+def _job_from_jobsink(doc: Doc) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": f"{doc.name}-job", "namespace": NAMESPACE},
+        "spec": doc.obj.get("spec", {}).get("job", {}).get("spec", {}),
+    }
+
+
 def check_kubernetes_schemas(
     root: Path, versions: Iterable[str] = KUBERNETES_VERSIONS
 ) -> list[str]:
@@ -50,6 +59,8 @@ def check_kubernetes_schemas(
             targets.append(
                 (f"{doc.where} (pod template as PodSpec)", _pod_from_revision_template(doc))
             )
+        elif doc.kind == "JobSink" and doc.api_version.startswith("sinks.knative.dev/"):
+            targets.append((f"{doc.where} (job as a batch/v1 Job)", _job_from_jobsink(doc)))
         for where, obj in targets:
             for version in versions:
                 try:

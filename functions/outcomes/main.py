@@ -1,0 +1,52 @@
+"""Knative Service `outcomes`: an outcomes CSV landed (io.readmission.outcomes.created) →
+realized metrics per model version and period (readmission.outcomes.process_outcomes).
+
+Thin entry point. Retry rules: a malformed event, and a CSV that breaks the outcomes rules
+(no `readmitted` column, no `request_id`/`encounter_id`, an unknown label) are answered 400:
+no retry can fix them (dead-lettered once); an object-store failure raises (500) so the
+broker retries. Idempotent: the realized-metrics key is the CSV's content id, so a
+redelivered event writes nothing new.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import functions_framework
+
+from readmission.glue import slow_clients
+from readmission.glue.event_handler import (
+    MalformedEvent,
+    function_context,
+    object_ref,
+    reply_empty_on_success,
+)
+from readmission.outcomes import OutcomesError, process_outcomes
+
+EVENT_TYPE = "io.readmission.outcomes.created"
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+log = logging.getLogger("outcomes")
+slow_clients.install()  # header and body read timeouts: docs/reliability.md
+reply_empty_on_success()
+
+
+@functions_framework.cloud_event
+def outcomes(event: Any) -> None:
+    settings, store = function_context()
+    ref = object_ref(event, EVENT_TYPE, settings.buckets.outcomes)
+    try:
+        realized = process_outcomes(store, settings, ref.bucket, ref.key)
+    except OutcomesError as exc:
+        raise MalformedEvent(f"s3://{ref.bucket}/{ref.key}: {exc}") from exc
+    document = realized.document
+    log.info(
+        "event %s: %s (%s): %d matched, %d unmatched, %d groups",
+        event["id"],
+        realized.key,
+        "written" if realized.written else "already there",
+        document["matched"],
+        document["unmatched"],
+        len(document["groups"]),
+    )

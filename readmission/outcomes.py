@@ -1,0 +1,220 @@
+"""Outcomes close the loop: realized metrics of the served models from true outcomes.
+
+Contract. `process_outcomes(store, settings, bucket, key)` reads one outcomes CSV dropped into
+the outcomes bucket (a header with `readmitted` and `request_id` and/or `encounter_id`; one
+row per encounter whose outcome is now known), joins it with the prediction log (every
+Parquet batch in the predictions-log bucket, readmission.serving.prediction_log) and writes
+the realized metrics document to
+
+    <models bucket>/monitoring/realized/<content id of the CSV>.json   (written once)
+    <models bucket>/monitoring/realized/latest.json                    (then: the newest)
+
+The first key is deterministic (the CSV's bytes), so a redelivered event finds it and writes
+nothing new (only `latest.json` if a crash came between the two PUTs). A CSV that breaks these
+rules raises OutcomesError (the handler answers 400: no retry can fix it).
+
+Join. An outcome row with a `request_id` matches the logged row of that request when the
+request predicted one row (a batch request is matched by `encounter_id`); otherwise its
+`encounter_id` matches the logged rows that carried it. A key predicted more than once by one
+model version counts once (its latest prediction). Outcome rows that match nothing are counted
+as unmatched (not yet logged, or never predicted).
+
+Metrics, per model version and period (the UTC month of the prediction, "YYYY-MM"): the
+figures of readmission.scoring.score (F1 weighted and macro, ROC-AUC one-vs-rest weighted,
+accuracy, ...) on the logged probabilities, the multi-class Brier score (mean over rows of the
+squared distance between the probability vector and the one-hot outcome), the recall of `<30`
+(None without a `<30` outcome) and the matched count; beside them, the version's offline test
+metrics (from its metadata in the models bucket) and realized minus offline.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from readmission.config import Settings
+from readmission.keys import CHAMPION_METADATA_KEY, content_id
+from readmission.scoring import score
+from readmission.storage import ObjectStore, json_bytes
+
+log = logging.getLogger(__name__)
+
+REALIZED_PREFIX = "monitoring/realized/"
+REALIZED_LATEST_KEY = f"{REALIZED_PREFIX}latest.json"
+LATE_CLASS = "<30"
+LABELS = ("<30", ">30", "NO")
+PROBABILITY_PREFIX = "probability_"
+_VERSION_METADATA = re.compile(r"^[0-9a-f]{16}/metadata\.json$")
+
+
+class OutcomesError(ValueError):
+    """An outcomes file no retry can fix."""
+
+
+def realized_key(csv_bytes: bytes) -> str:
+    return f"{REALIZED_PREFIX}{content_id(csv_bytes)}.json"
+
+
+def parse_outcomes(data: bytes) -> pd.DataFrame:
+    """(request_id, encounter_id, readmitted) as strings (None where absent), or OutcomesError."""
+    try:
+        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OutcomesError(f"not a CSV: {exc}") from exc
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if "readmitted" not in frame.columns:
+        raise OutcomesError("the CSV has no 'readmitted' column")
+    if not {"request_id", "encounter_id"} & set(frame.columns):
+        raise OutcomesError("the CSV needs a 'request_id' or an 'encounter_id' column")
+    out = pd.DataFrame(index=frame.index)
+    for column in ("request_id", "encounter_id"):
+        values = frame[column].str.strip() if column in frame.columns else None
+        out[column] = None if values is None else values.where(values != "", None)
+    out["readmitted"] = frame["readmitted"].str.strip()
+    bad = sorted(set(out["readmitted"]) - set(LABELS))
+    if bad:
+        raise OutcomesError(f"readmitted must be one of {LABELS}, got {bad[:5]}")
+    if (out["request_id"].isna() & out["encounter_id"].isna()).any():
+        raise OutcomesError("a row has neither a request_id nor an encounter_id")
+    return out
+
+
+def read_log(store: ObjectStore, bucket: str) -> pd.DataFrame:
+    """Every logged prediction (one row per predicted row), or an empty frame."""
+    tables = [
+        pq.read_table(io.BytesIO(store.get_bytes(bucket, key)))
+        for key in store.list_keys(bucket)
+        if key.endswith(".parquet")
+    ]
+    if not tables:
+        return pd.DataFrame(columns=["request_id", "row", "time", "model_version", "encounter_id"])
+    return pa.concat_tables(tables, promote_options="default").to_pandas()
+
+
+def _matched(log_frame: pd.DataFrame, outcomes: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Logged rows joined with their outcome (column `readmitted`), and the unmatched count."""
+    batches = set(log_frame.loc[log_frame["row"] > 0, "request_id"])
+    single = log_frame[~log_frame["request_id"].isin(batches)]  # single-row requests
+    outcomes = outcomes.reset_index(drop=True).rename_axis("outcome").reset_index()
+    by_request = outcomes.dropna(subset=["request_id"]).merge(
+        single.drop(columns=["encounter_id"]), on="request_id"
+    )
+    rest = outcomes[~outcomes["outcome"].isin(by_request["outcome"])]
+    by_encounter = rest.dropna(subset=["encounter_id"]).merge(
+        log_frame.dropna(subset=["encounter_id"]).drop(columns=["request_id"]), on="encounter_id"
+    )
+    joined = pd.concat([by_request, by_encounter], ignore_index=True)
+    # a key predicted more than once by one version: its latest prediction
+    joined = joined.sort_values("time", kind="stable").drop_duplicates(
+        ["outcome", "model_version"], keep="last"
+    )
+    unmatched = len(outcomes) - joined["outcome"].nunique()
+    return joined, unmatched
+
+
+def group_metrics(probabilities: np.ndarray, classes: list[str], y_true: np.ndarray) -> dict:
+    """The realized figures of one group (see the module docstring)."""
+    metrics: dict[str, Any] = dict(score(probabilities, np.asarray(classes), y_true))
+    onehot = (np.asarray(classes)[None, :] == y_true[:, None]).astype(float)
+    metrics["brier"] = float(np.mean(np.sum((probabilities - onehot) ** 2, axis=1)))
+    late = y_true == LATE_CLASS
+    predicted = np.asarray(classes)[np.argmax(probabilities, axis=1)]
+    metrics["recall_lt30"] = float(np.mean(predicted[late] == LATE_CLASS)) if late.any() else None
+    metrics["matched"] = len(y_true)
+    return metrics
+
+
+def _period(millis: pd.Series) -> pd.Series:
+    times = pd.to_datetime(millis, utc=True)
+    return times.dt.strftime("%Y-%m")
+
+
+@dataclass(frozen=True)
+class Realized:
+    key: str
+    document: dict[str, Any]
+    written: bool
+
+
+def realized_document(
+    log_frame: pd.DataFrame, outcomes: pd.DataFrame, offline: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    joined, unmatched = _matched(log_frame, outcomes)
+    groups = []
+    if len(joined):
+        joined["period"] = _period(joined["time"])
+        for (version, period), group in joined.groupby(["model_version", "period"], sort=True):
+            columns = [c for c in group.columns if c.startswith(PROBABILITY_PREFIX)]
+            columns = [c for c in columns if group[c].notna().all()]
+            classes = [c[len(PROBABILITY_PREFIX) :] for c in columns]
+            metrics = group_metrics(
+                group[columns].to_numpy(dtype=float), classes, group["readmitted"].to_numpy()
+            )
+            test = offline.get(str(version), {})
+            groups.append(
+                {
+                    "model_version": str(version),
+                    "period": period,
+                    "metrics": metrics,
+                    "offline_test": test or None,
+                    "realized_minus_offline": {
+                        name: metrics[name] - test[name]
+                        for name in metrics
+                        if isinstance(test.get(name), int | float)
+                        and isinstance(metrics[name], float)
+                    },
+                }
+            )
+    return {
+        "outcome_rows": len(outcomes),
+        "matched": int(joined["outcome"].nunique()) if len(joined) else 0,
+        "unmatched": unmatched,
+        "groups": groups,
+    }
+
+
+def offline_test_metrics(store: ObjectStore, models_bucket: str) -> dict[str, dict[str, Any]]:
+    """Model version -> its metrics on the test split, from every version's metadata."""
+    found: dict[str, dict[str, Any]] = {}
+    keys = [k for k in store.list_keys(models_bucket) if _VERSION_METADATA.match(k)]
+    for key in [*keys, CHAMPION_METADATA_KEY]:
+        metadata = store.get_json_if_exists(models_bucket, key)
+        if isinstance(metadata, dict) and metadata.get("version") is not None:
+            test = (metadata.get("metrics") or {}).get("test")
+            if isinstance(test, dict):
+                found[str(metadata["version"])] = test
+    return found
+
+
+def process_outcomes(store: ObjectStore, settings: Settings, bucket: str, key: str) -> Realized:
+    """The realized metrics of one outcomes CSV, written once (see the module docstring)."""
+    data = store.get_bytes_if_exists(bucket, key)
+    if data is None:
+        raise OutcomesError("the outcomes object no longer exists")
+    target = realized_key(data)
+    models = settings.buckets.models
+    existing = store.get_json_if_exists(models, target)
+    if existing is not None:  # a redelivery: done before; make sure `latest` was written too
+        if not store.exists(models, REALIZED_LATEST_KEY):
+            store.put_bytes(models, REALIZED_LATEST_KEY, json_bytes(existing), "application/json")
+        return Realized(target, existing, written=False)
+    outcomes = parse_outcomes(data)
+    log_frame = read_log(store, settings.buckets.predictions_log)
+    document = {
+        "source": f"s3://{bucket}/{key}",
+        "computed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **realized_document(log_frame, outcomes, offline_test_metrics(store, models)),
+    }
+    body = json_bytes(document)
+    written = store.put_if_absent(models, target, body, "application/json")
+    store.put_bytes(models, REALIZED_LATEST_KEY, body, "application/json")  # last
+    return Realized(target, document, written)

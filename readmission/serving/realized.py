@@ -1,0 +1,107 @@
+"""Realized metrics as Prometheus gauges of the predict function.
+
+The outcomes function (readmission.outcomes) writes the realized metrics of each outcomes file
+to the models bucket and copies the newest to `monitoring/realized/latest.json`. The predict
+function is the endpoint Prometheus scrapes, so it exports that document: the model server's
+poll thread re-reads it (a conditional GET, 304 while unchanged; `ModelServer.on_poll`), and
+each scrape renders, per model version and period of the document,
+
+    readmission_realized_<metric>{model_version, period}                 (REALIZED_METRICS)
+    readmission_realized_minus_offline_<metric>{model_version, period}   (realized - offline test)
+    readmission_realized_matched{model_version, period}, readmission_realized_unmatched
+
+Informational like the gate's documents: a missing document exports nothing, an unreadable
+one keeps what was last read (with a warning), and reading never touches a request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from readmission.serving.decisions import DocumentSource
+
+log = logging.getLogger(__name__)
+
+REALIZED_LATEST_KEY = "monitoring/realized/latest.json"  # = readmission.outcomes' key
+REALIZED_METRICS = ("f1_weighted", "f1_macro", "roc_auc_ovr", "accuracy", "brier", "recall_lt30")
+_LABELS = ("model_version", "period")
+
+
+class RealizedGauges(Collector):
+    """`refresh()` in the poll thread; `collect()` at scrape time (reads one reference)."""
+
+    def __init__(self, source: DocumentSource, key: str = REALIZED_LATEST_KEY) -> None:
+        self.source = source
+        self.key = key
+        self._token: str | None = None
+        self.document: dict[str, Any] | None = None
+
+    def refresh(self) -> None:
+        """Re-read the document if it changed. Never raises."""
+        try:
+            found = self.source.document(self.key, self._token)
+        except Exception as exc:
+            log.warning("cannot read %s (keeping the last one read): %s", self.key, exc)
+            return
+        if found is None:
+            self._token, self.document = None, None
+            return
+        if found.not_modified:
+            return
+        try:
+            document = json.loads(found.data)
+        except ValueError as exc:
+            log.warning("%s is not valid JSON, kept the last one read: %s", self.key, exc)
+            return
+        self.document = document if isinstance(document, dict) else None
+        self._token = found.etag
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        document = self.document
+        if document is None:
+            return
+        families = {
+            name: GaugeMetricFamily(
+                f"readmission_realized_{name}", f"Realized {name} on outcomes.", labels=_LABELS
+            )
+            for name in (*REALIZED_METRICS, "matched")
+        }
+        deltas = {
+            name: GaugeMetricFamily(
+                f"readmission_realized_minus_offline_{name}",
+                f"Realized minus offline test {name}.",
+                labels=_LABELS,
+            )
+            for name in REALIZED_METRICS
+        }
+        groups = document.get("groups")
+        for group in groups if isinstance(groups, list) else []:
+            if not isinstance(group, dict):
+                continue
+            labels = [str(group.get("model_version")), str(group.get("period"))]
+            metrics = group.get("metrics") or {}
+            differences = group.get("realized_minus_offline") or {}
+            for name, family in families.items():
+                value = metrics.get(name)
+                if isinstance(value, int | float):
+                    family.add_metric(labels, float(value))
+            for name, family in deltas.items():
+                value = differences.get(name)
+                if isinstance(value, int | float):
+                    family.add_metric(labels, float(value))
+        yield from families.values()
+        yield from deltas.values()
+        unmatched = document.get("unmatched")
+        if isinstance(unmatched, int):
+            family = GaugeMetricFamily(
+                "readmission_realized_unmatched",
+                "Outcome rows of the latest outcomes file that matched no logged prediction.",
+            )
+            family.add_metric([], float(unmatched))
+            yield family

@@ -1,0 +1,216 @@
+"""The prediction log: the stdlib Parquet writer, batching by rows and seconds against a real
+SeaweedFS, retry of refused batches, and the predict function (gunicorn, several workers)
+writing every answered request by the time it has stopped."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from support.predict_support import FunctionProcess, build_model, http, patient_rows
+from support.seaweed_server import SeaweedServer
+
+from readmission.localstack.supervisor import PREDICT_SERVER_ENV
+from readmission.serving.parquet import Column, write_table
+from readmission.serving.prediction_log import PredictionLog, request_id
+from readmission.serving.s3 import S3Reader
+
+LOG_BUCKET = "predictions-log"
+
+
+def _read(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))
+
+
+def test_parquet_writer_round_trips_through_pyarrow() -> None:
+    rows = 300
+    columns = [
+        Column("text", "string", [f"é{i}" if i % 7 else "" for i in range(rows)]),
+        Column("maybe", "string", [None if i % 3 else str(i) for i in range(rows)], True),
+        Column("count", "int64", [i - 150 for i in range(rows)]),
+        Column("sparse", "int64", [i if i >= 290 else None for i in range(rows)], True),
+        Column("at", "timestamp_ms", [1_764_000_000_000 + i for i in range(rows)]),
+        Column("p", "double", [i / 7 for i in range(rows)]),
+    ]
+    table = _read(write_table(columns, rows))
+    assert table.num_rows == rows
+    assert str(table.schema.field("at").type) == "timestamp[ms, tz=UTC]"
+    assert not table.schema.field("text").nullable and table.schema.field("maybe").nullable
+    for column in columns:
+        got = table.column(column.name).to_pylist()
+        if column.kind == "timestamp_ms":
+            got = [int(v.timestamp() * 1000) for v in got]
+        assert got == list(column.values), column.name
+
+
+def test_parquet_writer_refuses_a_null_in_a_required_column() -> None:
+    with pytest.raises(ValueError, match="required"):
+        write_table([Column("x", "string", ["a", None])], 2)
+    with pytest.raises(ValueError, match="values"):
+        write_table([Column("x", "double", [1.0])], 2)
+
+
+def test_request_ids_are_kept_when_plausible_else_made() -> None:
+    assert request_id("abc-123_X.y:z") == "abc-123_X.y:z"
+    made = {request_id(None), request_id(""), request_id("has space"), request_id("x" * 129)}
+    assert len(made) == 4 and all(len(m) == 32 for m in made)
+
+
+@pytest.fixture(scope="module")
+def seaweed() -> Iterator[SeaweedServer]:
+    server = SeaweedServer().start()
+    try:
+        server.client().create_bucket(Bucket="models")  # type: ignore[attr-defined]
+        yield server
+    finally:
+        server.stop()
+
+
+def _reader(seaweed: SeaweedServer) -> S3Reader:
+    return S3Reader(seaweed.endpoint_url, seaweed.access_key, seaweed.secret_key)
+
+
+def _objects(seaweed: SeaweedServer, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    client: Any = seaweed.client()
+    found = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in found}
+
+
+def _record(log: PredictionLog, rid: str, n: int = 1, version: str = "7") -> None:
+    rows = [{"age": "[50-60)", "encounter_id": 100 + i} for i in range(n)]
+    log.record(rid, version, ("<30", ">30", "NO"), "batch", rows, ["NO"] * n, [[0.1, 0.2, 0.7]] * n)
+
+
+def test_batches_are_cut_by_rows_and_by_seconds(seaweed: SeaweedServer) -> None:
+    client: Any = seaweed.client()
+    client.create_bucket(Bucket="log-timing")
+    reader = _reader(seaweed)
+    log = PredictionLog(
+        lambda key, data: reader.put("log-timing", key, data, "application/octet-stream"),
+        rows=5,
+        seconds=1.0,
+    )
+    _record(log, "full", n=5)  # reaches `rows`: written at once, not after a second
+    deadline = time.monotonic() + 0.8
+    while time.monotonic() < deadline and not _objects(seaweed, "log-timing"):
+        time.sleep(0.05)
+    first = _objects(seaweed, "log-timing")
+    assert len(first) == 1
+    _record(log, "few", n=2)  # below `rows`: written by the timer
+    time.sleep(1.6)
+    written = _objects(seaweed, "log-timing")
+    assert len(written) == 2
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    keys = sorted(written)
+    assert keys == [f"7/{day}/{log.writer_id}-{n:06d}.parquet" for n in (1, 2)]
+    table = _read(written[keys[1]])
+    assert table.column("request_id").to_pylist() == ["few", "few"]
+    assert table.column("row").to_pylist() == [0, 1]
+    assert table.column("encounter_id").to_pylist() == ["100", "101"]
+    assert table.column("probability_NO").to_pylist() == [0.7, 0.7]
+    assert json.loads(table.column("features")[0].as_py()) == {
+        "age": "[50-60)",
+        "encounter_id": 100,
+    }
+    log.close()
+
+
+def test_a_refused_batch_is_written_under_its_key_once_the_store_takes_it(
+    seaweed: SeaweedServer,
+) -> None:
+    client: Any = seaweed.client()
+    client.create_bucket(Bucket="log-later")
+    refusing = S3Reader(seaweed.endpoint_url, seaweed.access_key, "not-the-secret")
+    readers = [refusing]  # the store answers 403 until the right credentials are in place
+    writes: list[int] = []
+    log = PredictionLog(
+        lambda key, data: readers[0].put("log-later", key, data, "application/octet-stream"),
+        rows=10**6,
+        seconds=3600,
+        after_write=lambda: writes.append(1),
+    )
+    _record(log, "a", n=3)
+    assert log.flush() == 0  # refused: kept with its key
+    _record(log, "b", n=1, version="8")
+    readers[0] = _reader(seaweed)
+    assert log.flush() == 4
+    written = _objects(seaweed, "log-later")
+    assert sorted(k.split("/")[0] for k in written) == ["7", "8"]
+    assert sorted(k.rsplit("-", 1)[-1] for k in written) == ["000001.parquet", "000002.parquet"]
+    assert log.dropped_rows == 0 and log.written_rows == 4
+    assert log.flush() == 0 and len(writes) == 2  # the heap-trim hook: after each attempt
+    log.close()
+
+
+def test_an_off_log_records_nothing() -> None:
+    log = PredictionLog(None, rows=1, seconds=0.01)
+    _record(log, "x", n=3)
+    assert not log.enabled and log.flush() == 0
+
+
+def test_every_answer_of_every_worker_is_in_the_log_after_a_graceful_stop(
+    seaweed: SeaweedServer,
+) -> None:
+    """Nothing is flushed while serving (huge rows/seconds): the exit hook writes it all."""
+    client: Any = seaweed.client()
+    client.create_bucket(Bucket=LOG_BUCKET)
+    onnx_bytes, metadata = build_model("decision_tree", "41")
+    client.put_object(Bucket="models", Key=metadata["model_key"], Body=onnx_bytes)
+    client.put_object(
+        Bucket="models", Key="champion/metadata.json", Body=json.dumps(metadata).encode()
+    )
+    env = {
+        **seaweed.env(),
+        **PREDICT_SERVER_ENV,
+        "WORKERS": "2",
+        "PREDICTION_LOG_ROWS": "1000000",
+        "PREDICTION_LOG_SECONDS": "3600",
+    }
+    process = FunctionProcess(env)
+    rows = patient_rows(12)
+    answered: dict[tuple[str, int], list[float]] = {}
+    try:
+        process.wait_ready()
+        for index, row in enumerate(rows[:10]):
+            status, headers, body = http(
+                process.url + "/predict",
+                {"features": {**row, "encounter_id": 9000 + index}},
+                headers={"X-Request-Id": f"req-{index}"},
+            )
+            assert status == 200 and headers["X-Request-Id"] == f"req-{index}"
+            answered[(f"req-{index}", 0)] = list(json.loads(body)["probabilities"].values())
+        status, headers, body = http(process.url + "/predict/batch", {"instances": rows[10:]})
+        assert status == 200
+        made = headers["X-Request-Id"]
+        for index, prediction in enumerate(json.loads(body)["predictions"]):
+            answered[(made, index)] = list(prediction["probabilities"].values())
+        assert _objects(seaweed, LOG_BUCKET) == {}  # nothing flushed while serving
+    finally:
+        output = process.stop()
+    written = _objects(seaweed, LOG_BUCKET, "41/")
+    assert written, output[-2000:]
+    table = pa.concat_tables([_read(data) for data in written.values()])
+    logged = {
+        (r["request_id"], r["row"]): [
+            r["probability_<30"],
+            r["probability_>30"],
+            r["probability_NO"],
+        ]
+        for r in table.to_pylist()
+    }
+    assert logged == answered
+    encounters = dict(
+        zip(
+            table.column("request_id").to_pylist(),
+            table.column("encounter_id").to_pylist(),
+            strict=True,
+        )
+    )
+    assert encounters["req-3"] == "9003" and encounters[made] is None
+    assert set(table.column("model_version").to_pylist()) == {"41"}
