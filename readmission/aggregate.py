@@ -231,6 +231,7 @@ def _aggregate(
             onnx_sha256=candidate.onnx_sha256,
             test_metrics=candidate.test_metrics,
             quality_report=candidate.quality,
+            selection=candidate.selection.as_dict(),
         )
         metadata_bytes = json_bytes(metadata)
         if decision["new_model"]:
