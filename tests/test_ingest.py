@@ -184,7 +184,7 @@ def test_real_csv_gives_manifest_batches_and_jobs(
     }
     assert totals == {"NO": 54_864, ">30": 35_545, "<30": 11_357}
     assert manifest["patients"]["total"] == 71_518
-    assert len(manifest["jobs"]) == 20 == outcome.jobs
+    assert len(manifest["jobs"]) == 25 == outcome.jobs  # 5 sets x 5 default algorithms
     # costliest first (jobs.job_order): the five gradient boosting jobs, then by rows x cost
     assert manifest["jobs"][:7] == [
         keys.job_key(dataset_id, 4, "gradient_boosting"),
@@ -198,8 +198,8 @@ def test_real_csv_gives_manifest_batches_and_jobs(
     assert manifest["jobs"][-1] == keys.job_key(dataset_id, 0, "decision_tree")
     assert sorted(store.list_keys(settings.buckets.jobs)) == sorted(manifest["jobs"])
     # 5 batches, validation, test, the encounter index, the manifest, the corpus head, the drop
-    # record, 20 jobs
-    assert len(outcome.written) == 5 + 2 + 1 + 1 + 1 + 1 + 20
+    # record, 25 jobs
+    assert len(outcome.written) == 5 + 2 + 1 + 1 + 1 + 1 + 25
     assert manifest["drops"] == [keys.content_id(data)] and manifest["parent"] is None
     for name in ("train", "validation", "test"):
         assert abs(manifest["class_shares"][name]["NO"] - 0.539) < 0.01, name
