@@ -98,7 +98,12 @@ def snapshot(info: StackInfo, drop_id: str) -> Snapshot:
         if version
         else None,
         jobs=len(store.list_keys(buckets.jobs, f"{version}/")) if version else 0,
-        results=len(store.list_keys(buckets.results, f"{version}/")) if version else 0,
+        # result documents only (each has a .validation.npy beside it)
+        results=sum(
+            key.endswith(".json") for key in store.list_keys(buckets.results, f"{version}/")
+        )
+        if version
+        else 0,
         model_metadata=bool(version) and store.exists(buckets.models, model_metadata_key(version)),
         decision=store.get_json_if_exists(buckets.models, decision_key(version))
         if version
