@@ -233,6 +233,7 @@ def _aggregate(
             test_metrics=candidate.test_metrics,
             quality_report=candidate.quality,
             explain_baseline=explain_baseline(candidate.validation_frame),
+            selection=candidate.selection.as_dict(),
         )
         metadata_bytes = json_bytes(metadata)
         if decision["new_model"]:
