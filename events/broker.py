@@ -90,6 +90,10 @@ class BrokerConfig:
     max_inflight_per_replica: int = 16  # cap for containerConcurrency 0 (unlimited)
     max_body_bytes: int = 1024 * 1024
     dead_letter_attempts: int = 3
+    # seconds a client may go silent while it sends a request head, then its body (each read;
+    # a thread per connection, so a slow client holds only its own: docs/reliability.md)
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
 
     @classmethod
     def from_env(cls) -> BrokerConfig:
@@ -109,6 +113,8 @@ class BrokerConfig:
                 _env("BROKER_MAX_INFLIGHT", str(cls.max_inflight_per_replica))
             ),
             max_body_bytes=int(_env("BROKER_MAX_BODY_BYTES", str(cls.max_body_bytes))),
+            header_timeout=float(_env("HTTP_HEADER_TIMEOUT", str(cls.header_timeout))),
+            body_timeout=float(_env("HTTP_BODY_TIMEOUT", str(cls.body_timeout))),
         )
 
 
@@ -413,6 +419,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def handle_one_request(self) -> None:
+        # a read that times out ends the connection (BaseHTTPRequestHandler catches it)
+        self.connection.settimeout(self.server.broker.config.header_timeout)
+        super().handle_one_request()
+
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/status":
             self._reply(HTTPStatus.OK, self.server.broker.status())
@@ -434,6 +445,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "event too large"})
             return
+        self.connection.settimeout(self.server.broker.config.body_timeout)
         body = self.rfile.read(length)
         try:
             event = from_http(decode_attribute_headers(dict(self.headers.items())), body)
@@ -463,6 +475,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class BrokerServer(ThreadingHTTPServer):
     daemon_threads = True
+    # listen backlog: socketserver's 5 drops the SYN of a 6th connection made at once, and
+    # the client waits a 1 s retransmission (gunicorn's default backlog is 2048)
+    request_queue_size = 128
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker

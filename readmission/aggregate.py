@@ -235,6 +235,7 @@ def _aggregate(
             quality_report=candidate.quality,
             explain_baseline=explain_baseline(candidate.validation_frame),
             input_ranges=input_ranges(candidate.validation_frame),
+            selection=candidate.selection.as_dict(),
         )
         metadata_bytes = json_bytes(metadata)
         if decision["new_model"]:

@@ -11,8 +11,13 @@ bucket) and the selected run's model (MLflow); writes nothing. Contract:
 * the selected model is loaded only from a local copy whose every file matches the digests its
   result pins (`load_selected`, readmission.model_files): a model changed in MLflow's artifact
   store after its run is an InvalidResult, before skops reads anything;
-* the selection is deterministic for any order of the results (`select_best`: validation
-  `Settings.selection_metric`, then validation ROC-AUC, then the smaller job key);
+* the selection is deterministic for any order of the results and respects noise
+  (`select_candidate`, readmission.selection): the candidates within the paired-bootstrap
+  noise of the best validation `Settings.selection_metric` (GATE_RESAMPLES, GATE_SEED) are
+  tied, and the tie goes to validation ROC-AUC, then more training rows, then the cheaper
+  fit. The bootstrap compares the per-row validation probabilities each training job wrote
+  beside its result (their sha256 pinned by the result: InvalidResult if they differ); a
+  result written before they existed is re-predicted from its verified model;
 * the test split is looked at by the selected model only, once (`test_and_export`), and parity
   is checked on the WHOLE test split: a ParityError raises before anything is registered or
   written, so the event is retried and finally dead-lettered;
@@ -26,7 +31,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,9 +39,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from readmission import keys, model_files, quality
+from readmission import keys, model_card, model_files, quality, selection, training
 from readmission.config import Settings
-from readmission.features import target_values, to_model_frame
+from readmission.features import build_pipeline, classifier_params, target_values, to_model_frame
 from readmission.learning_curve import build_learning_curve, to_csv, to_markdown, to_png
 from readmission.onnx_export import ExportedModel, export_onnx
 from readmission.onnx_parity import ParityReport, check_parity
@@ -46,7 +50,6 @@ from readmission.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-TIE_BREAK_METRIC = "roc_auc_ovr"
 ONNX_SAMPLE_ROWS = 100
 
 Exporter = Callable[[Any, pd.DataFrame], ExportedModel]
@@ -90,26 +93,77 @@ def read_result(
     return result
 
 
-def _score(result: Mapping[str, Any], metric: str) -> float:
-    value = result.get("metrics", {}).get("validation", {}).get(metric)
-    if not isinstance(value, int | float) or math.isnan(value):
-        return -math.inf
-    return float(value)
-
-
 def select_best(results: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:
-    """Highest validation `metric`; ties: higher validation ROC-AUC, then the smaller job key
-    (fewer training rows, then algorithm name). Deterministic for any input order."""
-    if not results:
-        raise ValueError("no results to select from")
-    if all(_score(r, metric) == -math.inf for r in results):
-        raise ValueError(f"no result has the validation metric {metric!r} (SELECTION_METRIC)")
+    """The point-estimate leader: highest validation `metric`; ties: higher validation
+    ROC-AUC, then the smaller job key (fewer training rows, then algorithm name).
+    Deterministic for any input order. The served model is `select_candidate`'s."""
+    return selection.leader(results, metric)
 
-    def order(result: Mapping[str, Any]) -> tuple[float, float, str]:
-        job = keys.job_name(int(result["cumulative_index"]), str(result["algorithm"]))
-        return (-_score(result, metric), -_score(result, TIE_BREAK_METRIC), job)
 
-    return min(results, key=order)
+def validation_probabilities(
+    store: ObjectStore,
+    settings: Settings,
+    result: Mapping[str, Any],
+    validation_frame: pd.DataFrame,
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(probabilities on the version's validation rows, their class columns) of one result:
+    the object its training job wrote, checked against the sha256 the result pins
+    (InvalidResult otherwise); for a result without one, its verified model's prediction."""
+    entry = result.get(training.VALIDATION_PROBABILITIES)
+    job = selection.job_of(result)
+    data, classes, pinned = None, (), ""
+    if entry is not None:
+        try:
+            data = store.get_bytes_if_exists(settings.buckets.results, str(entry["key"]))
+            classes = tuple(str(c) for c in entry["classes"])
+            pinned = str(entry["sha256"])
+        except (KeyError, TypeError) as error:
+            message = f"result {job}: malformed validation probabilities {entry!r}"
+            raise InvalidResult(message) from error
+    if data is None:  # a result written before they existed, or the object is gone
+        log.warning("result %s: no validation probabilities stored, predicting them", job)
+        pipeline = load_selected(result)
+        values = predict_probabilities(pipeline, validation_frame)
+        return values, tuple(str(c) for c in pipeline.classes_)
+    if hashlib.sha256(data).hexdigest() != pinned:
+        raise InvalidResult(f"result {job}: validation probabilities differ from their sha256")
+    values = training.read_probabilities(data)
+    if values.shape != (len(validation_frame), len(classes)):
+        raise InvalidResult(
+            f"result {job}: validation probabilities of shape {values.shape}, expected "
+            f"({len(validation_frame)}, {len(classes)})"
+        )
+    return values, classes
+
+
+def select_candidate(
+    store: ObjectStore,
+    settings: Settings,
+    results: Sequence[Mapping[str, Any]],
+    validation: pd.DataFrame,
+) -> selection.Selection:
+    """The noise-aware selection (readmission.selection) of `results` on the version's
+    validation rows (`read_validation`), with the gate's resamples and seed."""
+    frame, target = to_model_frame(validation), target_values(validation)
+    probabilities: dict[str, np.ndarray] = {}
+    columns: set[tuple[str, ...]] = set()
+    for result in results:
+        values, classes = validation_probabilities(store, settings, result, frame)
+        probabilities[selection.job_of(result)] = values
+        columns.add(classes)
+    if len(columns) != 1:
+        raise InvalidResult(f"the results' probabilities have different classes: {columns}")
+    codes = pd.Index(next(iter(columns))).get_indexer(target)
+    if (codes < 0).any():
+        raise InvalidResult("a validation label is not a class of the models")
+    return selection.select(
+        results,
+        probabilities,
+        codes,
+        settings.selection_metric,
+        settings.gate_resamples,
+        settings.gate_seed,
+    )
 
 
 def load_selected(result: Mapping[str, Any]) -> Any:
@@ -148,8 +202,10 @@ class Candidate(TestedModel):
     """A TestedModel with the dataset's learning curve: ready to register and publish."""
 
     curve_files: dict[str, tuple[bytes, str]]  # extension -> (bytes, content type)
+    selection: selection.Selection
     quality: dict[str, Any]  # readmission.quality.quality_report (validation and test)
     quality_files: dict[str, tuple[bytes, str]]  # extension -> (bytes, content type)
+    card_files: dict[str, tuple[bytes, str]]  # extension -> (bytes, content type)
     prepared_ahead: bool = False  # the TestedModel came from PreparedAhead
 
     @property
@@ -263,7 +319,8 @@ class PreparedAhead:
         with self._lock:
             try:
                 results = [read_result(store, settings, manifest, key) for key in result_keys]
-                best = select_best(results, settings.selection_metric)
+                validation = read_validation(store, settings, manifest)
+                best = select_candidate(store, settings, results, validation).best
                 key = self.key(manifest, best, parity_tolerance)
                 if key != self._key:
                     self._key, self._tested = None, None
@@ -307,20 +364,24 @@ def prepare_candidate(
     curve of all results, and report the selected model's calibration and per-group quality
     on validation and test (readmission.quality)."""
     dataset_id = str(manifest["dataset_id"])
-    best = select_best(results, settings.selection_metric)
+    chosen = select_candidate(store, settings, results, read_validation(store, settings, manifest))
+    best = chosen.best
     log.info(
-        "dataset %s: best of %d results by validation %s is %s (run %s)",
+        "dataset %s: of %d results, %s leads by validation %s; tied within noise: %s; "
+        "selected %s (run %s)",
         dataset_id,
         len(results),
+        selection.job_of(chosen.leader),
         settings.selection_metric,
-        keys.job_name(int(best["cumulative_index"]), best["algorithm"]),
+        ", ".join(chosen.tied),
+        selection.job_of(best),
         best["run_id"],
     )
     tested = None if exporter is not None else PREPARED_AHEAD.take(manifest, best, parity_tolerance)
     prepared_ahead = tested is not None
     if tested is None:
         tested = test_and_export(store, settings, manifest, best, parity_tolerance, exporter)
-    curve = build_learning_curve(dataset_id, results)
+    curve = build_learning_curve(dataset_id, results, chosen)
     curve_files = {
         "csv": (to_csv(curve), "text/csv"),
         "md": (to_markdown(curve).encode(), "text/markdown"),
@@ -341,6 +402,19 @@ def prepare_candidate(
         "json": (quality.to_json(report), "application/json"),
         "png": (quality.to_png(report, f"Reliability of {dataset_id}"), "image/png"),
     }
+    card = model_card.build_card(
+        dataset_id=dataset_id,
+        best=tested.best,
+        test_metrics=tested.test_metrics,
+        quality_report=report,
+        selection=chosen.as_dict(),
+        # the fit's parameters: fit_id hashes them, so a result's are this code's
+        classifier=_json_ready(classifier_params(build_pipeline(str(best["algorithm"])))),
+    )
+    card_files = {
+        "json": (model_card.to_json(card), "application/json"),
+        "md": (model_card.to_markdown(card).encode(), "text/markdown"),
+    }
     return Candidate(
         best=tested.best,
         test_metrics=tested.test_metrics,
@@ -354,7 +428,24 @@ def prepare_candidate(
         validation_target=tested.validation_target,
         validation_probabilities=tested.validation_probabilities,
         curve_files=curve_files,
+        selection=chosen,
         quality=report,
         quality_files=quality_files,
+        card_files=card_files,
         prepared_ahead=prepared_ahead,
     )
+
+
+def _json_ready(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyperparameters as JSON values (dict keys as text, other objects as their repr)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        return repr(value)
+
+    return {str(k): plain(v) for k, v in params.items()}

@@ -189,6 +189,31 @@ class ManifestCache:
 MANIFESTS = ManifestCache()
 
 
+def read_job_spec(
+    store: ObjectStore, settings: Settings, bucket: str, key: str
+) -> tuple[JobSpec, dict[str, Any]]:
+    """The job spec at a job key (parsed, and as read), or InvalidJobSpec saying why no retry
+    can run it: no such key, no such object, not JSON, not a job spec, or another job's."""
+    try:
+        keys.parse_job_key(key)
+    except ValueError as error:
+        raise InvalidJobSpec(str(error)) from error
+    data = store.get_bytes_if_exists(bucket, key)
+    if data is None:
+        raise InvalidJobSpec(f"job spec s3://{bucket}/{key} does not exist")
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidJobSpec(f"job spec s3://{bucket}/{key} is not JSON: {error}") from error
+    try:
+        job = JobSpec.parse(document, settings.buckets.datasets)
+    except InvalidJobSpec as error:
+        raise InvalidJobSpec(f"s3://{bucket}/{key}: {error}") from error
+    if job.key != key:
+        raise InvalidJobSpec(f"job spec s3://{bucket}/{key} describes job {job.key}")
+    return job, document
+
+
 def read_manifest(
     store: ObjectStore, settings: Settings, dataset_id: str, cache: ManifestCache = MANIFESTS
 ) -> Mapping[str, Any]:

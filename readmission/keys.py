@@ -107,6 +107,11 @@ def reliability_key(dataset_id: str) -> str:
     return f"{dataset_id}/reliability.png"
 
 
+def model_card_key(dataset_id: str, extension: str) -> str:
+    """The model card of a version's selected model: `json` or `md` (readmission.model_card)."""
+    return f"{dataset_id}/model_card.{extension}"
+
+
 def rejected_key(content_hash: str, original_key: str) -> str:
     return f"{content_hash}/{original_key}"
 

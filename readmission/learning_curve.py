@@ -3,8 +3,12 @@
 From every training result of a dataset (one per cumulative set and algorithm) this module
 builds a table (rows = training rows, one column per algorithm) of the validation F1 (weighted)
 and ROC-AUC, renders it as CSV, Markdown and plain text, draws it as a PNG, and states a
-computed verdict: the smallest training size from which the best algorithm stays within a
-tolerance (default 0.005 F1) of its best score.
+computed verdict. With the aggregator's noise-aware selection (readmission.selection) each cell
+also carries the paired-bootstrap interval of its difference from the best, and the verdict is
+"within noise of the best from N rows": the smallest size from which every larger size has a
+candidate tied with the best. Without it (the command line, which has no probabilities) the
+verdict is the smallest size from which the best algorithm stays within a tolerance (default
+0.005 F1) of its best score.
 
 Command line (prints the table and the verdict, e.g. at the end of scripts/run-local.sh):
 
@@ -23,7 +27,10 @@ import math
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from readmission.selection import Selection
 
 F1 = "f1_weighted"
 AUC = "roc_auc_ovr"
@@ -38,6 +45,10 @@ class CurvePoint:
     algorithm: str
     f1: float
     auc: float
+    # paired-bootstrap interval of f1 - the best's f1 on validation, and whether it is tied
+    # with the best (readmission.selection); None without a selection
+    interval: tuple[float, float] | None = None
+    tied: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,11 @@ class LearningCurve:
     points: tuple[CurvePoint, ...]
     algorithms: tuple[str, ...] = field(default=())
     sizes: tuple[tuple[int, int], ...] = field(default=())  # (cumulative_index, training_rows)
+    selection: Selection | None = None
+
+    def points_best_f1(self) -> float:
+        """The highest validation F1 of any cell."""
+        return max((p.f1 for p in self.points if not math.isnan(p.f1)), default=math.nan)
 
     def value(self, training_rows: int, algorithm: str, metric: str) -> float:
         """The metric of one cell, NaN where that result is missing."""
@@ -60,24 +76,33 @@ def _metric(result: Mapping[str, Any], name: str) -> float:
     return float(value) if isinstance(value, int | float) else math.nan
 
 
-def build_learning_curve(dataset_id: str, results: Iterable[Mapping[str, Any]]) -> LearningCurve:
-    """The curve of one dataset from its result documents (design.md's result schema)."""
-    points = sorted(
-        (
-            CurvePoint(
-                cumulative_index=int(result["cumulative_index"]),
-                training_rows=int(result["training_rows"]),
-                algorithm=str(result["algorithm"]),
-                f1=_metric(result, F1),
-                auc=_metric(result, AUC),
-            )
-            for result in results
-        ),
-        key=lambda p: (p.training_rows, p.algorithm),
-    )
+def build_learning_curve(
+    dataset_id: str,
+    results: Iterable[Mapping[str, Any]],
+    selection: Selection | None = None,
+) -> LearningCurve:
+    """The curve of one dataset from its result documents (design.md's result schema), with
+    each cell's interval from `selection` when given (its metric must be F1 weighted)."""
+
+    def point(result: Mapping[str, Any]) -> CurvePoint:
+        index, algorithm = int(result["cumulative_index"]), str(result["algorithm"])
+        compared = None
+        if selection is not None and selection.metric == F1:
+            compared = selection.comparison(f"{index:02d}-{algorithm}")
+        return CurvePoint(
+            cumulative_index=index,
+            training_rows=int(result["training_rows"]),
+            algorithm=algorithm,
+            f1=_metric(result, F1),
+            auc=_metric(result, AUC),
+            interval=None if compared is None else compared.interval,
+            tied=None if compared is None else compared.tied,
+        )
+
+    points = sorted((point(r) for r in results), key=lambda p: (p.training_rows, p.algorithm))
     algorithms = tuple(sorted({p.algorithm for p in points}))
     sizes = tuple(sorted({(p.cumulative_index, p.training_rows) for p in points}))
-    return LearningCurve(dataset_id, tuple(points), algorithms, sizes)
+    return LearningCurve(dataset_id, tuple(points), algorithms, sizes, selection)
 
 
 # --- the verdict -------------------------------------------------------------------------
@@ -108,9 +133,44 @@ def _or_minus_inf(value: float) -> float:
     return -math.inf if math.isnan(value) else value
 
 
+def noise_verdict(curve: LearningCurve) -> str | None:
+    """ "Within noise of the best from N rows": N is the smallest training size with a
+    candidate tied with the best (readmission.selection), and the larger sizes without one are
+    named; None without intervals."""
+    selection = curve.selection
+    if selection is None or all(p.tied is None for p in curve.points):
+        return None
+    tied_sizes = {p.training_rows for p in curve.points if p.tied}
+    sizes = [rows for _, rows in curve.sizes]
+    enough = min(tied_sizes)
+    dips = [rows for rows in sizes if rows > enough and rows not in tied_sizes]
+    top = selection.leader
+    leader = next(
+        p
+        for p in curve.points
+        if (p.cumulative_index, p.algorithm) == (int(top["cumulative_index"]), top["algorithm"])
+    )
+    chosen = selection.best
+    tied = [p for p in curve.points if p.tied]
+    text = (
+        f"{leader.algorithm} on {leader.training_rows:,} rows has the best validation F1 "
+        f"weighted ({leader.f1:.4f}); {len(tied)} of {len(curve.points)} candidates are within "
+        f"noise of it ({selection.confidence:.0%} paired bootstrap, {selection.resamples} "
+        f"resamples, {selection.rows:,} validation rows): within noise of the best from "
+        f"{enough:,} rows ({enough / sizes[-1]:.0%} of the {sizes[-1]:,} available)"
+    )
+    if dips:
+        text += f", though no candidate at {', '.join(f'{d:,}' for d in dips)} rows is"
+    return text + (
+        f". Selected among the tied (ROC-AUC, then more rows, then the cheaper fit): "
+        f"{chosen['algorithm']} on {int(chosen['training_rows']):,} rows."
+    )
+
+
 def verdict(curve: LearningCurve, tolerance: float = DEFAULT_TOLERANCE) -> Verdict:
     """The smallest training size at which the best algorithm gets within `tolerance` F1 of
-    its own best score, and the larger sizes (if any) where it falls out of that band again."""
+    its own best score, and the larger sizes (if any) where it falls out of that band again.
+    With intervals (`noise_verdict`) the text is the noise-aware verdict."""
     algorithm = best_algorithm(curve)
     own = [p for p in curve.points if p.algorithm == algorithm and not math.isnan(p.f1)]
     best = max(own, key=lambda p: (p.f1, -p.training_rows))
@@ -136,6 +196,9 @@ def verdict(curve: LearningCurve, tolerance: float = DEFAULT_TOLERANCE) -> Verdi
         )
     else:
         text += ": more data beyond that adds little."
+    noise = noise_verdict(curve)
+    if noise is not None:
+        text = noise
     return Verdict(
         algorithm,
         best.f1,
@@ -195,8 +258,32 @@ def to_markdown(curve: LearningCurve, tolerance: float = DEFAULT_TOLERANCE) -> s
             cells = [f"**{_fmt(v)}**" if known and v == top else _fmt(v) for v in values]
             lines.append(f"| {size:,} | " + " | ".join(cells) + " |")
         lines.append("")
+    if any(p.interval is not None for p in curve.points):
+        lines += [
+            "## Validation F1 (weighted) minus the best's, with its paired-bootstrap interval",
+            "",
+            "`=` marks the candidates tied with the best (upper bound >= 0).",
+            "",
+            "| training rows | " + " | ".join(curve.algorithms) + " |",
+            "| ---: |" + " ---: |" * len(curve.algorithms),
+        ]
+        for _, size in curve.sizes:
+            cells = [_interval_cell(curve, size, a) for a in curve.algorithms]
+            lines.append(f"| {size:,} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += ["## Verdict", "", verdict(curve, tolerance).text, ""]
     return "\n".join(lines)
+
+
+def _interval_cell(curve: LearningCurve, size: int, algorithm: str) -> str:
+    point = next(
+        (p for p in curve.points if p.training_rows == size and p.algorithm == algorithm), None
+    )
+    if point is None or point.interval is None or math.isnan(point.f1):
+        return ""
+    low, high = point.interval
+    mark = "= " if point.tied else ""
+    return f"{mark}{point.f1 - curve.points_best_f1():+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def render_text(curve: LearningCurve, tolerance: float = DEFAULT_TOLERANCE) -> str:

@@ -3,9 +3,10 @@ in the models bucket, and its artifacts on the winning MLflow run.
 
 `build_metadata` is the document docs/design.md fixes for `models/<id>/metadata.json` and
 `champion/metadata.json` (pure). `write_artifacts` writes `models/<id>/model.onnx`,
-`learning_curve.{csv,md,png}`, `quality.json` and `reliability.png` (the models bucket fires no
-event); `log_to_run` logs the test metrics (with the test Brier and ECE), the ONNX file, the
-learning curve, the quality report and the metadata to the winning run.
+`learning_curve.{csv,md,png}`, `quality.json`, `reliability.png` and `model_card.{json,md}`
+(the models bucket fires no event); `log_to_run` logs the test metrics (with the test Brier and
+ECE), the ONNX file, the learning curve, the quality report, the model card and the metadata to
+the winning run.
 
 Idempotent: `write_if_changed` writes an object only if its bytes differ, and `log_to_run`
 logs nothing on a run whose `aggregate/metadata.json` exists (written last, so its presence
@@ -59,11 +60,14 @@ def build_metadata(
     quality_report: Mapping[str, Any],
     explain_baseline: Mapping[str, Any] | None = None,
     input_ranges: Mapping[str, Mapping[str, float]] | None = None,
+    selection: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The document design.md fixes for models/<id>/metadata.json and champion/metadata.json;
     `quality` is the compact summary of `quality_report` and the keys of its files;
     `explain_baseline` the reference row of the explanations (readmission.serving.explain);
-    `input_ranges` the numeric inputs' observed ranges (the web form's min/max hints)."""
+    `input_ranges` the numeric inputs' observed ranges (the web form's min/max hints);
+    `selection` the noise-aware selection's rule, leader, tied jobs and the selected job's
+    interval (readmission.selection.Selection.as_dict)."""
     outputs = _plain(exported.outputs)
     extra: dict[str, Any] = {}
     if explain_baseline is not None:
@@ -91,10 +95,15 @@ def build_metadata(
             "test": dict(test_metrics),
         },
         "selection_metric": settings.selection_metric,
+        **({"selection": _selection_summary(selection)} if selection is not None else {}),
         "learning_curve": {
             "csv": keys.learning_curve_key(dataset_id, "csv"),
             "md": keys.learning_curve_key(dataset_id, "md"),
             "png": keys.learning_curve_key(dataset_id, "png"),
+        },
+        "model_card": {
+            "json": keys.model_card_key(dataset_id, "json"),
+            "md": keys.model_card_key(dataset_id, "md"),
         },
         "quality": {
             **quality.summary(quality_report),
@@ -139,6 +148,14 @@ def input_ranges(frame: Any) -> dict[str, dict[str, float]]:
     return ranges
 
 
+def _selection_summary(selection: Mapping[str, Any]) -> dict[str, Any]:
+    """The selection without the comparisons of the candidates not tied (the learning curve
+    has them all)."""
+    selected = next(c for c in selection["comparisons"] if c["job"] == selection["selected"])
+    summary = {k: v for k, v in selection.items() if k != "comparisons"}
+    return {**summary, "selected_interval": selected["interval"]}
+
+
 def write_if_changed(
     store: ObjectStore, bucket: str, key: str, data: bytes, content_type: str
 ) -> bool:
@@ -162,10 +179,13 @@ def write_artifacts(store: ObjectStore, settings: Settings, dataset_id: str, c: 
 
 
 def quality_objects(dataset_id: str, c: Candidate) -> dict[str, tuple[bytes, str]]:
-    """key -> (bytes, content type) of the quality report and the reliability diagram."""
+    """key -> (bytes, content type) of the quality report, the reliability diagram and the
+    model card."""
     return {
         keys.quality_key(dataset_id): c.quality_files["json"],
         keys.reliability_key(dataset_id): c.quality_files["png"],
+        keys.model_card_key(dataset_id, "json"): c.card_files["json"],
+        keys.model_card_key(dataset_id, "md"): c.card_files["md"],
     }
 
 

@@ -254,13 +254,17 @@ def quality_report(
 
 
 def summary(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The compact form for metadata.json: per split Brier (per class and mean) and ECE per
-    class, and the test split's flagged groups."""
+    """The compact form for metadata.json: per split Brier (per class and mean), ECE per
+    class and the POSITIVE_CLASS recall of all its rows, and the test split's flagged groups."""
     splits = report["splits"]
     return {
         "ece_bins": report["ece_bins"],
+        "positive_class": report.get("positive_class", POSITIVE_CLASS),
         **{
-            name: {k: split[k] for k in ("brier", "brier_mean", "ece")}
+            name: {
+                **{k: split[k] for k in ("brier", "brier_mean", "ece")},
+                "positive_recall": split.get("overall", {}).get("recall"),
+            }
             for name, split in splits.items()
         },
         "flagged_groups": list(splits.get("test", {}).get("flagged", [])),

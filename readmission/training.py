@@ -25,7 +25,13 @@ answers 400: dead-lettered once, never retried), before any object is read or ru
 3. otherwise the batches 0..i and the validation rows are read (each once per process:
    `ModelDataCache`), the pipeline is fitted (one thread), evaluated on both, and logged to
    MLflow (params, metrics, model);
-4. the result document is written LAST: its arrival fires the aggregator.
+4. the model's probabilities on this version's validation rows are written beside the result
+   (`validation_probabilities_key`: float32 .npy, n x classes, no notification fires for it):
+   the aggregator's noise-aware selection compares candidates row by row (a paired
+   bootstrap, readmission.candidate). Deterministic bytes, so a redelivery rewrites the same
+   object;
+5. the result document is written LAST: its arrival fires the aggregator. It names the
+   probabilities object and pins its sha256.
 
 The result is built from the finished run (and, for a reused fit, a deterministic re-scoring),
 so a redelivered job writes a byte-identical document. It pins the sha256 of every file of the
@@ -37,6 +43,7 @@ metrics are those of readmission.scoring.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import threading
@@ -61,13 +68,41 @@ from readmission.features import (
     to_model_frame,
 )
 from readmission.job_spec import InvalidJobSpec, JobSpec, check_against_manifest, read_manifest
-from readmission.scoring import FIT_THREADS, METRIC_NAMES, compute_metrics, score
+from readmission.scoring import FIT_THREADS, METRIC_NAMES, predict_probabilities, score
 from readmission.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
 # MLflow metric prefixes of the two splits, and the result document's names for them.
 SPLIT_PREFIXES = {"train": "train_", "validation": "val_"}
+# The result document's entry naming the validation probabilities object.
+VALIDATION_PROBABILITIES = "validation_probabilities"
+
+
+def validation_probabilities_key(result_key: str) -> str:
+    """Key (results bucket) of a job's validation probabilities: its result key with
+    `.validation.npy` for `.json` (not a `.json`: no event fires for it)."""
+    return result_key.removesuffix(".json") + ".validation.npy"
+
+
+def probabilities_bytes(probabilities: np.ndarray) -> bytes:
+    """float32 .npy bytes of an n x classes matrix: the same values give the same bytes."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(probabilities, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def read_probabilities(data: bytes) -> np.ndarray:
+    """The matrix `probabilities_bytes` wrote."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@dataclass(frozen=True)
+class Probabilities:
+    """A model's probabilities on a split's rows, columns in `classes` order."""
+
+    values: np.ndarray
+    classes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -219,8 +254,9 @@ class _Phases:
 
 def fit_and_log(
     store: ObjectStore, client: MlflowClient, exp_id: str, job: JobSpec
-) -> tracking.RunRecord:
-    """Fit, evaluate and log one job as a new complete MLflow run."""
+) -> tuple[tracking.RunRecord, Probabilities]:
+    """Fit, evaluate and log one job as a new complete MLflow run; returns the run and the
+    model's probabilities on the validation rows."""
     phases = _Phases()
     train, validation = read_model_data(store, job)
     x_train, y_train = train.frame, train.target
@@ -232,7 +268,8 @@ def fit_and_log(
     with threadpool_limits(limits=FIT_THREADS):
         train_probabilities = pipeline[-1].predict_proba(features)
     train_metrics = score(train_probabilities, np.asarray(pipeline.classes_), y_train)
-    val_metrics = compute_metrics(pipeline, x_val, y_val)
+    val_probabilities = predict_probabilities(pipeline, x_val)
+    val_metrics = score(val_probabilities, np.asarray(pipeline.classes_), y_val)
     phases.mark("metrics")
     log.info(
         "job %s: fitted %s on %d rows in %.1fs (cpu %.1fs); validation f1_weighted %.4f",
@@ -281,7 +318,8 @@ def fit_and_log(
         raise
     phases.mark("mlflow")
     log.info("job %s: MLflow run %s; seconds %s", job.key, run_id, phases)
-    return tracking.run_record(client.get_run(run_id))
+    classes = tuple(str(c) for c in pipeline.classes_)
+    return tracking.run_record(client.get_run(run_id)), Probabilities(val_probabilities, classes)
 
 
 def result_document(
@@ -290,10 +328,12 @@ def result_document(
     files: Mapping[str, str],
     validation: Mapping[str, float | None] | None = None,
     rescore_seconds: float | None = None,
+    probabilities: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The result document (docs/design.md) of a complete run; `files` are its model files'
     digests (`fit_digests`); `validation` replaces the run's logged validation metrics when
-    the run was fitted for another corpus version."""
+    the run was fitted for another corpus version; `probabilities` names the validation
+    probabilities object ({"key", "sha256", "classes", "rows"})."""
     metrics: dict[str, dict[str, float | None]] = {}
     for split, prefix in SPLIT_PREFIXES.items():
         metrics[split] = {name: record.metrics.get(f"{prefix}{name}") for name in METRIC_NAMES}
@@ -318,6 +358,8 @@ def result_document(
     }
     if rescore_seconds is not None:
         document["rescore_seconds"] = rescore_seconds
+    if probabilities is not None:
+        document[VALIDATION_PROBABILITIES] = dict(probabilities)
     return document
 
 
@@ -369,15 +411,33 @@ def fit_digests(
 
 def rescore(
     store: ObjectStore, job: JobSpec, record: tracking.RunRecord, files: Mapping[str, str]
-) -> tuple[dict[str, float | None], float]:
-    """(metrics on this version's validation rows, wall seconds) of a fit made for an earlier
-    version: prediction only, by the model whose files match `files` (ModelFilesMismatch
-    before loading otherwise)."""
+) -> tuple[dict[str, float | None], float, Probabilities]:
+    """(metrics on this version's validation rows, wall seconds, the probabilities on them)
+    of a logged fit: prediction only, by the model whose files match `files`
+    (ModelFilesMismatch before loading otherwise)."""
     started = time.perf_counter()
     validation = read_validation(store, job)
     pipeline = model_files.load_verified(model_uri(record), files)
-    metrics = compute_metrics(pipeline, validation.frame, validation.target)
-    return metrics, time.perf_counter() - started
+    probabilities = predict_probabilities(pipeline, validation.frame)
+    metrics = score(probabilities, np.asarray(pipeline.classes_), validation.target)
+    classes = tuple(str(c) for c in pipeline.classes_)
+    return metrics, time.perf_counter() - started, Probabilities(probabilities, classes)
+
+
+def write_probabilities(
+    store: ObjectStore, bucket: str, job: JobSpec, probabilities: Probabilities
+) -> dict[str, Any]:
+    """Write a job's validation probabilities (before its result: the result is the done
+    marker) and return the result's entry naming them."""
+    data = probabilities_bytes(probabilities.values)
+    key = validation_probabilities_key(job.result_key)
+    store.put_bytes(bucket, key, data)
+    return {
+        "key": key,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "rows": int(probabilities.values.shape[0]),
+        "classes": list(probabilities.classes),
+    }
 
 
 def checked_job(
@@ -417,19 +477,20 @@ def train_job(
     fit_id = job.fit_id
     complete = tracking.discard_incomplete(client, tracking.fit_runs(client, exp_id, fit_id))
     reused = tracking.keep_first_complete(client, complete)
+    probabilities: Probabilities | None = None
     if reused is not None:
         record = tracking.run_record(reused)
         log.info("job %s: reusing fit %s (run %s)", job.key, fit_id, record.run_id)
     else:
-        record = fit_and_log(store, client, exp_id, job)
+        record, probabilities = fit_and_log(store, client, exp_id, job)
         # A concurrent twin may have finished too: converge on the oldest complete run.
         kept = tracking.keep_first_complete(client, tracking.fit_runs(client, exp_id, fit_id))
         if kept is not None and kept.info.run_id != record.run_id:
-            record = tracking.run_record(kept)
+            record, probabilities = tracking.run_record(kept), None
 
     files = fit_digests(store, settings, job, record)
     if record.tags.get(tracking.DATASET_TAG, job.dataset_id) != job.dataset_id:
-        validation, seconds = rescore(store, job, record, files)
+        validation, seconds, probabilities = rescore(store, job, record, files)
         log.info(
             "job %s: fit %s of version %s re-scored on this version's validation rows in %.2fs",
             job.key,
@@ -437,8 +498,12 @@ def train_job(
             record.tags.get(tracking.DATASET_TAG),
             seconds,
         )
-        result = result_document(job, record, files, validation, seconds)
+        entry = write_probabilities(store, results_bucket, job, probabilities)
+        result = result_document(job, record, files, validation, seconds, entry)
     else:
-        result = result_document(job, record, files)
+        if probabilities is None:  # a run of this version logged by an earlier attempt
+            probabilities = rescore(store, job, record, files)[2]
+        entry = write_probabilities(store, results_bucket, job, probabilities)
+        result = result_document(job, record, files, probabilities=entry)
     store.put_json(results_bucket, job.result_key, result)
     return result

@@ -39,17 +39,19 @@ from support.seaweed_server import SeaweedServer
 
 from readmission import contract, decisions, keys, lease, registry, tracking
 from readmission.aggregate import AggregateOutcome, InvalidResult, aggregate_dataset, lease_key
-from readmission.candidate import select_best
+from readmission.candidate import select_best, select_candidate
 from readmission.config import Buckets, Settings
 from readmission.corpus_append import parquet_bytes
 from readmission.features import target_values, to_model_frame
+from readmission.gate import paired_bootstrap
 from readmission.ingest import ingest_object
 from readmission.jobs import job_spec
 from readmission.onnx_export import ExportedModel, export_onnx
 from readmission.onnx_parity import ParityError, run_onnx
 from readmission.scoring import compute_metrics
+from readmission.selection import job_of
 from readmission.storage import ObjectStore, json_bytes
-from readmission.training import train_job
+from readmission.training import VALIDATION_PROBABILITIES, train_job
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = Path(os.environ.get("DIABETES_CSV") or ROOT / "../shared/data/diabetic_data.csv.gz")
@@ -156,8 +158,40 @@ def scenario(store: ObjectStore, settings: Settings, client: MlflowClient) -> Sc
     return Scenario(dataset_id, manifest, results)
 
 
+def validation_probabilities(
+    store: ObjectStore, scenario: Scenario
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(the validation rows' class codes, job -> its stored validation probabilities)."""
+    probabilities, classes = {}, None
+    for result in scenario.results.values():
+        entry = result[VALIDATION_PROBABILITIES]
+        data = store.get_bytes("results-staging", entry["key"])
+        probabilities[job_of(result)] = np.load(io.BytesIO(data))
+        classes = entry["classes"]
+    validation = pd.concat(
+        [read_split(store, key) for key in scenario.manifest["validation"]["keys"]]
+    )
+    codes = pd.Index(classes).get_indexer(target_values(validation))
+    return codes, probabilities
+
+
+def selected(store: ObjectStore, settings: Settings, scenario: Scenario) -> dict[str, Any]:
+    """The result the aggregator serves (readmission.candidate.select_candidate)."""
+    staging = replace(settings, buckets=replace(settings.buckets, results="results-staging"))
+    validation = pd.concat(
+        [read_split(store, key) for key in scenario.manifest["validation"]["keys"]],
+        ignore_index=True,
+    )
+    results = list(scenario.results.values())
+    return dict(select_candidate(store, staging, results, validation).best)
+
+
 def write_results(store: ObjectStore, scenario: Scenario, keys_: list[str]) -> None:
+    """The results `keys_` arrive, each after the validation probabilities it names."""
     for key in keys_:
+        named = scenario.results[key][VALIDATION_PROBABILITIES]["key"]
+        if not store.exists("results", named):  # trained into the staging bucket
+            store.copy("results-staging", named, "results", named)
         store.put_json("results", key, scenario.results[key])
 
 
@@ -283,11 +317,30 @@ def test_aggregates_all_results_into_one_champion(
     assert outcome.status == "aggregated", outcome
     assert outcome.champion_written and outcome.version == "1"
 
-    # the selection: best validation F1, computed here independently
+    # the selection: the leader has the best validation F1; the served model is tied with it
+    # (paired bootstrap of the stored validation probabilities, computed here independently)
+    # and has the highest validation ROC-AUC of the tied
     results = list(scenario.results.values())
     top = max(r["metrics"]["validation"]["f1_weighted"] for r in results)
-    best = select_best(results, "f1_weighted")
-    assert best["metrics"]["validation"]["f1_weighted"] == top
+    leader = select_best(results, "f1_weighted")
+    assert leader["metrics"]["validation"]["f1_weighted"] == top
+    codes, probabilities = validation_probabilities(store, scenario)
+    tied = [
+        r
+        for r in results
+        if paired_bootstrap(
+            "f1_weighted",
+            codes,
+            probabilities[job_of(r)],
+            probabilities[job_of(leader)],
+            settings.gate_resamples,
+            settings.gate_seed,
+            0.95,
+        )[1]
+        >= 0
+    ]
+    best = max(tied, key=lambda r: r["metrics"]["validation"]["roc_auc_ovr"])
+    assert best == selected(store, settings, scenario)
 
     # the registry: exactly one version, alias champion, tags and description
     [version] = versions(client)
@@ -313,6 +366,8 @@ def test_aggregates_all_results_into_one_champion(
             prefix + "model.onnx",
             prefix + "quality.json",
             prefix + "reliability.png",
+            prefix + "model_card.json",
+            prefix + "model_card.md",
         ]
     )
     metadata = store.get_json("models", prefix + "metadata.json")
@@ -361,7 +416,10 @@ def test_aggregates_all_results_into_one_champion(
     curve = store.get_bytes("models", prefix + "learning_curve.csv").decode().splitlines()
     assert len(curve) == 1 + len(scenario.manifest["cumulative_sets"])
     assert store.get_bytes("models", prefix + "learning_curve.png").startswith(b"\x89PNG")
-    assert "Verdict" in store.get_bytes("models", prefix + "learning_curve.md").decode()
+    curve_md = store.get_bytes("models", prefix + "learning_curve.md").decode()
+    assert "Verdict" in curve_md and "within noise of the best from" in curve_md
+    assert metadata["selection"]["selected"] == job_of(best)
+    assert metadata["selection"]["leader"] == job_of(leader)
 
     # the quality report: the test Brier is sklearn's on the test rows, the summary is in the
     # metadata and the reliability diagram is beside the model
@@ -382,6 +440,19 @@ def test_aggregates_all_results_into_one_champion(
     assert metadata["quality"]["report"] == prefix + "quality.json"
     assert store.get_bytes("models", prefix + "reliability.png").startswith(b"\x89PNG")
 
+    # ... the model card: use and limits, data, every metric, the selection and its interval
+    card = store.get_json("models", metadata["model_card"]["json"])
+    assert card["model"]["training_rows"] == best["training_rows"]
+    assert card["metrics"] == metadata["metrics"]
+    assert card["positive_class_recall"]["test"] == report["splits"]["test"]["overall"]["recall"]
+    assert card["calibration"]["test"]["ece"] == report["splits"]["test"]["ece"]
+    assert card["selection"]["selected"] == job_of(best)
+    low, high = card["selection"]["selected_interval"]
+    assert high >= 0 and low <= card["selection"]["selected_difference"] <= high
+    assert card["flagged_groups"] == report["splits"]["test"]["flagged"]
+    card_md = store.get_bytes("models", metadata["model_card"]["md"]).decode()
+    assert "Not for clinical decisions" in card_md and "Strack" in card_md
+
     # ... and the winning run got the artifacts and the test metrics
     artifacts = {Path(f.path).name for f in client.list_artifacts(best["run_id"], "aggregate")}
     assert artifacts == {
@@ -392,6 +463,8 @@ def test_aggregates_all_results_into_one_champion(
         "model.onnx",
         "quality.json",
         "reliability.png",
+        "model_card.json",
+        "model_card.md",
     }
     run = client.get_run(best["run_id"])
     assert run.data.metrics["test_f1_weighted"] == pytest.approx(test_metrics["f1_weighted"])
@@ -600,9 +673,14 @@ def test_operator_promote_and_rollback_are_recorded_decisions(
 def test_a_better_challenger_is_promoted_and_an_old_decision_never_comes_back(
     store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
 ) -> None:
-    # The champion is now the shuffled-labels model (the previous test); a version whose best
-    # is the first real model beats it on the same rows, by far.
+    # The champion is now the shuffled-labels model (the previous test); a version whose one
+    # job is the real model of best validation F1 beats it on the same rows, by far. (With
+    # all jobs, the few sample rows tie every candidate and ROC-AUC picks among them.)
     good = copy_dataset(store, scenario, GOOD_AGAIN_ID)
+    leader = select_best(list(good.results.values()), settings.selection_metric)
+    [job] = [key for key, doc in good.results.items() if doc is leader]
+    good.manifest["jobs"], good.results = [job], {job: leader}
+    store.put_json("datasets", keys.manifest_key(GOOD_AGAIN_ID), good.manifest)
     write_results(store, good, list(good.results))
     outcome = aggregate_dataset(store, settings, GOOD_AGAIN_ID)
     assert outcome.decision == "promoted" and outcome.champion_written, outcome
@@ -643,7 +721,7 @@ def test_registration_converges_on_the_lowest_version(
 def test_the_best_so_far_is_prepared_ahead_and_used_only_if_still_the_best(
     store: ObjectStore, settings: Settings, client: MlflowClient, scenario: Scenario
 ) -> None:
-    best = select_best(list(scenario.results.values()), settings.selection_metric)
+    best = selected(store, settings, scenario)
     best_job = keys.job_name(int(best["cumulative_index"]), str(best["algorithm"]))
 
     def last_result_arrives(dataset: Scenario, last: str) -> AggregateOutcome:
@@ -712,7 +790,7 @@ def test_a_model_rewritten_in_mlflows_artifact_store_is_refused_and_nothing_regi
 
     copy = copy_dataset(store, scenario, "0000000000ad0de1")
     write_results(store, copy, list(copy.results))
-    best = select_best(list(copy.results.values()), settings.selection_metric)
+    best = selected(store, settings, copy)
     directory = logged_model_dir(client, best["run_id"])
     mlmodel, skops_file = directory / "MLmodel", directory / "model.skops"
     app = create_app("aggregate", str(ROOT / "functions/aggregate/main.py"), "cloudevent")

@@ -136,7 +136,9 @@ def test_a_second_drop_fits_only_its_new_sets_and_every_promotion_is_recorded(
     first_results = {
         (r["cumulative_index"], r["algorithm"]): r
         for r in (
-            store.get_json(buckets.results, k) for k in store.list_keys(buckets.results, f"{v1}/")
+            store.get_json(buckets.results, k)
+            for k in store.list_keys(buckets.results, f"{v1}/")
+            if k.endswith(".json")
         )
     }
     for result in results.values():

@@ -184,7 +184,7 @@ def test_real_csv_gives_manifest_batches_and_jobs(
     }
     assert totals == {"NO": 54_864, ">30": 35_545, "<30": 11_357}
     assert manifest["patients"]["total"] == 71_518
-    assert len(manifest["jobs"]) == 20 == outcome.jobs
+    assert len(manifest["jobs"]) == 25 == outcome.jobs  # 5 sets x 5 default algorithms
     # costliest first (jobs.job_order): the five gradient boosting jobs, then by rows x cost
     assert manifest["jobs"][:7] == [
         keys.job_key(dataset_id, 4, "gradient_boosting"),
@@ -198,8 +198,8 @@ def test_real_csv_gives_manifest_batches_and_jobs(
     assert manifest["jobs"][-1] == keys.job_key(dataset_id, 0, "decision_tree")
     assert sorted(store.list_keys(settings.buckets.jobs)) == sorted(manifest["jobs"])
     # 5 batches, validation, test, the encounter index, the manifest, the corpus head, the drop
-    # record, 20 jobs
-    assert len(outcome.written) == 5 + 2 + 1 + 1 + 1 + 1 + 20
+    # record, 25 jobs
+    assert len(outcome.written) == 5 + 2 + 1 + 1 + 1 + 1 + 25
     assert manifest["drops"] == [keys.content_id(data)] and manifest["parent"] is None
     for name in ("train", "validation", "test"):
         assert abs(manifest["class_shares"][name]["NO"] - 0.539) < 0.01, name
@@ -326,7 +326,7 @@ def test_outputs_are_byte_identical_when_rebuilt_from_scratch(
     outcome = ingest.ingest_object(
         store, settings, settings.buckets.raw, "uploads/diabetic_data.csv"
     )
-    assert outcome.status == ingest.INGESTED and len(outcome.written) == 31
+    assert outcome.status == ingest.INGESTED and len(outcome.written) == 36  # 11 + 25 jobs
     assert snapshot(store, settings) == before
 
 
@@ -785,7 +785,7 @@ def test_function_answers_204_and_ingests_or_400_for_a_malformed_event(
     manifest = store.get_json(
         settings.buckets.datasets, keys.manifest_key(version_of(store, settings, data))
     )
-    assert manifest["batch_rows"] == 1000 and len(manifest["jobs"]) == 4 * len(manifest["batches"])
+    assert manifest["batch_rows"] == 1000 and len(manifest["jobs"]) == 5 * len(manifest["batches"])
 
     reply = client.post("/", **_event(raw, "clinic/a.csv", etag=etag))  # redelivery
     assert reply.status_code == 204

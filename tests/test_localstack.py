@@ -298,7 +298,7 @@ def test_the_reconcile_pingsource_reaches_its_function(stack: RunningStack) -> N
     assert delivered, f"ping not delivered; broker log:\n{stack.log('broker')}"
 
 
-def test_the_real_csv_through_real_notifications_gives_batches_and_n_x_4_jobs(
+def test_the_real_csv_through_real_notifications_gives_batches_and_n_x_5_jobs(
     tmp_path: Path,
 ) -> None:
     """The whole real file, uploaded to the raw bucket of a stack of its own: the filer
@@ -317,7 +317,7 @@ def test_the_real_csv_through_real_notifications_gives_batches_and_n_x_4_jobs(
         assert manifest["drops"] == [content_id(data)]
         n_sets = len(manifest["cumulative_sets"])
         algorithms = list(own.settings.algorithms)
-        assert (n_sets, len(algorithms)) == (5, 4)
+        assert (n_sets, len(algorithms)) == (5, 5)
         assert manifest["rows"] == {
             "total": 101_766,
             "train": 71_246,
@@ -340,6 +340,6 @@ def test_the_real_csv_through_real_notifications_gives_batches_and_n_x_4_jobs(
             lambda: set(own.store.list_keys(buckets.jobs, f"{dataset_id}/")) >= expected,
             timeout=60,
         )
-        assert jobs, "the 20 job specs did not all appear"
+        assert jobs, "the 25 job specs did not all appear"
         assert set(own.store.list_keys(buckets.jobs, f"{dataset_id}/")) == expected
         assert own.broker_status()["delivered_by_type"].get(RAW_CREATED, 0) >= 1

@@ -56,6 +56,7 @@ from support.stack import (
 from readmission import keys, tracking
 from readmission.features import to_model_frame
 from readmission.localstack import processes
+from readmission.training import validation_probabilities_key
 
 pytestmark = pytest.mark.stack
 
@@ -357,7 +358,10 @@ def test_end_to_end_then_same_bytes_again(e2e_stack: RunningStack) -> None:
     assert manifest["algorithms"] == list(E2E_ALGORITHMS)
     assert len(manifest["jobs"]) == n_sets * len(E2E_ALGORITHMS)
     results = stack.store.list_keys(buckets.results, f"{dataset_id}/")
-    assert sorted(results) == sorted(manifest["jobs"])
+    # each result document, and the validation probabilities written just before it
+    assert sorted(results) == sorted(
+        [*manifest["jobs"], *(validation_probabilities_key(job) for job in manifest["jobs"])]
+    )
 
     # MLflow: one FINISHED run per job, with validation metrics and a logged model
     client = mlflow_client(stack)
@@ -603,9 +607,10 @@ def test_train_killed_mid_fit_is_redelivered(
     assert "type=io.readmission.job.created" in broker_log and "outcome=retry" in broker_log
 
     manifest = stack.store.get_json(buckets.datasets, keys.manifest_key(dataset_id))
-    assert sorted(stack.store.list_keys(buckets.results, f"{dataset_id}/")) == sorted(
-        manifest["jobs"]
-    )
+    documents = [
+        k for k in stack.store.list_keys(buckets.results, f"{dataset_id}/") if k.endswith(".json")
+    ]
+    assert sorted(documents) == sorted(manifest["jobs"])
     # one job per cumulative set (one algorithm); the sets of the versions before are reused
     sets = len(manifest["cumulative_sets"])
     assert len(manifest["jobs"]) == sets, manifest["jobs"]

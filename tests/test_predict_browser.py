@@ -352,6 +352,13 @@ def test_form_predicts_and_shows_bars_and_model_card(page_server: str, browser: 
     card = browser.evaluate("document.getElementById('card-facts').textContent")
     assert "decision_tree" in card and "Version1" in card.replace(" ", "")
     assert browser.evaluate("document.querySelectorAll('#card-metrics tbody tr').length") >= 3
+    quality = browser.evaluate("document.getElementById('card-quality').textContent")
+    assert "Recall of <30" in quality and "0.1234 / 0.1302" in quality
+    assert "0.2101 / 0.2111" in quality and "<30 0.0310" in quality
+    flagged = browser.evaluate("document.getElementById('card-flagged').textContent")
+    assert "race = Other: 600 rows, <30 recall 0.0100 (overall 0.1302)" in flagged
+    selection = browser.evaluate("document.getElementById('card-selection').textContent")
+    assert "Selected 00-decision_tree" in selection and "[-0.0042, +0.0031]" in selection
     browser.wait_for(
         "document.getElementById('learning-curve').complete && "
         "document.getElementById('learning-curve').naturalWidth === 48"

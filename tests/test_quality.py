@@ -197,6 +197,8 @@ def test_the_summary_names_brier_ece_and_the_test_splits_flagged_groups() -> Non
     assert summary["test"]["ece"] == report["splits"]["test"]["ece"]
     assert summary["validation"]["brier_mean"] == report["splits"]["validation"]["brier_mean"]
     assert summary["flagged_groups"] == report["splits"]["test"]["flagged"]
+    assert summary["test"]["positive_recall"] == report["splits"]["test"]["overall"]["recall"]
+    assert summary["positive_class"] == "<30"
     assert summary["ece_bins"] == 10
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -236,6 +237,15 @@ def test_train_job_logs_one_run_and_writes_the_result(env: Env) -> None:
     f1 = f1_score(target_values(validation), predicted, average="weighted", zero_division=0)
     assert np.isclose(f1, result["metrics"]["validation"]["f1_weighted"])
 
+    # Its validation probabilities lie beside the result (float32, pinned by their sha256).
+    entry = result["validation_probabilities"]
+    stored = env.store.get_bytes(env.settings.buckets.results, entry["key"])
+    assert entry["key"] == f"{DATASET_ID}/01-random_forest.validation.npy"
+    assert entry["sha256"] == hashlib.sha256(stored).hexdigest()
+    assert entry["classes"] == list(pipeline.classes_) and entry["rows"] == VALIDATION_ROWS
+    expected = pipeline.predict_proba(to_model_frame(validation)).astype(np.float32)
+    assert np.array_equal(np.load(io.BytesIO(stored)), expected)
+
 
 def test_model_data_is_read_once_per_process_and_again_when_rewritten(env: Env) -> None:
     store, bucket = env.store, env.settings.buckets.datasets
@@ -289,10 +299,15 @@ def test_finished_run_is_reused_when_the_result_is_missing(env: Env) -> None:
     before = result_bytes(env, job)
     env.store.delete(env.settings.buckets.results, keys.result_key(DATASET_ID, 0, job["algorithm"]))
 
+    probabilities_key = first["validation_probabilities"]["key"]
+    env.store.delete(env.settings.buckets.results, probabilities_key)
+
     again = train_job(env.store, env.settings, job)
 
     assert again["run_id"] == first["run_id"]
     assert result_bytes(env, job) == before  # byte-identical redelivery
+    stored = env.store.get_bytes(env.settings.buckets.results, probabilities_key)
+    assert hashlib.sha256(stored).hexdigest() == first["validation_probabilities"]["sha256"]
     assert len(runs_of(env, job, ViewType.ALL)) == 1
 
 

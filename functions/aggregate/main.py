@@ -26,6 +26,7 @@ from readmission.aggregate import (
     start_onnxruntime_warm_up,
     warm_up,
 )
+from readmission.glue import slow_clients
 from readmission.glue.event_handler import (
     MalformedEvent,
     function_context,
@@ -34,6 +35,8 @@ from readmission.glue.event_handler import (
 )
 from readmission.ingest import unreadable_key_problem
 from readmission.keys import parse_job_key
+
+slow_clients.install()  # header and body read timeouts: docs/reliability.md
 
 reply_empty_on_success()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -14,9 +14,12 @@ from typing import Any
 import functions_framework
 from cloudevents.http import CloudEvent
 
+from readmission.glue import slow_clients
 from readmission.glue.event_handler import function_context, reply_empty_on_success
 from readmission.keys import dead_letter_key
 from readmission.storage import json_bytes
+
+slow_clients.install()  # header and body read timeouts: docs/reliability.md
 
 reply_empty_on_success()
 

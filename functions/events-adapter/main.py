@@ -8,5 +8,8 @@ CloudEvent POSTed in binary mode to ``K_SINK`` (the SinkBinding's sink; locally 
 from __future__ import annotations
 
 from events.adapter import adapter
+from readmission.glue import slow_clients
+
+slow_clients.install()  # header and body read timeouts: docs/reliability.md
 
 __all__ = ["adapter"]

@@ -17,6 +17,7 @@ from typing import Any
 import functions_framework
 
 from readmission import contract
+from readmission.glue import slow_clients
 from readmission.glue.event_handler import (
     MalformedEvent,
     function_context,
@@ -24,6 +25,8 @@ from readmission.glue.event_handler import (
     reply_empty_on_success,
 )
 from readmission.ingest import ingest_object, unreadable_key_problem
+
+slow_clients.install()  # header and body read timeouts: docs/reliability.md
 
 EVENT_TYPE = "io.readmission.raw.created"
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import functions_framework
 
+from readmission.glue import slow_clients
 from readmission.glue.event_handler import (
     MalformedEvent,
     function_context,
@@ -27,6 +28,7 @@ EVENT_TYPE = "io.readmission.outcomes.created"
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 log = logging.getLogger("outcomes")
+slow_clients.install()  # header and body read timeouts: docs/reliability.md
 reply_empty_on_success()
 
 

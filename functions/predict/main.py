@@ -21,7 +21,7 @@ from typing import Any
 
 import flask
 
-from readmission.glue import heap, http_close
+from readmission.glue import heap, http_close, slow_clients
 from readmission.glue.responses import error_response, json_response, raw_response
 from readmission.serving import metrics, v2
 from readmission.serving.assets import ModelAssets
@@ -71,6 +71,7 @@ else:
     SERVER.start_background_load()  # overlaps the model fetch with the server start
 
 http_close.install()  # the sync worker lingers after a reply only when that protects it
+slow_clients.install()  # header and body read timeouts: docs/reliability.md
 register_fork_hooks(SERVER, metrics.forget_dead_workers)
 
 

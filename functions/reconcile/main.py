@@ -20,8 +20,11 @@ from typing import Any
 
 import functions_framework
 
+from readmission.glue import slow_clients
 from readmission.glue.event_handler import MalformedEvent, function_context, reply_empty_on_success
 from readmission.reconcile import reconcile, sink_emitter
+
+slow_clients.install()  # header and body read timeouts: docs/reliability.md
 
 PING = "dev.knative.sources.ping"
 

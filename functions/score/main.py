@@ -23,6 +23,7 @@ from typing import Any
 import functions_framework
 
 from readmission.batch_scoring import ScoreOptions, is_output_key, score_object
+from readmission.glue import slow_clients
 from readmission.glue.event_handler import (
     MalformedEvent,
     function_context,
@@ -37,6 +38,7 @@ EVENT_TYPE = "io.readmission.scoring.created"
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 log = logging.getLogger("score")
+slow_clients.install()  # header and body read timeouts: docs/reliability.md
 reply_empty_on_success()
 
 _LOCK = threading.Lock()

@@ -32,10 +32,9 @@ from pathlib import Path  # noqa: E402
 
 from cloudevents.http import CloudEvent  # noqa: E402
 
-from readmission import keys  # noqa: E402
 from readmission.config import Settings  # noqa: E402
 from readmission.glue.event_handler import MalformedEvent, object_ref  # noqa: E402
-from readmission.job_spec import InvalidJobSpec  # noqa: E402
+from readmission.job_spec import InvalidJobSpec, read_job_spec  # noqa: E402
 from readmission.model_files import ModelFilesMismatch  # noqa: E402
 from readmission.storage import ObjectStore  # noqa: E402
 from readmission.training import train_job  # noqa: E402
@@ -59,15 +58,9 @@ def read_event(path: Path) -> CloudEvent:
 
 def run(event: CloudEvent, settings: Settings, store: ObjectStore) -> None:
     ref = object_ref(event, EVENT_TYPE, settings.buckets.jobs)
-    try:
-        keys.parse_job_key(ref.key)
-    except ValueError as error:
-        raise MalformedEvent(str(error)) from error
-    document = store.get_json_if_exists(ref.bucket, ref.key)
-    if document is None:
-        raise MalformedEvent(f"job spec s3://{ref.bucket}/{ref.key} does not exist")
     started = time.perf_counter()
     try:
+        _, document = read_job_spec(store, settings, ref.bucket, ref.key)
         result = train_job(store, settings, document, key=ref.key)
     except (InvalidJobSpec, ModelFilesMismatch) as error:
         raise MalformedEvent(f"s3://{ref.bucket}/{ref.key}: {error}") from error

@@ -23,15 +23,14 @@ import os
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
-import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 import functions_framework  # noqa: E402
 
-from readmission import fit_handoff, keys, tracking  # noqa: E402
-from readmission.config import Settings  # noqa: E402
+from readmission import fit_handoff, tracking  # noqa: E402
+from readmission.glue import slow_clients  # noqa: E402
 from readmission.glue.event_handler import (  # noqa: E402
     MalformedEvent,
     function_context,
@@ -39,10 +38,11 @@ from readmission.glue.event_handler import (  # noqa: E402
     reply_empty_on_success,
 )
 from readmission.ingest import unreadable_key_problem  # noqa: E402
-from readmission.job_spec import InvalidJobSpec, JobSpec  # noqa: E402
+from readmission.job_spec import InvalidJobSpec, read_job_spec  # noqa: E402
 from readmission.model_files import ModelFilesMismatch  # noqa: E402
-from readmission.storage import ObjectStore  # noqa: E402
 from readmission.training import checked_job, train_job  # noqa: E402
+
+slow_clients.install()  # header and body read timeouts: docs/reliability.md
 
 EVENT_TYPE = "io.readmission.job.created"
 
@@ -52,40 +52,18 @@ reply_empty_on_success()
 tracking.warm_up()
 
 
-def read_job_spec(
-    store: ObjectStore, settings: Settings, bucket: str, key: str
-) -> tuple[JobSpec, dict[str, Any]]:
-    """The job spec behind an event (parsed and as read), or MalformedEvent saying why it
-    cannot be run."""
-    data = store.get_bytes_if_exists(bucket, key)
-    if data is None:
-        raise MalformedEvent(f"job spec s3://{bucket}/{key} does not exist")
-    try:
-        document = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MalformedEvent(f"job spec s3://{bucket}/{key} is not JSON: {error}") from error
-    try:
-        job = JobSpec.parse(document, settings.buckets.datasets)
-    except InvalidJobSpec as error:
-        raise MalformedEvent(f"s3://{bucket}/{key}: {error}") from error
-    if job.key != key:
-        raise MalformedEvent(f"job spec s3://{bucket}/{key} describes job {job.key}")
-    return job, document
-
-
 @functions_framework.cloud_event
 def train(event: Any) -> None:
     started = time.perf_counter()
     settings, store = function_context()
     ref = object_ref(event, EVENT_TYPE, settings.buckets.jobs)
-    try:
-        keys.parse_job_key(ref.key)
-    except ValueError as error:
-        raise MalformedEvent(str(error)) from error
     problem = unreadable_key_problem(ref.key)
     if problem is not None:  # a GET of it would fail the same way forever
         raise MalformedEvent(f"s3://{ref.bucket}: {problem}: it can never be read")
-    job, document = read_job_spec(store, settings, ref.bucket, ref.key)
+    try:
+        job, document = read_job_spec(store, settings, ref.bucket, ref.key)
+    except InvalidJobSpec as error:
+        raise MalformedEvent(str(error)) from error
     handoff = fit_handoff.HandoffSettings.from_env()
     if fit_handoff.runs_as_job(job, handoff):
         try:

@@ -57,7 +57,8 @@ def linger_after_reply(environ: MutableMapping[str, Any]) -> None:
 def _unread_bytes_waiting(sock: socket.socket) -> bool:
     """True if the client has sent bytes nobody read; False if nothing (or only its FIN)."""
     try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        sock.setblocking(False)  # with a timeout (slow_clients sets one) recv would wait for one
+        return bool(sock.recv(1, socket.MSG_PEEK))
     except OSError:  # nothing waiting (EAGAIN), or reset: no reply left to protect
         return False
 

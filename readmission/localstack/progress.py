@@ -97,11 +97,14 @@ def snapshot(info: StackInfo, drop_id: str) -> Snapshot:
         manifest=store.get_json_if_exists(buckets.datasets, manifest_key(version))
         if version
         else None,
-        # job specs only (a long fit's `.handoff` record sits beside its spec)
+        # job specs and result documents only (a long fit's `.handoff` record sits beside its
+        # spec, each result's `.validation.npy` beside it)
         jobs=sum(k.endswith(".json") for k in store.list_keys(buckets.jobs, f"{version}/"))
         if version
         else 0,
-        results=len(store.list_keys(buckets.results, f"{version}/")) if version else 0,
+        results=sum(k.endswith(".json") for k in store.list_keys(buckets.results, f"{version}/"))
+        if version
+        else 0,
         model_metadata=bool(version) and store.exists(buckets.models, model_metadata_key(version)),
         decision=store.get_json_if_exists(buckets.models, decision_key(version))
         if version

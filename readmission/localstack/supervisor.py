@@ -276,10 +276,10 @@ class Supervisor:
                 elif spec.service == "predict":
                     extra |= PREDICT_SERVER_ENV
                 elif spec.service == "events-adapter":
-                    # gunicorn's sync worker (THREADS=1) closes each connection after its
-                    # answer. With threads, the SeaweedFS webhook client keeps a connection
-                    # open, and gunicorn 26's threaded worker, stopping, waits in one select
-                    # for the whole 30 s graceful timeout before it drops that idle connection.
+                    # Every function's worker (readmission.glue.slow_clients) closes each
+                    # connection after its answer. With gunicorn 26's own threaded worker, the
+                    # SeaweedFS webhook client kept a connection open, and that worker, stopping,
+                    # waited in one select for the whole 30 s graceful timeout to drop it.
                     extra |= {"THREADS": "1"}
                 else:
                     extra |= {"THREADS": "4"}

@@ -75,10 +75,9 @@ class UnreadableBody(InputError):
     """400 for a body that cannot be read to its end: a malformed chunked encoding (an invalid
     size line, data longer than its size, a bad extension) or one cut off. gunicorn's reader
     raises an IOError for each; the rest of the connection cannot be framed, so nothing more
-    is read from it (`unread`: the reply is streamed and the connection closed after it)."""
+    is read from it (`unread`: the reply is streamed and the connection closed after it).
+    408 body_timeout for a body that stalls past the server's read timeout."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(
-            f"the body cannot be read: {reason}"[:200], None, kind="unreadable_body", status=400
-        )
+    def __init__(self, reason: str, kind: str = "unreadable_body", status: int = 400) -> None:
+        super().__init__(f"the body cannot be read: {reason}"[:200], None, kind=kind, status=status)
         self.unread = True

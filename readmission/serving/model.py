@@ -229,6 +229,10 @@ class LoadedModel:
             "registered_at": meta.get("registered_at"),
             "selection_metric": meta.get("selection_metric"),
             "metrics": meta.get("metrics", {}),
+            # calibration, `<30` recall, flagged groups; the noise-aware selection; the card
+            "quality": meta.get("quality"),
+            "selection": meta.get("selection"),
+            "model_card": meta.get("model_card"),
             "classes": self.classes,
             "inputs": [self._input_schema(spec) for spec in self.inputs],
             "outputs": {"label": self.label_output, "probabilities": self.probabilities_output},

@@ -2,8 +2,9 @@
 
 Contract: `read_json(request, limit)` returns the parsed JSON body or raises an InputError:
 BodyTooLarge (413) above `limit` bytes, 415 for another Content-Type, UnreadableBody (400)
-for a body that cannot be read to its end, 400 invalid_json (nested deeper than the codec's
-MAX_NESTING included). An oversized body up to DRAIN_BYTES is read and dropped before the
+for a body that cannot be read to its end (408 body_timeout for one that stalls past the
+server's read timeout), 400 invalid_json (nested deeper than the codec's MAX_NESTING
+included). An oversized body up to DRAIN_BYTES is read and dropped before the
 413, so the client reliably receives the answer (closing a socket with unread data resets the
 connection); a larger one is refused unread. How the bytes are read from the server is
 readmission.glue.request_body's business; `request` is whatever that module reads.
@@ -33,6 +34,8 @@ def read_json(request: Any, limit: int) -> Any:
         data = read_body(request, limit + 1)
         if len(data) > limit:
             raise BodyTooLarge(limit, unread=not drain(request, DRAIN_BYTES))
+    except TimeoutError as exc:  # the server's body read timeout (readmission.glue.slow_clients)
+        raise UnreadableBody("it stalled", kind="body_timeout", status=408) from exc
     except OSError as exc:  # gunicorn's chunked-body errors are IOErrors, as a reset is
         raise UnreadableBody(str(exc) or type(exc).__name__) from exc
     try:

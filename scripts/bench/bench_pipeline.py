@@ -115,7 +115,7 @@ def _note_stages(
     n_jobs = len(manifest["jobs"])
     if "job specs" not in stages and len(store.list_keys(buckets.jobs, f"{version}/")) == n_jobs:
         stages["job specs"] = now
-    results = len(store.list_keys(buckets.results, f"{version}/"))
+    results = sum(k.endswith(".json") for k in store.list_keys(buckets.results, f"{version}/"))
     if results:
         stages.setdefault("first result", now)
     if results == n_jobs:
@@ -191,7 +191,9 @@ def _follow(
         return None
     assert version is not None
     results = [
-        store.get_json(buckets.results, k) for k in store.list_keys(buckets.results, f"{version}/")
+        store.get_json(buckets.results, k)
+        for k in store.list_keys(buckets.results, f"{version}/")
+        if k.endswith(".json")  # not the validation probabilities beside each
     ]
     cpu_used = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
     return DropRun(key, record["size"], uploaded, stages, version, results, cpu_used, polling_cpu)

@@ -4,8 +4,10 @@
 * single-row throughput and p50/p99 latency at concurrency C (default 16) for (a) the predict
   function, (b) a trivial functions-framework handler returning a constant JSON body (same
   server settings), and (c) that handler closing its connections as the predict function does
-  (readmission.glue.http_close), and the ratios a/b (the target) and a/c (like for like): the best
-  of --rounds (default 3) alternating rounds of each, every round printed;
+  (readmission.glue.http_close), (d) that one also behind the read-timeout gate the function
+  serves with (readmission.glue.slow_clients), and the ratios a/b (the target), a/c (like for
+  like) and d/c (the gate's cost): the best of --rounds (default 3) alternating rounds of each,
+  every round printed;
 * batch throughput (rows/s) of /predict/batch;
 * the prediction log's cost: the function with PREDICTION_LOG=off in the same rounds (single
   rows: ratio to trivial and p99 beside the function's) and the same batch load;
@@ -67,7 +69,14 @@ TRIVIAL_SAME_CLOSE_SOURCE = TRIVIAL_SOURCE.replace(
     "import flask\n",
     "import flask\n\nfrom readmission.glue import http_close\n\nhttp_close.install()\n",
 )
-SERVERS = ("predict", "trivial", "trivial_same_close", "predict_log_off")
+# That handler also behind the read-timeout gate the function serves with (readmission.glue.
+# slow_clients): the ratio of the two is the gate's own cost.
+TRIVIAL_GATED_SOURCE = TRIVIAL_SAME_CLOSE_SOURCE.replace(
+    "from readmission.glue import http_close\n\nhttp_close.install()\n",
+    "from readmission.glue import http_close, slow_clients\n\n"
+    "http_close.install()\nslow_clients.install()\n",
+)
+SERVERS = ("predict", "trivial", "trivial_same_close", "predict_log_off", "trivial_gated")
 
 
 def log(message: str) -> None:
@@ -367,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         "trivial_same_close": workdir / "trivial_same_close.py",
         # the function without its prediction log (PREDICTION_LOG=off): the log's cost
         "predict_log_off": ROOT / "functions" / "predict" / "main.py",
+        "trivial_gated": workdir / "trivial_gated.py",
     }
     sources["trivial"].write_text(TRIVIAL_SOURCE)
     sources["trivial_same_close"].write_text(TRIVIAL_SAME_CLOSE_SOURCE)
+    sources["trivial_gated"].write_text(TRIVIAL_GATED_SOURCE)
     server_env = {
         "THREADS": str(args.threads),
         "WORKERS": str(args.workers),
@@ -482,9 +493,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"  single row, c={args.concurrency}: {name} {r['rps']:.0f} req/s "
                 f"p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms errors {r['errors']}"
             )
-        p, t, same, off = (results[name]["rps"] for name in SERVERS)
+        p, t, same, off, gated = (results[name]["rps"] for name in SERVERS)
         results["ratio"] = p / t if t else float("nan")
         results["ratio_same_close"] = p / same if same else float("nan")
+        results["ratio_gated_same_close"] = gated / same if same else float("nan")
         print(
             f"  ratio predict/trivial: {results['ratio']:.2f}   (target >= 0.7; the trivial "
             "handler on functions-framework as installed)"
@@ -492,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  ratio predict/trivial_same_close: {results['ratio_same_close']:.2f}   (like for "
             "like: the trivial handler closing connections as the function does)"
+        )
+        print(
+            f"  ratio trivial_gated/trivial_same_close: {results['ratio_gated_same_close']:.2f}"
+            "   (the read-timeout gate's own cost: readmission.glue.slow_clients)"
         )
         results["ratio_log_off"] = off / t if t else float("nan")
         results["p99_log_cost_ms"] = (
@@ -510,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu = {name: results[f"{name}_cpu_us_per_request"] for name in SERVERS}
         results["cpu_ratio"] = cpu["trivial"] / cpu["predict"]
         results["cpu_ratio_same_close"] = cpu["trivial_same_close"] / cpu["predict"]
+        results["cpu_ratio_gated_same_close"] = cpu["trivial_gated"] / cpu["trivial_same_close"]
         print(
             "  server CPU per request (median of rounds): "
             + ", ".join(f"{name} {us:.0f} us" for name, us in cpu.items())

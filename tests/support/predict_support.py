@@ -165,6 +165,34 @@ def build_model(
             "test": {"f1_weighted": 0.5, "roc_auc_ovr": 0.61, "accuracy": 0.54},
         },
         "selection_metric": "f1_weighted",
+        # as readmission.model_artifacts.build_metadata writes them (figures made up)
+        "quality": {
+            "ece_bins": 10,
+            "positive_class": "<30",
+            "validation": {"brier_mean": 0.2101, "positive_recall": 0.1234},
+            "test": {
+                "brier_mean": 0.2111,
+                "ece": {"<30": 0.031, ">30": 0.012, "NO": 0.014},
+                "positive_recall": 0.1302,
+            },
+            "flagged_groups": [
+                {
+                    "column": "race",
+                    "group": "Other",
+                    "rows": 600,
+                    "recall": 0.01,
+                    "overall_recall": 0.1302,
+                }
+            ],
+        },
+        "selection": {
+            "rule": "leader: highest validation f1_weighted; …",
+            "metric": "f1_weighted",
+            "leader": "01-decision_tree",
+            "selected": "00-decision_tree",
+            "tied": ["00-decision_tree", "01-decision_tree"],
+            "selected_interval": [-0.0042, 0.0031],
+        },
         "learning_curve": {
             "csv": f"v{version}/learning_curve.csv",
             "png": f"v{version}/learning_curve.png",

@@ -228,6 +228,7 @@ function buildCard(info) {
     tr.append(el("td", {}, name), ...splits.map((s) => el("td", {}, fmt(metrics[s][name]))));
     return tr;
   }));
+  buildQuality(info);
   const img = $("learning-curve");
   if (info.learning_curve_png) {
     img.onload = () => { img.hidden = false; $("learning-curve-missing").hidden = true; };
@@ -249,6 +250,33 @@ function buildCard(info) {
       return r;
     }));
     curveTable.hidden = false;
+  }
+}
+
+// Calibration, `<30` recall, flagged groups and the noise-aware selection (metadata.json).
+function buildQuality(info) {
+  const q = info.quality || {};
+  const positive = q.positive_class || "<30";
+  const split = (name) => q[name] || {};
+  const eceTest = split("test").ece || {};
+  facts($("card-quality"), [
+    [`Recall of ${positive} (validation / test)`,
+      `${fmt(split("validation").positive_recall)} / ${fmt(split("test").positive_recall)}`],
+    ["Brier, mean of classes (validation / test)",
+      `${fmt(split("validation").brier_mean)} / ${fmt(split("test").brier_mean)}`],
+    ["ECE per class (test)",
+      Object.keys(eceTest).map((c) => `${c} ${fmt(eceTest[c])}`).join(", ") || null],
+  ]);
+  const flagged = Array.isArray(q.flagged_groups) ? q.flagged_groups : [];
+  $("card-flagged").replaceChildren(...(flagged.length ? flagged.map((g) => el("li", {},
+    `${g.column} = ${g.group}: ${fmt(g.rows)} rows, ${positive} recall ${fmt(g.recall)} ` +
+    `(overall ${fmt(g.overall_recall)})`)) : [el("li", {}, "None.")]));
+  const s = info.selection;
+  if (s && Array.isArray(s.selected_interval)) {
+    const [low, high] = s.selected_interval;
+    $("card-selection").textContent = `Selected ${s.selected} (leader by ${s.metric}: ` +
+      `${s.leader}; ${s.tied.length} tied within noise). Difference from the leader: ` +
+      `interval [${signed(low)}, ${signed(high)}]. Rule: ${s.rule}.`;
   }
 }
 
