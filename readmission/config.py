@@ -95,6 +95,10 @@ class Settings:
     gate_margin: float = 0.002
     gate_resamples: int = 1000
     gate_seed: int = 42
+    # Drift reports (readmission.drift): a feature whose PSI against the champion's training
+    # reference is above DRIFT_PSI_DRIFTED is drifted, above DRIFT_PSI_WATCH one to watch.
+    drift_psi_watch: float = 0.1
+    drift_psi_drifted: float = 0.2
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -114,6 +118,13 @@ class Settings:
             raise ValueError(
                 f"GATE_RESAMPLES must be at least {MIN_GATE_RESAMPLES}, got {gate_resamples}"
             )
+        drift_psi_watch = _env_float("DRIFT_PSI_WATCH", cls.drift_psi_watch)
+        drift_psi_drifted = _env_float("DRIFT_PSI_DRIFTED", cls.drift_psi_drifted)
+        if not 0 <= drift_psi_watch <= drift_psi_drifted:
+            raise ValueError(
+                f"need 0 <= DRIFT_PSI_WATCH <= DRIFT_PSI_DRIFTED, got {drift_psi_watch} and "
+                f"{drift_psi_drifted}"
+            )
         return cls(
             s3_endpoint_url=_env("S3_ENDPOINT_URL", cls.s3_endpoint_url),
             aws_region=_env("AWS_REGION", cls.aws_region),
@@ -130,4 +141,6 @@ class Settings:
             gate_margin=_env_float("GATE_MARGIN", cls.gate_margin),
             gate_resamples=gate_resamples,
             gate_seed=_env_int("GATE_SEED", cls.gate_seed),
+            drift_psi_watch=drift_psi_watch,
+            drift_psi_drifted=drift_psi_drifted,
         )

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from readmission import contract, corpus, keys, lease
+from readmission import contract, corpus, drift_reports, keys, lease
 from readmission.config import Settings
 from readmission.corpus_append import (
     ALREADY_INGESTED,
@@ -153,7 +153,8 @@ def ingest_object(
     drop_id = keys.content_id(data)
     record = store.get_json_if_exists(settings.buckets.datasets, keys.drop_key(drop_id))
     if record is not None:
-        return known_drop(store, settings, info, record)
+        outcome = known_drop(store, settings, info, record)
+        return _with_drift_report(store, settings, outcome, drop_id, data)
     try:
         table = contract.parse_csv_table(data)
     except contract.ContractViolation as violation:
@@ -172,13 +173,35 @@ def ingest_object(
     ):
         record = store.get_json_if_exists(settings.buckets.datasets, keys.drop_key(drop_id))
         if record is not None:  # a concurrent delivery of the same bytes appended it
-            return known_drop(store, settings, info, record)
-        try:
-            return append_drop(store, settings, info, sha256, table, timer)
-        except DropRejected as rejected:  # nothing was appended: reject it under the lease
-            return _reject(
-                store, settings, info, rejected.problems, sha256[:16], sha256, etag=expected
-            )
+            outcome = known_drop(store, settings, info, record)
+        else:
+            try:
+                outcome = append_drop(store, settings, info, sha256, table, timer)
+            except DropRejected as rejected:  # nothing was appended: reject it under the lease
+                return _reject(
+                    store, settings, info, rejected.problems, sha256[:16], sha256, etag=expected
+                )
+    outcome = _with_drift_report(store, settings, outcome, drop_id, table)
+    timer.lap("drift")
+    return outcome
+
+
+def _with_drift_report(
+    store: ObjectStore,
+    settings: Settings,
+    outcome: IngestOutcome,
+    drop_id: str,
+    rows: pa.Table | bytes,
+) -> IngestOutcome:
+    """The accepted drop's drift report against the champion (readmission.drift_reports),
+    written after its receipt and outside the corpus lease: a failure to write it loses
+    nothing of the drop, and the redelivered event (a known drop) writes what is missing.
+    `rows` are the drop's parsed rows, or its bytes (parsed only if the report is missing)."""
+    if outcome.status not in (INGESTED, NOTHING_NEW, ALREADY_INGESTED):
+        return outcome
+    table = rows if isinstance(rows, pa.Table) else lambda: contract.parse_csv_table(rows)
+    written = drift_reports.write_drop_report(store, settings, drop_id, table)
+    return replace(outcome, written=outcome.written + tuple(written)) if written else outcome
 
 
 def _superseded(
