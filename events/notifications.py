@@ -25,14 +25,27 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from readmission.config import Buckets
-from readmission.keys import CHAMPION_METADATA_KEY, DECISIONS_PREFIX
+from readmission.keys import (
+    CHAMPION_METADATA_KEY,
+    DECISIONS_PREFIX,
+    DRIFT_ALERT_NAME,
+    REPORTS_PREFIX,
+)
 
 RAW_CREATED = "io.readmission.raw.created"
 JOB_CREATED = "io.readmission.job.created"
 RESULT_CREATED = "io.readmission.result.created"
 MODEL_CREATED = "io.readmission.model.created"
 DECISION_MADE = "io.readmission.decision.made"
-EVENT_TYPES = (RAW_CREATED, JOB_CREATED, RESULT_CREATED, MODEL_CREATED, DECISION_MADE)
+DRIFT_DETECTED = "io.readmission.drift.detected"
+EVENT_TYPES = (
+    RAW_CREATED,
+    JOB_CREATED,
+    RESULT_CREATED,
+    MODEL_CREATED,
+    DECISION_MADE,
+    DRIFT_DETECTED,
+)
 
 SEAWEEDFS_BUCKETS_ROOT = "/buckets"
 SEAWEEDFS_ETAG_ATTRIBUTE = "Seaweed-X-Amz-ETag"
@@ -86,6 +99,12 @@ def event_type_for(bucket: str, key: str, buckets: Buckets) -> str | None:
         return MODEL_CREATED
     if bucket == buckets.models and key.startswith(DECISIONS_PREFIX) and key.endswith(".json"):
         return DECISION_MADE
+    if (
+        bucket == buckets.models
+        and key.startswith(REPORTS_PREFIX)
+        and key.endswith("/" + DRIFT_ALERT_NAME)
+    ):
+        return DRIFT_DETECTED
     return None
 
 

@@ -103,6 +103,7 @@ def check_minio(root: Path) -> list[str]:
         ("BUCKET_RESULTS", "", ".json"),
         ("BUCKET_MODELS", "champion/", "metadata.json"),
         ("BUCKET_MODELS", "decisions/", ".json"),
+        ("BUCKET_MODELS", "reports/", "/drift-detected.json"),
     }
     if subscriptions != wanted:
         problems.append(
