@@ -2,8 +2,8 @@
 
 Pure functions over plain data, no I/O:
 
-* `build_profile(rows)` is the compact reference profile of a model's training rows (JSON, a
-  few KB per column kind): per numeric feature the reference's decile edges and the share of
+* `build_profile(rows)` is the compact reference profile of a model's training rows (canonical
+  JSON; its size is in docs/monitoring.md): per numeric feature the reference's decile edges and the share of
   rows in each bin, per categorical feature the share of each frequent category, the rare ones
   pooled, and the list of every category seen; the missing rate of every feature; the target
   shares. The aggregator writes it beside the model (`models/<v>/reference.json`).
@@ -69,6 +69,12 @@ class Thresholds:
         if psi > self.watch:
             return WATCH
         return STABLE
+
+
+def warm_up() -> None:
+    """Import what `compare` imports when first called (scipy's test: seconds on a cold
+    process), for a function's start-up."""
+    import scipy.stats  # noqa: F401
 
 
 def _round(value: float) -> float:
