@@ -14,6 +14,8 @@ import pytest
 from support.seaweed_server import real_csv_bytes
 
 from readmission import contract, drift
+from readmission.config import Settings
+from readmission.drift_reports import thresholds
 from readmission.storage import json_bytes
 
 AGE_BANDS = tuple(f"[{low}-{low + 10})" for low in range(0, 100, 10))
@@ -115,3 +117,17 @@ def test_the_reference_profile_is_compact_json_of_every_feature() -> None:
     for spec in profile["categorical"].values():
         assert abs(sum(spec["shares"].values()) + spec["other"] + spec["missing"] - 1) < 1e-4
     assert len(json_bytes(profile)) < 64_000
+
+
+def test_drift_thresholds_come_from_the_environment_and_must_be_ordered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DRIFT_PSI_WATCH", raising=False)
+    monkeypatch.delenv("DRIFT_PSI_DRIFTED", raising=False)
+    assert thresholds(Settings.from_env()) == drift.Thresholds(0.1, 0.2)
+    monkeypatch.setenv("DRIFT_PSI_WATCH", "0.05")
+    monkeypatch.setenv("DRIFT_PSI_DRIFTED", "0.3")
+    assert thresholds(Settings.from_env()) == drift.Thresholds(0.05, 0.3)
+    monkeypatch.setenv("DRIFT_PSI_WATCH", "0.5")
+    with pytest.raises(ValueError, match="DRIFT_PSI_WATCH <= DRIFT_PSI_DRIFTED"):
+        Settings.from_env()
