@@ -51,7 +51,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from readmission import decisions, keys, lease, registry, tracking
+from readmission import decisions, drift_reports, keys, lease, registry, tracking
 from readmission.candidate import (
     PREPARED_AHEAD,
     Exporter,
@@ -219,6 +219,7 @@ def _aggregate(
     dataset_id = str(manifest["dataset_id"])
     candidate = prepare_candidate(store, settings, manifest, results, parity_tolerance, exporter)
     write_artifacts(store, settings, dataset_id, candidate)
+    reference = drift_reports.write_reference(store, settings, manifest, candidate.best)
     with decisions.decision_lease(store, settings, f"decide {dataset_id}"):
         decision, version, created = decide(store, client, settings, dataset_id, candidate)
         best, metric = candidate.best, settings.selection_metric
@@ -231,10 +232,13 @@ def _aggregate(
             onnx_sha256=candidate.onnx_sha256,
             test_metrics=candidate.test_metrics,
             quality_report=candidate.quality,
+            reference=reference,
         )
         metadata_bytes = json_bytes(metadata)
         if decision["new_model"]:
-            log_to_run(client, best["run_id"], candidate, metadata_bytes)
+            drift_files = drift_reports.report_files(store, settings, manifest)
+            log_to_run(client, best["run_id"], candidate, metadata_bytes, drift_files)
+            drift_reports.tag_version(client, settings, str(version.version), drift_files)
         applied = decisions.apply(store, client, settings, decision, metadata_bytes)
     write_if_changed(
         store,
