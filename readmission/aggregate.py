@@ -22,10 +22,12 @@ nothing ("waiting k of n"). When all are in, it
    `Settings.registered_model`, and records the decision (readmission.decisions:
    `decisions/<version>.json`, which fires `io.readmission.decision.made`, and MLflow tags on
    the registered version);
-6. logs the learning curve, the ONNX file, the quality report, the metadata and the test
-   metrics to the winning run;
+6. logs the learning curve, the ONNX file, the quality report, the metadata, the test
+   metrics and the drift report of the version's drop (readmission.drift_reports: also tags on
+   the registered version) to the winning run;
 7. writes `models/<id>/model.onnx`, `learning_curve.{csv,md,png}`, `quality.json` and
-   `reliability.png` (readmission.quality: calibration and per-group metrics), applies the decision
+   `reliability.png` (readmission.quality: calibration and per-group metrics), `reference.json`
+   (the training reference profile of the drift reports), applies the decision
    (promoted: alias `champion` and `champion/metadata.json`, the key predict polls; kept:
    alias `challenger` and `challenger/metadata.json`), and LAST `<id>/metadata.json`.
 
