@@ -3,9 +3,10 @@
 Pure functions over plain data, no I/O:
 
 * `build_profile(rows)` is the compact reference profile of a model's training rows (canonical
-  JSON; its size is in docs/monitoring.md): per numeric feature the reference's decile edges and the share of
-  rows in each bin, per categorical feature the share of each frequent category, the rare ones
-  pooled, and the list of every category seen; the missing rate of every feature; the target
+  JSON; its size is in docs/monitoring.md): per numeric feature the reference's decile edges
+  and the share of rows in each bin, per categorical feature the share of each frequent
+  category, the rare ones pooled, and the list of every category seen; the missing rate of
+  every feature; the target
   shares. The aggregator writes it beside the model (`models/<v>/reference.json`).
 * `compare(profile, rows, thresholds, ...)` is the drift report of a drop against a profile:
   PSI per feature (numeric binned on the reference's edges, categorical by category, with a
