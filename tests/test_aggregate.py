@@ -169,6 +169,11 @@ def versions(client: MlflowClient, dataset_id: str | None = None) -> list[Any]:
     )
 
 
+def aggregator_keys(store: ObjectStore) -> list[str]:
+    """The keys of the models bucket but ingest's drift reports."""
+    return [k for k in store.list_keys("models") if not k.startswith(keys.REPORTS_PREFIX)]
+
+
 def model_objects(store: ObjectStore) -> dict[str, tuple[str, Any]]:
     """key -> (etag, last modified) of every object in the models bucket."""
     out = {}
@@ -253,7 +258,7 @@ def test_waits_until_every_listed_job_has_a_result(
         f"waiting ({len(jobs) - 1} of {len(jobs)} results); "
         "the best so far is tested and exported ahead"
     )
-    assert store.list_keys("models") == []  # preparing ahead writes nothing
+    assert aggregator_keys(store) == []  # preparing ahead writes nothing
     assert client.search_registered_models() == []
 
 
@@ -262,7 +267,7 @@ def test_a_result_without_manifest_is_logged_and_ignored(
 ) -> None:
     outcome = aggregate_dataset(store, settings, "0123456789abcdef")
     assert outcome.status == "no_manifest"
-    assert store.list_keys("models") == []
+    assert aggregator_keys(store) == []
 
 
 def test_tampered_onnx_fails_parity_and_registers_nothing(
@@ -272,7 +277,7 @@ def test_tampered_onnx_fails_parity_and_registers_nothing(
     with pytest.raises(ParityError, match="tolerance"):
         aggregate_dataset(store, settings, scenario.dataset_id, exporter=tampered_exporter)
     assert versions(client) == []
-    assert store.list_keys("models") == []  # nothing written, and the lease was released
+    assert aggregator_keys(store) == []  # nothing written, and the lease was released
 
 
 def test_aggregates_all_results_into_one_champion(
@@ -301,7 +306,7 @@ def test_aggregates_all_results_into_one_champion(
 
     # the models bucket
     prefix = f"{dataset_id}/"
-    assert sorted(store.list_keys("models")) == sorted(
+    assert sorted(aggregator_keys(store)) == sorted(
         [
             "champion/metadata.json",
             "champion/last-decision.json",
@@ -312,10 +317,19 @@ def test_aggregates_all_results_into_one_champion(
             prefix + "metadata.json",
             prefix + "model.onnx",
             prefix + "quality.json",
+            prefix + "reference.json",
             prefix + "reliability.png",
         ]
     )
     metadata = store.get_json("models", prefix + "metadata.json")
+    # the training reference of the drift reports: the selected set's training rows
+    profile = store.get_json("models", metadata["reference"]["key"])
+    assert profile["rows"] == metadata["reference"]["rows"] == best["training_rows"]
+    assert profile["source"]["cumulative_index"] == best["cumulative_index"]
+    # the first drop's drift report (nothing to compare with) is logged with the version (the
+    # run's artifacts: below)
+    assert version.tags["drift.status"] == "no_reference"
+    assert version.tags["drift.drop"] == scenario.manifest["drops"][-1]
     assert store.get_bytes("models", "champion/metadata.json") == json_bytes(metadata)
     # the first model ever is promoted without a gate, and that is a recorded decision
     decision = store.get_json("models", keys.decision_key(dataset_id))
@@ -389,6 +403,8 @@ def test_aggregates_all_results_into_one_champion(
         "model.onnx",
         "quality.json",
         "reliability.png",
+        "drift.json",
+        "drift.md",
     }
     run = client.get_run(best["run_id"])
     assert run.data.metrics["test_f1_weighted"] == pytest.approx(test_metrics["f1_weighted"])
