@@ -20,7 +20,7 @@ from support.python_snippet import run_python
 from support.seaweed_server import SeaweedServer, real_csv_bytes, sample_csv, seaweed_s3
 
 from events.delivery import encode_attribute_headers
-from readmission import contract, corpus, drift, drop_file, ingest, jobs, keys
+from readmission import contract, corpus, drift, drift_reports, drop_file, ingest, jobs, keys
 from readmission.config import Buckets, Settings
 from readmission.corpus_append import parquet_bytes
 from readmission.storage import ObjectStore, PreconditionFailed, json_bytes
@@ -683,6 +683,48 @@ def test_a_drop_gets_a_drift_report_against_the_champions_reference_and_an_alert
     assert store.get_json(models, keys.drift_report_key(drop_id)) == report
     third = ingest.ingest_object(store, settings, settings.buckets.raw, "drifted.csv")
     assert third.written == ()
+
+
+def test_a_drop_larger_than_the_drift_sample_is_compared_on_its_systematic_sample(
+    store: ObjectStore,
+) -> None:
+    settings = fresh_settings(
+        store, batch_rows=1000, algorithms=("logistic_regression",), drift_sample_rows=700
+    )
+    models = settings.buckets.models
+    reference = drift.build_profile(contract.parse_csv_table(sample_csv(every=20)))
+    store.put_bytes(models, "v1/reference.json", json_bytes(reference))
+    champion = {"version": "1", "dataset_id": "v1", "reference": {"key": "v1/reference.json"}}
+    store.put_bytes(models, keys.CHAMPION_METADATA_KEY, json_bytes(champion))
+    data = sample_csv(every=21)
+    upload(store, settings, "sampled.csv", data)
+    ingest.ingest_object(store, settings, settings.buckets.raw, "sampled.csv")
+    drop_id = keys.content_id(data)
+    rows = contract.parse_csv_table(data)
+    positions = [k * rows.num_rows // 700 for k in range(700)]
+    expected = drift.compare(
+        reference,
+        rows.take(positions),
+        drift_reports.thresholds(settings),
+        drop_id=drop_id,
+        reference={
+            "model_version": "1",
+            "corpus_version": "v1",
+            "algorithm": None,
+            "key": "v1/reference.json",
+        },
+        drop_rows=rows.num_rows,
+    )
+    report_bytes = store.get_bytes(models, keys.drift_report_key(drop_id))
+    assert report_bytes == json_bytes(expected)
+    assert (expected["rows"], expected["drop_rows"]) == (700, rows.num_rows)
+    markdown = store.get_bytes(models, keys.drift_report_key(drop_id, "md")).decode()
+    assert f"A systematic sample of 700 of the drop's {rows.num_rows:,} rows" in markdown
+    # a redelivery after the report was lost samples the known drop's local copy again: the
+    # same bytes
+    store.delete(models, keys.drift_report_key(drop_id))
+    ingest.ingest_object(store, settings, settings.buckets.raw, "sampled.csv")
+    assert store.get_bytes(models, keys.drift_report_key(drop_id)) == report_bytes
 
 
 # --------------------------------------------------------------------------- crashes
