@@ -52,7 +52,6 @@ def test_streamed_blocks_are_the_rows_the_whole_file_parser_returns(
     assert drop.missing_columns == contract.missing_feature_columns(whole) == []
 
 
-
 def test_a_sample_is_the_systematic_rows_of_the_file_across_blocks_and_every_row_when_small(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -71,6 +70,7 @@ def test_a_sample_is_the_systematic_rows_of_the_file_across_blocks_and_every_row
     assert in_memory.sample(7_000).combine_chunks().equals(sample.combine_chunks())
     with pytest.raises(ValueError, match="at least one row"):
         drop.sample(0)
+
 
 def test_a_column_empty_in_one_block_only_is_not_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
