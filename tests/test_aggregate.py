@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -37,7 +38,7 @@ from support.mlflow_server import MlflowServer, logged_model_dir, rewritten
 from support.python_snippet import run_python
 from support.seaweed_server import SeaweedServer
 
-from readmission import contract, decisions, keys, lease, registry, tracking
+from readmission import contract, decisions, drift_reports, keys, lease, registry, tracking
 from readmission.aggregate import AggregateOutcome, InvalidResult, aggregate_dataset, lease_key
 from readmission.candidate import select_best
 from readmission.config import Buckets, Settings
@@ -764,6 +765,25 @@ def test_a_champion_rewritten_in_mlflows_artifact_store_is_never_loaded_for_the_
     assert not store.exists("models", lease_key(dataset_id))
     assert versions(client, dataset_id) == []
     assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == champion.version
+
+
+def test_the_reference_profiles_a_systematic_sample_of_a_set_larger_than_drift_sample_rows(
+    store: ObjectStore, settings: Settings, scenario: Scenario
+) -> None:
+    index = len(scenario.manifest["cumulative_sets"]) - 1
+    batch_keys = scenario.manifest["cumulative_sets"][index]["batch_keys"]
+    whole = pa.concat_tables(
+        pq.read_table(io.BytesIO(store.get_bytes(settings.buckets.datasets, key)))
+        for key in batch_keys
+    )
+    sampled = drift_reports.training_rows(
+        store, replace(settings, drift_sample_rows=101), scenario.manifest, index
+    )
+    positions = [k * whole.num_rows // 101 for k in range(101)]
+    assert whole.num_rows > 101 and len(batch_keys) > 1
+    assert sampled.combine_chunks().equals(whole.take(positions).combine_chunks())
+    every = drift_reports.training_rows(store, settings, scenario.manifest, index)
+    assert every.combine_chunks().equals(whole.combine_chunks())
 
 
 def test_lease_admits_one_holder_and_expires(store: ObjectStore) -> None:
