@@ -25,7 +25,12 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from readmission.config import Buckets
-from readmission.keys import CHAMPION_METADATA_KEY, DECISIONS_PREFIX
+from readmission.keys import (
+    CHAMPION_METADATA_KEY,
+    DECISIONS_PREFIX,
+    DRIFT_ALERT_NAME,
+    REPORTS_PREFIX,
+)
 
 RAW_CREATED = "io.readmission.raw.created"
 JOB_CREATED = "io.readmission.job.created"
@@ -34,6 +39,7 @@ MODEL_CREATED = "io.readmission.model.created"
 DECISION_MADE = "io.readmission.decision.made"
 SCORING_CREATED = "io.readmission.scoring.created"
 OUTCOMES_CREATED = "io.readmission.outcomes.created"
+DRIFT_DETECTED = "io.readmission.drift.detected"
 EVENT_TYPES = (
     RAW_CREATED,
     JOB_CREATED,
@@ -42,6 +48,7 @@ EVENT_TYPES = (
     DECISION_MADE,
     SCORING_CREATED,
     OUTCOMES_CREATED,
+    DRIFT_DETECTED,
 )
 # The score function's own outputs in the scoring bucket: they fire no event.
 SCORING_OUTPUT_PREFIX = "predictions/"
@@ -98,6 +105,12 @@ def event_type_for(bucket: str, key: str, buckets: Buckets) -> str | None:
         return MODEL_CREATED
     if bucket == buckets.models and key.startswith(DECISIONS_PREFIX) and key.endswith(".json"):
         return DECISION_MADE
+    if (
+        bucket == buckets.models
+        and key.startswith(REPORTS_PREFIX)
+        and key.endswith("/" + DRIFT_ALERT_NAME)
+    ):
+        return DRIFT_DETECTED
     if bucket == buckets.scoring and not key.startswith(SCORING_OUTPUT_PREFIX):
         return SCORING_CREATED  # any file: one that is not a table is rejected with a report
     if bucket == buckets.outcomes and key.lower().endswith(".csv"):

@@ -22,10 +22,12 @@ nothing ("waiting k of n"). When all are in, it
    `Settings.registered_model`, and records the decision (readmission.decisions:
    `decisions/<version>.json`, which fires `io.readmission.decision.made`, and MLflow tags on
    the registered version);
-6. logs the learning curve, the ONNX file, the quality report, the metadata and the test
-   metrics to the winning run;
+6. logs the learning curve, the ONNX file, the quality report, the metadata, the test
+   metrics and the drift report of the version's drop (readmission.drift_reports: also tags on
+   the registered version) to the winning run;
 7. writes `models/<id>/model.onnx`, `learning_curve.{csv,md,png}`, `quality.json` and
-   `reliability.png` (readmission.quality: calibration and per-group metrics), applies the decision
+   `reliability.png` (readmission.quality: calibration and per-group metrics), `reference.json`
+   (the training reference profile of the drift reports), applies the decision
    (promoted: alias `champion` and `champion/metadata.json`, the key predict polls; kept:
    alias `challenger` and `challenger/metadata.json`), and LAST `<id>/metadata.json`.
 
@@ -51,7 +53,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from readmission import decisions, keys, lease, registry, tracking
+from readmission import decisions, drift_reports, keys, lease, registry, tracking
 from readmission.candidate import (
     PREPARED_AHEAD,
     Exporter,
@@ -221,6 +223,7 @@ def _aggregate(
     dataset_id = str(manifest["dataset_id"])
     candidate = prepare_candidate(store, settings, manifest, results, parity_tolerance, exporter)
     write_artifacts(store, settings, dataset_id, candidate)
+    reference = drift_reports.write_reference(store, settings, manifest, candidate.best)
     with decisions.decision_lease(store, settings, f"decide {dataset_id}"):
         decision, version, created = decide(store, client, settings, dataset_id, candidate)
         best, metric = candidate.best, settings.selection_metric
@@ -236,10 +239,13 @@ def _aggregate(
             explain_baseline=explain_baseline(candidate.validation_frame),
             input_ranges=input_ranges(candidate.validation_frame),
             selection=candidate.selection.as_dict(),
+            reference=reference,
         )
         metadata_bytes = json_bytes(metadata)
         if decision["new_model"]:
-            log_to_run(client, best["run_id"], candidate, metadata_bytes)
+            drift_files = drift_reports.report_files(store, settings, manifest)
+            log_to_run(client, best["run_id"], candidate, metadata_bytes, drift_files)
+            drift_reports.tag_version(client, settings, str(version.version), drift_files)
         applied = decisions.apply(store, client, settings, decision, metadata_bytes)
     write_if_changed(
         store,

@@ -117,6 +117,14 @@ class Settings:
     gate_margin: float = 0.002
     gate_resamples: int = 1000
     gate_seed: int = 42
+    # Drift reports (readmission.drift): a feature whose PSI against the champion's training
+    # reference is above DRIFT_PSI_DRIFTED is drifted, above DRIFT_PSI_WATCH one to watch.
+    drift_psi_watch: float = 0.1
+    drift_psi_drifted: float = 0.2
+    # Drift reports and training reference profiles are computed on a systematic sample of at
+    # most DRIFT_SAMPLE_ROWS rows (readmission.drop_file.ParsedDrop.sample): memory is bounded
+    # whatever the drop's or the training set's size; smaller ones are taken whole.
+    drift_sample_rows: int = 200_000
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -142,6 +150,16 @@ class Settings:
             raise ValueError(
                 f"GATE_RESAMPLES must be at least {MIN_GATE_RESAMPLES}, got {gate_resamples}"
             )
+        drift_psi_watch = _env_float("DRIFT_PSI_WATCH", cls.drift_psi_watch)
+        drift_psi_drifted = _env_float("DRIFT_PSI_DRIFTED", cls.drift_psi_drifted)
+        if not 0 <= drift_psi_watch <= drift_psi_drifted:
+            raise ValueError(
+                f"need 0 <= DRIFT_PSI_WATCH <= DRIFT_PSI_DRIFTED, got {drift_psi_watch} and "
+                f"{drift_psi_drifted}"
+            )
+        drift_sample_rows = _env_int("DRIFT_SAMPLE_ROWS", cls.drift_sample_rows)
+        if drift_sample_rows < 1:
+            raise ValueError(f"DRIFT_SAMPLE_ROWS must be positive, got {drift_sample_rows}")
         return cls(
             s3_endpoint_url=_env("S3_ENDPOINT_URL", cls.s3_endpoint_url),
             aws_region=_env("AWS_REGION", cls.aws_region),
@@ -160,4 +178,7 @@ class Settings:
             gate_margin=_env_float("GATE_MARGIN", cls.gate_margin),
             gate_resamples=gate_resamples,
             gate_seed=_env_int("GATE_SEED", cls.gate_seed),
+            drift_psi_watch=drift_psi_watch,
+            drift_psi_drifted=drift_psi_drifted,
+            drift_sample_rows=drift_sample_rows,
         )

@@ -6,7 +6,8 @@ validates the local copy against the data contract block by block (Arrow's strea
 reader, the checks of `contract.parse_csv_table`'s fast path on each block) and keeps only what
 deduplication and the split need for every row: `encounter_id`, `patient_nbr`, the label code
 and the row fingerprint (25 bytes a row). `ParsedDrop.blocks()` streams the validated rows again
-(a second pass over the local copy), in file order, for the writer of the new version's parts.
+(a second pass over the local copy), in file order, for the writer of the new version's parts;
+`ParsedDrop.sample(max_rows)` takes a bounded systematic sample of them (the drift report's).
 
 Contract:
 
@@ -87,6 +88,25 @@ class ParsedDrop:
             yield block
         if seen != self.rows:  # the local copy changed under us: never write a partial version
             raise RuntimeError(f"{self.path} gave {seen} rows on re-reading, {self.rows} before")
+
+    def sample(self, max_rows: int) -> pa.Table:
+        """A systematic sample of at most `max_rows` of the drop's rows, in file order: the
+        rows at positions floor(k * rows / m), k = 0 .. m - 1, m = min(rows, max_rows); every
+        row when the drop has no more than `max_rows`. Taken while `blocks()` streams by: the
+        memory held is the sample and one block, whatever the file's size. Deterministic."""
+        if max_rows < 1:
+            raise ValueError(f"a sample needs at least one row, got {max_rows}")
+        m = min(self.rows, max_rows)
+        picks = (np.arange(m, dtype=np.int64) * self.rows) // m
+        parts, start = [], 0
+        for block in self.blocks():
+            lo, hi = np.searchsorted(picks, [start, start + block.num_rows])
+            if hi - lo == block.num_rows:
+                parts.append(block)
+            elif hi > lo:
+                parts.append(block.take(pa.array(picks[lo:hi] - start)))
+            start += block.num_rows
+        return pa.concat_tables(parts)
 
 
 def _csv_blocks(path: Path, header: list[str]) -> Iterator[pa.Table]:

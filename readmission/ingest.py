@@ -24,7 +24,10 @@ Idempotent and crash-safe:
   records the drop. A crash before the head moves leaves an unreferenced version that the
   redelivery completes (same parent, same bytes: the same version id);
 * job specs are written after the head moved, and the receipt (by object version, for the
-  reconciler) last.
+  reconciler) last;
+* after the receipt and outside the lease, the drop's drift report (readmission.drift_reports,
+  on a bounded systematic sample of its rows: `ParsedDrop.sample`), `drift.json` last; a known
+  drop whose report is missing gets it from the redelivery.
 
 A file that breaks the data contract, or whose rows mostly conflict with the corpus, is moved to
 the rejected bucket with an error report (copy, report, then delete the original).
@@ -35,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +46,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from readmission import contract, corpus, drop_file, keys, lease
+from readmission import contract, corpus, drift_reports, drop_file, keys, lease
 from readmission.config import Settings
 from readmission.corpus_append import (
     ALREADY_INGESTED,
@@ -169,7 +173,8 @@ def _ingest_version(
     drop_id = sha256[:16]  # keys.content_id of the bytes
     record = store.get_json_if_exists(settings.buckets.datasets, keys.drop_key(drop_id))
     if record is not None:
-        return known_drop(store, settings, info, record)
+        outcome = known_drop(store, settings, info, record)
+        return _with_drift_report(store, settings, outcome, drop_id, lambda: _read(local, size))
     try:  # the whole file is checked before anything is appended
         drop = drop_file.read_drop(local, size)
     except contract.ContractViolation as violation:
@@ -188,17 +193,49 @@ def _ingest_version(
     ):
         record = store.get_json_if_exists(settings.buckets.datasets, keys.drop_key(drop_id))
         if record is not None:  # a concurrent delivery of the same bytes appended it
-            return known_drop(store, settings, info, record)
-        try:
-            outcome = append_drop(store, settings, info, sha256, drop, timer, scratch)
-        except DropRejected as rejected:  # nothing was appended: reject it under the lease
-            return _reject(
-                store, settings, info, rejected.problems, sha256[:16], sha256, etag=expected
-            )
-    # After the append, outside the lease: `drop` still streams the file's rows
-    # (`drop.blocks()`, file order) and `drop.rows` counts them; a consumer of the accepted
-    # rows at scale reads a sample of the blocks, not the whole drop into memory.
+            outcome = known_drop(store, settings, info, record)
+        else:
+            try:
+                outcome = append_drop(store, settings, info, sha256, drop, timer, scratch)
+            except DropRejected as rejected:  # nothing was appended: reject it under the lease
+                return _reject(
+                    store, settings, info, rejected.problems, sha256[:16], sha256, etag=expected
+                )
+    # After the append (or a concurrent delivery's), outside the lease: the drift report.
+    outcome = _with_drift_report(store, settings, outcome, drop_id, lambda: drop)
+    timer.lap("drift")
     return outcome
+
+
+def _read(local: Path, size: int) -> drop_file.ParsedDrop:
+    """The known drop's local copy, validated again (only when its drift report is missing)."""
+    return drop_file.read_drop(local, size)
+
+
+def _with_drift_report(
+    store: ObjectStore,
+    settings: Settings,
+    outcome: IngestOutcome,
+    drop_id: str,
+    parsed: Callable[[], drop_file.ParsedDrop],
+) -> IngestOutcome:
+    """The accepted drop's drift report against the champion (readmission.drift_reports),
+    written after its receipt and outside the corpus lease: a failure to write it loses
+    nothing of the drop, and the redelivered event (a known drop) writes what is missing.
+
+    `parsed` gives the drop, called only if the report is missing. The report compares a
+    bounded, deterministic sample of the drop's rows (`ParsedDrop.sample`: a systematic sample
+    of at most DRIFT_SAMPLE_ROWS rows, taken while the blocks stream by, so memory does not
+    grow with the file); a drop no larger than that is compared whole."""
+    if outcome.status not in (INGESTED, NOTHING_NEW, ALREADY_INGESTED):
+        return outcome
+
+    def rows() -> tuple[pa.Table, int]:
+        drop = parsed()
+        return drop.sample(settings.drift_sample_rows), drop.rows
+
+    written = drift_reports.write_drop_report(store, settings, drop_id, rows)
+    return replace(outcome, written=outcome.written + tuple(written)) if written else outcome
 
 
 def _superseded(

@@ -20,6 +20,11 @@ RECEIPTS_PREFIX = "sources/"
 CORPUS_HEAD_KEY = "corpus/head.json"
 CORPUS_LEASE_KEY = "corpus/append.lease"
 DROPS_PREFIX = "drops/"
+# In the models bucket: the drift report of each drop (readmission.drift_reports), and a copy
+# of the last one written, which the predict function polls.
+REPORTS_PREFIX = "reports/"
+LATEST_DRIFT_KEY = "reports/latest-drift.json"
+DRIFT_ALERT_NAME = "drift-detected.json"
 
 
 def content_id(data: bytes) -> str:
@@ -110,6 +115,21 @@ def reliability_key(dataset_id: str) -> str:
 def model_card_key(dataset_id: str, extension: str) -> str:
     """The model card of a version's selected model: `json` or `md` (readmission.model_card)."""
     return f"{dataset_id}/model_card.{extension}"
+
+
+def reference_key(dataset_id: str) -> str:
+    """The training reference profile of the version's model (readmission.drift)."""
+    return f"{dataset_id}/reference.json"
+
+
+def drift_report_key(drop_id: str, extension: str = "json") -> str:
+    """The drift report of a drop (`json`, written last, or `md`)."""
+    return f"{REPORTS_PREFIX}{drop_id}/drift.{extension}"
+
+
+def drift_alert_key(drop_id: str) -> str:
+    """Written only when the drop drifted: fires io.readmission.drift.detected."""
+    return f"{REPORTS_PREFIX}{drop_id}/{DRIFT_ALERT_NAME}"
 
 
 def rejected_key(content_hash: str, original_key: str) -> str:

@@ -61,19 +61,23 @@ def build_metadata(
     explain_baseline: Mapping[str, Any] | None = None,
     input_ranges: Mapping[str, Mapping[str, float]] | None = None,
     selection: Mapping[str, Any] | None = None,
+    reference: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The document design.md fixes for models/<id>/metadata.json and champion/metadata.json;
     `quality` is the compact summary of `quality_report` and the keys of its files;
     `explain_baseline` the reference row of the explanations (readmission.serving.explain);
     `input_ranges` the numeric inputs' observed ranges (the web form's min/max hints);
     `selection` the noise-aware selection's rule, leader, tied jobs and the selected job's
-    interval (readmission.selection.Selection.as_dict)."""
+    interval (readmission.selection.Selection.as_dict); `reference` names the training
+    reference profile (readmission.drift_reports), if any."""
     outputs = _plain(exported.outputs)
     extra: dict[str, Any] = {}
     if explain_baseline is not None:
         extra["explain_baseline"] = dict(explain_baseline)
     if input_ranges is not None:
         extra["input_ranges"] = {c: dict(r) for c, r in input_ranges.items()}
+    if reference is not None:
+        extra["reference"] = dict(reference)
     return {
         **extra,
         "model_name": settings.registered_model,
@@ -204,9 +208,16 @@ def quality_metrics(report: Mapping[str, Any]) -> dict[str, float]:
 
 
 def log_to_run(
-    client: MlflowClient, run_id: str, candidate: Candidate, metadata_bytes: bytes
+    client: MlflowClient,
+    run_id: str,
+    candidate: Candidate,
+    metadata_bytes: bytes,
+    drift_files: Mapping[str, bytes] | None = None,
 ) -> None:
-    """The aggregator's artifacts and the test metrics on the winning run (once)."""
+    """The aggregator's artifacts and the test metrics on the winning run (once).
+
+    `drift_files`: the drift report of the drop that made the version (file name -> bytes,
+    readmission.drift_reports), logged beside the model when ingest wrote it."""
     present = {Path(f.path).name for f in client.list_artifacts(run_id, ARTIFACT_DIR)}
     if "metadata.json" in present:
         return
@@ -231,6 +242,8 @@ def log_to_run(
             (folder / f"learning_curve.{extension}").write_bytes(data)
         for key, (data, _) in quality_objects(str(candidate.best["dataset_id"]), candidate).items():
             (folder / Path(key).name).write_bytes(data)
+        for name, data in (drift_files or {}).items():
+            (folder / name).write_bytes(data)
         # metadata.json last: its presence means the run has all of them.
         client.log_artifacts(run_id, str(folder), ARTIFACT_DIR)
         (folder / "metadata.json").write_bytes(metadata_bytes)

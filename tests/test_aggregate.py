@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -37,7 +38,7 @@ from support.mlflow_server import MlflowServer, logged_model_dir, rewritten
 from support.python_snippet import run_python
 from support.seaweed_server import SeaweedServer
 
-from readmission import contract, decisions, keys, lease, registry, tracking
+from readmission import contract, decisions, drift_reports, keys, lease, registry, tracking
 from readmission.aggregate import AggregateOutcome, InvalidResult, aggregate_dataset, lease_key
 from readmission.candidate import select_best, select_candidate
 from readmission.config import Buckets, Settings
@@ -203,6 +204,11 @@ def versions(client: MlflowClient, dataset_id: str | None = None) -> list[Any]:
     )
 
 
+def aggregator_keys(store: ObjectStore) -> list[str]:
+    """The keys of the models bucket but ingest's drift reports."""
+    return [k for k in store.list_keys("models") if not k.startswith(keys.REPORTS_PREFIX)]
+
+
 def model_objects(store: ObjectStore) -> dict[str, tuple[str, Any]]:
     """key -> (etag, last modified) of every object in the models bucket."""
     out = {}
@@ -287,7 +293,7 @@ def test_waits_until_every_listed_job_has_a_result(
         f"waiting ({len(jobs) - 1} of {len(jobs)} results); "
         "the best so far is tested and exported ahead"
     )
-    assert store.list_keys("models") == []  # preparing ahead writes nothing
+    assert aggregator_keys(store) == []  # preparing ahead writes nothing
     assert client.search_registered_models() == []
 
 
@@ -296,7 +302,7 @@ def test_a_result_without_manifest_is_logged_and_ignored(
 ) -> None:
     outcome = aggregate_dataset(store, settings, "0123456789abcdef")
     assert outcome.status == "no_manifest"
-    assert store.list_keys("models") == []
+    assert aggregator_keys(store) == []
 
 
 def test_tampered_onnx_fails_parity_and_registers_nothing(
@@ -306,7 +312,7 @@ def test_tampered_onnx_fails_parity_and_registers_nothing(
     with pytest.raises(ParityError, match="tolerance"):
         aggregate_dataset(store, settings, scenario.dataset_id, exporter=tampered_exporter)
     assert versions(client) == []
-    assert store.list_keys("models") == []  # nothing written, and the lease was released
+    assert aggregator_keys(store) == []  # nothing written, and the lease was released
 
 
 def test_aggregates_all_results_into_one_champion(
@@ -354,7 +360,7 @@ def test_aggregates_all_results_into_one_champion(
 
     # the models bucket
     prefix = f"{dataset_id}/"
-    assert sorted(store.list_keys("models")) == sorted(
+    assert sorted(aggregator_keys(store)) == sorted(
         [
             "champion/metadata.json",
             "champion/last-decision.json",
@@ -365,12 +371,21 @@ def test_aggregates_all_results_into_one_champion(
             prefix + "metadata.json",
             prefix + "model.onnx",
             prefix + "quality.json",
+            prefix + "reference.json",
             prefix + "reliability.png",
             prefix + "model_card.json",
             prefix + "model_card.md",
         ]
     )
     metadata = store.get_json("models", prefix + "metadata.json")
+    # the training reference of the drift reports: the selected set's training rows
+    profile = store.get_json("models", metadata["reference"]["key"])
+    assert profile["rows"] == metadata["reference"]["rows"] == best["training_rows"]
+    assert profile["source"]["cumulative_index"] == best["cumulative_index"]
+    # the first drop's drift report (nothing to compare with) is logged with the version (the
+    # run's artifacts: below)
+    assert version.tags["drift.status"] == "no_reference"
+    assert version.tags["drift.drop"] == scenario.manifest["drops"][-1]
     assert store.get_bytes("models", "champion/metadata.json") == json_bytes(metadata)
     # the first model ever is promoted without a gate, and that is a recorded decision
     decision = store.get_json("models", keys.decision_key(dataset_id))
@@ -465,6 +480,8 @@ def test_aggregates_all_results_into_one_champion(
         "reliability.png",
         "model_card.json",
         "model_card.md",
+        "drift.json",
+        "drift.md",
     }
     run = client.get_run(best["run_id"])
     assert run.data.metrics["test_f1_weighted"] == pytest.approx(test_metrics["f1_weighted"])
@@ -829,6 +846,25 @@ def test_a_champion_rewritten_in_mlflows_artifact_store_is_never_loaded_for_the_
     assert not store.exists("models", lease_key(dataset_id))
     assert versions(client, dataset_id) == []
     assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == champion.version
+
+
+def test_the_reference_profiles_a_systematic_sample_of_a_set_larger_than_drift_sample_rows(
+    store: ObjectStore, settings: Settings, scenario: Scenario
+) -> None:
+    index = len(scenario.manifest["cumulative_sets"]) - 1
+    batch_keys = scenario.manifest["cumulative_sets"][index]["batch_keys"]
+    whole = pa.concat_tables(
+        pq.read_table(io.BytesIO(store.get_bytes(settings.buckets.datasets, key)))
+        for key in batch_keys
+    )
+    sampled = drift_reports.training_rows(
+        store, replace(settings, drift_sample_rows=101), scenario.manifest, index
+    )
+    positions = [k * whole.num_rows // 101 for k in range(101)]
+    assert whole.num_rows > 101 and len(batch_keys) > 1
+    assert sampled.combine_chunks().equals(whole.take(positions).combine_chunks())
+    every = drift_reports.training_rows(store, settings, scenario.manifest, index)
+    assert every.combine_chunks().equals(whole.combine_chunks())
 
 
 def test_lease_admits_one_holder_and_expires(store: ObjectStore) -> None:

@@ -169,6 +169,19 @@ def test_a_second_drop_fits_only_its_new_sets_and_every_promotion_is_recorded(
     champion = store.get_json(buckets.models, keys.CHAMPION_METADATA_KEY)
     assert champion["version"] == decision["champion_after"]["model_version"]
 
+    # each drop's drift report: the first had nothing to compare with, the second was compared
+    # with version 1's training reference, and is logged with version 2 in MLflow
+    first_report = store.get_json(buckets.models, keys.drift_report_key(first["drop_id"]))
+    assert first_report["status"] == "no_reference"
+    report = store.get_json(buckets.models, keys.drift_report_key(second["drop_id"]))
+    assert report["reference"]["model_version"] == "1"
+    assert report["rows"] == second["rows"]["rows"]
+    assert report["status"] in ("stable", "watch", "drifted") and len(report["columns"]) == 47
+    if decision["new_model"]:
+        registered = client.get_model_version(stack.settings.registered_model, "2")
+        assert registered.tags["drift.drop"] == second["drop_id"]
+        assert registered.tags["drift.status"] == report["status"]
+
     # the same bytes again under another name: nothing appended, nothing trained
     jobs_before = store.list_keys(buckets.jobs)
     again = drop_and_wait(stack, "drops/first-again.csv", first_half)
@@ -216,7 +229,10 @@ def test_a_second_drop_fits_only_its_new_sets_and_every_promotion_is_recorded(
         def shown() -> bool:
             with urllib.request.urlopen(f"{stack.predict_url}/model-info", timeout=5) as reply:
                 info = json.loads(reply.read())
-            return (info.get("last_decision") or {}).get("sequence") == expected
+            drift = info.get("drift") or {}
+            return (info.get("last_decision") or {}).get("sequence") == expected and (
+                drift.get("drop_id") == sampled["drop_id"]  # the latest drop's drift report
+            )
 
         assert stack.wait_for(shown, 60, 1.0)
 

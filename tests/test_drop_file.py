@@ -52,6 +52,26 @@ def test_streamed_blocks_are_the_rows_the_whole_file_parser_returns(
     assert drop.missing_columns == contract.missing_feature_columns(whole) == []
 
 
+def test_a_sample_is_the_systematic_rows_of_the_file_across_blocks_and_every_row_when_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(drop_file, "BLOCK_BYTES", 1 << 20)  # the real file in ~19 blocks
+    data = real_csv_bytes()
+    drop = drop_file.read_drop(_write(tmp_path, data), len(data))
+    whole = contract.parse_csv_table(data)
+    sample = drop.sample(7_000)
+    positions = [k * whole.num_rows // 7_000 for k in range(7_000)]
+    assert sample.num_rows == 7_000
+    assert sample.combine_chunks().equals(whole.take(positions).combine_chunks())
+    assert sample.schema.metadata == whole.schema.metadata
+    assert drop.sample(7_000).equals(sample)  # deterministic
+    assert drop.sample(whole.num_rows + 1).combine_chunks().equals(whole)
+    in_memory = drop_file.table_drop(whole)  # a drop only the detailed parser accepts
+    assert in_memory.sample(7_000).combine_chunks().equals(sample.combine_chunks())
+    with pytest.raises(ValueError, match="at least one row"):
+        drop.sample(0)
+
+
 def test_a_column_empty_in_one_block_only_is_not_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

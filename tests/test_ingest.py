@@ -20,10 +20,10 @@ from support.python_snippet import run_python
 from support.seaweed_server import SeaweedServer, real_csv_bytes, sample_csv, seaweed_s3
 
 from events.delivery import encode_attribute_headers
-from readmission import contract, corpus, drop_file, ingest, jobs, keys
+from readmission import contract, corpus, drift, drift_reports, drop_file, ingest, jobs, keys
 from readmission.config import Buckets, Settings
 from readmission.corpus_append import parquet_bytes
-from readmission.storage import ObjectStore, PreconditionFailed
+from readmission.storage import ObjectStore, PreconditionFailed, json_bytes
 
 __all__ = ["seaweed_s3"]  # the module-scoped server fixture, used by the tests below
 
@@ -198,8 +198,10 @@ def test_real_csv_gives_manifest_batches_and_jobs(
     assert manifest["jobs"][-1] == keys.job_key(dataset_id, 0, "decision_tree")
     assert sorted(store.list_keys(settings.buckets.jobs)) == sorted(manifest["jobs"])
     # 5 batches, validation, test, the encounter index, the manifest, the corpus head, the drop
-    # record, 25 jobs
-    assert len(outcome.written) == 5 + 2 + 1 + 1 + 1 + 1 + 25
+    # record, 25 jobs, the drift report (.md, the latest copy, .json)
+    assert len(outcome.written) == 5 + 2 + 1 + 1 + 1 + 1 + 25 + 3
+    report = store.get_json(settings.buckets.models, keys.drift_report_key(keys.content_id(data)))
+    assert report["status"] == "no_reference" and "no champion" in report["message"]
     assert manifest["drops"] == [keys.content_id(data)] and manifest["parent"] is None
     for name in ("train", "validation", "test"):
         assert abs(manifest["class_shares"][name]["NO"] - 0.539) < 0.01, name
@@ -318,7 +320,7 @@ def test_outputs_are_byte_identical_when_rebuilt_from_scratch(
 ) -> None:
     settings, _ = real
     before = snapshot(store, settings)
-    outputs = [settings.buckets.datasets, settings.buckets.jobs]
+    outputs = [settings.buckets.datasets, settings.buckets.jobs, settings.buckets.models]
     for bucket in outputs:
         for key in store.list_keys(bucket):
             store.delete(bucket, key)
@@ -326,7 +328,7 @@ def test_outputs_are_byte_identical_when_rebuilt_from_scratch(
     outcome = ingest.ingest_object(
         store, settings, settings.buckets.raw, "uploads/diabetic_data.csv"
     )
-    assert outcome.status == ingest.INGESTED and len(outcome.written) == 36  # 11 + 25 jobs
+    assert outcome.status == ingest.INGESTED and len(outcome.written) == 39  # 11 + 25 jobs + 3
     assert snapshot(store, settings) == before
 
 
@@ -642,6 +644,89 @@ def test_rejecting_a_version_never_moves_or_deletes_the_newer_one(
         assert sorted(store.list_keys(rejected)) == sorted([copy_key, report_key])
 
 
+# --------------------------------------------------------------------------- drift
+
+
+def test_a_drop_gets_a_drift_report_against_the_champions_reference_and_an_alert(
+    store: ObjectStore,
+) -> None:
+    settings = fresh_settings(store, batch_rows=1000, algorithms=("logistic_regression",))
+    models = settings.buckets.models
+    first = sample_csv(every=20)
+    reference = drift.build_profile(contract.parse_csv_table(first))
+    store.put_bytes(models, "v1/reference.json", json_bytes(reference))
+    champion = {"version": "1", "dataset_id": "v1", "reference": {"key": "v1/reference.json"}}
+    store.put_bytes(models, keys.CHAMPION_METADATA_KEY, json_bytes(champion))
+    lines = sample_csv(every=21).split(b"\r\n")  # other rows, every age band moved to [90-100)
+    header = lines[0].split(b",")
+    age = header.index(b"age")
+    moved = [lines[0]] + [
+        b",".join([*f[:age], b"[90-100)", *f[age + 1 :]])
+        for f in (x.split(b",") for x in lines[1:] if x)
+    ]
+    drop = b"\r\n".join(moved) + b"\r\n"
+    upload(store, settings, "drifted.csv", drop)
+    outcome = ingest.ingest_object(store, settings, settings.buckets.raw, "drifted.csv")
+    drop_id = keys.content_id(drop)
+    report = store.get_json(models, keys.drift_report_key(drop_id))
+    assert outcome.status == ingest.INGESTED
+    assert report["status"] == drift.DRIFTED and "age" in report["drifted"]
+    assert report["reference"]["model_version"] == "1"
+    alert = store.get_json(models, keys.drift_alert_key(drop_id))
+    assert alert["drifted"] == report["drifted"] and alert["psi"]["age"] > 0.2
+    assert store.get_json(models, keys.LATEST_DRIFT_KEY) == report
+    assert b"| age | categorical |" in store.get_bytes(models, keys.drift_report_key(drop_id, "md"))
+    # the report is lost to a crash after the receipt: the redelivery writes it, once
+    store.delete(models, keys.drift_report_key(drop_id))
+    again = ingest.ingest_object(store, settings, settings.buckets.raw, "drifted.csv")
+    assert f"{models}/{keys.drift_report_key(drop_id)}" in again.written
+    assert store.get_json(models, keys.drift_report_key(drop_id)) == report
+    third = ingest.ingest_object(store, settings, settings.buckets.raw, "drifted.csv")
+    assert third.written == ()
+
+
+def test_a_drop_larger_than_the_drift_sample_is_compared_on_its_systematic_sample(
+    store: ObjectStore,
+) -> None:
+    settings = fresh_settings(
+        store, batch_rows=1000, algorithms=("logistic_regression",), drift_sample_rows=700
+    )
+    models = settings.buckets.models
+    reference = drift.build_profile(contract.parse_csv_table(sample_csv(every=20)))
+    store.put_bytes(models, "v1/reference.json", json_bytes(reference))
+    champion = {"version": "1", "dataset_id": "v1", "reference": {"key": "v1/reference.json"}}
+    store.put_bytes(models, keys.CHAMPION_METADATA_KEY, json_bytes(champion))
+    data = sample_csv(every=21)
+    upload(store, settings, "sampled.csv", data)
+    ingest.ingest_object(store, settings, settings.buckets.raw, "sampled.csv")
+    drop_id = keys.content_id(data)
+    rows = contract.parse_csv_table(data)
+    positions = [k * rows.num_rows // 700 for k in range(700)]
+    expected = drift.compare(
+        reference,
+        rows.take(positions),
+        drift_reports.thresholds(settings),
+        drop_id=drop_id,
+        reference={
+            "model_version": "1",
+            "corpus_version": "v1",
+            "algorithm": None,
+            "key": "v1/reference.json",
+        },
+        drop_rows=rows.num_rows,
+    )
+    report_bytes = store.get_bytes(models, keys.drift_report_key(drop_id))
+    assert report_bytes == json_bytes(expected)
+    assert (expected["rows"], expected["drop_rows"]) == (700, rows.num_rows)
+    markdown = store.get_bytes(models, keys.drift_report_key(drop_id, "md")).decode()
+    assert f"A systematic sample of 700 of the drop's {rows.num_rows:,} rows" in markdown
+    # a redelivery after the report was lost samples the known drop's local copy again: the
+    # same bytes
+    store.delete(models, keys.drift_report_key(drop_id))
+    ingest.ingest_object(store, settings, settings.buckets.raw, "sampled.csv")
+    assert store.get_bytes(models, keys.drift_report_key(drop_id)) == report_bytes
+
+
 # --------------------------------------------------------------------------- crashes
 
 
@@ -655,11 +740,15 @@ def test_crash_at_every_write_then_rerun_gives_the_clean_result(
     upload(store, settings, "x.csv", sample_csv(every=20))
     clean = ingest.ingest_object(store, settings, settings.buckets.raw, "x.csv")
     expected = snapshot(store, settings)
-    # 4 batches, validation, test, encounter index, manifest, head, drop record, 4 x 2 jobs
-    assert len(clean.written) == 4 + 2 + 1 + 1 + 1 + 1 + 8
-    outputs = [settings.buckets.datasets, settings.buckets.jobs]
+    # 4 batches, validation, test, encounter index, manifest, head, drop record, 4 x 2 jobs,
+    # the drift report (.md, the latest copy, .json)
+    assert len(clean.written) == 4 + 2 + 1 + 1 + 1 + 1 + 8 + 3
+    outputs = [settings.buckets.datasets, settings.buckets.jobs, settings.buckets.models]
 
-    for crash_at in range(len(clean.written)):
+    # two writes that are not outputs come before the drift report's three objects: the
+    # receipt (about the raw object) and the release of the corpus lease
+    receipt_at = len(clean.written) - 3
+    for crash_at in range(len(clean.written) + 2):
         for bucket in outputs:
             for key in store.list_keys(bucket):
                 store.delete(bucket, key)
@@ -673,7 +762,8 @@ def test_crash_at_every_write_then_rerun_gives_the_clean_result(
             assert_manifest_complete(store, settings, manifest)
         rerun = ingest.ingest_object(store, settings, settings.buckets.raw, "x.csv")
         assert rerun.status in (ingest.INGESTED, ingest.ALREADY_INGESTED)
-        assert len(rerun.written) == len(clean.written) - crash_at, crash_at
+        missing = len(clean.written) - crash_at + min(max(crash_at - receipt_at, 0), 2)
+        assert len(rerun.written) == missing, crash_at
         # a crash leaves the corpus lease it could not release (expired, taken over by the
         # next append): no output
         after = {k: v for k, v in snapshot(store, settings).items() if not k.endswith(".lease")}

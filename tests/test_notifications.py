@@ -13,6 +13,7 @@ import pytest
 
 from events.notifications import (
     DECISION_MADE,
+    DRIFT_DETECTED,
     JOB_CREATED,
     MODEL_CREATED,
     RAW_CREATED,
@@ -142,6 +143,10 @@ def test_seaweedfs_without_any_checksum_uses_a_sequencer_and_stays_deterministic
         ("models", "challenger/metadata.json", None),
         ("models", "abc/metadata.json", None),
         ("models", "champion/model.onnx", None),
+        ("models", "reports/0123456789abcdef/drift-detected.json", DRIFT_DETECTED),
+        ("models", "reports/0123456789abcdef/drift.json", None),
+        ("models", "reports/latest-drift.json", None),
+        ("datasets", "reports/0123456789abcdef/drift-detected.json", None),
         ("datasets", "abc/manifest.json", None),
         ("dead-letter", "x/y.json", None),
         ("rejected", "abc/data.csv", None),

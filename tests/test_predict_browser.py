@@ -205,6 +205,18 @@ def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (directory / "challenger.json").write_text(json.dumps(challenger_metadata("2")))
     decision = dict(decision_document("kept"), reason="challenger worse: " + HOSTILE)
     (directory / "last-decision.json").write_text(json.dumps(decision))
+    drift = {
+        "drop_id": "0123456789abcdef",
+        "status": "drifted",
+        "message": "1 drifted (age) " + HOSTILE,
+        "rows": 5000,
+        "drifted": ["age"],
+        "columns": {
+            "age": {"psi": 0.8125, "status": "drifted", "unseen": {"rows": 0}},
+            "race": {"psi": 0.03125, "status": "stable", "unseen": {"rows": 3}},
+        },
+    }
+    (directory / "latest-drift.json").write_text(json.dumps(drift))
     process = FunctionProcess(
         {"MODEL_PATH": str(model_path), "MODEL_METADATA_PATH": str(metadata_path)}
     )
@@ -374,6 +386,11 @@ def test_form_predicts_and_shows_bars_and_model_card(page_server: str, browser: 
     decision = browser.evaluate("document.getElementById('gate-decision').textContent")
     assert HOSTILE in decision and "-0.0038" in decision and "[-0.0090, +0.0010] (95 %)" in decision
     assert browser.evaluate("document.querySelectorAll('#model-gate img').length") == 0
+    # the latest drop's drift report: its status, its columns by PSI, its message as text
+    assert browser.evaluate("document.getElementById('drift-status').textContent") == "drifted"
+    assert HOSTILE in browser.evaluate("document.getElementById('drift-facts').textContent")
+    drift_rows = "[...document.querySelectorAll('#drift-columns tbody tr')].map(r => r.textContent)"
+    assert browser.evaluate(drift_rows) == ["age0.8125drifted0", "race0.0313stable3"]
     # the screenshot: the result panel must be painted (many colours, not a blank box)
     browser.evaluate("window.scrollTo(0, 0)")  # the click scrolled to the button
     box = browser.evaluate(

@@ -1015,3 +1015,57 @@ def test_store_mode_wrong_credentials_is_not_ready(seaweed: SeaweedServer) -> No
         assert code == 503 and "403" in json.loads(raw)["detail"]
     finally:
         process.stop()
+
+
+def test_store_mode_shows_the_latest_drift_report_and_its_psi_gauges(
+    seaweed: SeaweedServer,
+) -> None:
+    """reports/latest-drift.json (written by ingest): null and no gauge while absent; after
+    the next poll a summary on /model-info and one readmission_drift_psi series per column."""
+    store: Any = seaweed.client()
+    _publish(store, "1", "decision_tree")
+    report = {
+        "drop_id": "0123456789abcdef",
+        "status": "drifted",
+        "message": "1 drifted (age)",
+        "rows": 5000,
+        "reference": {"model_version": "1", "corpus_version": "0000000000000001", "rows": 900},
+        "thresholds": {"watch": 0.1, "drifted": 0.2},
+        "drifted": ["age"],
+        "watch": [],
+        "max_psi": 0.8125,
+        "columns": {
+            "age": {"psi": 0.8125, "status": "drifted", "unseen": {"rows": 0}},
+            "admission_type_id": {"psi": 0.03125, "status": "stable", "unseen": {"rows": 7}},
+        },
+        "target": {"column": "readmitted", "psi": 0.0625, "status": "stable"},
+    }
+    process = _start({**seaweed.env(), "MODEL_POLL_SECONDS": "0.3"})
+    try:
+        time.sleep(0.5)
+        assert _json(http(process.url + "/model-info"))["drift"] is None
+        assert "readmission_drift_psi{" not in http(process.url + "/metrics")[2].decode()
+        store.put_object(
+            Bucket="models", Key="reports/latest-drift.json", Body=json.dumps(report).encode()
+        )
+        deadline = time.monotonic() + 15
+        while (drift := _json(http(process.url + "/model-info"))["drift"]) is None:
+            assert time.monotonic() < deadline, "the drift report was never read"
+            time.sleep(0.1)
+        assert (drift["status"], drift["drifted"], drift["drop_id"]) == (
+            "drifted",
+            ["age"],
+            "0123456789abcdef",
+        )
+        assert [(c["column"], c["status"], c["unseen"]) for c in drift["top"]] == [
+            ("age", "drifted", 0),
+            ("readmitted", "stable", None),
+            ("admission_type_id", "stable", 7),
+        ]
+        scraped = http(process.url + "/metrics")[2].decode()
+        assert 'readmission_drift_psi{column="age"} 0.8125' in scraped
+        assert 'readmission_drift_psi{column="admission_type_id"} 0.03125' in scraped
+        assert 'readmission_drift_psi{column="readmitted"} 0.0625' in scraped
+    finally:
+        process.stop()
+        store.delete_object(Bucket="models", Key="reports/latest-drift.json")

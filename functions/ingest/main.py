@@ -6,7 +6,9 @@ so is an event naming a key no object store can ever serve (a `.` or `..` segmen
 UTF-8 spelling, over 1,024 bytes: `readmission.ingest.unreadable_key_problem`); an object-store
 failure raises (500) so the broker retries. The event's `etag` names the object version to read:
 if the key was overwritten before the event got here, that version is `superseded` (a receipt
-says so, nothing is ingested, 204) and the newer version is ingested by its own event.
+says so, nothing is ingested, 204) and the newer version is ingested by its own event. An
+accepted drop's drift report (docs/monitoring.md) is written after its receipt: a failure to
+write it raises (500), and the redelivery, finding the drop known, writes what is missing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import functions_framework
 
-from readmission import contract
+from readmission import contract, drift
 from readmission.glue import slow_clients
 from readmission.glue.event_handler import (
     MalformedEvent,
@@ -34,6 +36,7 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 log = logging.getLogger("ingest")
 reply_empty_on_success()
 contract.arrow_schema()  # imports pandas/pyarrow now, at process start, not in the first event
+drift.warm_up()  # and scipy's test, which the drift reports use
 
 
 @functions_framework.cloud_event

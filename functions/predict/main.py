@@ -26,6 +26,7 @@ from readmission.glue.responses import error_response, json_response, raw_respon
 from readmission.serving import metrics, v2
 from readmission.serving.assets import ModelAssets
 from readmission.serving.decisions import GateDocuments
+from readmission.serving.drift import DriftDocument
 from readmission.serving.errors import InputError, ModelNotReady
 from readmission.serving.examples import example_for
 from readmission.serving.explain import (
@@ -54,6 +55,9 @@ SERVER = ModelServer(source_from_settings(SETTINGS), SETTINGS)
 SERVER.on_swap.append(metrics.record_model)
 GATE = GateDocuments.for_source(SERVER.source)  # challenger, last decision: informational
 SERVER.on_poll.append(GATE.refresh)  # read by the poll thread, never on a request
+DRIFT = DriftDocument.for_source(SERVER.source)  # the latest drop's drift report
+SERVER.on_poll.append(DRIFT.refresh)
+metrics.DRIFT.source = DRIFT.psi
 ASSETS = ModelAssets(SERVER.source)
 REALIZED = RealizedGauges(SERVER.source)  # the outcomes function's latest realized metrics
 SERVER.on_poll.append(REALIZED.refresh)
@@ -190,6 +194,7 @@ def _model_info(request: flask.Request, params: dict[str, str]) -> flask.Respons
     info["loaded_at"] = model.loaded_at
     info["swaps"] = SERVER.swaps
     info.update(GATE.info())  # "challenger", "last_decision": objects or null
+    info.update(DRIFT.info())  # "drift": the latest drop's drift report summary, or null
     return json_response(info)
 
 

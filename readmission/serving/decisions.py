@@ -87,7 +87,9 @@ def decision_summary(document: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class _Document:
+class PolledDocument:
+    """A JSON object of the models bucket as the poll thread last read it."""
+
     key: str
     token: str | None = None  # the version last read (ETag, or mtime-size locally)
     value: dict[str, Any] | None = None  # the parsed object; None: missing or unreadable
@@ -99,8 +101,8 @@ class GateDocuments:
 
     def __init__(self, source: DocumentSource, challenger_key: str, decision_key: str) -> None:
         self.source = source
-        self._challenger = _Document(challenger_key)
-        self._decision = _Document(decision_key)
+        self._challenger = PolledDocument(challenger_key)
+        self._decision = PolledDocument(decision_key)
 
     @classmethod
     def for_source(cls, source: Any) -> GateDocuments:
@@ -113,19 +115,8 @@ class GateDocuments:
         for document in (self._challenger, self._decision):
             self._refresh(document)
 
-    def _refresh(self, document: _Document) -> None:
-        try:
-            found = self.source.document(document.key, document.token)
-        except Exception as exc:
-            log.warning("cannot read %s (keeping the last one read): %s", document.key, exc)
-            return
-        if found is None:
-            document.token, document.value = None, None
-            return
-        if found.not_modified:
-            return
-        document.value = _parse_object(found.data, document.key)
-        document.token = found.etag
+    def _refresh(self, document: PolledDocument) -> None:
+        refresh_document(self.source, document)
 
     def info(self) -> dict[str, Any]:
         """`challenger` and `last_decision` for /model-info: objects, or None."""
@@ -137,6 +128,23 @@ class GateDocuments:
             "challenger": None if challenger is None else challenger_summary(challenger, metric),
             "last_decision": None if decision is None else decision_summary(decision),
         }
+
+
+def refresh_document(source: DocumentSource, document: PolledDocument) -> None:
+    """Re-read `document` if it changed (one conditional read); never raises: a failing read
+    keeps what was last read (with a warning), a missing object is None."""
+    try:
+        found = source.document(document.key, document.token)
+    except Exception as exc:
+        log.warning("cannot read %s (keeping the last one read): %s", document.key, exc)
+        return
+    if found is None:
+        document.token, document.value = None, None
+        return
+    if found.not_modified:
+        return
+    document.value = _parse_object(found.data, document.key)
+    document.token = found.etag
 
 
 def _parse_object(data: bytes, key: str) -> dict[str, Any] | None:

@@ -264,7 +264,7 @@ def build_openapi(
         "/model-info": {
             "get": {
                 "summary": "Name, version, metrics, classes, input schema; the pending "
-                "challenger and the last promotion decision (or null)",
+                "challenger, the last promotion decision and the latest drift report (or null)",
                 "responses": {"200": _json(ok_json, "Model card"), **_errors(503)},
             }
         },

@@ -349,6 +349,30 @@ function buildGate(info) {
   }
 }
 
+// ---- the latest drop's drift report (/model-info "drift") ----------------------------------
+function buildDrift(info) {
+  const drift = info.drift;
+  $("drift-facts").hidden = !drift;
+  $("drift-none").hidden = Boolean(drift);
+  const table = $("drift-columns");
+  const body = table.querySelector("tbody");
+  body.replaceChildren();
+  table.hidden = true;
+  if (!drift) return;
+  const status = el("span", { id: "drift-status", "data-status": String(drift.status) }, drift.status);
+  const reference = drift.reference && drift.reference.model_version ? "v" + drift.reference.model_version : null;
+  facts($("drift-facts"), [["Status", status], ["Summary", drift.message], ["Drop", drift.drop_id],
+    ["Rows", typeof drift.rows === "number" ? fmt(drift.rows) : null], ["Against model", reference],
+    ["Thresholds", drift.thresholds ? "watch > " + drift.thresholds.watch + ", drifted > " + drift.thresholds.drifted : null]]);
+  for (const column of drift.top || []) {
+    const row = el("tr", { "data-status": String(column.status) });
+    row.append(el("td", {}, column.column), el("td", {}, Number(column.psi).toFixed(4)),
+      el("td", {}, String(column.status)), el("td", {}, column.unseen === null || column.unseen === undefined ? "–" : fmt(column.unseen)));
+    body.append(row);
+  }
+  table.hidden = !(drift.top && drift.top.length);
+}
+
 async function init() {
   $("patient-form").addEventListener("submit", submit);
   $("reset").addEventListener("click", () => modelInfo && fillExample(modelInfo));
@@ -360,6 +384,7 @@ async function init() {
         buildForm(modelInfo);
         buildCard(modelInfo);
         buildGate(modelInfo);
+        buildDrift(modelInfo);
         $("status").textContent = "Model " + modelInfo.name + " version " + modelInfo.version + " is ready.";
         $("submit").disabled = false;
         return;

@@ -106,6 +106,7 @@ def check_minio(root: Path) -> list[str]:
         ("BUCKET_RESULTS", "", ".json"),
         ("BUCKET_MODELS", "champion/", "metadata.json"),
         ("BUCKET_MODELS", "decisions/", ".json"),
+        ("BUCKET_MODELS", "reports/", "/drift-detected.json"),
         ("BUCKET_SCORING", "", ""),
         ("BUCKET_OUTCOMES", "", ".csv"),
     }
