@@ -11,7 +11,16 @@ the realized metrics document to
 
 The first key is deterministic (the CSV's bytes), so a redelivered event finds it and writes
 nothing new (only `latest.json` if a crash came between the two PUTs). A CSV that breaks these
-rules raises OutcomesError (the handler answers 400: no retry can fix it).
+rules raises OutcomesError (the handler answers 400: no retry can fix it) and writes nothing.
+
+Bad input is reported, never silently dropped, and never touches what earlier files wrote:
+a label outside NO/>30/<30, or a row without any id, refuses the whole file (OutcomesError
+naming the CSV lines); rows whose id matches no logged prediction are counted (`unmatched`)
+and named (`problems.unmatched_ids`, `problems.unmatched_lines`); a row repeating an id with
+the same outcome counts once, and every row of an id given two different outcomes is left out
+(`problems.duplicate_*`, `problems.conflicting_*`). Each list names at most REPORTED ids or
+lines; the counts are complete. A file that matches no prediction at all gets its document
+but leaves `latest.json` (the exported gauges) as it was.
 
 Join. An outcome row with a `request_id` matches the logged row of that request when the
 request predicted one row (a batch request is matched by `encounter_id`); otherwise its
@@ -53,6 +62,7 @@ REALIZED_LATEST_KEY = f"{REALIZED_PREFIX}latest.json"
 LATE_CLASS = "<30"
 LABELS = ("<30", ">30", "NO")
 PROBABILITY_PREFIX = "probability_"
+REPORTED = 20  # offending ids or lines named in a report (the counts are always complete)
 _VERSION_METADATA = re.compile(r"^[0-9a-f]{16}/metadata\.json$")
 
 
@@ -80,12 +90,53 @@ def parse_outcomes(data: bytes) -> pd.DataFrame:
         values = frame[column].str.strip() if column in frame.columns else None
         out[column] = None if values is None else values.where(values != "", None)
     out["readmitted"] = frame["readmitted"].str.strip()
-    bad = sorted(set(out["readmitted"]) - set(LABELS))
-    if bad:
-        raise OutcomesError(f"readmitted must be one of {LABELS}, got {bad[:5]}")
-    if (out["request_id"].isna() & out["encounter_id"].isna()).any():
-        raise OutcomesError("a row has neither a request_id nor an encounter_id")
+    out["line"] = out.index + 2  # the CSV line (the header is line 1)
+    bad = out[~out["readmitted"].isin(LABELS)]
+    if len(bad):
+        shown = ", ".join(
+            f"line {line}: {value!r}"
+            for line, value in zip(
+                bad["line"][:REPORTED], bad["readmitted"][:REPORTED], strict=True
+            )
+        )
+        raise OutcomesError(
+            f"readmitted must be one of {LABELS}: {len(bad)} rows are not ({shown})"
+        )
+    neither = out.loc[out["request_id"].isna() & out["encounter_id"].isna(), "line"]
+    if len(neither):
+        lines = ", ".join(str(line) for line in neither[:REPORTED])
+        raise OutcomesError(
+            f"{len(neither)} rows have neither a request_id nor an encounter_id (lines {lines})"
+        )
     return out
+
+
+def outcome_key(outcomes: pd.DataFrame) -> pd.Series:
+    """The id an outcome row is about: its request_id, else its encounter_id."""
+    return outcomes["request_id"].fillna("encounter:" + outcomes["encounter_id"].fillna(""))
+
+
+def drop_duplicates(outcomes: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The outcome rows with one row per id, and the report of the rows left out.
+
+    A row repeating an earlier row's id and outcome is left out (the id counts once); every row
+    of an id given two different outcomes is left out (neither can be trusted)."""
+    keys = outcome_key(outcomes)
+    repeated = keys.duplicated(keep="first")
+    labels_per_key = outcomes.groupby(keys)["readmitted"].nunique()
+    conflicting = keys.isin(labels_per_key.index[labels_per_key > 1])
+    left_out = repeated | conflicting
+    report = {
+        "duplicate_rows": int((repeated & ~conflicting).sum()),
+        "duplicate_ids": _sample(keys[repeated & ~conflicting].drop_duplicates()),
+        "conflicting_rows": int(conflicting.sum()),
+        "conflicting_ids": _sample(keys[conflicting].drop_duplicates()),
+    }
+    return outcomes[~left_out], report
+
+
+def _sample(values: pd.Series) -> list[str]:
+    return [str(v) for v in values[:REPORTED]]
 
 
 def read_log(store: ObjectStore, bucket: str) -> pd.DataFrame:
@@ -100,8 +151,8 @@ def read_log(store: ObjectStore, bucket: str) -> pd.DataFrame:
     return pa.concat_tables(tables, promote_options="default").to_pandas()
 
 
-def _matched(log_frame: pd.DataFrame, outcomes: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Logged rows joined with their outcome (column `readmitted`), and the unmatched count."""
+def _matched(log_frame: pd.DataFrame, outcomes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Logged rows joined with their outcome (column `readmitted`), and the unmatched rows."""
     batches = set(log_frame.loc[log_frame["row"] > 0, "request_id"])
     single = log_frame[~log_frame["request_id"].isin(batches)]  # single-row requests
     outcomes = outcomes.reset_index(drop=True).rename_axis("outcome").reset_index()
@@ -117,7 +168,7 @@ def _matched(log_frame: pd.DataFrame, outcomes: pd.DataFrame) -> tuple[pd.DataFr
     joined = joined.sort_values("time", kind="stable").drop_duplicates(
         ["outcome", "model_version"], keep="last"
     )
-    unmatched = len(outcomes) - joined["outcome"].nunique()
+    unmatched = outcomes[~outcomes["outcome"].isin(joined["outcome"])]
     return joined, unmatched
 
 
@@ -148,6 +199,8 @@ class Realized:
 def realized_document(
     log_frame: pd.DataFrame, outcomes: pd.DataFrame, offline: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
+    outcome_rows = len(outcomes)
+    outcomes, duplicates = drop_duplicates(outcomes)
     joined, unmatched = _matched(log_frame, outcomes)
     groups = []
     if len(joined):
@@ -175,10 +228,15 @@ def realized_document(
                 }
             )
     return {
-        "outcome_rows": len(outcomes),
+        "outcome_rows": outcome_rows,
         "matched": int(joined["outcome"].nunique()) if len(joined) else 0,
-        "unmatched": unmatched,
+        "unmatched": len(unmatched),
         "groups": groups,
+        "problems": {
+            "unmatched_ids": _sample(outcome_key(unmatched)),
+            "unmatched_lines": [int(line) for line in unmatched["line"][:REPORTED]],
+            **duplicates,
+        },
     }
 
 
@@ -204,7 +262,7 @@ def process_outcomes(store: ObjectStore, settings: Settings, bucket: str, key: s
     models = settings.buckets.models
     existing = store.get_json_if_exists(models, target)
     if existing is not None:  # a redelivery: done before; make sure `latest` was written too
-        if not store.exists(models, REALIZED_LATEST_KEY):
+        if existing.get("groups") and not store.exists(models, REALIZED_LATEST_KEY):
             store.put_bytes(models, REALIZED_LATEST_KEY, json_bytes(existing), "application/json")
         return Realized(target, existing, written=False)
     outcomes = parse_outcomes(data)
@@ -216,5 +274,6 @@ def process_outcomes(store: ObjectStore, settings: Settings, bucket: str, key: s
     }
     body = json_bytes(document)
     written = store.put_if_absent(models, target, body, "application/json")
-    store.put_bytes(models, REALIZED_LATEST_KEY, body, "application/json")  # last
+    if document["groups"]:  # last; a file that matched nothing leaves the gauges as they were
+        store.put_bytes(models, REALIZED_LATEST_KEY, body, "application/json")
     return Realized(target, document, written)

@@ -20,6 +20,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source scripts/lib/bootstrap.sh
+# Debian's prometheus for the stack's Prometheus (installed when root; else it says how)
+system_deps() { bash scripts/lib/system-deps.sh prometheus; }
 stack() { python -m readmission.localstack "$@"; }
 
 dataset_path() {
@@ -41,7 +43,7 @@ PY
 command="${1:-run}"
 case "$command" in
   stop | down) stack down ;;
-  up) stack up ;;
+  up) system_deps; stack up ;;
   status) stack status ;;
   logs) shift; stack logs "$@" ;;
   dead-letters) stack dead-letters ;;
@@ -61,6 +63,7 @@ case "$command" in
     python -m readmission.decisions "$@"
     ;;
   run)
+    system_deps
     echo "==> starting the local stack"
     stack up
     csv="$(dataset_path)"
@@ -78,6 +81,10 @@ case "$command" in
     letters="$(stack dead-letters 2>/dev/null | wc -l)"
     if [ "$letters" -gt 0 ]; then
       echo "==> $letters dead letter(s): scripts/run-local.sh dead-letters"
+    fi
+    prometheus_url="$(stack env | sed -n "s/^export PROMETHEUS_URL=//p" | tr -d "'")"
+    if [ -n "$prometheus_url" ]; then
+      echo "==> Prometheus: $prometheus_url (alerts: $prometheus_url/alerts)"
     fi
     echo "==> the stack is still running: source ${STATE_DIR:-$ROOT/.state}/env to use it;"
     echo "    scripts/run-local.sh stop to stop it"

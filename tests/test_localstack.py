@@ -177,6 +177,27 @@ def test_every_listening_port_is_on_loopback(stack: RunningStack) -> None:
     assert expected <= ports, f"not listening: {expected - ports}"
 
 
+def test_the_stack_prometheus_scrapes_predict_with_the_manifest_rules(
+    stack: RunningStack,
+) -> None:
+    url = stack.env.get("PROMETHEUS_URL")
+    if url is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+
+    def predict_target() -> dict | None:
+        with urllib.request.urlopen(f"{url}/api/v1/targets", timeout=5) as response:
+            targets = json.loads(response.read())["data"]["activeTargets"]
+        up = [t for t in targets if t["labels"]["job"] == "predict" and t["health"] == "up"]
+        return up[0] if up else None
+
+    target = stack.wait_for(predict_target, timeout=30)
+    assert target is not None and target["scrapeUrl"] == f"{stack.env['PREDICT_URL']}/metrics"
+    with urllib.request.urlopen(f"{url}/api/v1/rules", timeout=5) as response:
+        groups = json.loads(response.read())["data"]["groups"]
+    alerts = {rule["name"] for group in groups for rule in group["rules"]}
+    assert {"PredictHighErrorRate", "ReadmissionFeatureDrift"} <= alerts
+
+
 def test_csv_upload_travels_webhook_adapter_broker_to_a_function(stack: RunningStack) -> None:
     raw = stack.settings.buckets.raw
     body = b"this is not the diabetes data\n1,2,3\n"

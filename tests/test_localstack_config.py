@@ -5,13 +5,19 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+import yaml
+
+from readmission.localstack import prometheus
 from readmission.localstack.config import (
     StackConfig,
     assign_ports,
+    client_env,
     function_specs,
     functions_from_manifests,
 )
 from readmission.localstack.progress import Snapshot, done_condition
+from readmission.localstack.seaweed import Credentials
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +60,41 @@ def test_train_replicas_get_their_own_ports_and_free_mode_gives_distinct_ports()
     free = assign_ports(StackConfig.from_env(root=ROOT, extra_env={"LOCAL_PORTS": "free"}))
     assert len(set(free.values())) == len(free)
     assert free.keys() >= {"s3", "s3.grpc", "filer", "master", "volume", "mlflow", "broker"}
+
+
+def test_prometheus_gets_a_port_and_a_url_only_when_installed_and_wanted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROMETHEUS_PORT", "9191")  # ports are read when assigned
+    config = StackConfig.from_env(root=ROOT, extra_env={"LOCAL_PORTS": ""})
+    ports = assign_ports(config)
+    env = client_env(config, ports, Credentials("a", "b", "c"))
+    if prometheus.binary() is None:
+        assert "prometheus" not in ports and "PROMETHEUS_URL" not in env
+    else:
+        assert ports["prometheus"] == 9191
+        assert env["PROMETHEUS_URL"] == "http://127.0.0.1:9191"
+    off = StackConfig.from_env(root=ROOT, extra_env={"LOCAL_PROMETHEUS": "off"})
+    assert "prometheus" not in assign_ports(off)
+
+
+def test_the_local_rules_are_the_manifest_rules_with_for_replaced_on_request(
+    tmp_path: Path,
+) -> None:
+    manifest = yaml.safe_load((ROOT / "infra" / "monitoring" / "prometheusrule.yaml").read_text())
+    config = prometheus.write_config(tmp_path, ROOT, {"predict": ["127.0.0.1:1"]}, 2.5)
+    written = yaml.safe_load((tmp_path / "rules.yml").read_text())
+    assert written == {"groups": manifest["spec"]["groups"]}
+    document = yaml.safe_load(config.read_text())
+    assert document["global"] == {"scrape_interval": "2500ms", "evaluation_interval": "2500ms"}
+    assert document["rule_files"] == [str(tmp_path / "rules.yml")]
+    (job,) = document["scrape_configs"]
+    assert job["static_configs"] == [{"targets": ["127.0.0.1:1"], "labels": {"pod": "predict"}}]
+    shortened = prometheus.rule_groups(ROOT, rule_for="0s")
+    alerts = [rule for group in shortened for rule in group["rules"] if "alert" in rule]
+    assert alerts and all(rule["for"] == "0s" for rule in alerts)
+    records = [rule for group in shortened for rule in group["rules"] if "record" in rule]
+    assert records and all("for" not in rule for rule in records)
 
 
 def _snapshot(**changes: object) -> Snapshot:

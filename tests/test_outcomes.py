@@ -193,6 +193,74 @@ def test_an_outcomes_file_breaking_the_rules_is_refused(
     assert not store.exists(settings.buckets.models, realized_key(csv))
 
 
+def test_a_refused_file_names_its_bad_lines_and_leaves_earlier_metrics_intact(
+    seaweed: SeaweedServer,
+) -> None:
+    settings, store = _settings(seaweed, "intact")
+    log = _log(store, settings)
+    log.record("a", "1", CLASSES, "predict", [{}], ["NO"], [[0.2, 0.3, 0.5]])
+    log.flush()
+    store.put_bytes(settings.buckets.outcomes, "good.csv", b"request_id,readmitted\na,NO\n")
+    good = process_outcomes(store, settings, settings.buckets.outcomes, "good.csv")
+    latest = store.get_bytes(settings.buckets.models, REALIZED_LATEST_KEY)
+    bad = b"request_id,readmitted\na,<30\nb,yes\nc,NO\nd,30\n"
+    store.put_bytes(settings.buckets.outcomes, "bad.csv", bad)
+    with pytest.raises(OutcomesError, match=r"2 rows are not \(line 3: 'yes', line 5: '30'\)"):
+        process_outcomes(store, settings, settings.buckets.outcomes, "bad.csv")
+    assert store.get_bytes(settings.buckets.models, REALIZED_LATEST_KEY) == latest
+    assert store.get_json(settings.buckets.models, good.key) == json.loads(latest)
+    assert not store.exists(settings.buckets.models, realized_key(bad))
+
+
+def test_unknown_ids_are_counted_and_named_without_replacing_the_latest_metrics(
+    seaweed: SeaweedServer,
+) -> None:
+    settings, store = _settings(seaweed, "unknown")
+    log = _log(store, settings)
+    log.record("a", "1", CLASSES, "predict", [{}], ["NO"], [[0.2, 0.3, 0.5]])
+    log.flush()
+    store.put_bytes(settings.buckets.outcomes, "1.csv", b"request_id,readmitted\na,NO\nx,<30\n")
+    first = process_outcomes(store, settings, settings.buckets.outcomes, "1.csv")
+    assert (first.document["matched"], first.document["unmatched"]) == (1, 1)
+    assert first.document["problems"]["unmatched_ids"] == ["x"]
+    assert first.document["problems"]["unmatched_lines"] == [3]
+    latest = store.get_bytes(settings.buckets.models, REALIZED_LATEST_KEY)
+    only_unknown = b"encounter_id,readmitted\n77,NO\n78,>30\n"
+    store.put_bytes(settings.buckets.outcomes, "2.csv", only_unknown)
+    second = process_outcomes(store, settings, settings.buckets.outcomes, "2.csv")
+    assert second.written and second.document["groups"] == []
+    assert second.document["unmatched"] == 2
+    assert second.document["problems"]["unmatched_ids"] == ["encounter:77", "encounter:78"]
+    assert store.get_json(settings.buckets.models, second.key) == json.loads(
+        json.dumps(second.document)
+    )
+    assert store.get_bytes(settings.buckets.models, REALIZED_LATEST_KEY) == latest
+
+
+def test_a_repeated_id_counts_once_and_an_id_with_two_outcomes_is_left_out(
+    seaweed: SeaweedServer,
+) -> None:
+    settings, store = _settings(seaweed, "dupes")
+    log = _log(store, settings)
+    for request in ("a", "b", "c"):
+        log.record(request, "1", CLASSES, "predict", [{}], ["NO"], [[0.2, 0.3, 0.5]])
+    log.flush()
+    csv = b"request_id,readmitted\na,NO\na,NO\nb,<30\nb,NO\nc,>30\na,NO\n"
+    store.put_bytes(settings.buckets.outcomes, "d.csv", csv)
+    realized = process_outcomes(store, settings, settings.buckets.outcomes, "d.csv")
+    document = realized.document
+    assert document["outcome_rows"] == 6 and document["matched"] == 2
+    assert document["problems"]["duplicate_rows"] == 2
+    assert document["problems"]["duplicate_ids"] == ["a"]
+    assert document["problems"]["conflicting_rows"] == 2
+    assert document["problems"]["conflicting_ids"] == ["b"]
+    (group,) = document["groups"]
+    expected = group_metrics(
+        np.array([[0.2, 0.3, 0.5]] * 2), list(CLASSES), np.array(["NO", ">30"])
+    )
+    assert group["metrics"] == expected
+
+
 def test_group_metrics_leave_late_recall_undefined_without_a_late_outcome() -> None:
     probabilities = np.array([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
     metrics: dict[str, Any] = group_metrics(probabilities, list(CLASSES), np.array(["NO", ">30"]))

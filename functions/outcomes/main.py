@@ -2,10 +2,11 @@
 realized metrics per model version and period (readmission.outcomes.process_outcomes).
 
 Thin entry point. Retry rules: a malformed event, and a CSV that breaks the outcomes rules
-(no `readmitted` column, no `request_id`/`encounter_id`, an unknown label) are answered 400:
-no retry can fix them (dead-lettered once); an object-store failure raises (500) so the
-broker retries. Idempotent: the realized-metrics key is the CSV's content id, so a
-redelivered event writes nothing new.
+(no `readmitted` column, no `request_id`/`encounter_id`, an unknown label) are answered 400
+naming the offending lines: no retry can fix them (dead-lettered once), and nothing is
+written; an object-store failure raises (500) so the broker retries. Unknown and duplicate
+ids are not errors: the realized document counts and names them (`problems`). Idempotent:
+the realized-metrics key is the CSV's content id, so a redelivered event writes nothing new.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def outcomes(event: Any) -> None:
         raise MalformedEvent(f"s3://{ref.bucket}/{ref.key}: {exc}") from exc
     document = realized.document
     log.info(
-        "event %s: %s (%s): %d matched, %d unmatched, %d groups",
+        "event %s: %s (%s): %d matched, %d unmatched, %d groups, problems %s",
         event["id"],
         realized.key,
         "written" if realized.written else "already there",
         document["matched"],
         document["unmatched"],
         len(document["groups"]),
+        document.get("problems"),
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from readmission.config import Settings
-from readmission.localstack import processes, seaweed
+from readmission.localstack import processes, prometheus, seaweed
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -112,6 +112,10 @@ class StackConfig:
     # LOCAL_RESTART (default on): the watchdog process restarts any process that dies
     restart: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)  # settings for every process
+    # LOCAL_PROMETHEUS (default on): a Prometheus scraping the functions, when it is installed
+    prometheus: bool = True
+    prometheus_scrape_seconds: float = 5.0  # PROMETHEUS_SCRAPE_SECONDS (rules evaluated as often)
+    prometheus_rule_for: str = ""  # PROMETHEUS_RULE_FOR: replaces every alert's `for:` if set
 
     @classmethod
     def from_env(
@@ -145,6 +149,12 @@ class StackConfig:
             restart=os.environ.get("LOCAL_RESTART", "on").strip().lower()
             not in {"off", "0", "false", "no"},
             extra_env=extra_env,
+            prometheus=os.environ.get("LOCAL_PROMETHEUS", "on").strip().lower()
+            not in {"off", "0", "false", "no"},
+            prometheus_scrape_seconds=float(
+                os.environ.get("PROMETHEUS_SCRAPE_SECONDS", "").strip() or 5.0
+            ),
+            prometheus_rule_for=os.environ.get("PROMETHEUS_RULE_FOR", "").strip(),
         )
 
     def path(self, *parts: str) -> Path:
@@ -167,12 +177,16 @@ class StackConfig:
                 names.append(spec.service)
         return names
 
+    def runs_prometheus(self) -> bool:
+        return self.prometheus and prometheus.binary() is not None
+
 
 def assign_ports(config: StackConfig) -> dict[str, int]:
     functions = config.process_names()
     if config.free_ports:
         names = [f"{n}{s}" for n in seaweed.SEAWEED_PORTS for s in ("", ".grpc")]
         names += ["mlflow", "broker", "jobsink", *functions]
+        names += ["prometheus"] if config.runs_prometheus() else []
         return dict(zip(names, processes.free_ports(len(names)), strict=True))
     ports = {
         "s3": _env_int("S3_PORT", 8333),
@@ -184,6 +198,8 @@ def assign_ports(config: StackConfig) -> dict[str, int]:
     ports["mlflow"] = _env_int("MLFLOW_PORT", 5000)
     ports["broker"] = _env_int("BROKER_PORT", 8100)
     ports["jobsink"] = _env_int("JOBSINK_PORT", 8099)
+    if config.runs_prometheus():
+        ports["prometheus"] = _env_int("PROMETHEUS_PORT", 9090)
     base = _env_int("FUNCTIONS_PORT", 8101)
     others = sorted(n for n in functions if n not in _FUNCTION_PORT_OFFSET and "train-" not in n)
     for name in functions:
@@ -265,6 +281,8 @@ def client_env(
     }
     if "predict" in ports:
         env["PREDICT_URL"] = f"http://{HOST}:{ports['predict']}"
+    if "prometheus" in ports:
+        env["PROMETHEUS_URL"] = f"http://{HOST}:{ports['prometheus']}"
     return env
 
 

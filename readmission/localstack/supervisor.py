@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from events.jobsink import job_sinks
-from readmission.localstack import processes, seaweed, seaweed_tls, watchdog
+from readmission.localstack import processes, prometheus, seaweed, seaweed_tls, watchdog
 from readmission.localstack.config import (
     CORE_PROCESSES,
     HOST,
@@ -55,6 +55,8 @@ STOP_STAGES = (
 # The predict function: one single-threaded gunicorn worker per core. Each worker is a process
 # with its own interpreter lock; measured in docs/predict.md (Benchmark).
 PREDICT_SERVER_ENV = {"WORKERS": str(os.cpu_count() or 1), "THREADS": "1"}
+# The functions that serve /metrics (readmission/serving/metrics.py): Prometheus scrapes them.
+METRICS_FUNCTIONS = ("predict",)
 
 
 def _service_urls(config: StackConfig, ports: dict[str, int]) -> dict[str, list[str]]:
@@ -315,6 +317,7 @@ class Supervisor:
         self._start("mlflow", mlflow_cmd, mlflow_env, config.state_dir)
 
         checks: dict[str, Callable[[], bool]] = {
+            **self._start_prometheus(ports, base_env, log),
             "mlflow": lambda: (
                 processes.http_status(f"http://{HOST}:{ports['mlflow']}/health") == 200
             ),
@@ -330,6 +333,32 @@ class Supervisor:
             url = f"http://{HOST}:{ports[name]}/"
             checks[name] = lambda url=url: processes.http_status(url) is not None
         return checks
+
+    def _start_prometheus(
+        self, ports: dict[str, int], env: dict[str, str], log: Callable[[str], None]
+    ) -> dict[str, Callable[[], bool]]:
+        """Prometheus scraping every function that serves /metrics (only predict does), with
+        the manifests' alert rules; absent when not installed (the stack runs without it)."""
+        config = self.config
+        executable = prometheus.binary() if config.prometheus else None
+        if executable is None or "prometheus" not in ports:
+            if config.prometheus:
+                log(f"prometheus not installed: no local alerts ({prometheus.INSTALL_HINT})")
+            return {}
+        directory = config.path("prometheus")
+        targets = {name: [f"{HOST}:{ports[name]}"] for name in METRICS_FUNCTIONS if name in ports}
+        prometheus.write_config(
+            directory,
+            config.root,
+            targets,
+            config.prometheus_scrape_seconds,
+            config.prometheus_rule_for or None,
+        )
+        url = f"http://{HOST}:{ports['prometheus']}"
+        log(f"starting prometheus ({url}; scrapes {', '.join(sorted(targets)) or 'nothing'})")
+        command = prometheus.command(executable, directory, HOST, ports["prometheus"])
+        self._start("prometheus", command, env, directory)
+        return {"prometheus": lambda: processes.http_status(f"{url}/-/ready") == 200}
 
     def _wait_ready(
         self, checks: dict[str, Callable[[], bool]], deadline: float, log: Callable[[str], None]

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests use, when they are missing and apt-get can run:
-# chromium (browser test of the predict page), hey (load test), shellcheck (deploy scripts),
-# prometheus (promtool checks the alert rules). Each check that needs one of them says so and
-# skips when it is absent, so a machine without root still runs the rest.
+# Installs Debian packages when they are missing and apt-get can run. Without arguments, the
+# ones the tests use: chromium (browser test of the predict page), hey (load test), shellcheck
+# (deploy scripts), prometheus (promtool checks the alert rules; the local stack's Prometheus).
+# With arguments, only those (run-local.sh: prometheus). Each package is named after the
+# command it provides. What needs one of them says so and skips when it is absent, so a
+# machine without root still runs the rest.
 set -euo pipefail
+wanted=("$@")
+[ ${#wanted[@]} -eq 0 ] && wanted=(chromium hey shellcheck prometheus)
 need=()
-command -v chromium >/dev/null 2>&1 || need+=(chromium)
-command -v hey >/dev/null 2>&1 || need+=(hey)
-command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
-command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+for package in "${wanted[@]}"; do
+  command -v "$package" >/dev/null 2>&1 || need+=("$package")
+done
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "==> not installing ${need[*]} (needs root and apt-get): the checks that use them skip"
+  echo "==> not installing ${need[*]} (needs root and apt-get: apt-get install ${need[*]});"
+  echo "    what uses them is skipped"
   exit 0
 fi
 echo "==> installing Debian packages: ${need[*]}"

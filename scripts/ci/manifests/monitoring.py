@@ -47,18 +47,31 @@ METRICS = {
     "predict_errors_total",
     "predict_requests_in_progress",
     "predict_model_info",
+    "readmission_drift_psi",
+    "readmission_realized_f1_weighted",
+    "readmission_realized_roc_auc_ovr",
+    "readmission_realized_minus_offline_f1_weighted",
 }
 
 
 def exported_metrics(root: Path) -> set[str] | None:
-    """Metric names the predict function exports (readmission/serving/metrics.py), if present."""
+    """Metric names the predict function exports (readmission/serving/metrics.py, and the
+    realized gauges of readmission/serving/realized.py), if present."""
     path = root / "readmission" / "serving" / "metrics.py"
     if not path.exists():
         return None
     found = re.findall(
-        r"\b(Counter|Histogram|Gauge|Info|InfoMetricFamily|Summary)\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"",
+        r"\b(Counter|Histogram|Gauge|Info|InfoMetricFamily|GaugeMetricFamily|Summary)"
+        r"\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"",
         path.read_text(encoding="utf-8"),
     )
+    realized = root / "readmission" / "serving" / "realized.py"
+    if realized.exists():
+        text = realized.read_text(encoding="utf-8")
+        listed = re.search(r"^REALIZED_METRICS = \(([^)]*)\)", text, re.MULTILINE)
+        for name in re.findall(r"\"([a-z0-9_]+)\"", listed.group(1) if listed else ""):
+            found.append(("Gauge", f"readmission_realized_{name}"))
+            found.append(("Gauge", f"readmission_realized_minus_offline_{name}"))
     names = set()
     for kind, name in found:
         if kind in ("Info", "InfoMetricFamily"):
@@ -71,7 +84,7 @@ def exported_metrics(root: Path) -> set[str] | None:
 
 
 def metric_names(expr: str) -> set[str]:
-    names = set(re.findall(r"\b(predict(?:ions)?_[a-z_]+)\b", expr))
+    names = set(re.findall(r"\b((?:predict(?:ions)?|readmission)_[a-z0-9_]+)\b", expr))
     return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names if not n.endswith(":")}
 
 
