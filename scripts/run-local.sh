@@ -64,9 +64,9 @@ case "$command" in
     ;;
   run)
     system_deps
+    csv="$(dataset_path)"  # before starting anything: no dataset, no stack left behind
     echo "==> starting the local stack"
     stack up
-    csv="$(dataset_path)"
     echo "==> uploading $csv"
     stack upload "$csv"
     echo "==> following the pipeline (Ctrl-C stops watching; the stack keeps running)"
