@@ -18,6 +18,7 @@ from readmission.keys import (
     content_id,
     decision_key,
     drop_key,
+    learning_curve_key,
     manifest_key,
     model_metadata_key,
 )
@@ -326,11 +327,32 @@ def _reused_sets_note(reused_sets: int) -> str:
 def learning_curve_text(store: Any, settings: Any, dataset_id: str) -> str | None:
     """The learning-curve table and verdict, once the dataset has training results."""
     try:  # pipeline-only modules (pandas is not needed, but matplotlib is imported lazily)
-        from readmission.learning_curve import build_learning_curve, load_results, render_text
+        from readmission.learning_curve import (
+            build_learning_curve,
+            load_results,
+            render_text,
+            verdict,
+        )
     except ImportError:
         return None
     results = load_results(store, settings.buckets.results, dataset_id)
-    return render_text(build_learning_curve(dataset_id, results)) if results else None
+    if not results:
+        return None
+    curve = build_learning_curve(dataset_id, results)
+    text = render_text(curve)
+    # The aggregator's verdict respects the noise (readmission.selection, which needs the
+    # candidates' validation probabilities): once the version is aggregated, say that one.
+    stored = stored_verdict(store, settings, dataset_id)
+    return text.replace(verdict(curve).text, stored) if stored else text
+
+
+def stored_verdict(store: Any, settings: Any, dataset_id: str) -> str | None:
+    """The verdict of the learning curve the aggregator stored beside the version's model."""
+    data = store.get_bytes_if_exists(settings.buckets.models, learning_curve_key(dataset_id, "md"))
+    if data is None:
+        return None
+    _, found, verdict_text = data.decode("utf-8", "replace").partition("## Verdict\n")
+    return verdict_text.strip() or None if found else None
 
 
 def describe_champion(champion: dict[str, Any], selection_metric: str) -> list[str]:
