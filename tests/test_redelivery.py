@@ -671,6 +671,14 @@ def test_object_store_killed_between_ingest_writes(small_stack) -> None:
         stop.set()
         watcher_thread.join(timeout=30)
 
+    # ingest answers once the drop's drift report is written, after its job specs
+    stack.wait_for(
+        lambda: any(
+            "outcome=delivered" in line
+            for line in _delivery_lines(stack, subject="outage/sample-every4.csv")
+        ),
+        timeout=60,
+    )
     status_after = stack.broker_status()
     raw_deliveries = _delivery_lines(stack, subject="outage/sample-every4.csv")
     assert path in {"broker", "reconciler"}, (path, status_after, raw_deliveries)
