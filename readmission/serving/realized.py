@@ -10,23 +10,21 @@ each scrape renders, per model version and period of the document,
     readmission_realized_minus_offline_<metric>{model_version, period}   (realized - offline test)
     readmission_realized_matched{model_version, period}, readmission_realized_unmatched
 
-Informational like the gate's documents: a missing document exports nothing, an unreadable
-one keeps what was last read (with a warning), and reading never touches a request.
+Informational like the gate's documents, and polled by the same rule
+(`decisions.refresh_document`): a missing document exports nothing, a failed read keeps what
+was last read (with a warning), one that is not a JSON object exports nothing, and reading
+never touches a request.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from readmission.serving.decisions import DocumentSource
-
-log = logging.getLogger(__name__)
+from readmission.serving.decisions import DocumentSource, PolledDocument, refresh_document
 
 REALIZED_LATEST_KEY = "monitoring/realized/latest.json"  # = readmission.outcomes' key
 REALIZED_METRICS = ("f1_weighted", "f1_macro", "roc_auc_ovr", "accuracy", "brier", "recall_lt30")
@@ -38,29 +36,16 @@ class RealizedGauges(Collector):
 
     def __init__(self, source: DocumentSource, key: str = REALIZED_LATEST_KEY) -> None:
         self.source = source
-        self.key = key
-        self._token: str | None = None
-        self.document: dict[str, Any] | None = None
+        self._latest = PolledDocument(key)
+
+    @property
+    def document(self) -> dict[str, Any] | None:
+        return self._latest.value
 
     def refresh(self) -> None:
-        """Re-read the document if it changed. Never raises."""
-        try:
-            found = self.source.document(self.key, self._token)
-        except Exception as exc:
-            log.warning("cannot read %s (keeping the last one read): %s", self.key, exc)
-            return
-        if found is None:
-            self._token, self.document = None, None
-            return
-        if found.not_modified:
-            return
-        try:
-            document = json.loads(found.data)
-        except ValueError as exc:
-            log.warning("%s is not valid JSON, kept the last one read: %s", self.key, exc)
-            return
-        self.document = document if isinstance(document, dict) else None
-        self._token = found.etag
+        """Re-read the document if it changed. Never raises (readmission.serving.decisions'
+        rule for every polled document)."""
+        refresh_document(self.source, self._latest)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         document = self.document
