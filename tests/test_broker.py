@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 import urllib.error
@@ -100,8 +101,9 @@ class Setup:
             time.sleep(0.05)
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[Setup]:
+@contextlib.contextmanager
+def broker_setup(tmp_path: Path, **config_fields: Any) -> Iterator[Setup]:
+    """A broker routing by MANIFESTS (its config fields overridden by `config_fields`)."""
     manifests = tmp_path / "knative"
     manifests.mkdir()
     (manifests / "all.yaml").write_text(MANIFESTS)
@@ -110,14 +112,23 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
         manifests=manifests,
         services_file=tmp_path / "services.json",
         dead_letter_file=tmp_path / "dead-letters.jsonl",
+        **config_fields,
     )
     server = serve(config)
     result = Setup(server, config.services_file, config.dead_letter_file, {}, manifests)
-    yield result
-    server.shutdown()
-    server.server_close()
-    for subscriber in result.subscribers.values():
-        subscriber.stop()
+    try:
+        yield result
+    finally:
+        server.shutdown()
+        server.server_close()
+        for subscriber in result.subscribers.values():
+            subscriber.stop()
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    with broker_setup(tmp_path) as result:
+        yield result
 
 
 def event(event_type: str = "test.step", event_id: str = "e1", **extra: str) -> CloudEvent:
@@ -325,19 +336,7 @@ def test_a_timeout_cap_cuts_the_deliveries_to_one_service_only(tmp_path: Path) -
     assert parse_timeout_caps(" next=0.2, step=30 ") == {"next": 0.2, "step": 30.0}
     with pytest.raises(ValueError, match="service=seconds"):
         parse_timeout_caps("next")
-    manifests = tmp_path / "knative"
-    manifests.mkdir()
-    (manifests / "all.yaml").write_text(MANIFESTS)
-    config = BrokerConfig(
-        port=0,
-        manifests=manifests,
-        services_file=tmp_path / "services.json",
-        dead_letter_file=tmp_path / "dead-letters.jsonl",
-        timeout_caps={"next": 0.3},
-    )
-    server = serve(config)
-    setup = Setup(server, config.services_file, config.dead_letter_file, {}, manifests)
-    try:
+    with broker_setup(tmp_path, timeout_caps={"next": 0.3}) as setup:
         # 1 s answers: far within the pool Trigger's timeout (none: 600 s), beyond next's cap
         uncapped = setup.subscriber("pool", (204, {}, b"", 1.0))
         capped = setup.subscriber("next", (204, {}, b"", 1.0))
@@ -347,11 +346,6 @@ def test_a_timeout_cap_cuts_the_deliveries_to_one_service_only(tmp_path: Path) -
         totals = setup.wait_idle(delivered=2)
         assert len(uncapped.received) == 1
         assert len(capped.received) >= 2 and totals["retries"] >= 1
-    finally:
-        server.shutdown()
-        server.server_close()
-        for subscriber in setup.subscribers.values():
-            subscriber.stop()
 
 
 def test_unreachable_dead_letter_sink_appends_to_a_file(setup: Setup) -> None:
