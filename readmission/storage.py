@@ -108,19 +108,6 @@ class ObjectStore:
                 return None
             raise
 
-    def get_version(self, bucket: str, key: str, etag: str) -> bytes | None:
-        """The object's bytes if it is still the version with this ETag (a GET with If-Match):
-        None if there is no object, PreconditionFailed if another version replaced it."""
-        try:
-            response = self.client.get_object(Bucket=bucket, Key=key, IfMatch=_quoted(etag))
-        except ClientError as error:
-            if _is_not_found(error):
-                return None
-            if _is_precondition_failed(error):
-                raise PreconditionFailed(f"s3://{bucket}/{key} is no longer {etag}") from error
-            raise
-        return response["Body"].read()
-
     def open_version(self, bucket: str, key: str, etag: str | None = None) -> Any | None:
         """A stream of the object's bytes (botocore StreamingBody: `iter_chunks`, `close`),
         without reading them: with `etag`, only if it is still that version (If-Match; a

@@ -617,8 +617,8 @@ def test_an_overwrite_between_head_and_get_is_caught_by_if_match(
     assert outcome.status == ingest.SUPERSEDED  # SeaweedFS answered the If-Match GET with 412
     assert store.list_keys(settings.buckets.datasets) == [keys.receipt_key(raw, "z.csv", etag_a)]
     with pytest.raises(PreconditionFailed):
-        store.get_version(raw, "z.csv", etag_a)
-    assert store.get_version(raw, "gone.csv", etag_a) is None
+        store.open_version(raw, "z.csv", etag_a)
+    assert store.open_version(raw, "gone.csv", etag_a) is None
 
 
 @pytest.mark.parametrize("when", ["copy", "delete"])
