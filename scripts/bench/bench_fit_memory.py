@@ -48,21 +48,14 @@ def _reset_peak() -> None:
 
 def child(algorithm: str, rows: int) -> None:
     import numpy as np
+    from real_data import real_split
 
-    from readmission import contract
     from readmission.config import Settings
-    from readmission.dataset import ensure_dataset, read_dataset_bytes
     from readmission.features import build_pipeline, target_values, to_model_frame
-    from readmission.split import split_rows
     from readmission.training import fit_timed
 
     settings = Settings.from_env()
-    whole = contract.parse_csv(read_dataset_bytes(ensure_dataset()))
-    split = split_rows(
-        whole[contract.GROUP_COLUMN].to_numpy(),
-        whole["encounter_id"].to_numpy(),
-        settings.split_seed,
-    )
+    whole, split = real_split(settings.split_seed)
     train_rows = np.concatenate(split.batches(settings.batch_rows))
     if rows <= len(train_rows):
         chosen = train_rows[:rows]

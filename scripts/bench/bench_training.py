@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from readmission import contract
+from real_data import real_split
+
 from readmission.config import Settings
-from readmission.dataset import ensure_dataset, read_dataset_bytes
 from readmission.features import (
     ALGORITHMS,
     build_pipeline,
@@ -36,7 +36,6 @@ from readmission.features import (
 from readmission.onnx_export import export_onnx
 from readmission.onnx_parity import check_parity
 from readmission.scoring import compute_metrics
-from readmission.split import split_rows
 from readmission.training import fit_timed
 
 
@@ -48,12 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings.from_env()
 
-    whole = contract.parse_csv(read_dataset_bytes(ensure_dataset()))
-    split = split_rows(
-        whole[contract.GROUP_COLUMN].to_numpy(),
-        whole["encounter_id"].to_numpy(),
-        settings.split_seed,
-    )
+    whole, split = real_split(settings.split_seed)
     batches = split.batches(settings.batch_rows)
     sets = [int(i) for i in args.sets.split(",")] if args.sets else list(range(len(batches)))
     validation = whole.iloc[split.validation].reset_index(drop=True)

@@ -32,16 +32,16 @@ from sklearn.preprocessing import LabelEncoder, StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from real_data import real_split
+
 from readmission import contract
 from readmission.config import Settings
-from readmission.dataset import ensure_dataset, read_dataset_bytes
 from readmission.features import (
     ALGORITHMS,
     build_pipeline,
     target_values,
     to_model_frame,
 )
-from readmission.split import split_rows
 
 
 class OriginalRecipe:
@@ -97,12 +97,7 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
     args = parser.parse_args()
 
-    whole = contract.parse_csv(read_dataset_bytes(ensure_dataset()))
-    split = split_rows(
-        whole[contract.GROUP_COLUMN].to_numpy(),
-        whole["encounter_id"].to_numpy(),
-        Settings.from_env().split_seed,
-    )
+    whole, split = real_split(Settings.from_env().split_seed)
     parts = {
         name: whole.iloc[rows].reset_index(drop=True)
         for name, rows in (

@@ -37,15 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_original import OriginalRecipe
+from real_data import real_split
 
-from readmission import contract
 from readmission.config import Settings
-from readmission.dataset import ensure_dataset, read_dataset_bytes
 from readmission.features import build_pipeline, target_values, to_model_frame
 from readmission.learning_curve import build_learning_curve, to_markdown
 from readmission.scoring import score
 from readmission.selection import job_of, select
-from readmission.split import split_rows
 
 
 def test_scores(probabilities: np.ndarray, classes: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -68,12 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings.from_env()
 
-    whole = contract.parse_csv(read_dataset_bytes(ensure_dataset()))
-    split = split_rows(
-        whole[contract.GROUP_COLUMN].to_numpy(),
-        whole["encounter_id"].to_numpy(),
-        settings.split_seed,
-    )
+    whole, split = real_split(settings.split_seed)
     train = whole.iloc[split.train].reset_index(drop=True)  # in training order
     validation = whole.iloc[split.validation].reset_index(drop=True)
     test = whole.iloc[split.test].reset_index(drop=True)

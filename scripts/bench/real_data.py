@@ -1,0 +1,23 @@
+"""The benchmarks' common start: the real file parsed by the data contract, and its rows split
+as ingest splits them (a keyed hash of `patient_nbr`: readmission.split).
+
+    from real_data import real_split   # scripts/bench/ is on sys.path when a script runs
+    whole, split = real_split(Settings.from_env().split_seed)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from readmission import contract
+from readmission.dataset import ensure_dataset, read_dataset_bytes
+from readmission.split import Split, split_rows
+
+
+def real_split(seed: int) -> tuple[Any, Split]:
+    """(the real file as a contract DataFrame, its split by `seed`)."""
+    whole = contract.parse_csv(read_dataset_bytes(ensure_dataset()))
+    split = split_rows(
+        whole[contract.GROUP_COLUMN].to_numpy(), whole["encounter_id"].to_numpy(), seed
+    )
+    return whole, split
