@@ -78,7 +78,6 @@ __all__ = [
     "ingest_object",
     "labels_of",
     "rejection_report",
-    "unreadable_key_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,31 +86,6 @@ log = logging.getLogger(__name__)
 # holds the lease for a few seconds).
 CORPUS_LEASE_TTL_SECONDS = 60.0
 CORPUS_LEASE_WAIT_SECONDS = 300.0
-
-# S3 object keys are at most 1,024 bytes of UTF-8.
-MAX_KEY_BYTES = 1024
-
-
-def unreadable_key_problem(key: str) -> str | None:
-    """Why no object store can ever serve an object under `key`, or None if one may.
-
-    SeaweedFS and MinIO answer 400 InvalidRequest to a key with a `.` or `..` path segment
-    (MinIO trims blanks around a segment; SeaweedFS also splits on backslashes) or a NUL, a
-    key with no UTF-8 spelling cannot be sent at all, and S3 keys are at most 1,024 bytes: an
-    event naming such a key is malformed (400), since no retry can ever read it.
-    """
-    try:
-        size = len(key.encode())
-    except UnicodeEncodeError:
-        return f"the key {key!r} has no UTF-8 spelling"
-    if "\x00" in key:
-        return f"the key {key!r} contains a NUL character"
-    if size > MAX_KEY_BYTES:
-        return f"the key is {size:,} bytes long, more than the {MAX_KEY_BYTES:,} S3 allows"
-    segments = key.replace("\\", "/").split("/")
-    if any(segment.strip() in (".", "..") for segment in segments):
-        return f"the key {key!r} has a '.' or '..' path segment"
-    return None
 
 
 # --------------------------------------------------------------------------- entry point

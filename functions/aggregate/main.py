@@ -33,8 +33,7 @@ from readmission.glue.event_handler import (
     object_ref,
     reply_empty_on_success,
 )
-from readmission.ingest import unreadable_key_problem
-from readmission.keys import parse_job_key
+from readmission.keys import parse_job_key, unreadable_key_problem
 
 slow_clients.install()  # header and body read timeouts: docs/reliability.md
 

@@ -3,7 +3,7 @@
 Thin entry point; the work is `readmission.ingest.ingest_object`. A bad CSV is moved to the
 rejected bucket by the core and answered 204 (no retry); a malformed event is answered 400, and
 so is an event naming a key no object store can ever serve (a `.` or `..` segment, a NUL, no
-UTF-8 spelling, over 1,024 bytes: `readmission.ingest.unreadable_key_problem`); an object-store
+UTF-8 spelling, over 1,024 bytes: `readmission.keys.unreadable_key_problem`); an object-store
 failure raises (500) so the broker retries. The event's `etag` names the object version to read:
 if the key was overwritten before the event got here, that version is `superseded` (a receipt
 says so, nothing is ingested, 204) and the newer version is ingested by its own event. An
@@ -26,7 +26,8 @@ from readmission.glue.event_handler import (
     object_ref,
     reply_empty_on_success,
 )
-from readmission.ingest import ingest_object, unreadable_key_problem
+from readmission.ingest import ingest_object
+from readmission.keys import unreadable_key_problem
 
 slow_clients.install()  # header and body read timeouts: docs/reliability.md
 

@@ -1,7 +1,8 @@
 """Knative Service `outcomes`: an outcomes CSV landed (io.readmission.outcomes.created) →
 realized metrics per model version and period (readmission.outcomes.process_outcomes).
 
-Thin entry point. Retry rules: a malformed event, and a CSV that breaks the outcomes rules
+Thin entry point. Retry rules: a malformed event, a key no object store can serve
+(`keys.unreadable_key_problem`), and a CSV that breaks the outcomes rules
 (no `readmitted` column, no `request_id`/`encounter_id`, an unknown label) are answered 400
 naming the offending lines: no retry can fix them (dead-lettered once), and nothing is
 written; an object-store failure raises (500) so the broker retries. Unknown and duplicate
@@ -23,6 +24,7 @@ from readmission.glue.event_handler import (
     object_ref,
     reply_empty_on_success,
 )
+from readmission.keys import unreadable_key_problem
 from readmission.outcomes import OutcomesError, process_outcomes
 
 EVENT_TYPE = "io.readmission.outcomes.created"
@@ -37,6 +39,9 @@ reply_empty_on_success()
 def outcomes(event: Any) -> None:
     settings, store = function_context()
     ref = object_ref(event, EVENT_TYPE, settings.buckets.outcomes)
+    problem = unreadable_key_problem(ref.key)
+    if problem is not None:  # a GET of it would fail the same way forever
+        raise MalformedEvent(f"s3://{ref.bucket}: {problem}: it can never be read")
     try:
         realized = process_outcomes(store, settings, ref.bucket, ref.key)
     except OutcomesError as exc:

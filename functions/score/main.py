@@ -30,6 +30,7 @@ from readmission.glue.event_handler import (
     object_ref,
     reply_empty_on_success,
 )
+from readmission.keys import unreadable_key_problem
 from readmission.serving.model import LoadedModel
 from readmission.serving.settings import ServingSettings
 from readmission.serving.sources import StoreModelSource
@@ -68,8 +69,9 @@ def champion(options: ScoreOptions) -> LoadedModel:
 def score(event: Any) -> None:
     settings, store = function_context()
     ref = object_ref(event, EVENT_TYPE, settings.buckets.scoring)
-    if len(ref.key.encode()) > 1024 or "\0" in ref.key:
-        raise MalformedEvent(f"s3://{ref.bucket}: the key can never be read")
+    problem = unreadable_key_problem(ref.key)
+    if problem is not None:  # a GET of it would fail the same way forever
+        raise MalformedEvent(f"s3://{ref.bucket}: {problem}: it can never be read")
     if is_output_key(ref.key):  # the scorer's own output: never scored
         log.info("event %s: ignored %s (an output)", event["id"], ref.key)
         return

@@ -37,8 +37,8 @@ from readmission.glue.event_handler import (  # noqa: E402
     object_ref,
     reply_empty_on_success,
 )
-from readmission.ingest import unreadable_key_problem  # noqa: E402
 from readmission.job_spec import InvalidJobSpec, read_job_spec  # noqa: E402
+from readmission.keys import unreadable_key_problem  # noqa: E402
 from readmission.model_files import ModelFilesMismatch  # noqa: E402
 from readmission.training import checked_job, train_job  # noqa: E402
 
