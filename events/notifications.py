@@ -29,6 +29,7 @@ from readmission.keys import (
     CHAMPION_METADATA_KEY,
     DECISIONS_PREFIX,
     DRIFT_ALERT_NAME,
+    PREDICTIONS_PREFIX,
     REPORTS_PREFIX,
 )
 
@@ -50,8 +51,6 @@ EVENT_TYPES = (
     OUTCOMES_CREATED,
     DRIFT_DETECTED,
 )
-# The score function's own outputs in the scoring bucket: they fire no event.
-SCORING_OUTPUT_PREFIX = "predictions/"
 
 SEAWEEDFS_BUCKETS_ROOT = "/buckets"
 SEAWEEDFS_ETAG_ATTRIBUTE = "Seaweed-X-Amz-ETag"
@@ -111,7 +110,7 @@ def event_type_for(bucket: str, key: str, buckets: Buckets) -> str | None:
         and key.endswith("/" + DRIFT_ALERT_NAME)
     ):
         return DRIFT_DETECTED
-    if bucket == buckets.scoring and not key.startswith(SCORING_OUTPUT_PREFIX):
+    if bucket == buckets.scoring and not key.startswith(PREDICTIONS_PREFIX):
         return SCORING_CREATED  # any file: one that is not a table is rejected with a report
     if bucket == buckets.outcomes and key.lower().endswith(".csv"):
         return OUTCOMES_CREATED

@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from readmission.config import Settings
 from readmission.contract import TARGET
+from readmission.keys import PREDICTIONS_PREFIX
 from readmission.serving.errors import InputError
 from readmission.serving.inputs import category_value, check_categories, number_value
 from readmission.serving.model import LoadedModel
@@ -49,7 +50,6 @@ from readmission.storage import ObjectStore, PreconditionFailed, json_bytes
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS_PREFIX = "predictions/"  # the scorer's own outputs: never scored again
 EXPLAIN_PREFIX = "explain/"  # inputs under this prefix get explanations
 ID_COLUMN = "encounter_id"
 PATIENT_COLUMN = "patient_nbr"

@@ -25,6 +25,13 @@ DROPS_PREFIX = "drops/"
 REPORTS_PREFIX = "reports/"
 LATEST_DRIFT_KEY = "reports/latest-drift.json"
 DRIFT_ALERT_NAME = "drift-detected.json"
+# In the models bucket: the realized metrics of each outcomes file (readmission.outcomes) and a
+# copy of the newest, which the predict function polls.
+REALIZED_PREFIX = "monitoring/realized/"
+REALIZED_LATEST_KEY = f"{REALIZED_PREFIX}latest.json"
+# In the scoring bucket: the score function's own outputs (readmission.batch_scoring), never
+# scored again and firing no event.
+PREDICTIONS_PREFIX = "predictions/"
 
 
 def content_id(data: bytes) -> str:

@@ -51,14 +51,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from readmission.config import Settings
-from readmission.keys import CHAMPION_METADATA_KEY, content_id
+from readmission.keys import (
+    CHAMPION_METADATA_KEY,
+    REALIZED_LATEST_KEY,
+    REALIZED_PREFIX,
+    content_id,
+)
 from readmission.scoring import score
 from readmission.storage import ObjectStore, json_bytes
 
 log = logging.getLogger(__name__)
 
-REALIZED_PREFIX = "monitoring/realized/"
-REALIZED_LATEST_KEY = f"{REALIZED_PREFIX}latest.json"
 LATE_CLASS = "<30"
 LABELS = ("<30", ">30", "NO")
 PROBABILITY_PREFIX = "probability_"

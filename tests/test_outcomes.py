@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 from support.seaweed_server import SeaweedServer
 
 from readmission.config import Buckets, Settings
+from readmission.keys import REALIZED_LATEST_KEY
 from readmission.outcomes import (
-    REALIZED_LATEST_KEY,
     OutcomesError,
     group_metrics,
     process_outcomes,

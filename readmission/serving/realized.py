@@ -24,9 +24,9 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from readmission.keys import REALIZED_LATEST_KEY
 from readmission.serving.decisions import DocumentSource, PolledDocument, refresh_document
 
-REALIZED_LATEST_KEY = "monitoring/realized/latest.json"  # = readmission.outcomes' key
 REALIZED_METRICS = ("f1_weighted", "f1_macro", "roc_auc_ovr", "accuracy", "brier", "recall_lt30")
 _LABELS = ("model_version", "period")
 
