@@ -106,10 +106,6 @@ def write_notification_config(path: Path, webhook_url: str, bearer_token: str = 
     )
 
 
-# The SeaweedFS components `weed server` runs whose gRPC port requires a client certificate.
-GRPC_COMPONENTS = ("master", "volume", "filer", "s3")
-
-
 def write_security_config(path: Path, grpc_tls: GrpcTls | None = None) -> None:
     """JWT keys for volume and filer HTTP reads and writes (``weed scaffold -config=security``)
     and, with `grpc_tls`, mutual TLS on every gRPC port (server side and client side)."""
@@ -121,7 +117,7 @@ def write_security_config(path: Path, grpc_tls: GrpcTls | None = None) -> None:
     if grpc_tls is not None:
         pair = f'cert = "{grpc_tls.cert}"\nkey = "{grpc_tls.key}"\n'
         text += f'[grpc]\nca = "{grpc_tls.ca}"\n'
-        for component in GRPC_COMPONENTS:
+        for component in SEAWEED_PORTS:  # every component opens a gRPC port
             text += f"[grpc.{component}]\n{pair}"
         text += f"[grpc.client]\n{pair}"
     _write_private(path, text)
