@@ -286,8 +286,11 @@ def _interval_cell(curve: LearningCurve, size: int, algorithm: str) -> str:
     return f"{mark}{point.f1 - curve.points_best_f1():+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
-def render_text(curve: LearningCurve, tolerance: float = DEFAULT_TOLERANCE) -> str:
-    """The curve as fixed-width text for a terminal: one table per metric and the verdict."""
+def render_text(
+    curve: LearningCurve, tolerance: float = DEFAULT_TOLERANCE, verdict_text: str | None = None
+) -> str:
+    """The curve as fixed-width text for a terminal: one table per metric and the verdict
+    (`verdict_text` if given, e.g. the aggregator's noise-aware one, else computed here)."""
     out = [f"Learning curve of dataset {curve.dataset_id}"]
     for metric in (F1, AUC):
         header = ["training rows", *curve.algorithms]
@@ -297,7 +300,7 @@ def render_text(curve: LearningCurve, tolerance: float = DEFAULT_TOLERANCE) -> s
         out.append("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
         out.append("  ".join("-" * w for w in widths))
         out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in body]
-    out += ["", verdict(curve, tolerance).text]
+    out += ["", verdict_text or verdict(curve, tolerance).text]
     return "\n".join(out) + "\n"
 
 

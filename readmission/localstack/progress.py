@@ -327,23 +327,16 @@ def _reused_sets_note(reused_sets: int) -> str:
 def learning_curve_text(store: Any, settings: Any, dataset_id: str) -> str | None:
     """The learning-curve table and verdict, once the dataset has training results."""
     try:  # pipeline-only modules (pandas is not needed, but matplotlib is imported lazily)
-        from readmission.learning_curve import (
-            build_learning_curve,
-            load_results,
-            render_text,
-            verdict,
-        )
+        from readmission.learning_curve import build_learning_curve, load_results, render_text
     except ImportError:
         return None
     results = load_results(store, settings.buckets.results, dataset_id)
     if not results:
         return None
-    curve = build_learning_curve(dataset_id, results)
-    text = render_text(curve)
     # The aggregator's verdict respects the noise (readmission.selection, which needs the
     # candidates' validation probabilities): once the version is aggregated, say that one.
     stored = stored_verdict(store, settings, dataset_id)
-    return text.replace(verdict(curve).text, stored) if stored else text
+    return render_text(build_learning_curve(dataset_id, results), verdict_text=stored)
 
 
 def stored_verdict(store: Any, settings: Any, dataset_id: str) -> str | None:
