@@ -70,7 +70,6 @@ from readmission.model_artifacts import (
     input_ranges,
     log_to_run,
     write_artifacts,
-    write_if_changed,
 )
 from readmission.onnx_parity import PARITY_TOLERANCE
 from readmission.storage import ObjectStore, json_bytes
@@ -247,8 +246,7 @@ def _aggregate(
             log_to_run(client, best["run_id"], candidate, metadata_bytes, drift_files)
             drift_reports.tag_version(client, settings, str(version.version), drift_files)
         applied = decisions.apply(store, client, settings, decision, metadata_bytes)
-    write_if_changed(
-        store,
+    store.put_if_changed(
         settings.buckets.models,
         keys.model_metadata_key(dataset_id),
         metadata_bytes,

@@ -97,13 +97,6 @@ def _order(decision: Mapping[str, Any]) -> tuple[int, str]:
     return int(decision["sequence"]), str(decision["decided_at"])
 
 
-def _write_if_changed(store: ObjectStore, bucket: str, key: str, data: bytes) -> bool:
-    if store.get_bytes_if_exists(bucket, key) == data:
-        return False
-    store.put_bytes(bucket, key, data, JSON_TYPE)
-    return True
-
-
 def record(store: ObjectStore, settings: Settings, decision: dict[str, Any]) -> dict[str, Any]:
     """Write the decision document once; returns the one stored (an earlier twin's, if any)."""
     models = settings.buckets.models
@@ -129,15 +122,15 @@ def apply(
     model_version = str(json.loads(metadata_bytes)["version"])
     if decision["verdict"] == PROMOTED:
         registry.set_champion(client, name, model_version)
-        _write_if_changed(store, models, keys.CHAMPION_METADATA_KEY, metadata_bytes)
+        store.put_if_changed(models, keys.CHAMPION_METADATA_KEY, metadata_bytes, JSON_TYPE)
         # a pending challenger lost to the champion this promotion replaces: none is pending
         registry.clear_alias(client, name, registry.CHALLENGER_ALIAS)
         if store.exists(models, keys.CHALLENGER_METADATA_KEY):
             store.delete(models, keys.CHALLENGER_METADATA_KEY)
     elif decision.get("new_model"):
         registry.set_alias(client, name, registry.CHALLENGER_ALIAS, model_version)
-        _write_if_changed(store, models, keys.CHALLENGER_METADATA_KEY, metadata_bytes)
-    _write_if_changed(store, models, keys.LAST_DECISION_KEY, json_bytes(dict(decision)))
+        store.put_if_changed(models, keys.CHALLENGER_METADATA_KEY, metadata_bytes, JSON_TYPE)
+    store.put_if_changed(models, keys.LAST_DECISION_KEY, json_bytes(dict(decision)), JSON_TYPE)
     return True
 
 

@@ -47,13 +47,6 @@ def thresholds(settings: Settings) -> drift.Thresholds:
     return drift.Thresholds(watch=settings.drift_psi_watch, drifted=settings.drift_psi_drifted)
 
 
-def _write_if_changed(store: ObjectStore, bucket: str, key: str, data: bytes, kind: str) -> bool:
-    if store.get_bytes_if_exists(bucket, key) == data:
-        return False
-    store.put_bytes(bucket, key, data, kind)
-    return True
-
-
 # --------------------------------------------------------------------------- the reference
 
 
@@ -95,7 +88,7 @@ def write_reference(
     }
     profile = drift.build_profile(rows, source=source)
     key = keys.reference_key(dataset_id)
-    _write_if_changed(store, settings.buckets.models, key, json_bytes(profile), JSON_TYPE)
+    store.put_if_changed(settings.buckets.models, key, json_bytes(profile), JSON_TYPE)
     return {"key": key, "rows": int(profile["rows"])}
 
 
@@ -175,7 +168,7 @@ def write_drop_report(
         objects.append((keys.drift_alert_key(drop_id), json_bytes(summary), JSON_TYPE))
     objects.append((keys.LATEST_DRIFT_KEY, json_bytes(report), JSON_TYPE))
     for key, data, kind in objects:
-        if _write_if_changed(store, models, key, data, kind):
+        if store.put_if_changed(models, key, data, kind):
             written.append(f"{models}/{key}")
     if store.put_if_absent(models, report_key, json_bytes(report), JSON_TYPE):
         written.append(f"{models}/{report_key}")

@@ -8,9 +8,9 @@ in the models bucket, and its artifacts on the winning MLflow run.
 ECE), the ONNX file, the learning curve, the quality report, the model card and the metadata to
 the winning run.
 
-Idempotent: `write_if_changed` writes an object only if its bytes differ, and `log_to_run`
-logs nothing on a run whose `aggregate/metadata.json` exists (written last, so its presence
-means the run has all of them).
+Idempotent: `ObjectStore.put_if_changed` writes an object only if its bytes differ, and
+`log_to_run` logs nothing on a run whose `aggregate/metadata.json` exists (written last, so
+its presence means the run has all of them).
 """
 
 from __future__ import annotations
@@ -160,26 +160,16 @@ def _selection_summary(selection: Mapping[str, Any]) -> dict[str, Any]:
     return {**summary, "selected_interval": selected["interval"]}
 
 
-def write_if_changed(
-    store: ObjectStore, bucket: str, key: str, data: bytes, content_type: str
-) -> bool:
-    """PUT unless the object already holds exactly these bytes. True if this call wrote."""
-    if store.get_bytes_if_exists(bucket, key) == data:
-        return False
-    store.put_bytes(bucket, key, data, content_type)
-    return True
-
-
 def write_artifacts(store: ObjectStore, settings: Settings, dataset_id: str, c: Candidate) -> None:
     """The version's ONNX model and learning curve in the models bucket (fire no event)."""
     models = settings.buckets.models
     onnx_type = "application/octet-stream"
-    write_if_changed(store, models, keys.model_key(dataset_id), c.exported.onnx_bytes, onnx_type)
+    store.put_if_changed(models, keys.model_key(dataset_id), c.exported.onnx_bytes, onnx_type)
     for extension, (data, content_type) in c.curve_files.items():
         key = keys.learning_curve_key(dataset_id, extension)
-        write_if_changed(store, models, key, data, content_type)
+        store.put_if_changed(models, key, data, content_type)
     for key, (data, content_type) in quality_objects(dataset_id, c).items():
-        write_if_changed(store, models, key, data, content_type)
+        store.put_if_changed(models, key, data, content_type)
 
 
 def quality_objects(dataset_id: str, c: Candidate) -> dict[str, tuple[bytes, str]]:

@@ -149,6 +149,18 @@ class ObjectStore:
     def put_json(self, bucket: str, key: str, document: Any) -> None:
         self.put_bytes(bucket, key, json_bytes(document), "application/json")
 
+    def put_if_changed(
+        self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> bool:
+        """PUT unless the object already holds exactly these bytes. True if this call wrote.
+
+        For outputs rewritten by a redelivery: identical bytes make no new write (and no new
+        notification downstream)."""
+        if self.get_bytes_if_exists(bucket, key) == data:
+            return False
+        self.put_bytes(bucket, key, data, content_type)
+        return True
+
     def put_if_absent(
         self, bucket: str, key: str, data: bytes, content_type: str = "application/octet-stream"
     ) -> bool:
