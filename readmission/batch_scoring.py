@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from readmission.config import Settings
 from readmission.contract import TARGET
-from readmission.keys import PREDICTIONS_PREFIX
+from readmission.keys import PREDICTIONS_PREFIX, rejected_key, rejected_report_key
 from readmission.serving.errors import InputError
 from readmission.serving.inputs import category_value, check_categories, number_value
 from readmission.serving.model import LoadedModel
@@ -405,11 +405,9 @@ def _read_and_score(
     """The object version's predictions; None if it is gone; PreconditionFailed if replaced;
     NotATable if it cannot be read as a table of encounters."""
     explain = wants_explanations(key, options)
-    try:
-        response = store.client.get_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
-    except Exception as error:  # botocore's ClientError: translated as ObjectStore does
-        return _missing_or_raise(error, bucket, key, etag)
-    body = response["Body"]
+    body = store.open_version(bucket, key, etag)
+    if body is None:
+        return None
     try:
         if key.lower().endswith(".parquet"):
             data = body.read()
@@ -446,17 +444,6 @@ def _read_and_score(
 def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     yield first
     yield from rest
-
-
-def _missing_or_raise(error: Exception, bucket: str, key: str, etag: str) -> None:
-    response = getattr(error, "response", None) or {}
-    code = str(response.get("Error", {}).get("Code"))
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if code in ("404", "NoSuchKey", "NotFound"):
-        return None
-    if status == 412 or code in ("412", "PreconditionFailed"):
-        raise PreconditionFailed(f"s3://{bucket}/{key} is no longer {etag}") from error
-    raise error
 
 
 def score_object(
@@ -557,8 +544,8 @@ def _reject(
     (the ingest function's order: a crash before the delete is redone by the retry)."""
     rejected = settings.buckets.rejected
     digest = hashlib.sha256(f"{bucket}/{key}/{etag}".encode()).hexdigest()[:16]
-    copy_key = f"{digest}/{key}"
-    report_key = f"{copy_key}.error.json"
+    copy_key = rejected_key(digest, key)
+    report_key = rejected_report_key(digest, key)
     written = []
     try:
         if not store.exists(rejected, copy_key):
