@@ -3,7 +3,7 @@
 On Knative a training invocation is an HTTP request, cut at the Service's `timeoutSeconds` and
 at the Trigger's delivery timeout; a fit that outlives them is retried and never finishes. The
 train Service therefore runs a fit in the request only when its estimated length
-(`training_rows` x the algorithm's measured cost, `jobs.ALGORITHM_COST_PER_1000_ROWS`) is within
+(`jobs.estimated_fit_seconds`: training rows x the algorithm's measured cost) is within
 `TRAIN_REQUEST_SECONDS` and its rows within `TRAIN_REQUEST_MAX_ROWS` (what the Service's memory
 limit holds, docs/kubernetes.md). Any other is forwarded to the JobSink at `TRAIN_JOBSINK_URL`,
 which answers 202 and starts a Job running `functions/train/job.py` on the same event, with the
@@ -43,7 +43,7 @@ from cloudevents.http import CloudEvent
 from events.delivery import post_binary
 from readmission import lease
 from readmission.job_spec import JobSpec
-from readmission.jobs import ALGORITHM_COST_PER_1000_ROWS
+from readmission.jobs import estimated_fit_seconds
 from readmission.storage import ObjectStore
 
 HANDOFF_SUFFIX = ".handoff"
@@ -74,19 +74,10 @@ class HandoffSettings:
         )
 
 
-def estimated_fit_seconds(job: JobSpec) -> float:
-    """One-core fit seconds of the job, from the measured cost of its algorithm (an unlisted
-    algorithm counts as the costliest)."""
-    per_1000 = ALGORITHM_COST_PER_1000_ROWS.get(
-        job.algorithm, max(ALGORITHM_COST_PER_1000_ROWS.values())
-    )
-    return job.training_rows / 1000 * per_1000
-
-
 def runs_as_job(job: JobSpec, settings: HandoffSettings) -> bool:
     """Whether the job goes to a Kubernetes Job rather than running in the request."""
     return settings.jobsink_url is not None and (
-        estimated_fit_seconds(job) > settings.request_seconds
+        estimated_fit_seconds(job.training_rows, job.algorithm) > settings.request_seconds
         or job.training_rows > settings.request_max_rows
     )
 

@@ -32,6 +32,15 @@ ALGORITHM_COST_PER_1000_ROWS = {
 }
 
 
+def estimated_fit_seconds(training_rows: int, algorithm: str) -> float:
+    """One-core fit seconds of a job, from its algorithm's measured cost (an algorithm not
+    listed counts as the costliest)."""
+    per_1000 = ALGORITHM_COST_PER_1000_ROWS.get(
+        algorithm, max(ALGORITHM_COST_PER_1000_ROWS.values())
+    )
+    return training_rows / 1000 * per_1000
+
+
 def job_order(
     set_rows: Sequence[int],
     algorithms: Iterable[str],
@@ -39,20 +48,18 @@ def job_order(
     fitted_algorithms: Iterable[str] | None = None,
 ) -> list[tuple[int, str]]:
     """(cumulative index, algorithm) pairs, costliest job first. `set_rows[i]` is the number of
-    training rows of cumulative set i; estimated cost = rows x ALGORITHM_COST_PER_1000_ROWS
-    (an unlisted algorithm counts as the costliest). Sets below `reused_sets` were fitted for
-    an earlier version with `fitted_algorithms` (default: all) and are only re-scored: they
-    cost next to nothing and come last. Ties keep the bigger index, then the order of
-    `algorithms`."""
+    training rows of cumulative set i; its cost is `estimated_fit_seconds`. Sets below
+    `reused_sets` were fitted for an earlier version with `fitted_algorithms` (default: all)
+    and are only re-scored: they cost next to nothing and come last. Ties keep the bigger
+    index, then the order of `algorithms`."""
     algorithms = list(dict.fromkeys(algorithms))
     fitted = set(algorithms if fitted_algorithms is None else fitted_algorithms)
-    costliest = max(ALGORITHM_COST_PER_1000_ROWS.values())
 
     def cost(pair: tuple[int, str]) -> float:
         index, algorithm = pair
         if index < reused_sets and algorithm in fitted:
             return 0.0
-        return set_rows[index] * ALGORITHM_COST_PER_1000_ROWS.get(algorithm, costliest)
+        return estimated_fit_seconds(set_rows[index], algorithm)
 
     pairs = [(i, a) for i in range(len(set_rows)) for a in algorithms]
     return sorted(pairs, key=lambda pair: (-cost(pair), -pair[0], algorithms.index(pair[1])))

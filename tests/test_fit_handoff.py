@@ -10,7 +10,7 @@ import pytest
 from support.http_stub import Subscriber
 from support.seaweed_server import SeaweedServer, seaweed_s3
 
-from readmission import fit_handoff
+from readmission import fit_handoff, jobs
 from readmission.fit_handoff import HandoffFailed, HandoffSettings
 from readmission.job_spec import JobSpec
 from readmission.storage import ObjectStore
@@ -34,7 +34,7 @@ def store(seaweed_s3: SeaweedServer) -> ObjectStore:
 
 def test_only_fits_estimated_longer_than_a_request_go_to_a_job() -> None:
     settings = HandoffSettings(jobsink_url="http://sink/ns/fits", request_seconds=300)
-    assert fit_handoff.estimated_fit_seconds(job("gradient_boosting", 710_000)) > 300
+    assert jobs.estimated_fit_seconds(710_000, "gradient_boosting") > 300
     assert fit_handoff.runs_as_job(job("gradient_boosting", 710_000), settings)
     assert not fit_handoff.runs_as_job(job("gradient_boosting", 71_000), settings)
     assert not fit_handoff.runs_as_job(job("decision_tree", 400_000), settings)

@@ -29,7 +29,7 @@ from typing import Any  # noqa: E402
 
 import functions_framework  # noqa: E402
 
-from readmission import fit_handoff, tracking  # noqa: E402
+from readmission import fit_handoff, jobs, tracking  # noqa: E402
 from readmission.glue import slow_clients  # noqa: E402
 from readmission.glue.event_handler import (  # noqa: E402
     MalformedEvent,
@@ -80,7 +80,7 @@ def train(event: Any) -> None:
             "event %s: job %s (~%.0fs of fit) handed to the JobSink as event %s",
             event["id"],
             job.key,
-            fit_handoff.estimated_fit_seconds(job),
+            jobs.estimated_fit_seconds(job.training_rows, job.algorithm),
             forwarded,
         )
         return
