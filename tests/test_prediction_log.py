@@ -1,13 +1,17 @@
-"""The prediction log: the stdlib Parquet writer, batching by rows and seconds against a real
-SeaweedFS, retry of refused batches, and the predict function (gunicorn, several workers)
-writing every answered request by the time it has stopped."""
+"""The prediction log: the stdlib Parquet writer, the spool's records, batching by rows and
+seconds against a real SeaweedFS, retry of refused batches, and the predict function
+(gunicorn, several workers) writing every answered request by the time it has stopped, those
+of workers killed mid-serving included."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -16,7 +20,9 @@ import pytest
 from support.predict_support import FunctionProcess, build_model, http, patient_rows
 from support.seaweed_server import SeaweedServer
 
+from readmission.localstack.processes import child_pids
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV
+from readmission.serving.log_spool import SpoolReader, SpoolWriter, encode_record
 from readmission.serving.parquet import Column, write_table
 from readmission.serving.prediction_log import PredictionLog, request_id
 from readmission.serving.s3 import S3Reader
@@ -82,9 +88,60 @@ def _objects(seaweed: SeaweedServer, bucket: str, prefix: str = "") -> dict[str,
     return {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in found}
 
 
+CLASSES = ("<30", ">30", "NO")
+
+
 def _record(log: PredictionLog, rid: str, n: int = 1, version: str = "7") -> None:
     rows = [{"age": "[50-60)", "encounter_id": 100 + i} for i in range(n)]
-    log.record(rid, version, ("<30", ">30", "NO"), "batch", rows, ["NO"] * n, [[0.1, 0.2, 0.7]] * n)
+    body = json.dumps({"instances": rows}).encode()
+    log.record(rid, version, CLASSES, "batch", ["NO"] * n, [[0.1, 0.2, 0.7]] * n, body, "instances")
+
+
+def test_spooled_records_are_read_once_whole_and_a_torn_end_only_when_the_writer_is_gone(
+    tmp_path: Path,
+) -> None:
+    writer, reader = SpoolWriter(tmp_path), SpoolReader(tmp_path)
+    body = json.dumps({"features": {"age": "[70-80)"}}).encode()
+    first = encode_record(
+        "a", 1.5, "3", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], body, "features"
+    )
+    writer.append(first)
+    (record,) = reader.read()
+    assert (record.request_id, record.time, record.version, record.labels) == (
+        "a",
+        1.5,
+        "3",
+        ["NO"],
+    )
+    assert record.probabilities == [[0.2, 0.3, 0.5]] and record.rows() == [{"age": "[70-80)"}]
+    assert reader.read() == []  # read once
+    (spool,) = tmp_path.iterdir()
+    with spool.open("ab") as torn:  # half a record: its writer is still at work
+        torn.write(first[:10])
+    assert reader.read() == [] and spool.exists()
+    writer.close()  # the writer is gone: the torn end is dropped, the file deleted
+    assert reader.read() == [] and reader.torn_records == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_behind_its_writers_catches_up_in_bounded_steps(tmp_path: Path) -> None:
+    writer, reader = SpoolWriter(tmp_path), SpoolReader(tmp_path)
+    body = json.dumps({"features": {"age": "[70-80)"}}).encode()
+    records = [
+        encode_record(
+            f"r{i}", 1.0, "3", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], body, "features"
+        )
+        for i in range(10)
+    ]
+    for record in records:
+        writer.append(record)
+    writer.close()
+    steps = [reader.read(budget=3 * len(records[0])) for _ in range(5)]
+    assert [len(step) for step in steps] == [3, 3, 3, 1, 0]
+    assert [r.request_id for step in steps for r in step] == [f"r{i}" for i in range(10)]
+    assert list(tmp_path.iterdir()) == []
+    writer.append(records[0])
+    assert [r.request_id for r in reader.read(budget=10)] == ["r0"]  # longer than the budget
 
 
 def test_batches_are_cut_by_rows_and_by_seconds(seaweed: SeaweedServer) -> None:
@@ -94,16 +151,20 @@ def test_batches_are_cut_by_rows_and_by_seconds(seaweed: SeaweedServer) -> None:
     log = PredictionLog(
         lambda key, data: reader.put("log-timing", key, data, "application/octet-stream"),
         rows=5,
-        seconds=1.0,
-    )
-    _record(log, "full", n=5)  # reaches `rows`: written at once, not after a second
-    deadline = time.monotonic() + 0.8
+        seconds=4.0,
+    ).start()
+    _record(log, "full", n=5)  # reaches `rows`: written at the next scan, not after 4 s
+    deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline and not _objects(seaweed, "log-timing"):
         time.sleep(0.05)
     first = _objects(seaweed, "log-timing")
     assert len(first) == 1
     _record(log, "few", n=2)  # below `rows`: written by the timer
-    time.sleep(1.6)
+    time.sleep(1.0)
+    assert len(_objects(seaweed, "log-timing")) == 1
+    deadline = time.monotonic() + 8.0
+    while time.monotonic() < deadline and len(_objects(seaweed, "log-timing")) < 2:
+        time.sleep(0.1)
     written = _objects(seaweed, "log-timing")
     assert len(written) == 2
     day = time.strftime("%Y-%m-%d", time.gmtime())
@@ -119,6 +180,7 @@ def test_batches_are_cut_by_rows_and_by_seconds(seaweed: SeaweedServer) -> None:
         "encounter_id": 100,
     }
     log.close()
+    assert not log.directory.exists()  # its own temporary spool directory
 
 
 def test_a_refused_batch_is_written_under_its_key_once_the_store_takes_it(
@@ -154,10 +216,20 @@ def test_an_off_log_records_nothing() -> None:
     assert not log.enabled and log.flush() == 0
 
 
+def _workers(master: int, count: int, timeout: float = 20.0) -> list[int]:
+    """The master's `count` workers, once it has forked them all."""
+    deadline = time.monotonic() + timeout
+    while len(workers := child_pids(master)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(workers) == count, workers
+    return workers
+
+
 def test_every_answer_of_every_worker_is_in_the_log_after_a_graceful_stop(
     seaweed: SeaweedServer,
 ) -> None:
-    """Nothing is flushed while serving (huge rows/seconds): the exit hook writes it all."""
+    """Nothing is written while serving (huge rows/seconds): the master's exit hook writes it
+    all, the answers of two workers killed (SIGKILL) halfway included."""
     client: Any = seaweed.client()
     client.create_bucket(Bucket=LOG_BUCKET)
     onnx_bytes, metadata = build_model("decision_tree", "41")
@@ -185,6 +257,11 @@ def test_every_answer_of_every_worker_is_in_the_log_after_a_graceful_stop(
             )
             assert status == 200 and headers["X-Request-Id"] == f"req-{index}"
             answered[(f"req-{index}", 0)] = list(json.loads(body)["probabilities"].values())
+            if index == 4:  # gunicorn starts new workers; the killed ones' spool is read
+                workers = _workers(process.process.pid, 2)
+                for pid in workers:
+                    os.kill(pid, signal.SIGKILL)
+                process.wait_ready()
         status, headers, body = http(process.url + "/predict/batch", {"instances": rows[10:]})
         assert status == 200
         made = headers["X-Request-Id"]

@@ -22,6 +22,7 @@ from typing import Any
 import flask
 
 from readmission.glue import heap, http_close, slow_clients
+from readmission.glue.json_codec import dumps
 from readmission.glue.responses import error_response, json_response, raw_response
 from readmission.serving import metrics, v2
 from readmission.serving.assets import ModelAssets
@@ -40,7 +41,7 @@ from readmission.serving.model import LoadedModel
 from readmission.serving.openapi import build_openapi
 from readmission.serving.prediction_log import log_from_settings, request_id
 from readmission.serving.realized import RealizedGauges
-from readmission.serving.request_json import read_json
+from readmission.serving.request_json import read_json, read_json_bytes
 from readmission.serving.routes import Router
 from readmission.serving.server import ModelServer
 from readmission.serving.settings import ServingSettings
@@ -65,8 +66,9 @@ metrics.register_collector(REALIZED)
 
 STATIC = load_static(Path(__file__).resolve().parent / "static")
 HEAP_TRIM = heap.IdleHeapTrim()  # freed heap pages go back once a worker is quiet for 0.2 s
-# Every answered prediction, batched to the predictions-log bucket by a thread of each worker.
-PREDICTION_LOG = log_from_settings(SETTINGS, after_write=HEAP_TRIM.large_request_done)
+# Every answered prediction: spooled by the workers, shipped to the predictions-log bucket
+# as Parquet by a thread of this process (gunicorn's master), which then trims its heap.
+PREDICTION_LOG = log_from_settings(SETTINGS, after_write=heap.release_freed_memory)
 REQUEST_ID_HEADER = "X-Request-Id"  # carried by the request, or made here; always answered
 
 if SETTINGS.load_mode == "eager":
@@ -86,7 +88,7 @@ def _not_ready() -> flask.Response:
 
 # ---- prediction endpoints -------------------------------------------------------------------
 def _predict_one(request: flask.Request, params: dict[str, str]) -> flask.Response:
-    body = read_json(request, SETTINGS.max_body_bytes)
+    body, raw = read_json_bytes(request, SETTINGS.max_body_bytes)
     features = body.get("features") if isinstance(body, dict) else None
     if not isinstance(features, dict):
         raise InputError(
@@ -113,7 +115,7 @@ def _predict_one(request: flask.Request, params: dict[str, str]) -> flask.Respon
         result = with_explanation(result, model, features)
     rid = request_id(request.headers.get(REQUEST_ID_HEADER))
     PREDICTION_LOG.record(
-        rid, model.version, model.classes, "predict", (features,), (label,), (probabilities,)
+        rid, model.version, model.classes, "predict", (label,), (probabilities,), raw, "features"
     )
     return _with_request_id(json_response(result), rid)
 
@@ -124,7 +126,7 @@ def _with_request_id(response: flask.Response, rid: str) -> flask.Response:
 
 
 def _predict_batch(request: flask.Request, params: dict[str, str]) -> flask.Response:
-    body = read_json(request, SETTINGS.max_body_bytes)
+    body, raw = read_json_bytes(request, SETTINGS.max_body_bytes)
     instances = body.get("instances") if isinstance(body, dict) else body
     if not isinstance(instances, list):
         raise InputError(
@@ -145,7 +147,9 @@ def _predict_batch(request: flask.Request, params: dict[str, str]) -> flask.Resp
         if warn:
             row["warnings"] = warn
     rid = request_id(request.headers.get(REQUEST_ID_HEADER))
-    PREDICTION_LOG.record(rid, model.version, classes, "batch", instances, labels, probabilities)
+    PREDICTION_LOG.record(
+        rid, model.version, classes, "batch", labels, probabilities, raw, "instances"
+    )
     answer = {"predictions": rows, "model_version": model.version, "count": len(rows)}
     return _with_request_id(json_response(answer), rid)
 
@@ -162,7 +166,9 @@ def _v2_infer(request: flask.Request, params: dict[str, str]) -> flask.Response:
     rid = request_id(carried or request.headers.get(REQUEST_ID_HEADER))
     if PREDICTION_LOG.enabled:
         probabilities = [[p.probabilities[c] for c in model.classes] for p in predictions]
-        PREDICTION_LOG.record(rid, model.version, model.classes, "v2", rows, labels, probabilities)
+        PREDICTION_LOG.record(
+            rid, model.version, model.classes, "v2", labels, probabilities, dumps(rows), "rows"
+        )
     answer = v2.response(model, predictions, carried, requested)
     if requested and v2.EXPLANATION_OUTPUT in requested:  # only when asked for by name
         answer["outputs"].append(explanation_output(model, rows, v2.EXPLANATION_OUTPUT))

@@ -1,21 +1,29 @@
 """The prediction log: every answered prediction, as Parquet batches in the object store.
 
-Contract. `PredictionLog.record(...)` is the request path's only call: it appends a reference
-to what was answered (no copying, no encoding) to an in-memory list and returns. A background
-thread of the process that records (started by the first `record` in each process, so after
-gunicorn's fork, one per worker) cuts that list into batches when it holds `rows` rows or
-`seconds` after the last flush, whichever comes first, encodes each batch as one Parquet file
-(readmission.serving.parquet) and PUTs it to
+Contract. `PredictionLog.record(...)` is the request path's only call: it appends one record
+(ids, labels, probabilities and the request body as received: no encoding of rows) to the
+recording process's spool file (readmission.serving.log_spool). The process that made the log
+(the server's master: gunicorn imports the function there and forks the workers) runs the
+shipper thread (`start()`): every SCAN_SECONDS it reads the records the workers appended, and
+when it holds `rows` rows, or `seconds` after its last write, it encodes them as Parquet
+(readmission.serving.parquet), one file per (model version, UTC date), and PUTs each to
 
-    <predictions-log bucket>/<model version>/<UTC date>/<writer id>-<sequence:06d>.parquet
+    <predictions-log bucket>/<model version>/<UTC date>/<shipper id>-<sequence:06d>.parquet
 
-`writer id` is unique per process (host name, pid and a random token), `sequence` counts the
+`shipper id` is unique per process (host name, pid and a random token), `sequence` counts the
 process's batches, so a key is written by exactly one process, once; a batch that fails to
-PUT keeps its key and bytes and is tried again at the next flush (at most MAX_RETAINED
-batches are kept; older ones are dropped and counted). At a normal exit (gunicorn's graceful
-stop: SIGTERM, then `sys.exit`) an `atexit` hook flushes what is left, so a normal stop loses
-nothing; a crash (SIGKILL, OOM kill) loses the rows recorded since the last flush: at most one
-batch (`rows` rows, or `seconds` of traffic), plus any batch whose PUT was still failing.
+PUT keeps its key and bytes and is tried again at the next write (at most MAX_RETAINED
+batches are kept; older ones are dropped and counted). So the encoding never holds a worker's
+interpreter lock, and the shipper thread runs at a lower CPU priority than the workers.
+
+What a stop loses. A normal stop loses nothing: a worker finishes its spool file at exit,
+and the master, which exits last (gunicorn's graceful stop: SIGTERM, then `sys.exit`), writes
+everything left in an `atexit` hook. A killed worker (SIGKILL, OOM kill) loses nothing either:
+its records are in its spool file (all but a record torn mid-write), which the master reads.
+A killed master loses the rows it has read but not yet written (at most one batch: `rows`
+rows, or `seconds` of traffic) plus any batch whose PUT was still failing; with
+PREDICTION_LOG_DIR on a volume that outlives the process (a pod's emptyDir), a restarted
+master also ships the spool files the killed one had not read.
 
 One row per predicted row: request_id, row (index in the request), time (UTC, ms),
 model_version, endpoint, prediction (the label), encounter_id (when the row carried one),
@@ -28,20 +36,23 @@ data file's id and target columns) and probability_<class> per class (as answere
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import re
-import secrets
-import socket
+import shutil
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from readmission.config import Settings
+from readmission.glue.json_codec import dumps
+from readmission.serving.log_spool import Record, SpoolReader, SpoolWriter, encode_record, writer_id
 from readmission.serving.parquet import Column, write_table
 from readmission.serving.s3 import S3Reader
 from readmission.serving.settings import ServingSettings
@@ -50,6 +61,9 @@ log = logging.getLogger(__name__)
 
 PARQUET_CONTENT_TYPE = "application/vnd.apache.parquet"
 MAX_RETAINED = 20  # batches kept for another PUT while the store refuses them
+SCAN_SECONDS = 0.5  # the shipper reads the spool this often (or every `seconds`, if shorter)
+# The shipper thread's nice value (Linux: per thread): the workers' requests come first.
+SHIPPER_NICENESS = 10
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 # (key, Parquet bytes) -> None; raises when the store did not take it
@@ -64,39 +78,9 @@ def request_id(carried: str | None) -> str:
     return uuid.uuid4().hex
 
 
-class _Entry:
-    """One answered request, by reference (encoded later, off the request path)."""
-
-    __slots__ = ("classes", "endpoint", "labels", "probs", "request_id", "rows", "time", "version")
-
-    def __init__(
-        self,
-        request_id: str,
-        when: float,
-        version: str,
-        classes: Sequence[str],
-        endpoint: str,
-        rows: Sequence[Any],
-        labels: Sequence[str],
-        probs: Sequence[Sequence[float]],
-    ) -> None:
-        self.request_id = request_id
-        self.time = when
-        self.version = version
-        self.classes = classes
-        self.endpoint = endpoint
-        self.rows = rows
-        self.labels = labels
-        self.probs = probs
-
-
-# the row as the request carried it: one JSON object (keys in the request's order)
-_FEATURES_JSON = json.JSONEncoder(separators=(",", ":"), default=str).encode
-
-
-def _writer_id() -> str:
-    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:63] or "host"
-    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+def _features_json(row: Any) -> str:
+    """The row as the request carried it: one compact JSON object (keys in the request's order)."""
+    return dumps(row).decode()
 
 
 def _encounter(row: Any) -> str | None:
@@ -104,30 +88,32 @@ def _encounter(row: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def encode_batch(entries: Sequence[_Entry]) -> bytes:
-    """The Parquet file of entries of one model version (same classes)."""
-    classes = entries[0].classes
+def encode_batch(records: Sequence[tuple[Record, list[Any]]]) -> bytes:
+    """The Parquet file of records (each with its rows) of one model version (same classes)."""
+    classes = records[0][0].classes
     columns: dict[str, list[Any]] = {
         name: []
         for name in ("request_id", "row", "time", "model_version", "endpoint", "prediction")
     }
     probabilities: list[list[float]] = [[] for _ in classes]
     rows: list[Any] = []
-    for entry in entries:
-        count = len(entry.rows)
-        rows.extend(entry.rows)
-        columns["request_id"] += [entry.request_id] * count
+    for record, record_rows in records:
+        count = len(record_rows)
+        rows.extend(record_rows)
+        columns["request_id"] += [record.request_id] * count
         columns["row"] += range(count)
-        columns["time"] += [int(entry.time * 1000)] * count
-        columns["model_version"] += [entry.version] * count
-        columns["endpoint"] += [entry.endpoint] * count
-        columns["prediction"] += entry.labels
-        for values, column in zip(probabilities, zip(*entry.probs, strict=True), strict=True):
+        columns["time"] += [int(record.time * 1000)] * count
+        columns["model_version"] += [record.version] * count
+        columns["endpoint"] += [record.endpoint] * count
+        columns["prediction"] += record.labels
+        for values, column in zip(
+            probabilities, zip(*record.probabilities, strict=True), strict=True
+        ):
             values += column
     kinds = {"row": "int64", "time": "timestamp_ms"}
     table = [Column(name, kinds.get(name, "string"), values) for name, values in columns.items()]
     table.append(Column("encounter_id", "string", [_encounter(row) for row in rows], True))
-    table.append(Column("features", "string", list(map(_FEATURES_JSON, rows))))
+    table.append(Column("features", "string", list(map(_features_json, rows))))
     table += [
         Column(f"probability_{name}", "double", [float(v) for v in values])
         for name, values in zip(classes, probabilities, strict=True)
@@ -136,7 +122,7 @@ def encode_batch(entries: Sequence[_Entry]) -> bytes:
 
 
 class PredictionLog:
-    """Batches answered predictions and PUTs them from a background thread (see module)."""
+    """Spools answered predictions and ships them as Parquet batches (see module)."""
 
     def __init__(
         self,
@@ -144,33 +130,45 @@ class PredictionLog:
         rows: int,
         seconds: float,
         after_write: Callable[[], None] | None = None,
+        directory: Path | None = None,
     ) -> None:
         self.put = put  # None: the log is off, `record` does nothing
         self.rows = rows
         self.seconds = seconds
-        # called after each write (the function's idle heap trim: encoding a batch leaves
-        # freed heap pages behind, like parsing a large request does)
+        # called after each write (the master's heap trim: encoding a batch leaves freed
+        # heap pages behind)
         self.after_write = after_write
         self.dropped_rows = 0  # rows of batches given up on (store refusing too long)
         self.written_rows = 0
-        self._pid = 0
-        self._start_lock = threading.Lock()
-        self._reset()
-
-    def _reset(self) -> None:
-        self._lock = threading.Lock()  # guards _pending and _count
-        self._flush_lock = threading.Lock()  # one flush at a time (thread or exit hook)
-        self._pending: list[_Entry] = []
-        self._count = 0
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._owned_directory = directory is None and put is not None
+        if directory is None and put is not None:
+            directory = Path(tempfile.mkdtemp(prefix="prediction-log-"))
+        elif directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self._writer = SpoolWriter(directory) if directory is not None else None
+        self._reader = SpoolReader(directory) if directory is not None else None
+        self._pid = os.getpid()  # the process that ships: the one that made the log
+        self.writer_id = writer_id()  # names this process's batches
+        self._lock = threading.Lock()  # one shipping pass at a time (thread, exit hook, tests)
+        self._pending: list[Record] = []
+        self._pending_rows = 0
         self._retained: list[tuple[str, bytes, int]] = []
         self._sequence = 0
-        self.writer_id = _writer_id()
+        self._last_write = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @property
     def enabled(self) -> bool:
         return self.put is not None
+
+    @property
+    def dropped_records(self) -> int:
+        """Records this process could not spool, plus torn or unreadable ones it read."""
+        if self._writer is None or self._reader is None:
+            return 0
+        return self._writer.dropped_records + self._reader.torn_records
 
     def record(
         self,
@@ -178,106 +176,148 @@ class PredictionLog:
         version: str,
         classes: Sequence[str],
         endpoint: str,
-        rows: Sequence[Any],
         labels: Sequence[str],
-        probabilities: Sequence[Sequence[float]],
+        probabilities: Any,
+        payload: bytes,
+        payload_kind: str,
     ) -> None:
-        """Remember one answered request (the request path: an append under a lock)."""
-        if self.put is None:
-            return
-        if self._pid != os.getpid():
-            self._start()
-        entry = _Entry(
-            request_id, time.time(), version, classes, endpoint, rows, labels, probabilities
-        )
-        with self._lock:
-            self._pending.append(entry)
-            self._count += len(rows)
-            full = self._count >= self.rows
-        if full:
-            self._wake.set()
+        """Spool one answered request (the request path: one append to a local file).
 
-    def _start(self) -> None:
-        """In each process that records: fresh state and the flushing thread."""
-        with self._start_lock:
-            if self._pid == os.getpid():
-                return
-            self._reset()  # a forked child must not reuse its parent's locks, id or rows
-            self._pid = os.getpid()
-            threading.Thread(target=self._run, name="prediction-log", daemon=True).start()
+        `payload` is JSON holding the rows: the request body as the handler accepted it
+        (`payload_kind` "features": {"features": row}; "instances": a batch body) or the rows
+        themselves ("rows"); readmission.serving.log_spool.PAYLOAD_KINDS."""
+        if self._writer is None:
+            return
+        self._writer.append(
+            encode_record(
+                request_id,
+                time.time(),
+                version,
+                classes,
+                endpoint,
+                labels,
+                probabilities,
+                payload,
+                payload_kind,
+            )
+        )
+
+    def start(self) -> PredictionLog:
+        """Start the shipper thread in this process, and its final write at exit."""
+        if self.put is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+            self._thread.start()
             atexit.register(self.close)
+        return self
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.seconds)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
+        # the workers' requests come first (Linux sets nice values per thread)
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHIPPER_NICENESS)
+        while not self._stop.wait(min(self.seconds, SCAN_SECONDS)):
             try:
-                self.flush()
-            except Exception:  # never let the thread die: the next flush tries again
-                log.exception("prediction log flush failed")
+                self._ship(final=False)
+            except Exception:  # never let the thread die: the next pass tries again
+                log.exception("prediction log: shipping failed")
 
     def flush(self) -> int:
-        """Write every recorded row now (and retry batches the store refused); the number of
-        rows written."""
-        if self.put is None:
+        """Read the spool and write every row now (and retry batches the store refused);
+        the number of rows written."""
+        return self._ship(final=True)
+
+    def _ship(self, final: bool) -> int:
+        """Read the spool in bounded steps, writing a batch whenever `rows` rows are in hand;
+        then what is left if `final` or `seconds` have passed since the last write."""
+        if self.put is None or self._reader is None or os.getpid() != self._pid:
             return 0
-        with self._flush_lock:
-            with self._lock:
-                pending, self._pending, self._count = self._pending, [], 0
-            batches = self._retained
-            self._retained = []
-            for key, data, count in self._cut(pending):
-                batches.append((key, data, count))
-            written = 0
-            for key, data, count in batches:
-                try:
-                    self.put(key, data)
-                    written += count
-                except Exception as exc:
-                    log.warning("prediction log: PUT %s failed (kept for retry): %s", key, exc)
-                    self._retained.append((key, data, count))
-            while len(self._retained) > MAX_RETAINED:
-                key, _, count = self._retained.pop(0)
-                self.dropped_rows += count
-                log.error("prediction log: gave up on %s (%d rows)", key, count)
-            self.written_rows += written
-        if batches and self.after_write is not None:
+        written, attempted = 0, False
+        with self._lock:
+            while True:
+                records = self._reader.read()
+                for record in records:
+                    self._pending.append(record)
+                    self._pending_rows += len(record.labels)
+                if self._pending_rows >= self.rows:
+                    written += self._write()
+                    attempted = True
+                if not records:
+                    break
+            due = time.monotonic() - self._last_write >= self.seconds
+            if (final or due) and (self._pending or self._retained):
+                written += self._write()
+                attempted = True
+            elif due:  # nothing to write: the next rows wait `seconds` for company
+                self._last_write = time.monotonic()
+        if attempted and self.after_write is not None:
             self.after_write()
         return written
 
-    def _cut(self, pending: list[_Entry]) -> list[tuple[str, bytes, int]]:
+    def _write(self) -> int:
+        """PUT the pending rows (and the batches kept for retry); the rows written."""
+        assert self.put is not None
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        self._last_write = time.monotonic()
+        batches = self._retained + self._cut(pending)
+        self._retained = []
+        written = 0
+        for key, data, count in batches:
+            try:
+                self.put(key, data)
+                written += count
+            except Exception as exc:
+                log.warning("prediction log: PUT %s failed (kept for retry): %s", key, exc)
+                self._retained.append((key, data, count))
+        while len(self._retained) > MAX_RETAINED:
+            key, _, count = self._retained.pop(0)
+            self.dropped_rows += count
+            log.error("prediction log: gave up on %s (%d rows)", key, count)
+        self.written_rows += written
+        return written
+
+    def _cut(self, pending: list[Record]) -> list[tuple[str, bytes, int]]:
         """Batches of `pending` by (model version, UTC date), each with its key."""
-        groups: dict[tuple[str, str], list[_Entry]] = {}
-        for entry in pending:
-            day = dt.datetime.fromtimestamp(entry.time, dt.UTC).strftime("%Y-%m-%d")
-            groups.setdefault((entry.version, day), []).append(entry)
+        groups: dict[tuple[str, str], list[tuple[Record, list[Any]]]] = {}
+        for record in pending:
+            try:
+                rows = record.rows()
+                if not isinstance(rows, list) or len(rows) != len(record.labels):
+                    raise ValueError(f"{len(record.labels)} labels for its rows")
+            except (ValueError, KeyError, TypeError) as exc:  # never written by `record`
+                self.dropped_rows += len(record.labels)
+                log.error("prediction log: request %s dropped: %s", record.request_id, exc)
+                continue
+            day = dt.datetime.fromtimestamp(record.time, dt.UTC).strftime("%Y-%m-%d")
+            groups.setdefault((record.version, day), []).append((record, rows))
         batches = []
-        for (version, day), entries in groups.items():
+        for (version, day), records in groups.items():
             self._sequence += 1
             key = f"{version}/{day}/{self.writer_id}-{self._sequence:06d}.parquet"
-            count = sum(len(e.rows) for e in entries)
-            batches.append((key, encode_batch(entries), count))
+            count = sum(len(rows) for _, rows in records)
+            batches.append((key, encode_batch(records), count))
         return batches
 
     def close(self) -> None:
-        """Stop the thread and write what is left (the exit hook of a serving process)."""
-        if self._pid != os.getpid():
-            return  # not the process that recorded (gunicorn's master)
+        """In a process that records: finish its spool file. In the process that ships (the
+        exit hook of the server's master): stop the thread and write what is left."""
+        if self._writer is not None:
+            self._writer.close()
+        if os.getpid() != self._pid or self.put is None or self._stop.is_set():
+            return  # a worker (the master ships its spool), or closed already
         self._stop.set()
-        self._wake.set()
         try:
             self.flush()
         except Exception:
-            log.exception("prediction log: the final flush failed")
+            log.exception("prediction log: the final write failed")
+        if self._owned_directory and self.directory is not None and not self._retained:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def log_from_settings(
     settings: ServingSettings, after_write: Callable[[], None] | None = None
 ) -> PredictionLog:
-    """The log the settings ask for: off with PREDICTION_LOG=off, and when the model comes
-    from local files (MODEL_PATH: no object store to write to)."""
+    """The log the settings ask for, its shipper started in this process: off with
+    PREDICTION_LOG=off, and when the model comes from local files (MODEL_PATH: no object
+    store to write to)."""
     rows, seconds = settings.prediction_log_rows, settings.prediction_log_seconds
     if not settings.prediction_log or settings.model_path:
         return PredictionLog(None, rows, seconds)
@@ -288,4 +328,5 @@ def log_from_settings(
     def put(key: str, data: bytes) -> None:
         reader.put(bucket, key, data, PARQUET_CONTENT_TYPE)
 
-    return PredictionLog(put, rows, seconds, after_write)
+    directory = Path(settings.prediction_log_dir) if settings.prediction_log_dir else None
+    return PredictionLog(put, rows, seconds, after_write, directory).start()

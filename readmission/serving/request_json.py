@@ -1,6 +1,7 @@
 """What a request body must be to be read as a JSON document: the size, type and syntax rules.
 
-Contract: `read_json(request, limit)` returns the parsed JSON body or raises an InputError:
+Contract: `read_json(request, limit)` returns the parsed JSON body (`read_json_bytes`: the
+body's bytes as well, e.g. for the prediction log) or raises an InputError:
 BodyTooLarge (413) above `limit` bytes, 415 for another Content-Type, UnreadableBody (400)
 for a body that cannot be read to its end (408 body_timeout for one that stalls past the
 server's read timeout), 400 invalid_json (nested deeper than the codec's MAX_NESTING
@@ -23,6 +24,11 @@ DRAIN_BYTES = 16 * 1024 * 1024  # oversized bodies up to this are read and dropp
 
 def read_json(request: Any, limit: int) -> Any:
     """The JSON body, after checking its size (Content-Length first) and its content type."""
+    return read_json_bytes(request, limit)[0]
+
+
+def read_json_bytes(request: Any, limit: int) -> tuple[Any, bytes]:
+    """The JSON body and the bytes it was read from (see read_json)."""
     length = content_length(request)
     if length is not None and length > limit:
         raise BodyTooLarge(limit, unread=length > limit + DRAIN_BYTES or not drain(request, length))
@@ -39,7 +45,7 @@ def read_json(request: Any, limit: int) -> Any:
     except OSError as exc:  # gunicorn's chunked-body errors are IOErrors, as a reset is
         raise UnreadableBody(str(exc) or type(exc).__name__) from exc
     try:
-        return loads(data)
+        return loads(data), data
     except RecursionError:
         raise InputError(
             f"the body is not valid JSON: nested too deeply (at most {MAX_NESTING} levels)",

@@ -45,10 +45,13 @@ class ServingSettings:
     request_threads: int = (os.cpu_count() or 1) * 4
     load_mode: str = "eager"  # MODEL_LOAD: eager (at import, before the port opens) | background
     # The prediction log (readmission.serving.prediction_log): PREDICTION_LOG on | off; a batch
-    # is written every PREDICTION_LOG_ROWS rows or PREDICTION_LOG_SECONDS, whichever is first.
+    # is written every PREDICTION_LOG_ROWS rows or PREDICTION_LOG_SECONDS, whichever is first;
+    # PREDICTION_LOG_DIR: the workers' spool files (default: a new temporary directory per
+    # server; a volume that outlives the server lets a restarted one ship what was left).
     prediction_log: bool = True
     prediction_log_rows: int = 1000
     prediction_log_seconds: float = 30.0
+    prediction_log_dir: str = ""
 
     @classmethod
     def from_env(cls) -> ServingSettings:
@@ -80,4 +83,5 @@ class ServingSettings:
             prediction_log_seconds=_env_number(
                 "PREDICTION_LOG_SECONDS", cls.prediction_log_seconds, 0.01
             ),
+            prediction_log_dir=_env("PREDICTION_LOG_DIR", cls.prediction_log_dir),
         )

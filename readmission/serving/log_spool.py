@@ -1,0 +1,278 @@
+"""The prediction log's spool: answered requests as framed records in local files.
+
+The request path of a serving worker only appends one record to its own spool file (one
+`os.write`, no encoding beyond a small header); another process, the server's master, reads
+the spool and turns it into Parquet (readmission.serving.prediction_log). So the encoding
+never competes with requests for a worker's interpreter lock, and a worker holds no pending
+rows in memory.
+
+Contract.
+
+* Files. A writer (one per process that records) appends to `<dir>/<writer id>-<n:06d>.spool`
+  and holds an exclusive `flock` on it while it is open; it renames the file to `.done` when
+  it has written SPOOL_FILE_BYTES to it (and opens the next `n`) and when the process exits
+  normally. A `.spool` file whose lock can be taken has lost its writer (a killed worker): it
+  is complete up to its last whole record.
+* Records. `<u32 length of the rest><u32 header length><header JSON><probabilities><payload>`,
+  little endian. The header holds request_id, time (UTC seconds), version, endpoint, classes,
+  labels and `payload` (how to find the rows in the payload: PAYLOAD_KINDS); the probabilities
+  are float64, row by row, class by class; the payload is JSON bytes: the request body as the
+  handler accepted it ("features", "instances") or the rows themselves ("rows").
+* Reading. `SpoolReader.read()` returns records appended since the last call, whole records
+  only and about READ_BYTES of them at most (the rest at later calls): a record still being
+  written is read at a later call; a torn record at the end of a file whose writer is gone (a
+  worker killed mid-write) is dropped and counted. A file is deleted once it is finished and
+  read to its end.
+* A writer never raises into the request: a failed write drops that record and counts it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import secrets
+import socket
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from readmission.glue.json_codec import dumps, loads
+
+log = logging.getLogger(__name__)
+
+SPOOL_FILE_BYTES = 4 * 1024 * 1024  # a writer starts a new file past this size
+READ_BYTES = 1024 * 1024  # what one SpoolReader.read takes at most (one longer record aside)
+OPEN_SUFFIX, DONE_SUFFIX = ".spool", ".done"
+_LENGTH = struct.Struct("<I")
+_SPOOL_NAME = re.compile(r"(?P<stem>.+-\d{6})(?P<suffix>\.spool|\.done)")
+
+
+def _rows_of_features(payload: Any) -> list[Any]:  # /predict: {"features": {...}}
+    return [payload["features"]]
+
+
+def _rows_of_instances(payload: Any) -> list[Any]:  # /predict/batch: {"instances": [...]} | [...]
+    return payload["instances"] if isinstance(payload, dict) else payload
+
+
+def _rows_of_rows(payload: Any) -> list[Any]:  # the rows themselves (the V2 protocol's)
+    return payload
+
+
+PAYLOAD_KINDS = {
+    "features": _rows_of_features,
+    "instances": _rows_of_instances,
+    "rows": _rows_of_rows,
+}
+
+
+def writer_id() -> str:
+    """Unique per process: host name, pid and a random token."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:63] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def encode_record(
+    request_id: str,
+    when: float,
+    version: str,
+    classes: Sequence[str],
+    endpoint: str,
+    labels: Sequence[str],
+    probabilities: Any,
+    payload: bytes,
+    payload_kind: str,
+) -> bytes:
+    header = dumps(
+        {
+            "request_id": request_id,
+            "time": when,
+            "version": version,
+            "endpoint": endpoint,
+            "classes": list(classes),
+            "labels": list(labels),
+            "payload": payload_kind,
+        }
+    )
+    values = np.asarray(probabilities, dtype="<f8").tobytes()
+    rest = len(header) + len(values) + len(payload) + _LENGTH.size
+    return b"".join((_LENGTH.pack(rest), _LENGTH.pack(len(header)), header, values, payload))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One answered request, as read back from the spool."""
+
+    request_id: str
+    time: float
+    version: str
+    classes: tuple[str, ...]
+    endpoint: str
+    labels: list[str]
+    probabilities: list[list[float]]
+    payload: bytes
+    payload_kind: str
+
+    def rows(self) -> list[Any]:
+        """The predicted rows, as the request carried them."""
+        return PAYLOAD_KINDS[self.payload_kind](loads(self.payload))
+
+
+def decode_record(data: bytes | memoryview) -> Record:
+    (header_length,) = _LENGTH.unpack_from(data, 0)
+    start = _LENGTH.size
+    header = loads(bytes(data[start : start + header_length]))
+    classes, labels = tuple(header["classes"]), header["labels"]
+    values_start = start + header_length
+    values_end = values_start + 8 * len(labels) * len(classes)
+    values = np.frombuffer(data[values_start:values_end], dtype="<f8")
+    return Record(
+        header["request_id"],
+        header["time"],
+        header["version"],
+        classes,
+        header["endpoint"],
+        labels,
+        values.reshape(len(labels), len(classes)).tolist(),
+        bytes(data[values_end:]),
+        header["payload"],
+    )
+
+
+class SpoolWriter:
+    """Appends records to this process's spool file (see module). Thread-safe."""
+
+    def __init__(self, directory: Path, file_bytes: int = SPOOL_FILE_BYTES) -> None:
+        self.directory = directory
+        self.file_bytes = file_bytes
+        self.dropped_records = 0
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._path: Path | None = None
+        self._size = 0
+        self._number = 0
+        self._id = ""
+
+    def append(self, record: bytes) -> None:
+        try:
+            with self._lock:
+                if self._pid != os.getpid():  # first record of this process (e.g. a worker)
+                    self._pid, self._fd, self._number, self._id = os.getpid(), -1, 0, writer_id()
+                if self._fd < 0 or self._size >= self.file_bytes:
+                    self._next_file()
+                view = memoryview(record)
+                while view:  # a regular file takes it whole unless the disk is full
+                    view = view[os.write(self._fd, view) :]
+                self._size += len(record)
+        except OSError as exc:
+            self.dropped_records += 1
+            log.error("prediction log: a record could not be spooled (dropped): %s", exc)
+
+    def _next_file(self) -> None:
+        self._finish()
+        self._number += 1
+        path = self.directory / f"{self._id}-{self._number:06d}{OPEN_SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process writes it
+        self._fd, self._path, self._size = fd, path, 0
+
+    def _finish(self) -> None:
+        if self._fd >= 0 and self._path is not None:
+            os.rename(self._path, self._path.with_suffix(DONE_SUFFIX))
+            os.close(self._fd)  # releases the lock
+        self._fd, self._path = -1, None
+
+    def close(self) -> None:
+        """Finish this process's file (the exit hook of a process that records)."""
+        with self._lock:
+            if self._pid == os.getpid():
+                try:
+                    self._finish()
+                except OSError as exc:  # its reader then finds it unlocked: the same end
+                    log.warning("prediction log: could not finish the spool file: %s", exc)
+
+
+class SpoolReader:
+    """Reads the records of every spool file in a directory, once each (see module)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.torn_records = 0  # torn or unreadable records dropped
+        self._offsets: dict[str, int] = {}  # file stem -> bytes read so far
+
+    def read(self, budget: int = READ_BYTES) -> list[Record]:
+        """The records appended since the last call, oldest files first, about `budget`
+        bytes of them at most (at least one record, when there is one): a reader that has
+        fallen behind catches up in bounded steps, never holding the whole backlog."""
+        records: list[Record] = []
+        for path in sorted(self.directory.iterdir()):
+            match = _SPOOL_NAME.fullmatch(path.name)
+            if match is None:
+                continue
+            finished = match["suffix"] == DONE_SUFFIX
+            found, used = self._read_file(path, match["stem"], finished, budget)
+            records += found
+            budget -= used
+            if budget <= 0:
+                break
+        return records
+
+    def _read_file(
+        self, path: Path, stem: str, finished: bool, budget: int
+    ) -> tuple[list[Record], int]:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # renamed to .done since the listing: read at the next call
+            return [], 0
+        try:
+            if not finished:  # a lock we can take: its writer is gone, it will not grow
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    finished = True
+                except BlockingIOError:
+                    pass
+            offset = self._offsets.get(stem, 0)
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, min(size - offset, budget), offset)
+            if len(data) >= _LENGTH.size and _LENGTH.unpack_from(data)[0] + _LENGTH.size > len(
+                data
+            ):  # its next record is longer than the budget: read that one whole
+                data = os.pread(fd, _LENGTH.unpack_from(data)[0] + _LENGTH.size, offset)
+        finally:
+            os.close(fd)
+        records, used = self._whole_records(data, path.name)
+        if not finished or offset + len(data) < size:
+            self._offsets[stem] = offset + used
+            return records, used
+        if used < len(data):
+            self.torn_records += 1
+            log.warning("prediction log: %s ends in a torn record (dropped)", path.name)
+        for name in (stem + OPEN_SUFFIX, stem + DONE_SUFFIX):  # renamed since the listing?
+            (self.directory / name).unlink(missing_ok=True)
+        self._offsets.pop(stem, None)
+        return records, max(used, 1)
+
+    def _whole_records(self, data: bytes, name: str) -> tuple[list[Record], int]:
+        """The whole records at the start of `data` and the bytes they take; a record that
+        cannot be decoded is dropped and counted (it must not stop the ones after it)."""
+        records, position, view = [], 0, memoryview(data)
+        while position + _LENGTH.size <= len(data):
+            (length,) = _LENGTH.unpack_from(data, position)
+            end = position + _LENGTH.size + length
+            if end > len(data):
+                break
+            try:
+                records.append(decode_record(view[position + _LENGTH.size : end]))
+            except (ValueError, KeyError, TypeError, struct.error) as exc:
+                self.torn_records += 1
+                log.error("prediction log: an unreadable record in %s (dropped): %s", name, exc)
+            position = end
+        return records, position
