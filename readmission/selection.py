@@ -7,8 +7,9 @@ with the rows' true class codes. Rule (`select`):
 1. the leader is the candidate of highest validation `metric` (the selection metric; ties:
    ROC-AUC, then the smaller job key);
 2. every candidate is compared with the leader by the champion gate's paired bootstrap
-   (readmission.gate.paired_bootstrap: the same rows resampled for both, `resamples`
-   resamples, `seed`): the interval of `metric(candidate) - metric(leader)` at `confidence`.
+   (readmission.gate.resample_scores: the same rows resampled for all, `resamples`
+   resamples, `seed`; the leader scored once): the interval of
+   `metric(candidate) - metric(leader)` at `confidence`.
    A candidate whose upper bound is >= 0 is TIED with the leader: the validation split cannot
    tell that it is worse;
 3. among the tied candidates the selected one has the highest validation ROC-AUC (a ranking
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from readmission import keys
-from readmission.gate import paired_bootstrap
+from readmission.gate import difference_interval, resample_scores
 
 TIE_BREAK_METRIC = "roc_auc_ovr"
 CONFIDENCE = 0.95
@@ -153,8 +154,8 @@ def select(
     reference = probabilities.get(top_job)
     if reference is None:
         raise ValueError(f"no validation probabilities for {top_job}")
-    comparisons: list[Comparison] = []
-    for result in sorted(results, key=job_of):
+    ordered = sorted(results, key=job_of)
+    for result in ordered:
         job = job_of(result)
         own = probabilities.get(job)
         if own is None or own.shape != reference.shape:
@@ -162,15 +163,29 @@ def select(
                 f"validation probabilities of {job}: {None if own is None else own.shape}, "
                 f"expected {reference.shape}"
             )
+    # every scored candidate and the leader on the same resamples, each scored once: the
+    # leader's per-resample scores pair with every candidate's
+    scored = [top_job] + [
+        job_of(r)
+        for r in ordered
+        if job_of(r) != top_job and validation_score(r, metric) != -math.inf
+    ]
+    per_resample: dict[str, np.ndarray] = {}
+    if len(scored) > 1:
+        models = [probabilities[job] for job in scored]
+        scores = resample_scores(metric, y_codes, models, resamples, seed)
+        per_resample = dict(zip(scored, scores, strict=True))
+    comparisons: list[Comparison] = []
+    for result in ordered:
+        job = job_of(result)
         score = validation_score(result, metric)
         if job == top_job:
             interval = (0.0, 0.0)
         elif score == -math.inf:
             interval = (-math.inf, -math.inf)
         else:
-            interval = paired_bootstrap(
-                metric, y_codes, own, reference, resamples, seed, confidence
-            )
+            differences = per_resample[job] - per_resample[top_job]
+            interval = difference_interval(metric, differences, confidence)
         comparisons.append(
             Comparison(
                 job=job,
