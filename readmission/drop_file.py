@@ -110,46 +110,18 @@ class ParsedDrop:
 
 
 def _csv_blocks(path: Path, header: list[str]) -> Iterator[pa.Table]:
-    """Validated blocks of the CSV at `path` (contract columns, types, schema metadata);
-    ContractViolation from the first block that breaks the fast path's checks."""
-    import pyarrow.compute as pc
+    """Validated blocks of the CSV at `path` (the contract's typed read and checks,
+    `contract.arrow_csv_options` and `contract.checked_table`); ContractViolation from the
+    first block that breaks them."""
     import pyarrow.csv as pacsv
 
-    reader = pacsv.open_csv(
-        str(path),
-        read_options=pacsv.ReadOptions(column_names=header, skip_rows=1, block_size=BLOCK_BYTES),
-        convert_options=pacsv.ConvertOptions(
-            column_types={c: contract._arrow_type(c) for c in contract.COLUMNS},
-            null_values=[contract.MISSING_MARKER],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=True,
-        ),
-    )
-    metadata = contract.arrow_schema().metadata
-    classes = pa.array(contract.TARGET_CLASSES)
+    read_options, convert_options = contract.arrow_csv_options(header, BLOCK_BYTES)
+    reader = pacsv.open_csv(str(path), read_options=read_options, convert_options=convert_options)
     start = 2  # the header is line 1
     for batch in reader:
-        table = pa.Table.from_batches([batch]).select(list(contract.COLUMNS))
-        where = f"in the rows from line {start:,} on"
-        for column in contract.ID_COLUMNS:
-            if table.column(column).null_count:
-                raise contract.ContractViolation([f"column {column} has empty values {where}"])
-        for column in contract.NUMERIC_FEATURES:
-            values = table.column(column)
-            if pc.any(pc.or_(pc.is_inf(values), pc.is_nan(values))).as_py():
-                raise contract.ContractViolation(
-                    [f"column {column} holds nan or inf {where}; missing must be written '?'"]
-                )
-        target = table.column(contract.TARGET)
-        if target.null_count or not pc.all(pc.is_in(target, value_set=classes)).as_py():
-            raise contract.ContractViolation(
-                [
-                    f"target {contract.TARGET} is not one of {', '.join(contract.TARGET_CLASSES)} "
-                    f"{where}"
-                ]
-            )
+        table = pa.Table.from_batches([batch])
+        yield contract.checked_table(table, f"in the rows from line {start:,} on")
         start += table.num_rows
-        yield table.replace_schema_metadata(metadata)
 
 
 def read_drop(path: Path, size: int) -> ParsedDrop:
