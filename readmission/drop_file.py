@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from readmission import contract, corpus
+from readmission import contract, corpus, drift
 
 # Download chunk and CSV block sizes: the memory the streaming pass holds at a time.
 DOWNLOAD_CHUNK_BYTES = 8 * 1024 * 1024
@@ -90,23 +90,14 @@ class ParsedDrop:
             raise RuntimeError(f"{self.path} gave {seen} rows on re-reading, {self.rows} before")
 
     def sample(self, max_rows: int) -> pa.Table:
-        """A systematic sample of at most `max_rows` of the drop's rows, in file order: the
-        rows at positions floor(k * rows / m), k = 0 .. m - 1, m = min(rows, max_rows); every
-        row when the drop has no more than `max_rows`. Taken while `blocks()` streams by: the
-        memory held is the sample and one block, whatever the file's size. Deterministic."""
-        if max_rows < 1:
-            raise ValueError(f"a sample needs at least one row, got {max_rows}")
-        m = min(self.rows, max_rows)
-        picks = (np.arange(m, dtype=np.int64) * self.rows) // m
-        parts, start = [], 0
+        """A systematic sample (drift.SystematicSample) of at most `max_rows` of the drop's
+        rows, in file order; every row when the drop has no more than `max_rows`. Taken while
+        `blocks()` streams by: the memory held is the sample and one block, whatever the
+        file's size. Deterministic."""
+        sample = drift.SystematicSample(self.rows, max_rows)
         for block in self.blocks():
-            lo, hi = np.searchsorted(picks, [start, start + block.num_rows])
-            if hi - lo == block.num_rows:
-                parts.append(block)
-            elif hi > lo:
-                parts.append(block.take(pa.array(picks[lo:hi] - start)))
-            start += block.num_rows
-        return pa.concat_tables(parts)
+            sample.add(block)
+        return sample.table()
 
 
 def _csv_blocks(path: Path, header: list[str]) -> Iterator[pa.Table]:
