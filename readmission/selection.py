@@ -21,8 +21,9 @@ Deterministic for any order of the results. The test split is never looked at.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,18 @@ def leader(results: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str, An
         )
 
     return min(results, key=order)
+
+
+def scores_key(
+    metric: str, y_codes: np.ndarray, probabilities: np.ndarray, resamples: int, seed: int
+) -> str:
+    """The digest of everything one model's per-resample scores depend on (the metric, the
+    resamples, the seed, the true codes and the model's probabilities): equal keys, equal
+    scores, so a memo of them can never answer for other inputs."""
+    digest = hashlib.sha256(f"{metric}|{resamples}|{seed}|{probabilities.shape}|".encode())
+    digest.update(np.ascontiguousarray(y_codes, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(probabilities, dtype=np.float64).tobytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -145,10 +158,13 @@ def select(
     resamples: int,
     seed: int,
     confidence: float = CONFIDENCE,
+    memo: MutableMapping[str, np.ndarray] | None = None,
 ) -> Selection:
     """The selection rule of the module docstring. `probabilities`: job name -> n x classes
     validation probabilities (columns in the sorted class order of `y_codes`), for every
-    result. ValueError if one is missing or of another shape."""
+    result. ValueError if one is missing or of another shape. `memo`: per-resample scores of
+    earlier selections (`scores_key` -> scores), read and added to: a model's scores are
+    computed once for the same rows, metric, resamples and seed."""
     top = leader(results, metric)
     top_job = job_of(top)
     reference = probabilities.get(top_job)
@@ -172,9 +188,17 @@ def select(
     ]
     per_resample: dict[str, np.ndarray] = {}
     if len(scored) > 1:
-        models = [probabilities[job] for job in scored]
-        scores = resample_scores(metric, y_codes, models, resamples, seed)
-        per_resample = dict(zip(scored, scores, strict=True))
+        memo = {} if memo is None else memo
+        memo_keys = {
+            job: scores_key(metric, y_codes, probabilities[job], resamples, seed) for job in scored
+        }
+        missing = [job for job in scored if memo_keys[job] not in memo]
+        if missing:
+            models = [probabilities[job] for job in missing]
+            scores = resample_scores(metric, y_codes, models, resamples, seed)
+            for job, row in zip(missing, scores, strict=True):
+                memo[memo_keys[job]] = row
+        per_resample = {job: memo[memo_keys[job]] for job in scored}
     comparisons: list[Comparison] = []
     for result in ordered:
         job = job_of(result)
