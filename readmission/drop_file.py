@@ -7,7 +7,9 @@ reader, the checks of `contract.parse_csv_table`'s fast path on each block) and 
 deduplication and the split need for every row: `encounter_id`, `patient_nbr`, the label code
 and the row fingerprint (25 bytes a row). `ParsedDrop.blocks()` streams the validated rows again
 (a second pass over the local copy), in file order, for the writer of the new version's parts;
-`ParsedDrop.sample(max_rows)` takes a bounded systematic sample of them (the drift report's).
+`ParsedDrop.sample(max_rows)` takes a bounded systematic sample of them (the drift report's):
+during the `blocks()` pass if `keep_sample` asked for it (ingest's Parquet parts pass), else in a
+pass of its own.
 
 Contract:
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +76,24 @@ class ParsedDrop:
     missing_columns: list[str]  # contract.missing_feature_columns of the whole file
     path: Path | None = None
     table: pa.Table | None = None
+    # `keep_sample`: the sample's size the next complete pass of `blocks()` takes, and the
+    # sample it took, until `sample` hands it over
+    _kept_rows: int = field(default=0, init=False, repr=False)
+    _kept: pa.Table | None = field(default=None, init=False, repr=False)
 
     def blocks(self) -> Iterator[pa.Table]:
         """The drop's rows in file order, a block at a time (same rows on every call)."""
+        sample = None
+        if self._kept_rows and self._kept is None:
+            sample = drift.SystematicSample(self.rows, self._kept_rows)
+        for block in self._stream():
+            if sample is not None:
+                sample.add(block)
+            yield block
+        if sample is not None:  # only a complete pass: a pass left halfway keeps nothing
+            self._kept = sample.table()
+
+    def _stream(self) -> Iterator[pa.Table]:
         if self.table is not None:
             for batch in self.table.to_batches(max_chunksize=TABLE_BLOCK_ROWS):
                 yield pa.Table.from_batches([batch], schema=self.table.schema)
@@ -89,13 +106,25 @@ class ParsedDrop:
         if seen != self.rows:  # the local copy changed under us: never write a partial version
             raise RuntimeError(f"{self.path} gave {seen} rows on re-reading, {self.rows} before")
 
+    def keep_sample(self, max_rows: int) -> None:
+        """Have the next complete pass of `blocks()` (ingest's: the Parquet parts) also take
+        `sample(max_rows)` and keep it for the `sample` call that follows, which then reads
+        nothing. The memory held from that pass on is the sample (at most `max_rows` rows)."""
+        if max_rows < 1:
+            raise ValueError(f"a sample needs at least one row, got {max_rows}")
+        self._kept_rows, self._kept = max_rows, None
+
     def sample(self, max_rows: int) -> pa.Table:
         """A systematic sample (drift.SystematicSample) of at most `max_rows` of the drop's
-        rows, in file order; every row when the drop has no more than `max_rows`. Taken while
-        `blocks()` streams by: the memory held is the sample and one block, whatever the
-        file's size. Deterministic."""
+        rows, in file order; every row when the drop has no more than `max_rows`. The one a
+        pass of `blocks()` kept (`keep_sample`), handed over once; else taken while the rows
+        stream by: the memory held is the sample and one block, whatever the file's size.
+        Deterministic."""
+        if self._kept is not None and self._kept_rows == max_rows:
+            kept, self._kept, self._kept_rows = self._kept, None, 0
+            return kept
         sample = drift.SystematicSample(self.rows, max_rows)
-        for block in self.blocks():
+        for block in self._stream():
             sample.add(block)
         return sample.table()
 
