@@ -28,7 +28,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from events.delivery import (
     encode_header_value,
     post_binary,
 )
+from events.intake import IntakeHandler, IntakeServer, ReadTimeouts
 from events.pinger import Pinger, ping_event
 from events.routing import (
     Destination,
@@ -91,13 +91,14 @@ class BrokerConfig:
     max_body_bytes: int = 1024 * 1024
     dead_letter_attempts: int = 3
     # seconds a client may go silent while it sends a request head, then its body (each read;
-    # a thread per connection, so a slow client holds only its own: docs/reliability.md)
-    header_timeout: float = 10.0
-    body_timeout: float = 10.0
+    # events.intake: a thread per connection, so a slow client holds only its own)
+    header_timeout: float = ReadTimeouts.header
+    body_timeout: float = ReadTimeouts.body
 
     @classmethod
     def from_env(cls) -> BrokerConfig:
         state = Path(_env("STATE_DIR", ".state"))
+        timeouts = ReadTimeouts.from_env()
         return cls(
             host=_env("BROKER_HOST", cls.host),
             port=int(_env("BROKER_PORT", str(cls.port))),
@@ -113,8 +114,8 @@ class BrokerConfig:
                 _env("BROKER_MAX_INFLIGHT", str(cls.max_inflight_per_replica))
             ),
             max_body_bytes=int(_env("BROKER_MAX_BODY_BYTES", str(cls.max_body_bytes))),
-            header_timeout=float(_env("HTTP_HEADER_TIMEOUT", str(cls.header_timeout))),
-            body_timeout=float(_env("HTTP_BODY_TIMEOUT", str(cls.body_timeout))),
+            header_timeout=timeouts.header,
+            body_timeout=timeouts.body,
         )
 
 
@@ -406,7 +407,7 @@ class Broker:
         return totals["queued"] == 0 and totals["inflight"] == 0
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(IntakeHandler):
     server: BrokerServer
     protocol_version = "HTTP/1.1"
 
@@ -418,11 +419,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-
-    def handle_one_request(self) -> None:
-        # a read that times out ends the connection (BaseHTTPRequestHandler catches it)
-        self.connection.settimeout(self.server.broker.config.header_timeout)
-        super().handle_one_request()
 
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/status":
@@ -445,8 +441,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "event too large"})
             return
-        self.connection.settimeout(self.server.broker.config.body_timeout)
-        body = self.rfile.read(length)
+        body = self.read_body(length)
         try:
             event = from_http(decode_attribute_headers(dict(self.headers.items())), body)
             missing = [name for name in REQUIRED_ATTRIBUTES if not event.get(name)]
@@ -473,20 +468,14 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
 
-class BrokerServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # listen backlog: socketserver's 5 drops the SYN of a 6th connection made at once, and
-    # the client waits a 1 s retransmission (gunicorn's default backlog is 2048)
-    request_queue_size = 128
+class BrokerServer(IntakeServer):
+    """The broker's ingress (events.intake: a thread per connection, backlog, read timeouts)."""
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        super().__init__((broker.config.host, broker.config.port), _Handler)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        config = broker.config
+        timeouts = ReadTimeouts(header=config.header_timeout, body=config.body_timeout)
+        super().__init__((config.host, config.port), _Handler, timeouts)
 
     def shutdown(self) -> None:
         self.broker.stopping.set()

@@ -23,10 +23,11 @@ Knative's:
   attempt (a Job outlives a restart of its controller). A run is killed with the JobSink
   (PR_SET_PDEATHSIG), so a restart never leaves a run without an owner.
 
-``GET /healthz`` -> 200; ``GET /status`` -> JSON of every Job's status.
+``GET /healthz`` -> 200; ``GET /status`` -> JSON of every Job's status. Connections are
+accepted as the broker's are (events.intake: a thread each, backlog 128, read timeouts).
 Run: ``python -m events.jobsink`` (JOBSINK_HOST, JOBSINK_PORT, JOBSINK_MANIFESTS,
 JOBSINK_STATE_DIR, JOBSINK_PARALLELISM (2), JOBSINK_ROOT (the repository),
-JOBSINK_BACKOFF_SECONDS (10)).
+JOBSINK_BACKOFF_SECONDS (10), HTTP_HEADER_TIMEOUT (10), HTTP_BODY_TIMEOUT (10)).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from cloudevents.exceptions import GenericException
 from cloudevents.http import CloudEvent, from_http
 
 from events.delivery import decode_attribute_headers
+from events.intake import IntakeHandler, IntakeServer, ReadTimeouts
 from events.routing import load_documents
 
 log = logging.getLogger("jobsink")
@@ -128,9 +129,13 @@ class JobSinkConfig:
     root: Path = Path(".")
     backoff_seconds: float = 10.0  # before a retry, doubling up to 360 s (Kubernetes' pod backoff)
     max_body_bytes: int = 1024 * 1024
+    # seconds a client may go silent per read of its request head, then its body
+    header_timeout: float = ReadTimeouts.header
+    body_timeout: float = ReadTimeouts.body
 
     @classmethod
     def from_env(cls) -> JobSinkConfig:
+        timeouts = ReadTimeouts.from_env()
         return cls(
             host=_env("JOBSINK_HOST", cls.host),
             port=int(_env("JOBSINK_PORT", str(cls.port))),
@@ -139,6 +144,8 @@ class JobSinkConfig:
             parallelism=max(1, int(_env("JOBSINK_PARALLELISM", str(cls.parallelism)))),
             root=Path(_env("JOBSINK_ROOT", str(cls.root))),
             backoff_seconds=float(_env("JOBSINK_BACKOFF_SECONDS", str(cls.backoff_seconds))),
+            header_timeout=timeouts.header,
+            body_timeout=timeouts.body,
         )
 
 
@@ -293,9 +300,8 @@ class JobSink:
             return {identifier: job.status() for identifier, job in self.jobs.items()}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(IntakeHandler):
     server: JobSinkServer
-    timeout = 30  # seconds a client may take to send its request (socket read timeout)
 
     def _reply(self, status: HTTPStatus, body: Any = None, location: str | None = None) -> None:
         data = b"" if body is None else json.dumps(body).encode()
@@ -328,7 +334,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._reply(HTTPStatus.BAD_REQUEST, {"error": "Content-Length missing or too large"})
             return
-        body = self.rfile.read(int(length_text))
+        body = self.read_body(int(length_text))
         try:
             event = from_http(decode_attribute_headers(dict(self.headers.items())), body)
             if not event.get("id") or not event.get("source"):
@@ -343,12 +349,14 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
 
-class JobSinkServer(ThreadingHTTPServer):
-    daemon_threads = True
+class JobSinkServer(IntakeServer):
+    """The JobSink's intake (events.intake: a thread per connection, backlog, read timeouts)."""
 
     def __init__(self, sink: JobSink) -> None:
         self.sink = sink
-        super().__init__((sink.config.host, sink.config.port), _Handler)
+        config = sink.config
+        timeouts = ReadTimeouts(header=config.header_timeout, body=config.body_timeout)
+        super().__init__((config.host, config.port), _Handler, timeouts)
 
 
 def main() -> None:

@@ -124,19 +124,21 @@ class Pinger:
 
 def fire_direct(
     source: PingSource,
-    services_file: Path,
+    services: ServiceDirectory,
     *,
     attempts: int = 5,
     timeout: float = 300.0,
     stopping: threading.Event | None = None,
 ) -> bool:
-    """Deliver one ping to its sink, not through any broker; retried on any failure but 400."""
+    """Deliver one ping to its sink, not through any broker; retried on any failure but 400.
+    `services`: the process's one ServiceDirectory (it re-reads its file when that changes,
+    so each attempt sees the replicas as they are then)."""
     event = ping_event(source)
     stopping = stopping or threading.Event()
     for attempt in range(max(1, attempts)):
         if attempt and stopping.wait(2.0 ** (attempt - 1)):
             return False
-        urls = ServiceDirectory(services_file).resolve(source.sink)
+        urls = services.resolve(source.sink)
         if not urls:
             log.warning("PingSource %s: no replica of its sink %s", source.name, source.sink)
             continue
@@ -157,11 +159,12 @@ def main() -> None:
     )
     manifests = Path(os.environ.get("PINGSOURCE_MANIFESTS", "infra/knative"))
     services_file = Path(os.environ.get("PINGSOURCE_SERVICES", ".state/services.json"))
+    services = ServiceDirectory(services_file)
     attempts = int(os.environ.get("PING_ATTEMPTS", "5"))
     stopping = threading.Event()
 
     def fire(source: PingSource) -> bool:
-        return fire_direct(source, services_file, attempts=attempts, stopping=stopping)
+        return fire_direct(source, services, attempts=attempts, stopping=stopping)
 
     pinger = Pinger(lambda: load_routing(manifests), fire, stopping).start()
     log.info("PingSources of %s fire to the sinks in %s", manifests, services_file)

@@ -32,7 +32,7 @@ import io
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,13 +93,6 @@ def read_result(
     return result
 
 
-def select_best(results: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str, Any]:
-    """The point-estimate leader: highest validation `metric`; ties: higher validation
-    ROC-AUC, then the smaller job key (fewer training rows, then algorithm name).
-    Deterministic for any input order. The served model is `select_candidate`'s."""
-    return selection.leader(results, metric)
-
-
 def validation_probabilities(
     store: ObjectStore,
     settings: Settings,
@@ -141,9 +134,11 @@ def select_candidate(
     settings: Settings,
     results: Sequence[Mapping[str, Any]],
     validation: pd.DataFrame,
+    memo: MutableMapping[str, np.ndarray] | None = None,
 ) -> selection.Selection:
     """The noise-aware selection (readmission.selection) of `results` on the version's
-    validation rows (`read_validation`), with the gate's resamples and seed."""
+    validation rows (`read_validation`), with the gate's resamples and seed; `memo`: see
+    readmission.selection.select."""
     frame, target = to_model_frame(validation), target_values(validation)
     probabilities: dict[str, np.ndarray] = {}
     columns: set[tuple[str, ...]] = set()
@@ -163,6 +158,7 @@ def select_candidate(
         settings.selection_metric,
         settings.gate_resamples,
         settings.gate_seed,
+        memo=memo,
     )
 
 
@@ -218,16 +214,17 @@ def test_and_export(
     settings: Settings,
     manifest: Mapping[str, Any],
     best: Mapping[str, Any],
+    validation: pd.DataFrame,
     parity_tolerance: float,
     exporter: Exporter | None,
 ) -> TestedModel:
     """Load `best`'s model, score it once on the held-out test split, export it to ONNX and
     check parity on the WHOLE test split (ParityError: loud, retried, then dead-lettered,
-    before anything is registered or written). Its validation probabilities are kept for the
-    quality report (one more prediction, of a split the size of the test split)."""
+    before anything is registered or written). Its probabilities on `validation` (the
+    version's validation rows the selection read, `read_validation`) are kept for the quality
+    report (one more prediction, of a split the size of the test split)."""
     test = read_test(store, settings, manifest)
     frame, y_test = to_model_frame(test), target_values(test)
-    validation = read_validation(store, settings, manifest)
     val_frame, y_val = to_model_frame(validation), target_values(validation)
     pipeline = load_selected(best)
     probabilities = predict_probabilities(pipeline, frame)
@@ -287,12 +284,28 @@ class PreparedAhead:
     and publish. Purely an optimisation: the fan-in re-selects from all results and uses the
     prepared model only if it is the same run, tested on the same split with the same
     tolerance; a lost or wrong guess changes nothing else.
+
+    Each preparation and the fan-in select from a growing set of the same results: `scores`
+    keeps each result's per-resample bootstrap scores (keyed by
+    readmission.selection.scores_key, a digest of all they depend on, so a kept entry is
+    never wrong), so a selection scores only the results no earlier one scored. At most
+    MEMO_ENTRIES are kept (then all are dropped).
     """
+
+    MEMO_ENTRIES = 256
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # held while preparing: `take` waits for a preparation
         self._key: tuple[Any, ...] | None = None
         self._tested: TestedModel | None = None
+        self._scores: dict[str, np.ndarray] = {}
+
+    @property
+    def scores(self) -> dict[str, np.ndarray]:
+        """The memo of per-resample scores for readmission.selection.select."""
+        if len(self._scores) > self.MEMO_ENTRIES:
+            self._scores = {}
+        return self._scores
 
     @staticmethod
     def key(
@@ -320,12 +333,13 @@ class PreparedAhead:
             try:
                 results = [read_result(store, settings, manifest, key) for key in result_keys]
                 validation = read_validation(store, settings, manifest)
-                best = select_candidate(store, settings, results, validation).best
+                chosen = select_candidate(store, settings, results, validation, self.scores)
+                best = chosen.best
                 key = self.key(manifest, best, parity_tolerance)
                 if key != self._key:
                     self._key, self._tested = None, None
                     self._tested = test_and_export(
-                        store, settings, manifest, best, parity_tolerance, None
+                        store, settings, manifest, best, validation, parity_tolerance, None
                     )
                     self._key = key
                 return True
@@ -364,7 +378,9 @@ def prepare_candidate(
     curve of all results, and report the selected model's calibration and per-group quality
     on validation and test (readmission.quality)."""
     dataset_id = str(manifest["dataset_id"])
-    chosen = select_candidate(store, settings, results, read_validation(store, settings, manifest))
+    validation = read_validation(store, settings, manifest)
+    memo = PREPARED_AHEAD.scores if exporter is None else None
+    chosen = select_candidate(store, settings, results, validation, memo)
     best = chosen.best
     log.info(
         "dataset %s: of %d results, %s leads by validation %s; tied within noise: %s; "
@@ -380,7 +396,9 @@ def prepare_candidate(
     tested = None if exporter is not None else PREPARED_AHEAD.take(manifest, best, parity_tolerance)
     prepared_ahead = tested is not None
     if tested is None:
-        tested = test_and_export(store, settings, manifest, best, parity_tolerance, exporter)
+        tested = test_and_export(
+            store, settings, manifest, best, validation, parity_tolerance, exporter
+        )
     curve = build_learning_curve(dataset_id, results, chosen)
     curve_files = {
         "csv": (to_csv(curve), "text/csv"),

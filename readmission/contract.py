@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
+    import pyarrow.csv as pacsv
 
 TARGET = "readmitted"
 TARGET_CLASSES = ("NO", ">30", "<30")
@@ -313,41 +314,75 @@ def _arrow_type(column: str) -> pa.DataType:
     return pa.string()
 
 
+def arrow_csv_options(
+    header: list[str], block_size: int | None = None
+) -> tuple[pacsv.ReadOptions, pacsv.ConvertOptions]:
+    """pyarrow.csv's (read, convert) options of the contract's typed read: the columns named
+    by the file's `header` (its first line, skipped), each contract column of its Arrow type,
+    `MISSING_MARKER` and quoted or unquoted empty strings null. `block_size`: CSV bytes per
+    block of a streaming read (pyarrow's default when None)."""
+    import pyarrow.csv as pacsv
+
+    read = pacsv.ReadOptions(column_names=header, skip_rows=1)
+    if block_size is not None:
+        read.block_size = block_size
+    convert = pacsv.ConvertOptions(
+        column_types={c: _arrow_type(c) for c in COLUMNS},
+        null_values=[MISSING_MARKER],
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=True,
+    )
+    return read, convert
+
+
+def checked_table(table: pa.Table, where: str) -> pa.Table:
+    """A table (or block) of the typed read (`arrow_csv_options`) as the contract's columns,
+    with `arrow_schema`'s metadata, once checked for what that read lets through: an empty id,
+    "nan" or "inf" in a numeric column (the contract writes missing as `?`), a target outside
+    TARGET_CLASSES. ContractViolation naming the first such problem, `where` in the file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = table.select(list(COLUMNS))
+    for column in ID_COLUMNS:
+        if table.column(column).null_count:
+            raise ContractViolation([f"column {column} has empty values {where}"])
+    # a feature column with no value on any row is accepted (missing_feature_columns)
+    for column in NUMERIC_FEATURES:
+        values = table.column(column)
+        if pc.any(pc.or_(pc.is_inf(values), pc.is_nan(values))).as_py():
+            raise ContractViolation(
+                [f"column {column} holds nan or inf {where}; missing must be written '?'"]
+            )
+    target = table.column(TARGET)
+    if (
+        target.null_count
+        or not pc.all(pc.is_in(target, value_set=pa.array(TARGET_CLASSES))).as_py()
+    ):
+        raise ContractViolation(
+            [f"target {TARGET} is not one of {', '.join(TARGET_CLASSES)} {where}"]
+        )
+    return table.replace_schema_metadata(arrow_schema().metadata)
+
+
 def _fast_table(data: bytes, header: list[str]) -> pa.Table | None:
     """Arrow's typed read of a clean file, or None when anything looks off."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
+    read_options, convert_options = arrow_csv_options(header)
     try:
         table = pacsv.read_csv(
-            io.BytesIO(data),
-            read_options=pacsv.ReadOptions(column_names=header, skip_rows=1),
-            convert_options=pacsv.ConvertOptions(
-                column_types={c: _arrow_type(c) for c in COLUMNS},
-                null_values=[MISSING_MARKER],
-                strings_can_be_null=True,
-                quoted_strings_can_be_null=True,
-            ),
+            io.BytesIO(data), read_options=read_options, convert_options=convert_options
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None
     if table.num_rows == 0:
         return None
-    table = table.select(list(COLUMNS)).combine_chunks()
-    if any(table.column(c).null_count for c in ID_COLUMNS):
+    try:
+        return checked_table(table, "in the file").combine_chunks()
+    except ContractViolation:
         return None
-    # a feature column with no value on any row is accepted (missing_feature_columns)
-    for column in NUMERIC_FEATURES:  # "nan"/"inf" parse as floats here; the contract says no
-        values = table.column(column)
-        if pc.any(pc.or_(pc.is_inf(values), pc.is_nan(values))).as_py():
-            return None
-    target = table.column(TARGET)
-    if not pc.all(pc.is_in(target, value_set=pa.array(TARGET_CLASSES))).as_py() or (
-        target.null_count
-    ):
-        return None
-    return table.replace_schema_metadata(arrow_schema().metadata)
 
 
 def _frame_to_table(frame: pd.DataFrame) -> pa.Table:

@@ -14,6 +14,8 @@ Pure functions over plain data, no I/O:
   homogeneity on the same bins (reference rows against drop rows), the unseen categories with
   their counts, the change of each missing rate, and the change of the target shares.
 * `render_markdown(report)` is the same report for a person.
+* `SystematicSample(rows, max_rows)` is the bounded sample both are built from (a drop's rows,
+  a version's training rows), taken as the rows stream by in blocks.
 
 Invariants: the same profile and rows give the same report, byte for byte once serialised with
 `storage.json_bytes` (floats are rounded to `DIGITS` significant digits; categories, columns and
@@ -70,6 +72,53 @@ class Thresholds:
         if psi > self.watch:
             return WATCH
         return STABLE
+
+
+class SystematicSample:
+    """A systematic sample of at most `max_rows` of `rows` rows that arrive in blocks, in order
+    (`add`, or `skip` for a block `wanted` says holds no picked row): the rows at positions
+    floor(k * rows / m), k = 0 .. m - 1, m = min(rows, max_rows); every row when there are no
+    more than `max_rows`. Memory holds the sample, not the blocks. Deterministic."""
+
+    def __init__(self, rows: int, max_rows: int) -> None:
+        if max_rows < 1:
+            raise ValueError(f"a sample needs at least one row, got {max_rows}")
+        m = min(rows, max_rows)
+        self._picks = (np.arange(m, dtype=np.int64) * rows) // max(m, 1)
+        self._start = 0
+        self._parts: list[pa.Table] = []
+
+    def _span(self, num_rows: int) -> tuple[int, int]:
+        lo, hi = np.searchsorted(self._picks, [self._start, self._start + num_rows])
+        return int(lo), int(hi)
+
+    def wanted(self, num_rows: int) -> bool:
+        """Whether the next `num_rows` rows hold a picked row."""
+        lo, hi = self._span(num_rows)
+        return hi > lo
+
+    def add(self, block: pa.Table) -> None:
+        """The next rows: their picked rows join the sample."""
+        import pyarrow as pa
+
+        lo, hi = self._span(block.num_rows)
+        if hi - lo == block.num_rows:
+            self._parts.append(block)
+        elif hi > lo:
+            self._parts.append(block.take(pa.array(self._picks[lo:hi] - self._start)))
+        self._start += block.num_rows
+
+    def skip(self, num_rows: int) -> None:
+        """The next `num_rows` rows, which hold no picked row (`wanted` is False)."""
+        if self.wanted(num_rows):
+            raise ValueError(f"rows {self._start:,} + {num_rows:,} hold picked rows")
+        self._start += num_rows
+
+    def table(self) -> pa.Table:
+        """The sample, in row order."""
+        import pyarrow as pa
+
+        return pa.concat_tables(self._parts)
 
 
 def warm_up() -> None:

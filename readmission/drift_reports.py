@@ -29,7 +29,6 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -53,24 +52,21 @@ def thresholds(settings: Settings) -> drift.Thresholds:
 def training_rows(
     store: ObjectStore, settings: Settings, manifest: Mapping[str, Any], index: int
 ) -> pa.Table:
-    """A systematic sample of at most `settings.drift_sample_rows` of the training rows of
-    cumulative set `index` of a version (all of them when the set is no larger): the rows at
-    positions floor(k * rows / m) of the set's batches in order, read a batch at a time, so
-    memory holds the sample and one batch whatever the set's size. Deterministic."""
+    """A systematic sample (drift.SystematicSample) of at most `settings.drift_sample_rows` of
+    the training rows of cumulative set `index` of a version (all of them when the set is no
+    larger), the set's batches read in order one at a time (a batch with no picked row is not
+    read), so memory holds the sample and one batch whatever the set's size."""
     batch_keys = manifest["cumulative_sets"][index]["batch_keys"]
     batch_rows = {b["key"]: int(b["rows"]) for b in manifest["batches"]}
     total = sum(batch_rows[key] for key in batch_keys)
-    m = min(total, settings.drift_sample_rows)
-    picks = (np.arange(m, dtype=np.int64) * total) // m
+    sample = drift.SystematicSample(total, settings.drift_sample_rows)
     bucket = settings.buckets.datasets
-    parts, start = [], 0
     for key in batch_keys:
-        lo, hi = np.searchsorted(picks, [start, start + batch_rows[key]])
-        if hi > lo:
-            table = pq.read_table(io.BytesIO(store.get_bytes(bucket, key)))
-            parts.append(table if hi - lo == table.num_rows else table.take(picks[lo:hi] - start))
-        start += batch_rows[key]
-    return pa.concat_tables(parts)
+        if sample.wanted(batch_rows[key]):
+            sample.add(pq.read_table(io.BytesIO(store.get_bytes(bucket, key))))
+        else:
+            sample.skip(batch_rows[key])
+    return sample.table()
 
 
 def write_reference(

@@ -7,7 +7,9 @@ reader, the checks of `contract.parse_csv_table`'s fast path on each block) and 
 deduplication and the split need for every row: `encounter_id`, `patient_nbr`, the label code
 and the row fingerprint (25 bytes a row). `ParsedDrop.blocks()` streams the validated rows again
 (a second pass over the local copy), in file order, for the writer of the new version's parts;
-`ParsedDrop.sample(max_rows)` takes a bounded systematic sample of them (the drift report's).
+`ParsedDrop.sample(max_rows)` takes a bounded systematic sample of them (the drift report's):
+during the `blocks()` pass if `keep_sample` asked for it (ingest's Parquet parts pass), else in a
+pass of its own.
 
 Contract:
 
@@ -27,14 +29,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from readmission import contract, corpus
+from readmission import contract, corpus, drift
 
 # Download chunk and CSV block sizes: the memory the streaming pass holds at a time.
 DOWNLOAD_CHUNK_BYTES = 8 * 1024 * 1024
@@ -74,9 +76,24 @@ class ParsedDrop:
     missing_columns: list[str]  # contract.missing_feature_columns of the whole file
     path: Path | None = None
     table: pa.Table | None = None
+    # `keep_sample`: the sample's size the next complete pass of `blocks()` takes, and the
+    # sample it took, until `sample` hands it over
+    _kept_rows: int = field(default=0, init=False, repr=False)
+    _kept: pa.Table | None = field(default=None, init=False, repr=False)
 
     def blocks(self) -> Iterator[pa.Table]:
         """The drop's rows in file order, a block at a time (same rows on every call)."""
+        sample = None
+        if self._kept_rows and self._kept is None:
+            sample = drift.SystematicSample(self.rows, self._kept_rows)
+        for block in self._stream():
+            if sample is not None:
+                sample.add(block)
+            yield block
+        if sample is not None:  # only a complete pass: a pass left halfway keeps nothing
+            self._kept = sample.table()
+
+    def _stream(self) -> Iterator[pa.Table]:
         if self.table is not None:
             for batch in self.table.to_batches(max_chunksize=TABLE_BLOCK_ROWS):
                 yield pa.Table.from_batches([batch], schema=self.table.schema)
@@ -89,67 +106,42 @@ class ParsedDrop:
         if seen != self.rows:  # the local copy changed under us: never write a partial version
             raise RuntimeError(f"{self.path} gave {seen} rows on re-reading, {self.rows} before")
 
-    def sample(self, max_rows: int) -> pa.Table:
-        """A systematic sample of at most `max_rows` of the drop's rows, in file order: the
-        rows at positions floor(k * rows / m), k = 0 .. m - 1, m = min(rows, max_rows); every
-        row when the drop has no more than `max_rows`. Taken while `blocks()` streams by: the
-        memory held is the sample and one block, whatever the file's size. Deterministic."""
+    def keep_sample(self, max_rows: int) -> None:
+        """Have the next complete pass of `blocks()` (ingest's: the Parquet parts) also take
+        `sample(max_rows)` and keep it for the `sample` call that follows, which then reads
+        nothing. The memory held from that pass on is the sample (at most `max_rows` rows)."""
         if max_rows < 1:
             raise ValueError(f"a sample needs at least one row, got {max_rows}")
-        m = min(self.rows, max_rows)
-        picks = (np.arange(m, dtype=np.int64) * self.rows) // m
-        parts, start = [], 0
-        for block in self.blocks():
-            lo, hi = np.searchsorted(picks, [start, start + block.num_rows])
-            if hi - lo == block.num_rows:
-                parts.append(block)
-            elif hi > lo:
-                parts.append(block.take(pa.array(picks[lo:hi] - start)))
-            start += block.num_rows
-        return pa.concat_tables(parts)
+        self._kept_rows, self._kept = max_rows, None
+
+    def sample(self, max_rows: int) -> pa.Table:
+        """A systematic sample (drift.SystematicSample) of at most `max_rows` of the drop's
+        rows, in file order; every row when the drop has no more than `max_rows`. The one a
+        pass of `blocks()` kept (`keep_sample`), handed over once; else taken while the rows
+        stream by: the memory held is the sample and one block, whatever the file's size.
+        Deterministic."""
+        if self._kept is not None and self._kept_rows == max_rows:
+            kept, self._kept, self._kept_rows = self._kept, None, 0
+            return kept
+        sample = drift.SystematicSample(self.rows, max_rows)
+        for block in self._stream():
+            sample.add(block)
+        return sample.table()
 
 
 def _csv_blocks(path: Path, header: list[str]) -> Iterator[pa.Table]:
-    """Validated blocks of the CSV at `path` (contract columns, types, schema metadata);
-    ContractViolation from the first block that breaks the fast path's checks."""
-    import pyarrow.compute as pc
+    """Validated blocks of the CSV at `path` (the contract's typed read and checks,
+    `contract.arrow_csv_options` and `contract.checked_table`); ContractViolation from the
+    first block that breaks them."""
     import pyarrow.csv as pacsv
 
-    reader = pacsv.open_csv(
-        str(path),
-        read_options=pacsv.ReadOptions(column_names=header, skip_rows=1, block_size=BLOCK_BYTES),
-        convert_options=pacsv.ConvertOptions(
-            column_types={c: contract._arrow_type(c) for c in contract.COLUMNS},
-            null_values=[contract.MISSING_MARKER],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=True,
-        ),
-    )
-    metadata = contract.arrow_schema().metadata
-    classes = pa.array(contract.TARGET_CLASSES)
+    read_options, convert_options = contract.arrow_csv_options(header, BLOCK_BYTES)
+    reader = pacsv.open_csv(str(path), read_options=read_options, convert_options=convert_options)
     start = 2  # the header is line 1
     for batch in reader:
-        table = pa.Table.from_batches([batch]).select(list(contract.COLUMNS))
-        where = f"in the rows from line {start:,} on"
-        for column in contract.ID_COLUMNS:
-            if table.column(column).null_count:
-                raise contract.ContractViolation([f"column {column} has empty values {where}"])
-        for column in contract.NUMERIC_FEATURES:
-            values = table.column(column)
-            if pc.any(pc.or_(pc.is_inf(values), pc.is_nan(values))).as_py():
-                raise contract.ContractViolation(
-                    [f"column {column} holds nan or inf {where}; missing must be written '?'"]
-                )
-        target = table.column(contract.TARGET)
-        if target.null_count or not pc.all(pc.is_in(target, value_set=classes)).as_py():
-            raise contract.ContractViolation(
-                [
-                    f"target {contract.TARGET} is not one of {', '.join(contract.TARGET_CLASSES)} "
-                    f"{where}"
-                ]
-            )
+        table = pa.Table.from_batches([batch])
+        yield contract.checked_table(table, f"in the rows from line {start:,} on")
         start += table.num_rows
-        yield table.replace_schema_metadata(metadata)
 
 
 def read_drop(path: Path, size: int) -> ParsedDrop:

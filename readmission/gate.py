@@ -35,12 +35,16 @@ Contract (pure: numpy and scikit-learn only, no I/O, deterministic for given inp
   (about 0.15 s for 15,000 rows x 1,000 resamples on 2 cores). ``roc_auc_ovr`` has no confusion
   matrix and falls back to one scikit-learn call per resample and model, which is much slower
   (about 30 s for the same size).
+* Many models against one (the selection, readmission.selection): ``resample_scores`` scores
+  every model on the same resamples in one pass (each chunk's indices drawn once, each model
+  scored once), and ``difference_interval`` gives the interval of any two models' row
+  difference, so the reference model is scored once, not once per comparison.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -150,17 +154,59 @@ def paired_bootstrap(
     y, challenger, champion = _check_pair(
         y_true_codes, challenger_probabilities, champion_probabilities
     )
-    if metric == ROC_AUC:
-        differences = _bootstrap_roc_auc(y, challenger, champion, resamples, seed)
+    kk = challenger.shape[1] ** 2
+    if metric != ROC_AUC and CHUNK * kk * kk <= JOINT_BINS_LIMIT:
+        differences = _joint_confusion_differences(metric, y, challenger, champion, resamples, seed)
     else:
-        differences = _bootstrap_confusion(metric, y, challenger, champion, resamples, seed)
-    skipped = resamples - differences.size
+        scores = _resample_scores(metric, y, (challenger, champion), resamples, seed)
+        differences = scores[0] - scores[1]
+    return difference_interval(metric, differences, confidence)
+
+
+def resample_scores(
+    metric: str,
+    y_true_codes: np.ndarray,
+    probabilities: Sequence[np.ndarray],
+    resamples: int,
+    seed: int,
+) -> np.ndarray:
+    """``metric`` of each model on each bootstrap resample: a models x resamples array, NaN
+    where the metric is undefined on a resample (the same resamples for every model).
+
+    The resamples depend only on the rows' count, ``resamples`` and ``seed``, so the row
+    difference of two models' scores is the paired bootstrap of ``paired_bootstrap`` (to
+    float rounding), and a model's scores, computed once, pair with any other model's:
+    `difference_interval` turns such a difference into the interval."""
+    _check_metric(metric)
+    _check_bootstrap_settings(resamples, seed, 0.5)
+    if not probabilities:
+        raise ValueError("no model to score")
+    checked = [_check_arrays(y_true_codes, p, f"model {i}") for i, p in enumerate(probabilities)]
+    y = checked[0][0]
+    models = [p for _, p in checked]
+    if len({p.shape for p in models}) != 1:
+        raise ValueError(
+            "the models' probabilities must have the same shape (same rows, same class "
+            f"columns), got {sorted({p.shape for p in models})}"
+        )
+    return _resample_scores(metric, y, models, resamples, seed)
+
+
+def difference_interval(
+    metric: str, differences: np.ndarray, confidence: float
+) -> tuple[float, float]:
+    """``(q(1 - confidence), q(confidence))`` of the defined (not NaN) bootstrap differences of
+    ``metric``. ValueError when it is undefined on more than half of the resamples."""
+    _check_bootstrap_settings(1, 0, confidence)
+    resamples = int(np.size(differences))
+    defined = differences[~np.isnan(differences)]
+    skipped = resamples - defined.size
     if skipped * 2 > resamples:
         raise ValueError(
             f"{metric} is undefined on {skipped} of {resamples} bootstrap resamples (more than "
             "half; typically a class too rare for the resample to contain it): no interval"
         )
-    lower, upper = np.quantile(differences, [1.0 - confidence, confidence])
+    lower, upper = np.quantile(defined, [1.0 - confidence, confidence])
     return float(lower), float(upper)
 
 
@@ -269,7 +315,7 @@ def _index_chunks(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
         yield rng.integers(0, n, size=(min(CHUNK, resamples - start), n))
 
 
-def _bootstrap_confusion(
+def _joint_confusion_differences(
     metric: str,
     y: np.ndarray,
     challenger: np.ndarray,
@@ -277,57 +323,61 @@ def _bootstrap_confusion(
     resamples: int,
     seed: int,
 ) -> np.ndarray:
-    """Differences of a confusion-matrix metric on every resample, vectorised per chunk."""
+    """Differences of a confusion-matrix metric on every resample for a pair of models with
+    few classes: one code per row for the pair of cells, so one gather and one bincount per
+    chunk build both models' confusion matrices (`CHUNK` * K**4 <= JOINT_BINS_LIMIT)."""
     n, k = challenger.shape
     kk = k * k
     cells_challenger = y * k + np.argmax(challenger, axis=1)
     cells_champion = y * k + np.argmax(champion, axis=1)
-    joint = CHUNK * kk * kk <= JOINT_BINS_LIMIT
-    if joint:  # one code per row for the pair of cells: one gather, one bincount
-        pair_cells = cells_challenger * kk + cells_champion
+    pair_cells = cells_challenger * kk + cells_champion
     differences = np.empty(resamples)
     done = 0
     for indices in _index_chunks(n, resamples, seed):
         m = indices.shape[0]
-        if joint:
-            offsets = np.arange(m)[:, None] * (kk * kk)
-            counts = np.bincount((pair_cells[indices] + offsets).ravel(), minlength=m * kk * kk)
-            table = counts.reshape(m, kk, kk)  # [resample, challenger cell, champion cell]
-            confusion_challenger = table.sum(axis=2).reshape(m, k, k)
-            confusion_champion = table.sum(axis=1).reshape(m, k, k)
-        else:  # many classes: both models' m confusion matrices in one bincount
-            offsets = np.arange(2 * m)[:, None] * kk
-            codes = np.concatenate([cells_challenger[indices], cells_champion[indices]])
-            counts = np.bincount((codes + offsets).ravel(), minlength=2 * m * kk)
-            confusion = counts.reshape(2 * m, k, k)
-            confusion_challenger, confusion_champion = confusion[:m], confusion[m:]
+        offsets = np.arange(m)[:, None] * (kk * kk)
+        counts = np.bincount((pair_cells[indices] + offsets).ravel(), minlength=m * kk * kk)
+        table = counts.reshape(m, kk, kk)  # [resample, challenger cell, champion cell]
+        confusion_challenger = table.sum(axis=2).reshape(m, k, k)
+        confusion_champion = table.sum(axis=1).reshape(m, k, k)
         scores = _from_confusion(metric, np.concatenate([confusion_challenger, confusion_champion]))
         differences[done : done + m] = scores[:m] - scores[m:]
         done += m
     return differences
 
 
-def _bootstrap_roc_auc(
+def _resample_scores(
+    metric: str,
     y: np.ndarray,
-    challenger: np.ndarray,
-    champion: np.ndarray,
+    models: Sequence[np.ndarray],
     resamples: int,
     seed: int,
 ) -> np.ndarray:
-    """Differences of ROC-AUC on every resample where it is defined: one scikit-learn call per
-    resample and model (slow: ROC-AUC has no confusion-matrix shortcut)."""
-    n, k = challenger.shape
-    differences: list[float] = []
+    """`resample_scores` of checked inputs: each chunk's indices are drawn once and every model
+    is scored on them; a confusion-matrix metric by one bincount per model and chunk, ROC-AUC
+    by one scikit-learn call per resample and model (slow: it has no confusion-matrix
+    shortcut)."""
+    n, k = models[0].shape
+    kk = k * k
+    cells = [y * k + np.argmax(p, axis=1) for p in models] if metric != ROC_AUC else []
+    scores = np.full((len(models), resamples), np.nan)
+    done = 0
     for indices in _index_chunks(n, resamples, seed):
-        for rows in indices:
-            y_resample = y[rows]
-            challenger_score = _roc_auc(y_resample, challenger[rows], k)
-            if challenger_score is None:
-                continue
-            champion_score = _roc_auc(y_resample, champion[rows], k)
-            assert champion_score is not None  # defined by the same y_resample
-            differences.append(challenger_score - champion_score)
-    return np.asarray(differences, dtype=np.float64)
+        m = indices.shape[0]
+        if metric == ROC_AUC:
+            for j, rows in enumerate(indices, start=done):
+                y_resample = y[rows]
+                if np.bincount(y_resample, minlength=k).min() == 0:
+                    continue  # undefined for every model on this resample
+                for i, model in enumerate(models):
+                    scores[i, j] = _roc_auc(y_resample, model[rows], k)
+        else:
+            offsets = np.arange(m)[:, None] * kk
+            for i, model_cells in enumerate(cells):
+                counts = np.bincount((model_cells[indices] + offsets).ravel(), minlength=m * kk)
+                scores[i, done : done + m] = _from_confusion(metric, counts.reshape(m, k, k))
+        done += m
+    return scores
 
 
 # --- validation -----------------------------------------------------------------------------

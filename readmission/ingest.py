@@ -156,6 +156,8 @@ def _ingest_version(
             store, settings, info, violation.problems, sha256[:16], sha256, etag=expected
         )
     timer.lap("parse")
+    # the drift report's sample is taken while the Parquet parts pass reads the rows
+    drop.keep_sample(settings.drift_sample_rows)
     with lease.acquire(
         store,
         settings.buckets.datasets,
@@ -200,7 +202,8 @@ def _with_drift_report(
     `parsed` gives the drop, called only if the report is missing. The report compares a
     bounded, deterministic sample of the drop's rows (`ParsedDrop.sample`: a systematic sample
     of at most DRIFT_SAMPLE_ROWS rows, taken while the blocks stream by, so memory does not
-    grow with the file); a drop no larger than that is compared whole."""
+    grow with the file: by the append's Parquet parts pass when it made one, `keep_sample`,
+    else by a pass of its own); a drop no larger than that is compared whole."""
     if outcome.status not in (INGESTED, NOTHING_NEW, ALREADY_INGESTED):
         return outcome
 

@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 LATE_CLASS = "<30"
 LABELS = ("<30", ">30", "NO")
 PROBABILITY_PREFIX = "probability_"
+# the prediction log's columns the join and the metrics read, beside the PROBABILITY_PREFIX ones
+LOG_COLUMNS = ("request_id", "row", "time", "model_version", "encounter_id")
 REPORTED = 20  # offending ids or lines named in a report (the counts are always complete)
 _VERSION_METADATA = re.compile(r"^[0-9a-f]{16}/metadata\.json$")
 
@@ -142,15 +144,26 @@ def _sample(values: pd.Series) -> list[str]:
     return [str(v) for v in values[:REPORTED]]
 
 
+def _joined_columns(data: bytes) -> pa.Table:
+    """The columns of one log batch the join and the metrics use (LOG_COLUMNS and the
+    `probability_*` ones): never the rows' `features`, the bulk of a batch."""
+    batch = pq.ParquetFile(io.BytesIO(data))
+    names = batch.schema_arrow.names
+    return batch.read(
+        columns=[n for n in names if n in LOG_COLUMNS or n.startswith(PROBABILITY_PREFIX)]
+    )
+
+
 def read_log(store: ObjectStore, bucket: str) -> pd.DataFrame:
-    """Every logged prediction (one row per predicted row), or an empty frame."""
+    """Every logged prediction (one row per predicted row) with the columns the join uses
+    (`_joined_columns`), or an empty frame."""
     tables = [
-        pq.read_table(io.BytesIO(store.get_bytes(bucket, key)))
+        _joined_columns(store.get_bytes(bucket, key))
         for key in store.list_keys(bucket)
         if key.endswith(".parquet")
     ]
     if not tables:
-        return pd.DataFrame(columns=["request_id", "row", "time", "model_version", "encounter_id"])
+        return pd.DataFrame(columns=list(LOG_COLUMNS))
     return pa.concat_tables(tables, promote_options="default").to_pandas()
 
 

@@ -7,8 +7,9 @@ with the rows' true class codes. Rule (`select`):
 1. the leader is the candidate of highest validation `metric` (the selection metric; ties:
    ROC-AUC, then the smaller job key);
 2. every candidate is compared with the leader by the champion gate's paired bootstrap
-   (readmission.gate.paired_bootstrap: the same rows resampled for both, `resamples`
-   resamples, `seed`): the interval of `metric(candidate) - metric(leader)` at `confidence`.
+   (readmission.gate.resample_scores: the same rows resampled for all, `resamples`
+   resamples, `seed`; the leader scored once): the interval of
+   `metric(candidate) - metric(leader)` at `confidence`.
    A candidate whose upper bound is >= 0 is TIED with the leader: the validation split cannot
    tell that it is worse;
 3. among the tied candidates the selected one has the highest validation ROC-AUC (a ranking
@@ -20,15 +21,16 @@ Deterministic for any order of the results. The test split is never looked at.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from readmission import keys
-from readmission.gate import paired_bootstrap
+from readmission.gate import difference_interval, resample_scores
 
 TIE_BREAK_METRIC = "roc_auc_ovr"
 CONFIDENCE = 0.95
@@ -63,6 +65,18 @@ def leader(results: Sequence[Mapping[str, Any]], metric: str) -> Mapping[str, An
         )
 
     return min(results, key=order)
+
+
+def scores_key(
+    metric: str, y_codes: np.ndarray, probabilities: np.ndarray, resamples: int, seed: int
+) -> str:
+    """The digest of everything one model's per-resample scores depend on (the metric, the
+    resamples, the seed, the true codes and the model's probabilities): equal keys, equal
+    scores, so a memo of them can never answer for other inputs."""
+    digest = hashlib.sha256(f"{metric}|{resamples}|{seed}|{probabilities.shape}|".encode())
+    digest.update(np.ascontiguousarray(y_codes, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(probabilities, dtype=np.float64).tobytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -144,17 +158,20 @@ def select(
     resamples: int,
     seed: int,
     confidence: float = CONFIDENCE,
+    memo: MutableMapping[str, np.ndarray] | None = None,
 ) -> Selection:
     """The selection rule of the module docstring. `probabilities`: job name -> n x classes
     validation probabilities (columns in the sorted class order of `y_codes`), for every
-    result. ValueError if one is missing or of another shape."""
+    result. ValueError if one is missing or of another shape. `memo`: per-resample scores of
+    earlier selections (`scores_key` -> scores), read and added to: a model's scores are
+    computed once for the same rows, metric, resamples and seed."""
     top = leader(results, metric)
     top_job = job_of(top)
     reference = probabilities.get(top_job)
     if reference is None:
         raise ValueError(f"no validation probabilities for {top_job}")
-    comparisons: list[Comparison] = []
-    for result in sorted(results, key=job_of):
+    ordered = sorted(results, key=job_of)
+    for result in ordered:
         job = job_of(result)
         own = probabilities.get(job)
         if own is None or own.shape != reference.shape:
@@ -162,15 +179,37 @@ def select(
                 f"validation probabilities of {job}: {None if own is None else own.shape}, "
                 f"expected {reference.shape}"
             )
+    # every scored candidate and the leader on the same resamples, each scored once: the
+    # leader's per-resample scores pair with every candidate's
+    scored = [top_job] + [
+        job_of(r)
+        for r in ordered
+        if job_of(r) != top_job and validation_score(r, metric) != -math.inf
+    ]
+    per_resample: dict[str, np.ndarray] = {}
+    if len(scored) > 1:
+        memo = {} if memo is None else memo
+        memo_keys = {
+            job: scores_key(metric, y_codes, probabilities[job], resamples, seed) for job in scored
+        }
+        missing = [job for job in scored if memo_keys[job] not in memo]
+        if missing:
+            models = [probabilities[job] for job in missing]
+            scores = resample_scores(metric, y_codes, models, resamples, seed)
+            for job, row in zip(missing, scores, strict=True):
+                memo[memo_keys[job]] = row
+        per_resample = {job: memo[memo_keys[job]] for job in scored}
+    comparisons: list[Comparison] = []
+    for result in ordered:
+        job = job_of(result)
         score = validation_score(result, metric)
         if job == top_job:
             interval = (0.0, 0.0)
         elif score == -math.inf:
             interval = (-math.inf, -math.inf)
         else:
-            interval = paired_bootstrap(
-                metric, y_codes, own, reference, resamples, seed, confidence
-            )
+            differences = per_resample[job] - per_resample[top_job]
+            interval = difference_interval(metric, differences, confidence)
         comparisons.append(
             Comparison(
                 job=job,

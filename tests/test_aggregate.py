@@ -40,7 +40,7 @@ from support.seaweed_server import SeaweedServer
 
 from readmission import contract, decisions, drift_reports, keys, lease, registry, tracking
 from readmission.aggregate import AggregateOutcome, InvalidResult, aggregate_dataset, lease_key
-from readmission.candidate import select_best, select_candidate
+from readmission.candidate import select_candidate
 from readmission.config import Buckets, Settings
 from readmission.corpus_append import parquet_bytes
 from readmission.features import target_values, to_model_frame
@@ -50,7 +50,7 @@ from readmission.jobs import job_spec
 from readmission.onnx_export import ExportedModel, export_onnx
 from readmission.onnx_parity import ParityError, run_onnx
 from readmission.scoring import compute_metrics
-from readmission.selection import job_of
+from readmission.selection import job_of, leader
 from readmission.storage import ObjectStore, json_bytes
 from readmission.training import VALIDATION_PROBABILITIES, train_job
 
@@ -254,13 +254,13 @@ def test_selection_by_metric_then_auc_then_job_key_in_any_order() -> None:
         _result(3, "decision_tree", None, 0.99),  # no F1: never selected
     ]
     for ordering in (results, results[::-1], results[1:] + results[:1]):
-        assert select_best(ordering, "f1_weighted")["algorithm"] == "logistic_regression"
+        assert leader(ordering, "f1_weighted")["algorithm"] == "logistic_regression"
     twins = [_result(3, "decision_tree", 0.5, 0.6), _result(1, "random_forest", 0.5, 0.6)]
-    assert select_best(twins, "f1_weighted")["cumulative_index"] == 1  # smaller job key
-    assert select_best(twins[::-1], "f1_weighted")["cumulative_index"] == 1
-    assert select_best(results, "roc_auc_ovr")["algorithm"] == "decision_tree"
+    assert leader(twins, "f1_weighted")["cumulative_index"] == 1  # smaller job key
+    assert leader(twins[::-1], "f1_weighted")["cumulative_index"] == 1
+    assert leader(results, "roc_auc_ovr")["algorithm"] == "decision_tree"
     with pytest.raises(ValueError, match="f1_wieghted"):
-        select_best(results, "f1_wieghted")
+        leader(results, "f1_wieghted")
 
 
 def test_prepare_ahead_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -328,8 +328,8 @@ def test_aggregates_all_results_into_one_champion(
     # and has the highest validation ROC-AUC of the tied
     results = list(scenario.results.values())
     top = max(r["metrics"]["validation"]["f1_weighted"] for r in results)
-    leader = select_best(results, "f1_weighted")
-    assert leader["metrics"]["validation"]["f1_weighted"] == top
+    leading = leader(results, "f1_weighted")
+    assert leading["metrics"]["validation"]["f1_weighted"] == top
     codes, probabilities = validation_probabilities(store, scenario)
     tied = [
         r
@@ -338,7 +338,7 @@ def test_aggregates_all_results_into_one_champion(
             "f1_weighted",
             codes,
             probabilities[job_of(r)],
-            probabilities[job_of(leader)],
+            probabilities[job_of(leading)],
             settings.gate_resamples,
             settings.gate_seed,
             0.95,
@@ -434,7 +434,7 @@ def test_aggregates_all_results_into_one_champion(
     curve_md = store.get_bytes("models", prefix + "learning_curve.md").decode()
     assert "Verdict" in curve_md and "within noise of the best from" in curve_md
     assert metadata["selection"]["selected"] == job_of(best)
-    assert metadata["selection"]["leader"] == job_of(leader)
+    assert metadata["selection"]["leader"] == job_of(leading)
 
     # the quality report: the test Brier is sklearn's on the test rows, the summary is in the
     # metadata and the reliability diagram is beside the model
@@ -694,9 +694,9 @@ def test_a_better_challenger_is_promoted_and_an_old_decision_never_comes_back(
     # job is the real model of best validation F1 beats it on the same rows, by far. (With
     # all jobs, the few sample rows tie every candidate and ROC-AUC picks among them.)
     good = copy_dataset(store, scenario, GOOD_AGAIN_ID)
-    leader = select_best(list(good.results.values()), settings.selection_metric)
-    [job] = [key for key, doc in good.results.items() if doc is leader]
-    good.manifest["jobs"], good.results = [job], {job: leader}
+    leading = leader(list(good.results.values()), settings.selection_metric)
+    [job] = [key for key, doc in good.results.items() if doc is leading]
+    good.manifest["jobs"], good.results = [job], {job: leading}
     store.put_json("datasets", keys.manifest_key(GOOD_AGAIN_ID), good.manifest)
     write_results(store, good, list(good.results))
     outcome = aggregate_dataset(store, settings, GOOD_AGAIN_ID)

@@ -72,6 +72,24 @@ def test_a_sample_is_the_systematic_rows_of_the_file_across_blocks_and_every_row
         drop.sample(0)
 
 
+def test_a_kept_sample_is_taken_by_the_blocks_pass_and_handed_over_without_reading_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(drop_file, "BLOCK_BYTES", 1 << 20)
+    data = real_csv_bytes()
+    path = _write(tmp_path, data)
+    drop = drop_file.read_drop(path, len(data))
+    expected = drop.sample(7_000)
+    drop.keep_sample(7_000)
+    next(drop.blocks())  # a pass left halfway keeps nothing
+    streamed = pa.concat_tables(drop.blocks())  # the parts pass
+    path.unlink()  # what follows cannot read the local copy
+    assert drop.sample(7_000).equals(expected)
+    with pytest.raises(FileNotFoundError):  # handed over once, not held
+        drop.sample(7_000)
+    assert streamed.num_rows == drop.rows
+
+
 def test_a_column_empty_in_one_block_only_is_not_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

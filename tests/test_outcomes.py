@@ -16,9 +16,11 @@ from support.seaweed_server import SeaweedServer
 from readmission.config import Buckets, Settings
 from readmission.keys import REALIZED_LATEST_KEY
 from readmission.outcomes import (
+    LOG_COLUMNS,
     OutcomesError,
     group_metrics,
     process_outcomes,
+    read_log,
     realized_key,
 )
 from readmission.scoring import score
@@ -132,6 +134,9 @@ def test_realized_metrics_equal_the_direct_computation_per_version(
         one["metrics"]["f1_weighted"] - 0.5, abs=1e-12
     )
     assert by_version["2"]["offline_test"] is None
+    # the join reads the log's ids, times, versions and probabilities, never the rows' features
+    logged = read_log(store, settings.buckets.predictions_log)
+    assert set(logged.columns) == {*LOG_COLUMNS, *(f"probability_{c}" for c in CLASSES)}
     stored = store.get_json(settings.buckets.models, realized.key)
     assert stored == json.loads(json.dumps(document))
     assert store.get_json(settings.buckets.models, REALIZED_LATEST_KEY) == stored

@@ -7,9 +7,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from readmission.gate import paired_bootstrap
 from readmission.learning_curve import build_learning_curve, to_markdown, verdict
 from readmission.scoring import score
-from readmission.selection import select
+from readmission.selection import scores_key, select
 
 CLASSES = np.array(["<30", ">30", "NO"])
 ROWS = 3000
@@ -75,6 +76,32 @@ def test_a_candidate_within_noise_of_the_best_is_tied_and_roc_auc_breaks_the_tie
     assert worse is not None and worse.interval[1] < 0 and not worse.tied
     close = chosen.comparison("01-close")
     assert close is not None and close.interval[0] < close.difference < close.interval[1]
+
+
+def test_each_interval_is_the_gates_paired_bootstrap_against_the_leader() -> None:
+    y, results, probabilities = _candidates()
+    chosen = select(results, probabilities, y, "f1_weighted", 300, 7, confidence=0.9)
+    for job in ("01-close", "02-worse"):
+        comparison = chosen.comparison(job)
+        expected = paired_bootstrap(
+            "f1_weighted", y, probabilities[job], probabilities["00-leader"], 300, 7, 0.9
+        )
+        assert comparison is not None and comparison.interval == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_memo_of_earlier_scores_scores_only_new_candidates_and_selects_the_same() -> None:
+    y, results, probabilities = _candidates()
+    memo: dict[str, np.ndarray] = {}
+    first = select(results[:2], probabilities, y, "f1_weighted", 200, 3, memo=memo)
+    assert len(memo) == 2  # the leader and the close candidate, scored once each
+    key = scores_key("f1_weighted", y, probabilities["01-close"], 200, 3)
+    kept = memo[key]
+    again = select(results, probabilities, y, "f1_weighted", 200, 3, memo=memo)
+    assert len(memo) == 3 and memo[key] is kept  # only the new candidate was scored
+    assert again == select(results, probabilities, y, "f1_weighted", 200, 3)
+    assert again.comparison("01-close") == first.comparison("01-close")
+    # another seed is another key: the memo never answers for other resamples
+    assert scores_key("f1_weighted", y, probabilities["01-close"], 200, 4) not in memo
 
 
 def test_a_clearly_worse_candidate_is_never_selected_whatever_its_roc_auc() -> None:

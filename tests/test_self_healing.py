@@ -26,6 +26,7 @@ from support.stack import RunningStack, running_stack, version_of, wait_version_
 
 from events.pinger import PING_TYPE, fire_direct
 from events.routing import Destination, PingSource
+from events.services import ServiceDirectory
 from readmission import keys, tracking
 from readmission.localstack import processes
 from readmission.localstack.watchdog import restart_counts
@@ -59,7 +60,7 @@ def test_a_ping_goes_straight_to_its_sink_and_is_retried_until_delivered(tmp_pat
     try:
         services = tmp_path / "services.json"
         services.write_text(json.dumps({"reconcile": [sink.url]}))
-        assert fire_direct(ping_source("reconcile"), services, attempts=3)
+        assert fire_direct(ping_source("reconcile"), ServiceDirectory(services), attempts=3)
         assert [r.headers.get("ce-type") for r in sink.received] == [PING_TYPE, PING_TYPE]
         assert json.loads(sink.received[-1].body) == {"reason": "reconcile"}
     finally:
@@ -71,7 +72,8 @@ def test_a_ping_without_a_running_sink_is_not_delivered(tmp_path: Path) -> None:
     services.write_text(json.dumps({"ingest": ["http://127.0.0.1:9"]}))
     stopping = threading.Event()
     stopping.set()  # no backoff waits: one attempt
-    assert not fire_direct(ping_source("reconcile"), services, attempts=3, stopping=stopping)
+    directory = ServiceDirectory(services)
+    assert not fire_direct(ping_source("reconcile"), directory, attempts=3, stopping=stopping)
 
 
 def kill(stack: RunningStack, name: str) -> int:

@@ -1,12 +1,13 @@
 """Slow and stalled clients against the real servers: the predict function and the events
-adapter (functions-framework processes serving with readmission.glue.slow_clients) and the
-local broker. Raw sockets connect and send nothing, half a request head, or a head and part of
-its body; the server must answer others meanwhile and close the stalled ones after its read
-timeouts (set short here through HTTP_HEADER_TIMEOUT / HTTP_BODY_TIMEOUT)."""
+adapter (functions-framework processes serving with readmission.glue.slow_clients), the local
+broker and the local JobSink. Raw sockets connect and send nothing, half a request head, or a
+head and part of its body; the server must answer others meanwhile and close the stalled ones
+after its read timeouts (set short here through HTTP_HEADER_TIMEOUT / HTTP_BODY_TIMEOUT)."""
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from support.http_stub import Subscriber
 from support.predict_support import FunctionProcess, http
 
 from events.broker import BrokerConfig, BrokerServer, serve
+from events.jobsink import JobSink, JobSinkConfig, JobSinkServer
 from readmission.glue.slow_clients import GATE_BYTES, PARTIAL, STREAMED, WHOLE, request_state
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV
 
@@ -206,3 +208,25 @@ def test_the_broker_answers_while_slow_clients_are_held_then_drops_them(
     took = _timed(lambda: http(broker.url + "/healthz", timeout=10))
     assert took < ANSWER_WITHIN
     _assert_closed_after_the_timeout(held)
+
+
+# ---- the local JobSink (the broker's intake, events.intake) ---------------------------------
+def test_the_jobsink_answers_while_slow_clients_are_held_then_drops_them(tmp_path: Path) -> None:
+    config = JobSinkConfig(
+        port=0,
+        manifests=tmp_path,  # no JobSink: only its intake is under test
+        state_dir=tmp_path / "state",
+        header_timeout=TIMEOUT,
+        body_timeout=TIMEOUT,
+    )
+    server = JobSinkServer(JobSink(config))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        held = _slow_clients(server.url, each=2)
+        took = _timed(lambda: http(server.url + "/healthz", timeout=10))
+        assert took < ANSWER_WITHIN
+        _assert_closed_after_the_timeout(held)
+    finally:
+        server.sink.stopping.set()
+        server.shutdown()
+        server.server_close()

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from readmission.localstack.private_files import write_private
+
 
 @dataclass(frozen=True)
 class Process:
@@ -83,8 +85,7 @@ def start(
     process = Process(name, child.pid, list(cmd), log_path)
     # How to start it again (the watchdog's restarts): private, as the env holds the S3 keys.
     launch = run_dir / f"{name}.launch.json"
-    launch.touch(mode=0o600)
-    launch.write_text(json.dumps({"cmd": list(cmd), "env": dict(env), "cwd": str(cwd)}))
+    write_private(launch, json.dumps({"cmd": list(cmd), "env": dict(env), "cwd": str(cwd)}))
     (run_dir / f"{name}.pid").write_text(
         json.dumps({"pid": child.pid, "cmd": list(cmd), "log": str(log_path)})
     )

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import string
 import urllib.parse
@@ -29,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from readmission.localstack.private_files import write_private
 from readmission.localstack.seaweed_tls import GrpcTls
 
 SEAWEED_PORTS = ("master", "volume", "filer", "s3")
@@ -42,14 +42,6 @@ class Credentials:
     webhook_token: str = ""
 
 
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)
-    os.chmod(path, 0o600)
-
-
 def load_or_create_credentials(path: Path) -> Credentials:
     if path.exists():
         info = json.loads(path.read_text())
@@ -60,7 +52,7 @@ def load_or_create_credentials(path: Path) -> Credentials:
         secret_key=secrets.token_urlsafe(30),
         webhook_token=secrets.token_urlsafe(24),
     )
-    _write_private(
+    write_private(
         path,
         json.dumps(
             {
@@ -85,11 +77,11 @@ def write_identities(path: Path, credentials: Credentials) -> None:
             }
         ]
     }
-    _write_private(path, json.dumps(identities, indent=2))
+    write_private(path, json.dumps(identities, indent=2))
 
 
 def write_notification_config(path: Path, webhook_url: str, bearer_token: str = "") -> None:
-    _write_private(
+    write_private(
         path,
         "# Written by readmission.localstack: every filer change is POSTed to the events adapter.\n"
         "[notification.webhook]\n"
@@ -120,7 +112,7 @@ def write_security_config(path: Path, grpc_tls: GrpcTls | None = None) -> None:
         for component in SEAWEED_PORTS:  # every component opens a gRPC port
             text += f"[grpc.{component}]\n{pair}"
         text += f"[grpc.client]\n{pair}"
-    _write_private(path, text)
+    write_private(path, text)
 
 
 def server_command(

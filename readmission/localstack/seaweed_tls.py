@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from readmission.localstack.private_files import write_private
 
 # Long enough for any local stack run; the files are rewritten at every start.
 VALIDITY = datetime.timedelta(days=30)
@@ -42,13 +43,6 @@ class GrpcTls:
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    path.unlink(missing_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
 
 
 def write_grpc_certificates(directory: Path) -> GrpcTls:
@@ -109,12 +103,12 @@ def write_grpc_certificates(directory: Path) -> GrpcTls:
         .sign(ca_key, hashes.SHA256())
     )
     tls = GrpcTls(directory / "ca.crt", directory / "grpc.crt", directory / "grpc.key")
-    _write(tls.ca, ca_cert.public_bytes(serialization.Encoding.PEM), 0o600)
-    _write(tls.cert, cert.public_bytes(serialization.Encoding.PEM), 0o600)
+    write_private(tls.ca, ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_private(tls.cert, cert.public_bytes(serialization.Encoding.PEM))
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write(tls.key, key_pem, 0o600)
+    write_private(tls.key, key_pem)
     return tls

@@ -24,6 +24,7 @@ from readmission.localstack.config import (
     settings_for,
     store_for,
 )
+from readmission.localstack.private_files import write_private
 
 # Each train process fits one model at a time on one core, like a Knative pod of 1 CPU.
 _SINGLE_THREADED = {
@@ -67,11 +68,6 @@ def _service_urls(config: StackConfig, ports: dict[str, int]) -> dict[str, list[
     return services
 
 
-def _write_private(path: Path, text: str) -> None:
-    path.write_text(text)
-    path.chmod(0o600)
-
-
 def _shell_quote(value: str) -> str:
     return "'" + value.replace("'", "'\"'\"'") + "'"
 
@@ -108,7 +104,7 @@ class Supervisor:
             skipped=[spec.service for spec in config.missing_functions()],
         )
         _write_atomic(config.path("services.json"), json.dumps(services, indent=2))
-        _write_private(
+        write_private(
             config.path("env"),
             "".join(f"export {k}={_shell_quote(v)}\n" for k, v in env_for_clients.items()),
         )

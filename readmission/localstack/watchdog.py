@@ -33,6 +33,7 @@ from pathlib import Path
 
 from events.pinger import fire_direct
 from events.routing import load_routing
+from events.services import ServiceDirectory
 from readmission.localstack import processes
 
 log = logging.getLogger("watchdog")
@@ -63,6 +64,7 @@ class Watchdog:
         self.root = root
         self.states: dict[str, RestartState] = {}
         self.stopping = threading.Event()
+        self.services = ServiceDirectory(state_dir / "services.json")
 
     def check_once(self, now: float | None = None) -> list[str]:
         """Restart what is due; returns the names restarted."""
@@ -121,13 +123,12 @@ class Watchdog:
 
     def _reconcile_soon(self) -> None:
         """Fire every PingSource when the restarted process answers, and after the grace."""
-        services = self.state_dir / "services.json"
         grace = float(os.environ.get("RECONCILE_GRACE_SECONDS", "").strip() or 120.0)
         for delay in (0.0, grace + 2.0):
             if self.stopping.wait(delay):
                 return
             for source in load_routing(self.root / "infra" / "knative").pings:
-                if fire_direct(source, services, attempts=6, stopping=self.stopping):
+                if fire_direct(source, self.services, attempts=6, stopping=self.stopping):
                     log.info("fired PingSource %s after a restart on the event path", source.name)
 
     def run(self) -> None:
