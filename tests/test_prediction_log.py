@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,6 +143,31 @@ def test_a_reader_behind_its_writers_catches_up_in_bounded_steps(tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
     writer.append(records[0])
     assert [r.request_id for r in reader.read(budget=10)] == ["r0"]  # longer than the budget
+
+
+def test_a_writer_past_its_bound_waits_for_the_reader_and_writes_on_if_it_never_comes(
+    tmp_path: Path,
+) -> None:
+    body = json.dumps({"features": {"age": "[70-80)"}}).encode()
+    record = encode_record(
+        "r", 1.0, "3", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], body, "features"
+    )
+    # two records a file, two finished files unread at most
+    writer = SpoolWriter(tmp_path, len(record) * 2, len(record) * 4, wait_seconds=10)
+    reader = SpoolReader(tmp_path)
+    for _ in range(4):
+        writer.append(record)
+    threading.Timer(0.5, reader.read).start()  # reads both finished files, 0.5 s from now
+    started = time.monotonic()
+    writer.append(record)  # a third finished file would pass the bound: waits for the read
+    assert 0.4 < time.monotonic() - started < 5 and writer.waited_seconds > 0.4
+    impatient = SpoolWriter(tmp_path / "stuck", len(record), len(record), wait_seconds=0.3)
+    (tmp_path / "stuck").mkdir()
+    for _ in range(3):  # nobody reads: each rotation waits 0.3 s, then writes on
+        impatient.append(record)
+    assert impatient.dropped_records == 0 and impatient.waited_seconds >= 0.6
+    impatient.close()
+    assert len(SpoolReader(tmp_path / "stuck").read()) == 3
 
 
 def test_batches_are_cut_by_rows_and_by_seconds(seaweed: SeaweedServer) -> None:

@@ -23,6 +23,11 @@ Contract.
   written is read at a later call; a torn record at the end of a file whose writer is gone (a
   worker killed mid-write) is dropped and counted. A file is deleted once it is finished and
   read to its end.
+* Bound. A writer keeps at most `max_bytes` of finished files unread: at a rotation beyond
+  that it waits (up to SPOOL_WAIT_SECONDS) for the reader to catch up. That is the log's back
+  pressure: when the reader (another process, at a lower priority) falls behind a sustained
+  load, requests slow down to what serving and logging together sustain, instead of the spool
+  filling the disk.
 * A writer never raises into the request: a failed write drops that record and counts it.
 """
 
@@ -36,6 +41,7 @@ import secrets
 import socket
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +53,14 @@ from readmission.glue.json_codec import dumps, loads
 
 log = logging.getLogger(__name__)
 
-SPOOL_FILE_BYTES = 4 * 1024 * 1024  # a writer starts a new file past this size
+SPOOL_FILE_BYTES = 1024 * 1024  # a writer starts a new file past this size
 READ_BYTES = 1024 * 1024  # what one SpoolReader.read takes at most (one longer record aside)
+# How long a writer whose finished files exceed its bound waits for the reader at a rotation
+# before it writes on regardless (a reader that is stuck must not stop the server).
+SPOOL_WAIT_SECONDS = 5.0
 OPEN_SUFFIX, DONE_SUFFIX = ".spool", ".done"
 _LENGTH = struct.Struct("<I")
-_SPOOL_NAME = re.compile(r"(?P<stem>.+-\d{6})(?P<suffix>\.spool|\.done)")
+_SPOOL_NAME = re.compile(r"(?P<stem>.+-(?P<number>\d{6}))(?P<suffix>\.spool|\.done)")
 
 
 def _rows_of_features(payload: Any) -> list[Any]:  # /predict: {"features": {...}}
@@ -149,10 +158,19 @@ def decode_record(data: bytes | memoryview) -> Record:
 class SpoolWriter:
     """Appends records to this process's spool file (see module). Thread-safe."""
 
-    def __init__(self, directory: Path, file_bytes: int = SPOOL_FILE_BYTES) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        file_bytes: int = SPOOL_FILE_BYTES,
+        max_bytes: int = 64 * SPOOL_FILE_BYTES,
+        wait_seconds: float = SPOOL_WAIT_SECONDS,
+    ) -> None:
         self.directory = directory
         self.file_bytes = file_bytes
+        self.max_files = max(1, max_bytes // file_bytes)  # finished files left unread, at most
+        self.wait_seconds = wait_seconds
         self.dropped_records = 0
+        self.waited_seconds = 0.0  # time spent waiting for the reader (back pressure)
         self._pid = 0
         self._lock = threading.Lock()
         self._fd = -1
@@ -178,11 +196,27 @@ class SpoolWriter:
 
     def _next_file(self) -> None:
         self._finish()
+        self._wait_for_reader()
         self._number += 1
         path = self.directory / f"{self._id}-{self._number:06d}{OPEN_SUFFIX}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process writes it
         self._fd, self._path, self._size = fd, path, 0
+
+    def _wait_for_reader(self) -> None:
+        started = time.monotonic()
+        prefix = self._id + "-"
+        while time.monotonic() - started < self.wait_seconds:
+            with os.scandir(self.directory) as entries:
+                unread = sum(
+                    e.name.startswith(prefix) and e.name.endswith(DONE_SUFFIX) for e in entries
+                )
+            if unread < self.max_files:
+                break
+            time.sleep(0.02)
+        else:
+            log.warning("prediction log: the spool reader is behind; writing on past the bound")
+        self.waited_seconds += time.monotonic() - started
 
     def _finish(self) -> None:
         if self._fd >= 0 and self._path is not None:
@@ -213,12 +247,15 @@ class SpoolReader:
         bytes of them at most (at least one record, when there is one): a reader that has
         fallen behind catches up in bounded steps, never holding the whole backlog."""
         records: list[Record] = []
-        for path in sorted(self.directory.iterdir()):
-            match = _SPOOL_NAME.fullmatch(path.name)
-            if match is None:
-                continue
-            finished = match["suffix"] == DONE_SUFFIX
-            found, used = self._read_file(path, match["stem"], finished, budget)
+        files = [
+            (int(match["number"]), match["stem"], match["suffix"] == DONE_SUFFIX, path)
+            for path in self.directory.iterdir()
+            if (match := _SPOOL_NAME.fullmatch(path.name)) is not None
+        ]
+        # by file number, then writer: the writers' oldest files first, taken in turns, so
+        # none of them waits for the reader to get through another's whole backlog (Bound)
+        for _, stem, finished, path in sorted(files):
+            found, used = self._read_file(path, stem, finished, budget)
             records += found
             budget -= used
             if budget <= 0:

@@ -131,6 +131,7 @@ class PredictionLog:
         seconds: float,
         after_write: Callable[[], None] | None = None,
         directory: Path | None = None,
+        spool_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.put = put  # None: the log is off, `record` does nothing
         self.rows = rows
@@ -146,7 +147,9 @@ class PredictionLog:
         elif directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self._writer = SpoolWriter(directory) if directory is not None else None
+        self._writer = (
+            SpoolWriter(directory, max_bytes=spool_bytes) if directory is not None else None
+        )
         self._reader = SpoolReader(directory) if directory is not None else None
         self._pid = os.getpid()  # the process that ships: the one that made the log
         self.writer_id = writer_id()  # names this process's batches
@@ -329,4 +332,5 @@ def log_from_settings(
         reader.put(bucket, key, data, PARQUET_CONTENT_TYPE)
 
     directory = Path(settings.prediction_log_dir) if settings.prediction_log_dir else None
-    return PredictionLog(put, rows, seconds, after_write, directory).start()
+    spool_bytes = int(settings.prediction_log_spool_mb * 1024 * 1024)
+    return PredictionLog(put, rows, seconds, after_write, directory, spool_bytes).start()

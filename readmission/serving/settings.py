@@ -47,11 +47,14 @@ class ServingSettings:
     # The prediction log (readmission.serving.prediction_log): PREDICTION_LOG on | off; a batch
     # is written every PREDICTION_LOG_ROWS rows or PREDICTION_LOG_SECONDS, whichever is first;
     # PREDICTION_LOG_DIR: the workers' spool files (default: a new temporary directory per
-    # server; a volume that outlives the server lets a restarted one ship what was left).
+    # server; a volume that outlives the server lets a restarted one ship what was left);
+    # PREDICTION_LOG_SPOOL_MB: the unread spool a worker may leave before it waits for the
+    # master (readmission.serving.log_spool, Bound).
     prediction_log: bool = True
     prediction_log_rows: int = 1000
     prediction_log_seconds: float = 30.0
     prediction_log_dir: str = ""
+    prediction_log_spool_mb: float = 64.0
 
     @classmethod
     def from_env(cls) -> ServingSettings:
@@ -84,4 +87,7 @@ class ServingSettings:
                 "PREDICTION_LOG_SECONDS", cls.prediction_log_seconds, 0.01
             ),
             prediction_log_dir=_env("PREDICTION_LOG_DIR", cls.prediction_log_dir),
+            prediction_log_spool_mb=_env_number(
+                "PREDICTION_LOG_SPOOL_MB", cls.prediction_log_spool_mb, 1
+            ),
         )
