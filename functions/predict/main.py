@@ -58,7 +58,7 @@ GATE = GateDocuments.for_source(SERVER.source)  # challenger, last decision: inf
 SERVER.on_poll.append(GATE.refresh)  # read by the poll thread, never on a request
 DRIFT = DriftDocument.for_source(SERVER.source)  # the latest drop's drift report
 SERVER.on_poll.append(DRIFT.refresh)
-metrics.DRIFT.source = DRIFT.psi
+metrics.register_collector(DRIFT)
 ASSETS = ModelAssets(SERVER.source)
 REALIZED = RealizedGauges(SERVER.source)  # the outcomes function's latest realized metrics
 SERVER.on_poll.append(REALIZED.refresh)

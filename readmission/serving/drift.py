@@ -11,8 +11,11 @@ missing or unreadable report is null, a failing read keeps the last one read. Wi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from readmission.keys import LATEST_DRIFT_KEY
 from readmission.serving.decisions import DocumentSource, PolledDocument, refresh_document
@@ -73,9 +76,10 @@ def drift_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-class DriftDocument:
+class DriftDocument(Collector):
     """The latest drift report as last read; `refresh()` runs in the poll thread only,
-    `info()` and `psi()` in any thread (they read one reference)."""
+    `info()`, `psi()` and `collect()` (the gauge, at scrape time: register it with
+    readmission.serving.metrics.register_collector) in any thread (they read one reference)."""
 
     def __init__(self, source: DocumentSource, key: str) -> None:
         self.source = source
@@ -100,3 +104,14 @@ class DriftDocument:
         """column -> PSI of the latest report ({} without one), for the gauge."""
         report = self._report.value
         return {} if report is None else column_psi(report)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """`readmission_drift_psi{column}` of the latest report (no series before one)."""
+        family = GaugeMetricFamily(
+            "readmission_drift_psi",
+            "PSI of each column of the latest drop against the champion's training reference.",
+            labels=["column"],
+        )
+        for column, value in sorted(self.psi().items()):
+            family.add_metric([column], value)
+        yield family

@@ -19,7 +19,7 @@ import functools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -69,7 +69,7 @@ from prometheus_client import (  # noqa: E402
 from prometheus_client import (  # noqa: E402
     PROCESS_COLLECTOR as _PROCESS,
 )
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily  # noqa: E402
+from prometheus_client.core import InfoMetricFamily  # noqa: E402
 from prometheus_client.registry import Collector  # noqa: E402
 
 from readmission.serving.model import LoadedModel  # noqa: E402
@@ -154,29 +154,6 @@ MODEL_INFO = ModelInfoCollector()
 REGISTRY.register(MODEL_INFO)
 
 
-class DriftCollector(Collector):
-    """`readmission_drift_psi{column}`: the PSI of each column in the latest drift report this
-    process read (readmission.serving.drift; none before one is read). Read at scrape time from
-    `source`, a function returning column -> PSI, set by the predict function."""
-
-    def __init__(self) -> None:
-        self.source: Callable[[], Mapping[str, float]] | None = None
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "readmission_drift_psi",
-            "PSI of each column of the latest drop against the champion's training reference.",
-            labels=["column"],
-        )
-        for column, value in sorted((self.source() if self.source else {}).items()):
-            family.add_metric([column], value)
-        yield family
-
-
-DRIFT = DriftCollector()
-REGISTRY.register(DRIFT)
-
-
 def _scrape_registry() -> CollectorRegistry:
     """What /metrics renders: this process's registry, or every worker's files summed."""
     if MULTIPROCESS_DIR is None:
@@ -185,7 +162,6 @@ def _scrape_registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=MULTIPROCESS_DIR)
     registry.register(MODEL_INFO)
-    registry.register(DRIFT)
     return registry
 
 
