@@ -192,8 +192,8 @@ def test_real_csv_gives_manifest_batches_and_jobs(
         keys.job_key(dataset_id, 2, "gradient_boosting"),
         keys.job_key(dataset_id, 1, "gradient_boosting"),
         keys.job_key(dataset_id, 4, "logistic_regression"),
+        keys.job_key(dataset_id, 4, "hist_gradient_boosting"),  # the same cost: ALGORITHMS order
         keys.job_key(dataset_id, 0, "gradient_boosting"),
-        keys.job_key(dataset_id, 3, "logistic_regression"),
     ]
     assert manifest["jobs"][-1] == keys.job_key(dataset_id, 0, "decision_tree")
     assert sorted(store.list_keys(settings.buckets.jobs)) == sorted(manifest["jobs"])
