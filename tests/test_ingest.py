@@ -192,8 +192,8 @@ def test_real_csv_gives_manifest_batches_and_jobs(
         keys.job_key(dataset_id, 2, "gradient_boosting"),
         keys.job_key(dataset_id, 1, "gradient_boosting"),
         keys.job_key(dataset_id, 4, "logistic_regression"),
+        keys.job_key(dataset_id, 4, "hist_gradient_boosting"),  # the same cost: ALGORITHMS order
         keys.job_key(dataset_id, 0, "gradient_boosting"),
-        keys.job_key(dataset_id, 3, "logistic_regression"),
     ]
     assert manifest["jobs"][-1] == keys.job_key(dataset_id, 0, "decision_tree")
     assert sorted(store.list_keys(settings.buckets.jobs)) == sorted(manifest["jobs"])
@@ -789,12 +789,13 @@ def test_job_order_is_costliest_first() -> None:
         (1, "gradient_boosting"),
         (0, "gradient_boosting"),
     ]
-    # then by rows x cost: 40k logistic regression (6.0), 30k (4.5), 40k hist gradient boosting
-    # (4.0), 40k forest (3.04)
-    assert order[3:7] == [
+    # then by rows x cost: 40k logistic regression and hist gradient boosting (6.0 each: a tie
+    # keeps the order of the algorithms), 30k of each (4.5), 40k forest (3.04)
+    assert order[3:8] == [
         (2, "logistic_regression"),
-        (1, "logistic_regression"),
         (2, "hist_gradient_boosting"),
+        (1, "logistic_regression"),
+        (1, "hist_gradient_boosting"),
         (2, "random_forest"),
     ]
     assert order[-1] == (0, "decision_tree")
