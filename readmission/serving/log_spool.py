@@ -110,7 +110,10 @@ def encode_record(
             "payload": payload_kind,
         }
     )
-    values = np.asarray(probabilities, dtype="<f8").tobytes()
+    if len(probabilities) == 1:  # a single row: struct is ~4x faster than numpy here
+        values = struct.pack(f"<{len(probabilities[0])}d", *probabilities[0])
+    else:
+        values = np.asarray(probabilities, dtype="<f8").tobytes()
     rest = len(header) + len(values) + len(payload) + _LENGTH.size
     return b"".join((_LENGTH.pack(rest), _LENGTH.pack(len(header)), header, values, payload))
 
@@ -140,8 +143,13 @@ def decode_record(data: bytes | memoryview) -> Record:
     header = loads(bytes(data[start : start + header_length]))
     classes, labels = tuple(header["classes"]), header["labels"]
     values_start = start + header_length
-    values_end = values_start + 8 * len(labels) * len(classes)
-    values = np.frombuffer(data[values_start:values_end], dtype="<f8")
+    rows, width = len(labels), len(classes)
+    values_end = values_start + 8 * rows * width
+    if rows == 1:
+        probabilities = [list(struct.unpack_from(f"<{width}d", data, values_start))]
+    else:
+        values = np.frombuffer(data[values_start:values_end], dtype="<f8")
+        probabilities = values.reshape(rows, width).tolist()
     return Record(
         header["request_id"],
         header["time"],
@@ -149,7 +157,7 @@ def decode_record(data: bytes | memoryview) -> Record:
         classes,
         header["endpoint"],
         labels,
-        values.reshape(len(labels), len(classes)).tolist(),
+        probabilities,
         bytes(data[values_end:]),
         header["payload"],
     )

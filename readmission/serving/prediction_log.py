@@ -38,6 +38,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import re
@@ -45,7 +46,6 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,8 +62,9 @@ log = logging.getLogger(__name__)
 PARQUET_CONTENT_TYPE = "application/vnd.apache.parquet"
 MAX_RETAINED = 20  # batches kept for another PUT while the store refuses them
 SCAN_SECONDS = 0.5  # the shipper reads the spool this often (or every `seconds`, if shorter)
-# The shipper thread's nice value (Linux: per thread): the workers' requests come first.
-SHIPPER_NICENESS = 10
+# The shipper thread's nice value where SCHED_IDLE is not available (Linux sets both per
+# thread): the workers' requests come first.
+SHIPPER_NICENESS = 19
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 # (key, Parquet bytes) -> None; raises when the store did not take it
@@ -75,7 +76,13 @@ def request_id(carried: str | None) -> str:
     id (1-128 characters of [A-Za-z0-9._:@/+=-]), else a new random one."""
     if carried and _REQUEST_ID.fullmatch(carried):
         return carried
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as uuid4().hex: 32 hex digits, 128 random bits
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_date(day_number: int) -> str:
+    """YYYY-MM-DD of a day counted from the Unix epoch (UTC)."""
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=day_number)).isoformat()
 
 
 def _features_json(row: Any) -> str:
@@ -214,9 +221,7 @@ class PredictionLog:
         return self
 
     def _run(self) -> None:
-        # the workers' requests come first (Linux sets nice values per thread)
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHIPPER_NICENESS)
+        _run_when_idle()
         while not self._stop.wait(min(self.seconds, SCAN_SECONDS)):
             try:
                 self._ship(final=False)
@@ -289,7 +294,7 @@ class PredictionLog:
                 self.dropped_rows += len(record.labels)
                 log.error("prediction log: request %s dropped: %s", record.request_id, exc)
                 continue
-            day = dt.datetime.fromtimestamp(record.time, dt.UTC).strftime("%Y-%m-%d")
+            day = _utc_date(int(record.time // 86400))
             groups.setdefault((record.version, day), []).append((record, rows))
         batches = []
         for (version, day), records in groups.items():
@@ -313,6 +318,18 @@ class PredictionLog:
             log.exception("prediction log: the final write failed")
         if self._owned_directory and self.directory is not None and not self._retained:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _run_when_idle() -> None:
+    """This thread runs only on CPU time nothing else wants (Linux SCHED_IDLE, per thread), or
+    else at the lowest priority: the workers' requests come first, and under a sustained
+    saturating load the spool's bound (readmission.serving.log_spool) makes room for it."""
+    thread = threading.get_native_id()
+    try:
+        os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, thread, SHIPPER_NICENESS)
 
 
 def log_from_settings(
