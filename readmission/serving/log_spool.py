@@ -287,10 +287,10 @@ class SpoolReader:
             offset = self._offsets.get(stem, 0)
             size = os.fstat(fd).st_size
             data = os.pread(fd, min(size - offset, budget), offset)
-            if len(data) >= _LENGTH.size and _LENGTH.unpack_from(data)[0] + _LENGTH.size > len(
-                data
-            ):  # its next record is longer than the budget: read that one whole
-                data = os.pread(fd, _LENGTH.unpack_from(data)[0] + _LENGTH.size, offset)
+            if len(data) >= _LENGTH.size:
+                first = _LENGTH.size + _LENGTH.unpack_from(data)[0]
+                if first > len(data):  # its next record is longer than the budget: read it
+                    data = os.pread(fd, min(first, size - offset), offset)  # (or all there is)
         finally:
             os.close(fd)
         records, used = self._whole_records(data, path.name)

@@ -14,7 +14,8 @@ when it holds `rows` rows, or `seconds` after its last write, it encodes them as
 process's batches, so a key is written by exactly one process, once; a batch that fails to
 PUT keeps its key and bytes and is tried again at the next write (at most MAX_RETAINED
 batches are kept; older ones are dropped and counted). So the encoding never holds a worker's
-interpreter lock, and the shipper thread runs at a lower CPU priority than the workers.
+interpreter lock, and the shipper thread runs on idle CPU only (`_run_when_idle`); the spool's
+bound gives the workers back pressure when it falls behind a sustained load.
 
 What a stop loses. A normal stop loses nothing: a worker finishes its spool file at exit,
 and the master, which exits last (gunicorn's graceful stop: SIGTERM, then `sys.exit`), writes
@@ -172,13 +173,6 @@ class PredictionLog:
     @property
     def enabled(self) -> bool:
         return self.put is not None
-
-    @property
-    def dropped_records(self) -> int:
-        """Records this process could not spool, plus torn or unreadable ones it read."""
-        if self._writer is None or self._reader is None:
-            return 0
-        return self._writer.dropped_records + self._reader.torn_records
 
     def record(
         self,
