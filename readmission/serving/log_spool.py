@@ -28,11 +28,13 @@ Contract.
   pressure: when the reader (another process, at a lower priority) falls behind a sustained
   load, requests slow down to what serving and logging together sustain, instead of the spool
   filling the disk.
-* A writer never raises into the request: a failed write drops that record and counts it.
+* A writer never raises into the request: a failed write drops that record, counts it and
+  ends the file (a record written in part is always a file's last, where the reader drops it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -188,19 +190,22 @@ class SpoolWriter:
         self._id = ""
 
     def append(self, record: bytes) -> None:
-        try:
-            with self._lock:
-                if self._pid != os.getpid():  # first record of this process (e.g. a worker)
-                    self._pid, self._fd, self._number, self._id = os.getpid(), -1, 0, writer_id()
+        with self._lock:
+            if self._pid != os.getpid():  # first record of this process (e.g. a worker)
+                self._pid, self._fd, self._number, self._id = os.getpid(), -1, 0, writer_id()
+            try:
                 if self._fd < 0 or self._size >= self.file_bytes:
                     self._next_file()
                 view = memoryview(record)
                 while view:  # a regular file takes it whole unless the disk is full
                     view = view[os.write(self._fd, view) :]
                 self._size += len(record)
-        except OSError as exc:
-            self.dropped_records += 1
-            log.error("prediction log: a record could not be spooled (dropped): %s", exc)
+            except OSError as exc:
+                self.dropped_records += 1
+                log.error("prediction log: a record could not be spooled (dropped): %s", exc)
+                # a record written in part must end its file, where the reader drops it
+                with contextlib.suppress(OSError):
+                    self._finish()
 
     def _next_file(self) -> None:
         self._finish()
@@ -227,10 +232,13 @@ class SpoolWriter:
         self.waited_seconds += time.monotonic() - started
 
     def _finish(self) -> None:
-        if self._fd >= 0 and self._path is not None:
-            os.rename(self._path, self._path.with_suffix(DONE_SUFFIX))
-            os.close(self._fd)  # releases the lock
+        fd, path = self._fd, self._path
         self._fd, self._path = -1, None
+        if fd >= 0 and path is not None:
+            try:
+                os.rename(path, path.with_suffix(DONE_SUFFIX))
+            finally:
+                os.close(fd)  # releases the lock: unrenamed, the reader finds it finished
 
     def close(self) -> None:
         """Finish this process's file (the exit hook of a process that records)."""
