@@ -307,7 +307,7 @@ def test_every_answer_of_every_worker_is_in_the_log_after_a_graceful_stop(
         ]
         for r in table.to_pylist()
     }
-    assert logged == answered
+    assert logged == answered and table.num_rows == len(answered)  # each once
     encounters = dict(
         zip(
             table.column("request_id").to_pylist(),
