@@ -55,16 +55,19 @@ METRICS = {
 
 
 def exported_metrics(root: Path) -> set[str] | None:
-    """Metric names the predict function exports (readmission/serving/metrics.py, and the
-    realized gauges of readmission/serving/realized.py), if present."""
-    path = root / "readmission" / "serving" / "metrics.py"
-    if not path.exists():
+    """Metric names the predict function exports (the metrics and collectors named in
+    readmission/serving/*.py: metrics.py, the drift gauge of drift.py, and the realized
+    gauges of realized.py), if present."""
+    serving = root / "readmission" / "serving"
+    if not (serving / "metrics.py").exists():
         return None
-    found = re.findall(
-        r"\b(Counter|Histogram|Gauge|Info|InfoMetricFamily|GaugeMetricFamily|Summary)"
-        r"\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"",
-        path.read_text(encoding="utf-8"),
-    )
+    found = []
+    for path in sorted(serving.glob("*.py")):
+        found += re.findall(
+            r"\b(Counter|Histogram|Gauge|Info|InfoMetricFamily|GaugeMetricFamily|Summary)"
+            r"\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"",
+            path.read_text(encoding="utf-8"),
+        )
     realized = root / "readmission" / "serving" / "realized.py"
     if realized.exists():
         text = realized.read_text(encoding="utf-8")
@@ -130,9 +133,7 @@ def check_monitoring(root: Path) -> list[str]:
     exported = exported_metrics(root)
     if exported is not None:
         for name in sorted(used - exported):
-            problems.append(
-                f"monitoring uses {name}, which readmission/serving/metrics.py does not export"
-            )
+            problems.append(f"monitoring uses {name}, which readmission/serving does not export")
     alerts = {
         rule.get("alert")
         for doc in by_kind(load_docs(root), "PrometheusRule")
