@@ -54,11 +54,23 @@ def _settings(seaweed: SeaweedServer, name: str) -> tuple[Settings, ObjectStore]
     return settings, store
 
 
+_LOGS: list[PredictionLog] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_logs() -> Iterator[None]:
+    """Each test's prediction logs are closed after it (their spool directories removed)."""
+    yield
+    while _LOGS:
+        _LOGS.pop().close()
+
+
 def _log(store: ObjectStore, settings: Settings) -> PredictionLog:
     def put(key: str, data: bytes) -> None:
         store.put_bytes(settings.buckets.predictions_log, key, data)
 
-    return PredictionLog(put, rows=10**6, seconds=3600)
+    _LOGS.append(PredictionLog(put, rows=10**6, seconds=3600))
+    return _LOGS[-1]
 
 
 def _rows(rows: list[dict[str, Any]]) -> tuple[bytes, str]:
