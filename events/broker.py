@@ -92,13 +92,11 @@ class BrokerConfig:
     dead_letter_attempts: int = 3
     # seconds a client may go silent while it sends a request head, then its body (each read;
     # events.intake: a thread per connection, so a slow client holds only its own)
-    header_timeout: float = ReadTimeouts.header
-    body_timeout: float = ReadTimeouts.body
+    read_timeouts: ReadTimeouts = field(default_factory=ReadTimeouts)
 
     @classmethod
     def from_env(cls) -> BrokerConfig:
         state = Path(_env("STATE_DIR", ".state"))
-        timeouts = ReadTimeouts.from_env()
         return cls(
             host=_env("BROKER_HOST", cls.host),
             port=int(_env("BROKER_PORT", str(cls.port))),
@@ -114,8 +112,7 @@ class BrokerConfig:
                 _env("BROKER_MAX_INFLIGHT", str(cls.max_inflight_per_replica))
             ),
             max_body_bytes=int(_env("BROKER_MAX_BODY_BYTES", str(cls.max_body_bytes))),
-            header_timeout=timeouts.header,
-            body_timeout=timeouts.body,
+            read_timeouts=ReadTimeouts.from_env(),
         )
 
 
@@ -474,8 +471,7 @@ class BrokerServer(IntakeServer):
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         config = broker.config
-        timeouts = ReadTimeouts(header=config.header_timeout, body=config.body_timeout)
-        super().__init__((config.host, config.port), _Handler, timeouts)
+        super().__init__((config.host, config.port), _Handler, config.read_timeouts)
 
     def shutdown(self) -> None:
         self.broker.stopping.set()

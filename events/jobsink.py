@@ -130,12 +130,10 @@ class JobSinkConfig:
     backoff_seconds: float = 10.0  # before a retry, doubling up to 360 s (Kubernetes' pod backoff)
     max_body_bytes: int = 1024 * 1024
     # seconds a client may go silent per read of its request head, then its body
-    header_timeout: float = ReadTimeouts.header
-    body_timeout: float = ReadTimeouts.body
+    read_timeouts: ReadTimeouts = field(default_factory=ReadTimeouts)
 
     @classmethod
     def from_env(cls) -> JobSinkConfig:
-        timeouts = ReadTimeouts.from_env()
         return cls(
             host=_env("JOBSINK_HOST", cls.host),
             port=int(_env("JOBSINK_PORT", str(cls.port))),
@@ -144,8 +142,7 @@ class JobSinkConfig:
             parallelism=max(1, int(_env("JOBSINK_PARALLELISM", str(cls.parallelism)))),
             root=Path(_env("JOBSINK_ROOT", str(cls.root))),
             backoff_seconds=float(_env("JOBSINK_BACKOFF_SECONDS", str(cls.backoff_seconds))),
-            header_timeout=timeouts.header,
-            body_timeout=timeouts.body,
+            read_timeouts=ReadTimeouts.from_env(),
         )
 
 
@@ -355,8 +352,7 @@ class JobSinkServer(IntakeServer):
     def __init__(self, sink: JobSink) -> None:
         self.sink = sink
         config = sink.config
-        timeouts = ReadTimeouts(header=config.header_timeout, body=config.body_timeout)
-        super().__init__((config.host, config.port), _Handler, timeouts)
+        super().__init__((config.host, config.port), _Handler, config.read_timeouts)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from support.http_stub import Subscriber
 from support.predict_support import FunctionProcess, http
 
 from events.broker import BrokerConfig, BrokerServer, serve
+from events.intake import ReadTimeouts
 from events.jobsink import JobSink, JobSinkConfig, JobSinkServer
 from readmission.glue.slow_clients import GATE_BYTES, PARTIAL, STREAMED, WHOLE, request_state
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV
@@ -190,8 +191,7 @@ def broker(tmp_path: Path) -> Iterator[BrokerServer]:
         manifests=ROOT / "infra" / "knative",
         services_file=services,
         dead_letter_file=tmp_path / "dead-letters.jsonl",
-        header_timeout=TIMEOUT,
-        body_timeout=TIMEOUT,
+        read_timeouts=ReadTimeouts(header=TIMEOUT, body=TIMEOUT),
     )
     server = serve(config)
     try:
@@ -216,8 +216,7 @@ def test_the_jobsink_answers_while_slow_clients_are_held_then_drops_them(tmp_pat
         port=0,
         manifests=tmp_path,  # no JobSink: only its intake is under test
         state_dir=tmp_path / "state",
-        header_timeout=TIMEOUT,
-        body_timeout=TIMEOUT,
+        read_timeouts=ReadTimeouts(header=TIMEOUT, body=TIMEOUT),
     )
     server = JobSinkServer(JobSink(config))
     threading.Thread(target=server.serve_forever, daemon=True).start()
