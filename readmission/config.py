@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+
+from readmission import env
 
 # The original project's four algorithms (the project's subject) and hist_gradient_boosting,
 # which beats them on the real file (docs/training.md).
@@ -14,30 +15,6 @@ DEFAULT_ALGORITHMS = (
     "gradient_boosting",
     "hist_gradient_boosting",
 )
-
-
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name, "").strip()
-    return value or default
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = _env(name, str(default))
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from exc
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = _env(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from exc
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"environment variable {name} must be a finite number, got {raw!r}")
-    return value
 
 
 MIN_GATE_RESAMPLES = 1000
@@ -61,17 +38,17 @@ class Buckets:
     @classmethod
     def from_env(cls) -> Buckets:
         return cls(
-            raw=_env("BUCKET_RAW", cls.raw),
-            datasets=_env("BUCKET_DATASETS", cls.datasets),
-            jobs=_env("BUCKET_JOBS", cls.jobs),
-            results=_env("BUCKET_RESULTS", cls.results),
-            models=_env("BUCKET_MODELS", cls.models),
-            rejected=_env("BUCKET_REJECTED", cls.rejected),
-            dead_letter=_env("BUCKET_DEAD_LETTER", cls.dead_letter),
-            mlflow=_env("BUCKET_MLFLOW", cls.mlflow),
-            scoring=_env("BUCKET_SCORING", cls.scoring),
-            predictions_log=_env("BUCKET_PREDICTIONS_LOG", cls.predictions_log),
-            outcomes=_env("BUCKET_OUTCOMES", cls.outcomes),
+            raw=env.text("BUCKET_RAW", cls.raw),
+            datasets=env.text("BUCKET_DATASETS", cls.datasets),
+            jobs=env.text("BUCKET_JOBS", cls.jobs),
+            results=env.text("BUCKET_RESULTS", cls.results),
+            models=env.text("BUCKET_MODELS", cls.models),
+            rejected=env.text("BUCKET_REJECTED", cls.rejected),
+            dead_letter=env.text("BUCKET_DEAD_LETTER", cls.dead_letter),
+            mlflow=env.text("BUCKET_MLFLOW", cls.mlflow),
+            scoring=env.text("BUCKET_SCORING", cls.scoring),
+            predictions_log=env.text("BUCKET_PREDICTIONS_LOG", cls.predictions_log),
+            outcomes=env.text("BUCKET_OUTCOMES", cls.outcomes),
         )
 
     def all(self) -> list[str]:
@@ -130,54 +107,54 @@ class Settings:
     def from_env(cls) -> Settings:
         algorithms = tuple(
             name.strip()
-            for name in _env("ALGORITHMS", ",".join(DEFAULT_ALGORITHMS)).split(",")
+            for name in env.text("ALGORITHMS", ",".join(DEFAULT_ALGORITHMS)).split(",")
             if name.strip()
         )
-        batch_rows = _env_int("BATCH_ROWS", cls.batch_rows)
+        batch_rows = env.integer("BATCH_ROWS", cls.batch_rows)
         if batch_rows < 1:
             raise ValueError(f"BATCH_ROWS must be positive, got {batch_rows}")
-        linear_sets = _env_int("CUMULATIVE_LINEAR_SETS", cls.cumulative_linear_sets)
+        linear_sets = env.integer("CUMULATIVE_LINEAR_SETS", cls.cumulative_linear_sets)
         if linear_sets < 1:
             raise ValueError(f"CUMULATIVE_LINEAR_SETS must be positive, got {linear_sets}")
-        growth = _env_float("CUMULATIVE_GROWTH", cls.cumulative_growth)
+        growth = env.number("CUMULATIVE_GROWTH", cls.cumulative_growth)
         if growth <= 1:
             raise ValueError(f"CUMULATIVE_GROWTH must be more than 1, got {growth}")
-        prepare_ahead_missing = _env_int("PREPARE_AHEAD_MISSING", cls.prepare_ahead_missing)
+        prepare_ahead_missing = env.integer("PREPARE_AHEAD_MISSING", cls.prepare_ahead_missing)
         if prepare_ahead_missing < 0:
             raise ValueError(f"PREPARE_AHEAD_MISSING must be >= 0, got {prepare_ahead_missing}")
-        gate_resamples = _env_int("GATE_RESAMPLES", cls.gate_resamples)
+        gate_resamples = env.integer("GATE_RESAMPLES", cls.gate_resamples)
         if gate_resamples < MIN_GATE_RESAMPLES:
             raise ValueError(
                 f"GATE_RESAMPLES must be at least {MIN_GATE_RESAMPLES}, got {gate_resamples}"
             )
-        drift_psi_watch = _env_float("DRIFT_PSI_WATCH", cls.drift_psi_watch)
-        drift_psi_drifted = _env_float("DRIFT_PSI_DRIFTED", cls.drift_psi_drifted)
+        drift_psi_watch = env.number("DRIFT_PSI_WATCH", cls.drift_psi_watch)
+        drift_psi_drifted = env.number("DRIFT_PSI_DRIFTED", cls.drift_psi_drifted)
         if not 0 <= drift_psi_watch <= drift_psi_drifted:
             raise ValueError(
                 f"need 0 <= DRIFT_PSI_WATCH <= DRIFT_PSI_DRIFTED, got {drift_psi_watch} and "
                 f"{drift_psi_drifted}"
             )
-        drift_sample_rows = _env_int("DRIFT_SAMPLE_ROWS", cls.drift_sample_rows)
+        drift_sample_rows = env.integer("DRIFT_SAMPLE_ROWS", cls.drift_sample_rows)
         if drift_sample_rows < 1:
             raise ValueError(f"DRIFT_SAMPLE_ROWS must be positive, got {drift_sample_rows}")
         return cls(
-            s3_endpoint_url=_env("S3_ENDPOINT_URL", cls.s3_endpoint_url),
-            aws_region=_env("AWS_REGION", cls.aws_region),
+            s3_endpoint_url=env.text("S3_ENDPOINT_URL", cls.s3_endpoint_url),
+            aws_region=env.text("AWS_REGION", cls.aws_region),
             buckets=Buckets.from_env(),
             batch_rows=batch_rows,
-            split_seed=_env_int("SPLIT_SEED", cls.split_seed),
+            split_seed=env.integer("SPLIT_SEED", cls.split_seed),
             cumulative_linear_sets=linear_sets,
             cumulative_growth=growth,
-            max_upload_bytes=_env_int("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
+            max_upload_bytes=env.integer("MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             algorithms=algorithms,
-            selection_metric=_env("SELECTION_METRIC", cls.selection_metric),
-            mlflow_tracking_uri=_env("MLFLOW_TRACKING_URI", cls.mlflow_tracking_uri),
-            mlflow_experiment=_env("MLFLOW_EXPERIMENT", cls.mlflow_experiment),
-            registered_model=_env("REGISTERED_MODEL", cls.registered_model),
+            selection_metric=env.text("SELECTION_METRIC", cls.selection_metric),
+            mlflow_tracking_uri=env.text("MLFLOW_TRACKING_URI", cls.mlflow_tracking_uri),
+            mlflow_experiment=env.text("MLFLOW_EXPERIMENT", cls.mlflow_experiment),
+            registered_model=env.text("REGISTERED_MODEL", cls.registered_model),
             prepare_ahead_missing=prepare_ahead_missing,
-            gate_margin=_env_float("GATE_MARGIN", cls.gate_margin),
+            gate_margin=env.number("GATE_MARGIN", cls.gate_margin),
             gate_resamples=gate_resamples,
-            gate_seed=_env_int("GATE_SEED", cls.gate_seed),
+            gate_seed=env.integer("GATE_SEED", cls.gate_seed),
             drift_psi_watch=drift_psi_watch,
             drift_psi_drifted=drift_psi_drifted,
             drift_sample_rows=drift_sample_rows,

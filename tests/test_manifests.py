@@ -242,6 +242,11 @@ def test_detects_undefined_config_key(broken) -> None:
     assert "does not set BUCKET_MLFLOW" in problems
 
 
+def test_detects_a_number_setting_missing_from_the_configmap(broken) -> None:
+    broken("infra/knative/configmap.yaml", _replace('  GATE_MARGIN: "0.002"\n', ""))
+    assert "does not set GATE_MARGIN" in _problems("config-refs")
+
+
 def test_detects_undefined_secret(broken) -> None:
     broken("infra/knative/services.yaml", _replace("name: readmission-s3", "name: s3-creds"))
     assert "envFrom secretRef 's3-creds' undefined" in _problems("config-refs")
