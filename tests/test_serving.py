@@ -338,6 +338,19 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ServingSettings.from_env()
 
 
+def test_settings_name_a_bad_number_and_its_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREDICT_BATCH_LIMIT", "1.5")
+    with pytest.raises(ValueError, match=r"^PREDICT_BATCH_LIMIT must be an integer, got '1\.5'$"):
+        ServingSettings.from_env()
+    monkeypatch.setenv("PREDICT_BATCH_LIMIT", "0")
+    with pytest.raises(ValueError, match=r"^PREDICT_BATCH_LIMIT must be >= 1, got '0'$"):
+        ServingSettings.from_env()
+    monkeypatch.delenv("PREDICT_BATCH_LIMIT")
+    monkeypatch.setenv("PREDICTION_LOG_SECONDS", "0")
+    with pytest.raises(ValueError, match=r"^PREDICTION_LOG_SECONDS must be >= 0\.01, got '0'$"):
+        ServingSettings.from_env()
+
+
 def test_probabilities_are_rounded_as_numpy_rounds_them_for_any_number_of_rows() -> None:
     """Single rows are rounded in Python (faster than numpy's call), batches with numpy: the
     same answer either way, ties and NaN included."""

@@ -10,22 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from readmission import env
+
 POLICIES = ("reject", "unseen")  # UNKNOWN_CATEGORY_POLICY values
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, "").strip() or default
-
-
-def _env_number(name: str, default: float, minimum: float) -> float:
-    raw = _env(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {raw!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -58,36 +45,38 @@ class ServingSettings:
 
     @classmethod
     def from_env(cls) -> ServingSettings:
-        policy = _env("UNKNOWN_CATEGORY_POLICY", cls.unknown_category_policy).lower()
+        policy = env.text("UNKNOWN_CATEGORY_POLICY", cls.unknown_category_policy).lower()
         if policy not in POLICIES:
             raise ValueError(f"UNKNOWN_CATEGORY_POLICY must be one of {POLICIES}, got {policy!r}")
-        load_mode = _env("MODEL_LOAD", cls.load_mode).lower()
+        load_mode = env.text("MODEL_LOAD", cls.load_mode).lower()
         if load_mode not in ("eager", "background"):
             raise ValueError(f"MODEL_LOAD must be eager or background, got {load_mode!r}")
-        prediction_log = _env("PREDICTION_LOG", "on").lower()
+        prediction_log = env.text("PREDICTION_LOG", "on").lower()
         if prediction_log not in ("on", "off"):
             raise ValueError(f"PREDICTION_LOG must be on or off, got {prediction_log!r}")
-        model_path = _env("MODEL_PATH", "")
-        metadata_path = _env("MODEL_METADATA_PATH", "")
+        model_path = env.text("MODEL_PATH", "")
+        metadata_path = env.text("MODEL_METADATA_PATH", "")
         if bool(model_path) != bool(metadata_path):
             raise ValueError("set both MODEL_PATH and MODEL_METADATA_PATH, or neither")
         return cls(
             model_path=model_path,
             metadata_path=metadata_path,
-            poll_seconds=_env_number("MODEL_POLL_SECONDS", cls.poll_seconds, 0),
+            poll_seconds=env.number("MODEL_POLL_SECONDS", cls.poll_seconds, minimum=0),
             unknown_category_policy=policy,
-            batch_limit=int(_env_number("PREDICT_BATCH_LIMIT", cls.batch_limit, 1)),
-            max_body_bytes=int(_env_number("PREDICT_MAX_BODY_BYTES", cls.max_body_bytes, 1)),
-            intra_op_threads=int(_env_number("ORT_INTRA_OP_THREADS", cls.intra_op_threads, 1)),
-            request_threads=int(_env_number("THREADS", cls.request_threads, 1)),
+            batch_limit=env.integer("PREDICT_BATCH_LIMIT", cls.batch_limit, minimum=1),
+            max_body_bytes=env.integer("PREDICT_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
+            intra_op_threads=env.integer("ORT_INTRA_OP_THREADS", cls.intra_op_threads, minimum=1),
+            request_threads=env.integer("THREADS", cls.request_threads, minimum=1),
             load_mode=load_mode,
             prediction_log=prediction_log == "on",
-            prediction_log_rows=int(_env_number("PREDICTION_LOG_ROWS", cls.prediction_log_rows, 1)),
-            prediction_log_seconds=_env_number(
-                "PREDICTION_LOG_SECONDS", cls.prediction_log_seconds, 0.01
+            prediction_log_rows=env.integer(
+                "PREDICTION_LOG_ROWS", cls.prediction_log_rows, minimum=1
             ),
-            prediction_log_dir=_env("PREDICTION_LOG_DIR", cls.prediction_log_dir),
-            prediction_log_spool_mb=_env_number(
-                "PREDICTION_LOG_SPOOL_MB", cls.prediction_log_spool_mb, 1
+            prediction_log_seconds=env.number(
+                "PREDICTION_LOG_SECONDS", cls.prediction_log_seconds, minimum=0.01
+            ),
+            prediction_log_dir=env.text("PREDICTION_LOG_DIR", cls.prediction_log_dir),
+            prediction_log_spool_mb=env.number(
+                "PREDICTION_LOG_SPOOL_MB", cls.prediction_log_spool_mb, minimum=1
             ),
         )
