@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from readmission import env
 from readmission.config import Settings
 from readmission.contract import TARGET
 from readmission.keys import PREDICTIONS_PREFIX, rejected_key, rejected_report_key
@@ -63,28 +64,6 @@ SUPERSEDED = "superseded"
 IGNORED = "ignored"
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
-def _env_int(name: str, default: int, minimum: int) -> int:
-    raw = os.environ.get(name, "").strip() or str(default)
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {raw!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class ScoreOptions:
     """Settings of the score function (env var -> default, documented in docs/predict.md)."""
@@ -97,10 +76,10 @@ class ScoreOptions:
     @classmethod
     def from_env(cls) -> ScoreOptions:
         return cls(
-            explain=_env_flag("SCORE_EXPLAIN", cls.explain),
-            chunk_bytes=_env_int("SCORE_CHUNK_BYTES", cls.chunk_bytes, 64 * 1024),
-            top_k=_env_int("SCORE_EXPLAIN_TOP_K", cls.top_k, 1),
-            intra_op_threads=_env_int("SCORE_ORT_THREADS", cls.intra_op_threads, 1),
+            explain=env.flag("SCORE_EXPLAIN", cls.explain),
+            chunk_bytes=env.integer("SCORE_CHUNK_BYTES", cls.chunk_bytes, minimum=64 * 1024),
+            top_k=env.integer("SCORE_EXPLAIN_TOP_K", cls.top_k, minimum=1),
+            intra_op_threads=env.integer("SCORE_ORT_THREADS", cls.intra_op_threads, minimum=1),
         )
 
 

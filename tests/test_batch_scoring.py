@@ -55,6 +55,23 @@ def model() -> LoadedModel:
     return LoadedModel(onnx_bytes, metadata, micro_batching=False)
 
 
+def test_score_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SCORE_EXPLAIN", "SCORE_CHUNK_BYTES", "SCORE_EXPLAIN_TOP_K", "SCORE_ORT_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    assert ScoreOptions.from_env() == ScoreOptions()
+    monkeypatch.setenv("SCORE_EXPLAIN", "yes")
+    monkeypatch.setenv("SCORE_CHUNK_BYTES", "65536")
+    assert ScoreOptions.from_env().explain is True
+    assert ScoreOptions.from_env().chunk_bytes == 64 * 1024
+    monkeypatch.setenv("SCORE_CHUNK_BYTES", "10")
+    with pytest.raises(ValueError, match=r"^SCORE_CHUNK_BYTES must be >= 65536, got '10'$"):
+        ScoreOptions.from_env()
+    monkeypatch.delenv("SCORE_CHUNK_BYTES")
+    monkeypatch.setenv("SCORE_EXPLAIN", "maybe")
+    with pytest.raises(ValueError, match=r"^SCORE_EXPLAIN must be one of .*, got 'maybe'$"):
+        ScoreOptions.from_env()
+
+
 def _put(store: ObjectStore, key: str, data: bytes) -> str:
     store.put_bytes(BUCKET, key, data)
     info = store.head(BUCKET, key)
