@@ -32,7 +32,6 @@ TRAIN_REQUEST_MAX_ROWS (500000), TRAIN_JOB_DEADLINE_SECONDS (21600).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from typing import Any
 from cloudevents.http import CloudEvent
 
 from events.delivery import post_binary
-from readmission import lease
+from readmission import env, lease
 from readmission.job_spec import JobSpec
 from readmission.jobs import estimated_fit_seconds
 from readmission.storage import ObjectStore
@@ -63,14 +62,11 @@ class HandoffSettings:
 
     @classmethod
     def from_env(cls) -> HandoffSettings:
-        def number(name: str, default: float) -> float:
-            return float(os.environ.get(name, "").strip() or default)
-
         return cls(
-            jobsink_url=os.environ.get("TRAIN_JOBSINK_URL", "").strip() or None,
-            request_seconds=number("TRAIN_REQUEST_SECONDS", cls.request_seconds),
-            request_max_rows=int(number("TRAIN_REQUEST_MAX_ROWS", cls.request_max_rows)),
-            job_deadline_seconds=number("TRAIN_JOB_DEADLINE_SECONDS", cls.job_deadline_seconds),
+            jobsink_url=env.text("TRAIN_JOBSINK_URL") or None,
+            request_seconds=env.number("TRAIN_REQUEST_SECONDS", cls.request_seconds),
+            request_max_rows=env.integer("TRAIN_REQUEST_MAX_ROWS", cls.request_max_rows),
+            job_deadline_seconds=env.number("TRAIN_JOB_DEADLINE_SECONDS", cls.job_deadline_seconds),
         )
 
 

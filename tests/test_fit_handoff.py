@@ -53,6 +53,9 @@ def test_the_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     assert settings == HandoffSettings("http://sink/ns/fits", 12.5, 1000, 60.0)
     monkeypatch.delenv("TRAIN_JOBSINK_URL")
     assert HandoffSettings.from_env().jobsink_url is None
+    monkeypatch.setenv("TRAIN_REQUEST_SECONDS", "five minutes")
+    with pytest.raises(ValueError, match="TRAIN_REQUEST_SECONDS must be a number, got 'five"):
+        HandoffSettings.from_env()
 
 
 def test_a_generation_holds_until_the_job_deadline_then_the_next_one_starts(
