@@ -78,6 +78,19 @@ def test_prometheus_gets_a_port_and_a_url_only_when_installed_and_wanted(
     assert "prometheus" not in assign_ports(off)
 
 
+def test_the_stack_switches_take_every_flag_spelling_and_name_a_bad_one() -> None:
+    on = {"STACK_STRICT": "on", "LOCAL_RESTART": "yes", "LOCAL_PROMETHEUS": "1"}
+    config = StackConfig.from_env(root=ROOT, extra_env=on)
+    assert (config.strict, config.restart, config.prometheus) == (True, True, True)
+    off = {"STACK_STRICT": "0", "LOCAL_RESTART": "no", "LOCAL_PROMETHEUS": "Off"}
+    config = StackConfig.from_env(root=ROOT, extra_env=off)
+    assert (config.strict, config.restart, config.prometheus) == (False, False, False)
+    with pytest.raises(ValueError, match=r"LOCAL_RESTART must be one of .* got 'sometimes'"):
+        StackConfig.from_env(root=ROOT, extra_env={"LOCAL_RESTART": "sometimes"})
+    with pytest.raises(ValueError, match="TRAIN_WORKERS must be an integer, got 'two'"):
+        StackConfig.from_env(root=ROOT, extra_env={"TRAIN_WORKERS": "two"})
+
+
 def test_the_local_rules_are_the_manifest_rules_with_for_replaced_on_request(
     tmp_path: Path,
 ) -> None:

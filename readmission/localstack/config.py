@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from readmission import env
 from readmission.config import Settings
 from readmission.localstack import processes, prometheus, seaweed
 
@@ -83,11 +84,6 @@ class StackError(RuntimeError):
     pass
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value else default
-
-
 def _tool(name: str) -> str:
     """A console script of the virtualenv that runs this code, else one on PATH."""
     beside = Path(sys.executable).parent / name
@@ -137,24 +133,22 @@ class StackConfig:
     def _from_environ(
         cls, root: Path, state_dir: Path | None, extra_env: dict[str, str]
     ) -> StackConfig:
-        state = state_dir or Path(os.environ.get("STATE_DIR", "").strip() or root / ".state")
+        state = state_dir or Path(env.text("STATE_DIR") or root / ".state")
         return cls(
             root=root,
             state_dir=(root / state if not state.is_absolute() else state).resolve(),
-            free_ports=os.environ.get("LOCAL_PORTS", "").strip().lower() == "free",
-            train_workers=max(1, _env_int("TRAIN_WORKERS", os.cpu_count() or 1)),
-            mlflow_workers=max(1, _env_int("MLFLOW_WORKERS", 1)),
-            start_timeout=float(_env_int("STACK_START_TIMEOUT", 180)),
-            strict=os.environ.get("STACK_STRICT", "").strip() in {"1", "true", "yes"},
-            restart=os.environ.get("LOCAL_RESTART", "on").strip().lower()
-            not in {"off", "0", "false", "no"},
+            free_ports=env.text("LOCAL_PORTS").lower() == "free",
+            train_workers=max(1, env.integer("TRAIN_WORKERS", os.cpu_count() or 1)),
+            mlflow_workers=max(1, env.integer("MLFLOW_WORKERS", cls.mlflow_workers)),
+            start_timeout=env.number("STACK_START_TIMEOUT", cls.start_timeout),
+            strict=env.flag("STACK_STRICT", cls.strict),
+            restart=env.flag("LOCAL_RESTART", cls.restart),
             extra_env=extra_env,
-            prometheus=os.environ.get("LOCAL_PROMETHEUS", "on").strip().lower()
-            not in {"off", "0", "false", "no"},
-            prometheus_scrape_seconds=float(
-                os.environ.get("PROMETHEUS_SCRAPE_SECONDS", "").strip() or 5.0
+            prometheus=env.flag("LOCAL_PROMETHEUS", cls.prometheus),
+            prometheus_scrape_seconds=env.number(
+                "PROMETHEUS_SCRAPE_SECONDS", cls.prometheus_scrape_seconds
             ),
-            prometheus_rule_for=os.environ.get("PROMETHEUS_RULE_FOR", "").strip(),
+            prometheus_rule_for=env.text("PROMETHEUS_RULE_FOR"),
         )
 
     def path(self, *parts: str) -> Path:
@@ -189,18 +183,18 @@ def assign_ports(config: StackConfig) -> dict[str, int]:
         names += ["prometheus"] if config.runs_prometheus() else []
         return dict(zip(names, processes.free_ports(len(names)), strict=True))
     ports = {
-        "s3": _env_int("S3_PORT", 8333),
-        "filer": _env_int("FILER_PORT", 8888),
-        "master": _env_int("MASTER_PORT", 9333),
-        "volume": _env_int("VOLUME_PORT", 9340),
+        "s3": env.integer("S3_PORT", 8333),
+        "filer": env.integer("FILER_PORT", 8888),
+        "master": env.integer("MASTER_PORT", 9333),
+        "volume": env.integer("VOLUME_PORT", 9340),
     }
     ports.update({f"{name}.grpc": port + 10000 for name, port in list(ports.items())})
-    ports["mlflow"] = _env_int("MLFLOW_PORT", 5000)
-    ports["broker"] = _env_int("BROKER_PORT", 8100)
-    ports["jobsink"] = _env_int("JOBSINK_PORT", 8099)
+    ports["mlflow"] = env.integer("MLFLOW_PORT", 5000)
+    ports["broker"] = env.integer("BROKER_PORT", 8100)
+    ports["jobsink"] = env.integer("JOBSINK_PORT", 8099)
     if config.runs_prometheus():
-        ports["prometheus"] = _env_int("PROMETHEUS_PORT", 9090)
-    base = _env_int("FUNCTIONS_PORT", 8101)
+        ports["prometheus"] = env.integer("PROMETHEUS_PORT", 9090)
+    base = env.integer("FUNCTIONS_PORT", 8101)
     others = sorted(n for n in functions if n not in _FUNCTION_PORT_OFFSET and "train-" not in n)
     for name in functions:
         if name.startswith("train-"):

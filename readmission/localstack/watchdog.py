@@ -34,6 +34,7 @@ from pathlib import Path
 from events.pinger import fire_direct
 from events.routing import load_routing
 from events.services import ServiceDirectory
+from readmission import env
 from readmission.localstack import processes
 
 log = logging.getLogger("watchdog")
@@ -123,7 +124,7 @@ class Watchdog:
 
     def _reconcile_soon(self) -> None:
         """Fire every PingSource when the restarted process answers, and after the grace."""
-        grace = float(os.environ.get("RECONCILE_GRACE_SECONDS", "").strip() or 120.0)
+        grace = env.number("RECONCILE_GRACE_SECONDS", 120.0)
         for delay in (0.0, grace + 2.0):
             if self.stopping.wait(delay):
                 return
