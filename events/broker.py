@@ -53,14 +53,11 @@ from events.routing import (
     manifests_signature,
 )
 from events.services import ServiceDirectory
+from readmission import env
 
 log = logging.getLogger("broker")
 
 REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, "").strip() or default
 
 
 def parse_timeout_caps(text: str) -> dict[str, float]:
@@ -70,7 +67,10 @@ def parse_timeout_caps(text: str) -> dict[str, float]:
         service, _, seconds = item.partition("=")
         if not service.strip() or not seconds.strip():
             raise ValueError(f"BROKER_TIMEOUT_CAPS: {item!r} is not service=seconds")
-        caps[service.strip()] = float(seconds)
+        try:
+            caps[service.strip()] = float(seconds)
+        except ValueError as exc:
+            raise ValueError(f"BROKER_TIMEOUT_CAPS: {item!r} is not service=seconds") from exc
     return caps
 
 
@@ -96,22 +96,22 @@ class BrokerConfig:
 
     @classmethod
     def from_env(cls) -> BrokerConfig:
-        state = Path(_env("STATE_DIR", ".state"))
+        state = Path(env.text("STATE_DIR", ".state"))
         return cls(
-            host=_env("BROKER_HOST", cls.host),
-            port=int(_env("BROKER_PORT", str(cls.port))),
-            manifests=Path(_env("BROKER_MANIFESTS", str(cls.manifests))),
-            services_file=Path(_env("BROKER_SERVICES", str(state / "services.json"))),
+            host=env.text("BROKER_HOST", cls.host),
+            port=env.integer("BROKER_PORT", cls.port),
+            manifests=Path(env.text("BROKER_MANIFESTS", str(cls.manifests))),
+            services_file=Path(env.text("BROKER_SERVICES", str(state / "services.json"))),
             dead_letter_file=Path(
-                _env("BROKER_DEAD_LETTER_FILE", str(state / "dead-letters.jsonl"))
+                env.text("BROKER_DEAD_LETTER_FILE", str(state / "dead-letters.jsonl"))
             ),
-            broker_name=os.environ.get("BROKER_NAME") or None,
-            default_timeout=float(_env("BROKER_DEFAULT_TIMEOUT", str(cls.default_timeout))),
-            timeout_caps=parse_timeout_caps(os.environ.get("BROKER_TIMEOUT_CAPS", "")),
-            max_inflight_per_replica=int(
-                _env("BROKER_MAX_INFLIGHT", str(cls.max_inflight_per_replica))
+            broker_name=env.text("BROKER_NAME") or None,
+            default_timeout=env.number("BROKER_DEFAULT_TIMEOUT", cls.default_timeout),
+            timeout_caps=parse_timeout_caps(env.text("BROKER_TIMEOUT_CAPS")),
+            max_inflight_per_replica=env.integer(
+                "BROKER_MAX_INFLIGHT", cls.max_inflight_per_replica
             ),
-            max_body_bytes=int(_env("BROKER_MAX_BODY_BYTES", str(cls.max_body_bytes))),
+            max_body_bytes=env.integer("BROKER_MAX_BODY_BYTES", cls.max_body_bytes),
             read_timeouts=ReadTimeouts.from_env(),
         )
 
@@ -496,7 +496,7 @@ def main() -> None:
     server = BrokerServer(Broker(config))
     # The local stack runs its PingSources as a process of their own (python -m events.pinger),
     # so the reconciler is not lost with the broker; BROKER_PINGSOURCES=off says so.
-    if os.environ.get("BROKER_PINGSOURCES", "on").strip().lower() not in {"off", "0", "false"}:
+    if env.flag("BROKER_PINGSOURCES", True):
         server.broker.start_pinger()
     log.info("broker listening on %s (manifests %s)", server.url, config.manifests)
     try:

@@ -16,9 +16,10 @@ functions' gate reads too (readmission.glue.slow_clients); docs/reliability.md, 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from readmission import env
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,9 @@ class ReadTimeouts:
 
     @classmethod
     def from_env(cls) -> ReadTimeouts:
-        def seconds(name: str, default: float) -> float:
-            return float(os.environ.get(name, "").strip() or default)
-
         return cls(
-            header=seconds("HTTP_HEADER_TIMEOUT", cls.header),
-            body=seconds("HTTP_BODY_TIMEOUT", cls.body),
+            header=env.number("HTTP_HEADER_TIMEOUT", cls.header),
+            body=env.number("HTTP_BODY_TIMEOUT", cls.body),
         )
 
 

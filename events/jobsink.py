@@ -54,6 +54,7 @@ from cloudevents.http import CloudEvent, from_http
 from events.delivery import decode_attribute_headers
 from events.intake import IntakeHandler, IntakeServer, ReadTimeouts
 from events.routing import load_documents
+from readmission import env
 
 log = logging.getLogger("jobsink")
 
@@ -61,10 +62,6 @@ API_VERSION_PREFIX = "sinks.knative.dev/"
 DEFAULT_BACKOFF_LIMIT = 6  # Kubernetes' default for a Job
 FINAL = frozenset({"succeeded", "failed"})
 _PR_SET_PDEATHSIG = 1
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, "").strip() or default
 
 
 @dataclass(frozen=True)
@@ -135,13 +132,13 @@ class JobSinkConfig:
     @classmethod
     def from_env(cls) -> JobSinkConfig:
         return cls(
-            host=_env("JOBSINK_HOST", cls.host),
-            port=int(_env("JOBSINK_PORT", str(cls.port))),
-            manifests=Path(_env("JOBSINK_MANIFESTS", str(cls.manifests))),
-            state_dir=Path(_env("JOBSINK_STATE_DIR", str(cls.state_dir))),
-            parallelism=max(1, int(_env("JOBSINK_PARALLELISM", str(cls.parallelism)))),
-            root=Path(_env("JOBSINK_ROOT", str(cls.root))),
-            backoff_seconds=float(_env("JOBSINK_BACKOFF_SECONDS", str(cls.backoff_seconds))),
+            host=env.text("JOBSINK_HOST", cls.host),
+            port=env.integer("JOBSINK_PORT", cls.port),
+            manifests=Path(env.text("JOBSINK_MANIFESTS", str(cls.manifests))),
+            state_dir=Path(env.text("JOBSINK_STATE_DIR", str(cls.state_dir))),
+            parallelism=max(1, env.integer("JOBSINK_PARALLELISM", cls.parallelism)),
+            root=Path(env.text("JOBSINK_ROOT", str(cls.root))),
+            backoff_seconds=env.number("JOBSINK_BACKOFF_SECONDS", cls.backoff_seconds),
             read_timeouts=ReadTimeouts.from_env(),
         )
 

@@ -336,6 +336,8 @@ def test_a_timeout_cap_cuts_the_deliveries_to_one_service_only(tmp_path: Path) -
     assert parse_timeout_caps(" next=0.2, step=30 ") == {"next": 0.2, "step": 30.0}
     with pytest.raises(ValueError, match="service=seconds"):
         parse_timeout_caps("next")
+    with pytest.raises(ValueError, match="'next=soon' is not service=seconds"):
+        parse_timeout_caps("next=soon")
     with broker_setup(tmp_path, timeout_caps={"next": 0.3}) as setup:
         # 1 s answers: far within the pool Trigger's timeout (none: 600 s), beyond next's cap
         uncapped = setup.subscriber("pool", (204, {}, b"", 1.0))
@@ -415,3 +417,24 @@ def test_a_key_with_a_newline_stays_on_one_delivery_log_line(
     setup.wait_idle(delivered=1)
     [line] = [r.getMessage() for r in caplog.records if "delivery type=" in r.getMessage()]
     assert "\n" not in line and "subject=raw/forged%0Aline.csv " in line
+
+
+def test_the_config_comes_from_the_environment_and_names_a_bad_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("BROKER_PORT", "BROKER_DEFAULT_TIMEOUT", "HTTP_BODY_TIMEOUT", "BROKER_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    config = BrokerConfig.from_env()
+    assert (config.port, config.default_timeout, config.broker_name) == (8100, 600.0, None)
+    monkeypatch.setenv("BROKER_PORT", " 8200 ")
+    monkeypatch.setenv("BROKER_DEFAULT_TIMEOUT", "30")
+    monkeypatch.setenv("HTTP_BODY_TIMEOUT", "2.5")
+    config = BrokerConfig.from_env()
+    assert (config.port, config.default_timeout, config.read_timeouts.body) == (8200, 30.0, 2.5)
+    monkeypatch.setenv("BROKER_PORT", "http")
+    with pytest.raises(ValueError, match="BROKER_PORT must be an integer, got 'http'"):
+        BrokerConfig.from_env()
+    monkeypatch.delenv("BROKER_PORT")
+    monkeypatch.setenv("HTTP_BODY_TIMEOUT", "ten")
+    with pytest.raises(ValueError, match="HTTP_BODY_TIMEOUT must be a number, got 'ten'"):
+        BrokerConfig.from_env()
