@@ -29,6 +29,7 @@ from cloudevents.http import CloudEvent
 
 from events.delivery import encode_header_value, post_binary
 from events.notifications import UnknownNotification, notification_events
+from readmission import env
 from readmission.config import Buckets
 
 log = logging.getLogger("events.adapter")
@@ -53,7 +54,7 @@ def adapter(request: flask.Request) -> flask.Response:
     given = request.headers.get("Authorization", "")
     if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         return _json(401, {"error": "missing or wrong bearer token"})
-    limit = int(os.environ.get("ADAPTER_MAX_BODY_BYTES") or DEFAULT_MAX_BODY_BYTES)
+    limit = env.integer("ADAPTER_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)
     if request.content_length is not None and request.content_length > limit:
         return _json(413, {"error": f"notification larger than {limit} bytes"})
     raw = request.stream.read(limit + 1)
@@ -69,7 +70,7 @@ def adapter(request: flask.Request) -> flask.Response:
     if events and not sink:
         log.error("K_SINK is not set: cannot forward %d event(s)", len(events))
         return _json(503, {"error": "K_SINK is not set"})
-    timeout = float(os.environ.get("ADAPTER_SINK_TIMEOUT") or DEFAULT_SINK_TIMEOUT)
+    timeout = env.number("ADAPTER_SINK_TIMEOUT", DEFAULT_SINK_TIMEOUT)
     for event in events:
         attempt = post_binary(sink, CloudEvent(event.attributes, event.data), timeout)
         if attempt.error:

@@ -30,6 +30,7 @@ from cloudevents.http import CloudEvent
 from events.delivery import Verdict, post_binary
 from events.routing import PingSource, Routing, load_routing
 from events.services import ServiceDirectory
+from readmission import env
 
 log = logging.getLogger("broker.ping")
 
@@ -157,10 +158,10 @@ def main() -> None:
         level=os.environ.get("LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    manifests = Path(os.environ.get("PINGSOURCE_MANIFESTS", "infra/knative"))
-    services_file = Path(os.environ.get("PINGSOURCE_SERVICES", ".state/services.json"))
+    manifests = Path(env.text("PINGSOURCE_MANIFESTS", "infra/knative"))
+    services_file = Path(env.text("PINGSOURCE_SERVICES", ".state/services.json"))
     services = ServiceDirectory(services_file)
-    attempts = int(os.environ.get("PING_ATTEMPTS", "5"))
+    attempts = env.integer("PING_ATTEMPTS", 5)
     stopping = threading.Event()
 
     def fire(source: PingSource) -> bool:
