@@ -19,6 +19,7 @@ from support.predict_support import FunctionProcess, http
 from events.broker import BrokerConfig, BrokerServer, serve
 from events.intake import ReadTimeouts
 from events.jobsink import JobSink, JobSinkConfig, JobSinkServer
+from readmission.glue import slow_clients
 from readmission.glue.slow_clients import GATE_BYTES, PARTIAL, STREAMED, WHOLE, request_state
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV
 
@@ -79,6 +80,24 @@ def _timed(call: object) -> float:
 
 
 # ---- the gate's rule ------------------------------------------------------------------------
+def test_the_gate_settings_come_from_the_environment_and_name_a_bad_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("HTTP_HEADER_TIMEOUT", "HTTP_BODY_TIMEOUT", "HTTP_STREAM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    assert slow_clients.ReadTimeouts.from_env() == slow_clients.ReadTimeouts(10.0, 10.0, 4)
+    monkeypatch.setenv("HTTP_BODY_TIMEOUT", "0")
+    with pytest.raises(ValueError, match="HTTP_BODY_TIMEOUT must be a positive number of sec"):
+        slow_clients.ReadTimeouts.from_env()
+    monkeypatch.setenv("HTTP_BODY_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="HTTP_BODY_TIMEOUT must be a number, got 'soon'"):
+        slow_clients.ReadTimeouts.from_env()
+    monkeypatch.delenv("HTTP_BODY_TIMEOUT")
+    monkeypatch.setenv("HTTP_STREAM_THREADS", "0.5")  # was int(0.5): no stream thread at all
+    with pytest.raises(ValueError, match=r"HTTP_STREAM_THREADS must be an integer, got '0\.5'"):
+        slow_clients.ReadTimeouts.from_env()
+
+
 @pytest.mark.parametrize(
     ("data", "state"),
     [

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import flask
 from werkzeug.exceptions import BadRequest
 
+from readmission import env
 from readmission.config import Settings
 from readmission.storage import ObjectStore
 
@@ -43,7 +43,7 @@ def function_context() -> tuple[Settings, ObjectStore]:
 
 def max_event_bytes() -> int:
     """EVENT_MAX_BYTES (default 1 MiB): the largest CloudEvent body a function reads."""
-    return int(os.environ.get("EVENT_MAX_BYTES", "").strip() or 1024 * 1024)
+    return env.integer("EVENT_MAX_BYTES", 1024 * 1024)
 
 
 def reply_empty_on_success() -> None:

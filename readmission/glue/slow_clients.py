@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 from gunicorn.workers.sync import SyncWorker
 
+from readmission import env
 from readmission.glue.versions import checked, warn_once
 
 GUNICORN_RANGE = ((26,), (27,))
@@ -75,21 +76,18 @@ class ReadTimeouts:
 
     @classmethod
     def from_env(cls) -> ReadTimeouts:
-        return cls(
-            header=_positive("HTTP_HEADER_TIMEOUT", cls.header),
-            body=_positive("HTTP_BODY_TIMEOUT", cls.body),
-            streams=int(_positive("HTTP_STREAM_THREADS", cls.streams)),
+        timeouts = cls(
+            header=env.number("HTTP_HEADER_TIMEOUT", cls.header),
+            body=env.number("HTTP_BODY_TIMEOUT", cls.body),
+            streams=env.integer("HTTP_STREAM_THREADS", cls.streams, minimum=1),
         )
-
-
-def _positive(name: str, default: float) -> float:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    value = float(text)
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, not {text!r}")
-    return value
+        for name, seconds in [
+            ("HTTP_HEADER_TIMEOUT", timeouts.header),
+            ("HTTP_BODY_TIMEOUT", timeouts.body),
+        ]:
+            if seconds <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {seconds}")
+        return timeouts
 
 
 PARTIAL, WHOLE, STREAMED = "partial", "whole", "streamed"
