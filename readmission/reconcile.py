@@ -52,7 +52,7 @@ from events.notifications import (
     event_type_for,
     to_event,
 )
-from readmission import keys
+from readmission import env, keys
 from readmission.config import Settings
 from readmission.storage import ObjectInfo, ObjectStore
 
@@ -183,11 +183,7 @@ class ReconcileReport:
 
 
 def grace_from_env() -> float:
-    raw = os.environ.get(GRACE_ENV, "").strip()
-    try:
-        return float(raw) if raw else DEFAULT_GRACE_SECONDS
-    except ValueError as exc:
-        raise ValueError(f"{GRACE_ENV} must be a number of seconds, got {raw!r}") from exc
+    return env.number(GRACE_ENV, DEFAULT_GRACE_SECONDS)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from readmission.localstack import processes
 from readmission.reconcile import (
     ReconcileReport,
     SinkRefused,
+    grace_from_env,
     reconcile,
     run_once,
     sink_emitter,
@@ -157,6 +158,14 @@ def test_grace_comes_from_the_environment(env, monkeypatch: pytest.MonkeyPatch) 
     reconcile(store, settings, emitted)
     assert (held.too_young, len(held.emitted)) == (1, 0)
     assert emitted.types() == [RAW_CREATED]
+
+
+def test_a_bad_grace_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECONCILE_GRACE_SECONDS", "two minutes")
+    with pytest.raises(ValueError, match="RECONCILE_GRACE_SECONDS must be a number, got 'two"):
+        grace_from_env()
+    monkeypatch.setenv("RECONCILE_GRACE_SECONDS", " ")
+    assert grace_from_env() == 120.0
 
 
 def test_a_receipt_marks_the_raw_object_processed(env) -> None:
