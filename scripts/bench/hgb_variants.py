@@ -11,6 +11,11 @@ unregularised definition (`<30` weight 2, defaults otherwise), by the gate's pai
 never read.
 
     .venv/bin/python scripts/bench/hgb_variants.py [--variants B,mf0.5_l2_30,...] [--skip-original]
+        [--reference B] [--sets]
+
+`--reference` names the variant the others are compared with (default B); `--sets` also fits
+the reference and each variant on every cumulative set of the learning curve (the first 1, 2, …
+training batches of `BATCH_ROWS`) and prints their validation ROC-AUC and its paired interval.
 """
 
 from __future__ import annotations
@@ -102,6 +107,8 @@ VARIANTS: dict[str, Callable[[], Any]] = {
     "mf0.3_l2_10": lambda: hgb(max_features=0.3, l2_regularization=10.0),
     "mf0.5_l2_30": lambda: hgb(max_features=0.5, l2_regularization=30.0),
     "mf0.5_l2_100": lambda: hgb(max_features=0.5, l2_regularization=100.0),
+    # the chosen definition without early stopping: every training row in the fit
+    "mf0.5_l2_30_noes": lambda: hgb(max_features=0.5, l2_regularization=30.0, early_stopping=False),
     "lr0.05_mf0.5_l2_10": lambda: hgb(
         learning_rate=0.05, max_iter=400, max_features=0.5, l2_regularization=10.0
     ),
@@ -124,8 +131,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--skip-original", action="store_true")
+    parser.add_argument("--reference", default="B", choices=list(VARIANTS))
+    parser.add_argument("--sets", action="store_true")
     args = parser.parse_args()
-    names = list(dict.fromkeys(["B", *args.variants.split(",")]))  # B is the reference
+    reference = args.reference
+    names = list(dict.fromkeys([reference, *args.variants.split(",")]))
 
     whole, split = real_split(Settings.from_env().split_seed)
     train = whole.iloc[split.train].reset_index(drop=True)
@@ -166,14 +176,20 @@ def main() -> None:
         row = rows[name]
         for metric in METRICS:
             lower, upper = paired_bootstrap(
-                metric, codes, probabilities[name], probabilities["B"], RESAMPLES, SEED, CONFIDENCE
+                metric,
+                codes,
+                probabilities[name],
+                probabilities[reference],
+                RESAMPLES,
+                SEED,
+                CONFIDENCE,
             )
             row[f"d_{metric}"] = f"{lower:+.4f}, {upper:+.4f}"
             row[f"up_{metric}"] = upper
         row["eligible"] = (
             row["up_f1_weighted"] >= 0
             and row["up_f1_macro"] >= 0
-            and row["fit_cpu_s"] <= MAX_COST_RATIO * rows["B"]["fit_cpu_s"]
+            and row["fit_cpu_s"] <= MAX_COST_RATIO * rows[reference]["fit_cpu_s"]
             and (recipe is None or all(row[m] >= recipe[m] for m in ("f1_weighted", "f1_macro")))
         )
     table = pd.DataFrame(rows).T
@@ -189,6 +205,53 @@ def main() -> None:
     near = [name for name in eligible if rows[name]["roc_auc_ovr"] >= best - AUC_TIE]
     chosen = min(near, key=lambda name: rows[name]["fit_cpu_s"])
     print(f"chosen by the rule: {chosen} (validation ROC-AUC {rows[chosen]['roc_auc_ovr']:.4f})")
+    if args.sets:
+        compare_on_sets(names, train, y_train, validation, y_val, split_rows=len(train))
+
+
+def compare_on_sets(
+    names: list[str],
+    train: pd.DataFrame,
+    y_train: np.ndarray,
+    validation: pd.DataFrame,
+    y_val: np.ndarray,
+    split_rows: int,
+) -> None:
+    """Validation ROC-AUC of each variant fitted on each cumulative set, with the paired
+    interval of variant - reference (names[0])."""
+    batch_rows = Settings.from_env().batch_rows
+    classes = np.asarray(sorted(set(y_train)))
+    codes = pd.Index(classes).get_indexer(y_val)
+    for rows in [*range(batch_rows, split_rows, batch_rows), split_rows]:
+        preprocess = build_pipeline("hist_gradient_boosting").named_steps[PREPROCESS_STEP]
+        with threadpool_limits(1):
+            x_set = preprocess.fit_transform(to_model_frame(train.iloc[:rows]))
+            x_val = preprocess.transform(to_model_frame(validation))
+        probabilities: dict[str, np.ndarray] = {}
+        for name in names:
+            model = VARIANTS[name]()
+            with threadpool_limits(1):
+                started = time.process_time()
+                model.fit(x_set, y_train[:rows])
+                cpu = time.process_time() - started
+                probabilities[name] = model.predict_proba(x_val)
+            auc = score(probabilities[name], classes, y_val)["roc_auc_ovr"]
+            line = f"set of {rows:>6} rows  {name:<20} fit CPU {cpu:5.1f}s  val ROC-AUC {auc:.4f}"
+            iterations = getattr(model, "n_iter_", None)
+            if iterations is not None:
+                line += f"  iterations {iterations}"
+            if name != names[0]:
+                lower, upper = paired_bootstrap(
+                    "roc_auc_ovr",
+                    codes,
+                    probabilities[name],
+                    probabilities[names[0]],
+                    RESAMPLES,
+                    SEED,
+                    CONFIDENCE,
+                )
+                line += f"  delta {lower:+.4f}, {upper:+.4f}"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
