@@ -21,6 +21,7 @@ import pytest
 from support.predict_support import FunctionProcess, build_model, http, patient_rows
 from support.seaweed_server import SeaweedServer
 
+from readmission.contract import NUMERIC_FEATURES
 from readmission.localstack.processes import child_pids
 from readmission.localstack.supervisor import PREDICT_SERVER_ENV
 from readmission.serving.log_spool import SpoolReader, SpoolWriter, encode_record
@@ -39,6 +40,7 @@ def test_parquet_writer_round_trips_through_pyarrow() -> None:
     rows = 300
     columns = [
         Column("text", "string", [f"é{i}" if i % 7 else "" for i in range(rows)]),
+        Column("utf8", "string", [f'{{"é":{i}}}'.encode() for i in range(rows)]),
         Column("maybe", "string", [None if i % 3 else str(i) for i in range(rows)], True),
         Column("count", "int64", [i - 150 for i in range(rows)]),
         Column("sparse", "int64", [i if i >= 290 else None for i in range(rows)], True),
@@ -53,6 +55,8 @@ def test_parquet_writer_round_trips_through_pyarrow() -> None:
         got = table.column(column.name).to_pylist()
         if column.kind == "timestamp_ms":
             got = [int(v.timestamp() * 1000) for v in got]
+        if column.name == "utf8":  # bytes holding UTF-8 are written as they are
+            got = [v.encode() for v in got]
         assert got == list(column.values), column.name
 
 
@@ -94,8 +98,7 @@ CLASSES = ("<30", ">30", "NO")
 
 def _record(log: PredictionLog, rid: str, n: int = 1, version: str = "7") -> None:
     rows = [{"age": "[50-60)", "encounter_id": 100 + i} for i in range(n)]
-    body = json.dumps({"instances": rows}).encode()
-    log.record(rid, version, CLASSES, "batch", ["NO"] * n, [[0.1, 0.2, 0.7]] * n, body, "instances")
+    log.record_rows(rid, version, CLASSES, "batch", ["NO"] * n, [[0.1, 0.2, 0.7]] * n, rows)
 
 
 def test_spooled_records_are_read_once_whole_and_a_torn_end_only_when_the_writer_is_gone(
@@ -114,7 +117,8 @@ def test_spooled_records_are_read_once_whole_and_a_torn_end_only_when_the_writer
         "3",
         ["NO"],
     )
-    assert record.probabilities == [[0.2, 0.3, 0.5]] and record.rows() == [{"age": "[70-80)"}]
+    assert record.probabilities == [[0.2, 0.3, 0.5]]
+    assert record.logged_rows() == ([b'{"age":"[70-80)"}'], [None])
     assert reader.read() == []  # read once
     (spool,) = tmp_path.iterdir()
     with spool.open("ab") as torn:  # half a record: its writer is still at work
@@ -123,6 +127,39 @@ def test_spooled_records_are_read_once_whole_and_a_torn_end_only_when_the_writer
     writer.close()  # the writer is gone: the torn end is dropped, the file deleted
     assert reader.read() == [] and reader.torn_records == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_kind_of_record_logs_the_rows_as_the_request_carried_them() -> None:
+    """A single-row body as received, a batch body, rows, and rows a handler has parsed
+    (record_rows: each row's JSON, no body) give the same features and encounter ids."""
+    rows = [
+        {"age": "[50-60)", "encounter_id": 7, "diag_1": "250.8"},
+        {"encounter_id": "x-9", "payer_code": "?", "note": 'é\u2028"q"'},
+        {"age": None},
+    ]
+    written: list[bytes] = []
+    log = PredictionLog(lambda key, data: written.append(data), rows=10**6, seconds=3600)
+    probabilities = [[0.1, 0.2, 0.7]] * 3
+    for i, row in enumerate(rows):
+        body = json.dumps({"features": row}).encode()
+        log.record(f"one-{i}", "7", CLASSES, "predict", ["NO"], probabilities[:1], body, "features")
+    batch = json.dumps({"instances": rows}).encode()
+    log.record("batch", "7", CLASSES, "batch", ["NO"] * 3, probabilities, batch, "instances")
+    log.record(
+        "rows", "7", CLASSES, "v2", ["NO"] * 3, probabilities, json.dumps(rows).encode(), "rows"
+    )
+    log.record_rows("parsed", "7", CLASSES, "batch", ["NO"] * 3, probabilities, rows)
+    assert log.flush() == 12
+    (table,) = [_read(data) for data in written]
+    logged: dict[str, list[tuple[Any, Any]]] = {}
+    for row in table.to_pylist():
+        request = "one" if row["request_id"].startswith("one-") else row["request_id"]
+        logged.setdefault(request, []).append((json.loads(row["features"]), row["encounter_id"]))
+    expected = [
+        (row, None if "encounter_id" not in row else str(row["encounter_id"])) for row in rows
+    ]
+    assert logged == {"one": expected, "batch": expected, "rows": expected, "parsed": expected}
+    log.close()
 
 
 def test_a_reader_behind_its_writers_catches_up_in_bounded_steps(tmp_path: Path) -> None:
@@ -293,6 +330,23 @@ def test_every_answer_of_every_worker_is_in_the_log_after_a_graceful_stop(
         made = headers["X-Request-Id"]
         for index, prediction in enumerate(json.loads(body)["predictions"]):
             answered[(made, index)] = list(prediction["probabilities"].values())
+        inputs = [  # the same two rows as a KServe V2 request: one tensor per column
+            {
+                "name": column,
+                "datatype": "FP32" if column in NUMERIC_FEATURES else "BYTES",
+                "shape": [2, 1],
+                "data": [row[column] for row in rows[10:]],
+            }
+            for column in rows[10]
+        ]
+        status, _, body = http(
+            process.url + "/v2/models/diabetes_readmission_model/infer",
+            {"id": "v2-req", "inputs": inputs},
+        )
+        assert status == 200, body[:300]
+        (probabilities,) = [o for o in json.loads(body)["outputs"] if o["name"] == "probabilities"]
+        for index in range(2):
+            answered[("v2-req", index)] = probabilities["data"][3 * index : 3 * index + 3]
         assert _objects(seaweed, LOG_BUCKET) == {}  # nothing flushed while serving
     finally:
         output = process.stop()
@@ -316,4 +370,8 @@ def test_every_answer_of_every_worker_is_in_the_log_after_a_graceful_stop(
         )
     )
     assert encounters["req-3"] == "9003" and encounters[made] is None
+    features = {(r["request_id"], r["row"]): json.loads(r["features"]) for r in table.to_pylist()}
+    for index, row in enumerate(rows[10:]):  # the rows as each request carried them
+        assert features[(made, index)] == row
+        assert features[("v2-req", index)]["age"] == row["age"]
     assert set(table.column("model_version").to_pylist()) == {"41"}

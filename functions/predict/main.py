@@ -22,7 +22,6 @@ from typing import Any
 import flask
 
 from readmission.glue import heap, http_close, slow_clients
-from readmission.glue.json_codec import dumps
 from readmission.glue.responses import error_response, json_response, raw_response
 from readmission.serving import metrics, v2
 from readmission.serving.assets import ModelAssets
@@ -126,7 +125,7 @@ def _with_request_id(response: flask.Response, rid: str) -> flask.Response:
 
 
 def _predict_batch(request: flask.Request, params: dict[str, str]) -> flask.Response:
-    body, raw = read_json_bytes(request, SETTINGS.max_body_bytes)
+    body = read_json(request, SETTINGS.max_body_bytes)
     instances = body.get("instances") if isinstance(body, dict) else body
     if not isinstance(instances, list):
         raise InputError(
@@ -147,8 +146,8 @@ def _predict_batch(request: flask.Request, params: dict[str, str]) -> flask.Resp
         if warn:
             row["warnings"] = warn
     rid = request_id(request.headers.get(REQUEST_ID_HEADER))
-    PREDICTION_LOG.record(
-        rid, model.version, classes, "batch", labels, probabilities, raw, "instances"
+    PREDICTION_LOG.record_rows(
+        rid, model.version, classes, "batch", labels, probabilities, instances
     )
     answer = {"predictions": rows, "model_version": model.version, "count": len(rows)}
     return _with_request_id(json_response(answer), rid)
@@ -166,8 +165,8 @@ def _v2_infer(request: flask.Request, params: dict[str, str]) -> flask.Response:
     rid = request_id(carried or request.headers.get(REQUEST_ID_HEADER))
     if PREDICTION_LOG.enabled:
         probabilities = [[p.probabilities[c] for c in model.classes] for p in predictions]
-        PREDICTION_LOG.record(
-            rid, model.version, model.classes, "v2", labels, probabilities, dumps(rows), "rows"
+        PREDICTION_LOG.record_rows(
+            rid, model.version, model.classes, "v2", labels, probabilities, rows
         )
     answer = v2.response(model, predictions, carried, requested)
     if requested and v2.EXPLANATION_OUTPUT in requested:  # only when asked for by name

@@ -1,10 +1,10 @@
 """The prediction log's spool: answered requests as framed records in local files.
 
 The request path of a serving worker only appends one record to its own spool file (one
-`os.write`, no encoding beyond a small header); another process, the server's master, reads
-the spool and turns it into Parquet (readmission.serving.prediction_log). So the encoding
-never competes with requests for a worker's interpreter lock, and a worker holds no pending
-rows in memory.
+`os.write`; its only encoding is a small header and, for a batch, each row's JSON: ~1 µs a
+row); another process, the server's master, reads the spool and turns it into Parquet
+(readmission.serving.prediction_log). So the Parquet encoding never competes with requests
+for a worker's interpreter lock, and a worker holds no pending rows in memory.
 
 Contract.
 
@@ -15,9 +15,12 @@ Contract.
   is complete up to its last whole record.
 * Records. `<u32 length of the rest><u32 header length><header JSON><probabilities><payload>`,
   little endian. The header holds request_id, time (UTC seconds), version, endpoint, classes,
-  labels and `payload` (how to find the rows in the payload: PAYLOAD_KINDS); the probabilities
-  are float64, row by row, class by class; the payload is JSON bytes: the request body as the
-  handler accepted it ("features", "instances") or the rows themselves ("rows").
+  labels, `payload` (how to find the rows in the payload) and, for ROW_JSON, `encounters`
+  (each row's encounter_id as text, or null); the probabilities are float64, row by row,
+  class by class. The payload is either ROW_JSON, each row's compact JSON prefixed by its u32
+  length (what a worker that has parsed a batch writes: the master then parses nothing), or
+  JSON bytes (PAYLOAD_KINDS): the request body as the handler accepted it ("features": a
+  single-row body, written as received; "instances") or the rows themselves ("rows").
 * Reading. `SpoolReader.read()` returns records appended since the last call, whole records
   only and about READ_BYTES of them at most (the rest at later calls): a record still being
   written is read at a later call; a torn record at the end of a file whose writer is gone (a
@@ -82,6 +85,33 @@ PAYLOAD_KINDS = {
     "instances": _rows_of_instances,
     "rows": _rows_of_rows,
 }
+ROW_JSON = "row_json"  # the payload kind of `rows_payload`
+
+
+def encounter_of(row: Any) -> str | None:
+    """The row's encounter_id as text; None when it carries none."""
+    value = row.get("encounter_id") if isinstance(row, dict) else None
+    return None if value is None else str(value)
+
+
+def rows_payload(rows: Sequence[Any]) -> tuple[bytes, list[str | None]]:
+    """The ROW_JSON payload of parsed rows (each row's compact JSON, prefixed by its u32
+    length) and the rows' encounter ids."""
+    encoded = [dumps(row) for row in rows]
+    payload = b"".join([part for data in encoded for part in (_LENGTH.pack(len(data)), data)])
+    return payload, [encounter_of(row) for row in rows]
+
+
+def _split_row_json(payload: bytes) -> list[bytes]:
+    rows, position, end = [], 0, len(payload)
+    while position < end:
+        (length,) = _LENGTH.unpack_from(payload, position)
+        position += _LENGTH.size
+        if position + length > end:
+            raise ValueError("a row runs past the end of the payload")
+        rows.append(payload[position : position + length])
+        position += length
+    return rows
 
 
 def writer_id() -> str:
@@ -100,18 +130,21 @@ def encode_record(
     probabilities: Any,
     payload: bytes,
     payload_kind: str,
+    encounters: Sequence[str | None] | None = None,
 ) -> bytes:
-    header = dumps(
-        {
-            "request_id": request_id,
-            "time": when,
-            "version": version,
-            "endpoint": endpoint,
-            "classes": list(classes),
-            "labels": list(labels),
-            "payload": payload_kind,
-        }
-    )
+    """One record (module docstring); `encounters` only with a ROW_JSON payload."""
+    fields = {
+        "request_id": request_id,
+        "time": when,
+        "version": version,
+        "endpoint": endpoint,
+        "classes": list(classes),
+        "labels": list(labels),
+        "payload": payload_kind,
+    }
+    if encounters is not None:
+        fields["encounters"] = list(encounters)
+    header = dumps(fields)
     if len(probabilities) == 1:  # a single row: struct is ~4x faster than numpy here
         values = struct.pack(f"<{len(probabilities[0])}d", *probabilities[0])
     else:
@@ -133,10 +166,25 @@ class Record:
     probabilities: list[list[float]]
     payload: bytes
     payload_kind: str
+    encounters: list[str | None] | None = None  # with a ROW_JSON payload
 
-    def rows(self) -> list[Any]:
-        """The predicted rows, as the request carried them."""
-        return PAYLOAD_KINDS[self.payload_kind](loads(self.payload))
+    def logged_rows(self) -> tuple[list[bytes], list[str | None]]:
+        """Each predicted row as the request carried it (compact JSON) and its encounter id;
+        ValueError, KeyError or TypeError if the payload does not hold one row per label."""
+        if self.payload_kind == ROW_JSON:
+            features = _split_row_json(self.payload)
+            encounters = self.encounters
+            if encounters is None or len(encounters) != len(features):
+                raise ValueError("the record's encounters do not match its rows")
+        else:
+            rows = PAYLOAD_KINDS[self.payload_kind](loads(self.payload))
+            if not isinstance(rows, list):
+                raise ValueError("the payload holds no list of rows")
+            features = [dumps(row) for row in rows]
+            encounters = [encounter_of(row) for row in rows]
+        if len(features) != len(self.labels):
+            raise ValueError(f"{len(self.labels)} labels for {len(features)} rows")
+        return features, encounters
 
 
 def decode_record(data: bytes | memoryview) -> Record:
@@ -162,6 +210,7 @@ def decode_record(data: bytes | memoryview) -> Record:
         probabilities,
         bytes(data[values_end:]),
         header["payload"],
+        header.get("encounters"),
     )
 
 

@@ -12,6 +12,7 @@ with pyarrow).
 
 Contract: `write_table(columns, rows_count)` returns the bytes of one Parquet file; each
 `Column` holds exactly `rows_count` values, None only in an optional column (else ValueError).
+A string column's values are `str`, or `bytes` that already hold UTF-8 (written as they are).
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ class _Struct:
 
 def _plain(kind: str, values: list[Any]) -> bytes:
     if kind == "string":
-        encoded = [(v if type(v) is str else str(v)).encode() for v in values]
+        encoded = [
+            v if type(v) is bytes else (v if type(v) is str else str(v)).encode() for v in values
+        ]
         lengths = [struct.pack("<i", len(data)) for data in encoded]
         return b"".join([part for pair in zip(lengths, encoded, strict=True) for part in pair])
     if kind == "double":

@@ -1,7 +1,8 @@
 """The prediction log: every answered prediction, as Parquet batches in the object store.
 
-Contract. `PredictionLog.record(...)` is the request path's only call: it appends one record
-(ids, labels, probabilities and the request body as received: no encoding of rows) to the
+Contract. `PredictionLog.record(...)` (a body as received) or `record_rows(...)` (rows the
+handler has parsed) is the request path's only call: it appends one record (ids, labels,
+probabilities and the rows: the single-row body as received, or each row's JSON) to the
 recording process's spool file (readmission.serving.log_spool). The process that made the log
 (the server's master: gunicorn imports the function there and forks the workers) runs the
 shipper thread (`start()`): every SCAN_SECONDS it reads the records the workers appended, and
@@ -52,8 +53,15 @@ from pathlib import Path
 from typing import Any
 
 from readmission.config import Settings
-from readmission.glue.json_codec import dumps
-from readmission.serving.log_spool import Record, SpoolReader, SpoolWriter, encode_record, writer_id
+from readmission.serving.log_spool import (
+    ROW_JSON,
+    Record,
+    SpoolReader,
+    SpoolWriter,
+    encode_record,
+    rows_payload,
+    writer_id,
+)
 from readmission.serving.parquet import Column, write_table
 from readmission.serving.s3 import S3Reader
 from readmission.serving.settings import ServingSettings
@@ -86,17 +94,11 @@ def _utc_date(day_number: int) -> str:
     return (dt.date(1970, 1, 1) + dt.timedelta(days=day_number)).isoformat()
 
 
-def _features_json(row: Any) -> str:
-    """The row as the request carried it: one compact JSON object (keys in the request's order)."""
-    return dumps(row).decode()
+# (a record, its rows' JSON, their encounter ids): Record.logged_rows
+LoggedRecord = tuple[Record, list[bytes], list[str | None]]
 
 
-def _encounter(row: Any) -> str | None:
-    value = row.get("encounter_id") if isinstance(row, dict) else None
-    return None if value is None else str(value)
-
-
-def encode_batch(records: Sequence[tuple[Record, list[Any]]]) -> bytes:
+def encode_batch(records: Sequence[LoggedRecord]) -> bytes:
     """The Parquet file of records (each with its rows) of one model version (same classes)."""
     classes = records[0][0].classes
     columns: dict[str, list[Any]] = {
@@ -104,10 +106,12 @@ def encode_batch(records: Sequence[tuple[Record, list[Any]]]) -> bytes:
         for name in ("request_id", "row", "time", "model_version", "endpoint", "prediction")
     }
     probabilities: list[list[float]] = [[] for _ in classes]
-    rows: list[Any] = []
-    for record, record_rows in records:
-        count = len(record_rows)
-        rows.extend(record_rows)
+    features: list[bytes] = []
+    encounters: list[str | None] = []
+    for record, record_features, record_encounters in records:
+        count = len(record_features)
+        features += record_features
+        encounters += record_encounters
         columns["request_id"] += [record.request_id] * count
         columns["row"] += range(count)
         columns["time"] += [int(record.time * 1000)] * count
@@ -120,13 +124,13 @@ def encode_batch(records: Sequence[tuple[Record, list[Any]]]) -> bytes:
             values += column
     kinds = {"row": "int64", "time": "timestamp_ms"}
     table = [Column(name, kinds.get(name, "string"), values) for name, values in columns.items()]
-    table.append(Column("encounter_id", "string", [_encounter(row) for row in rows], True))
-    table.append(Column("features", "string", list(map(_features_json, rows))))
+    table.append(Column("encounter_id", "string", encounters, True))
+    table.append(Column("features", "string", features))  # compact JSON, UTF-8 already
     table += [
         Column(f"probability_{name}", "double", [float(v) for v in values])
         for name, values in zip(classes, probabilities, strict=True)
     ]
-    return write_table(table, len(rows), "readmission predict")
+    return write_table(table, len(features), "readmission predict")
 
 
 class PredictionLog:
@@ -206,6 +210,36 @@ class PredictionLog:
             )
         )
 
+    def record_rows(
+        self,
+        request_id: str,
+        version: str,
+        classes: Sequence[str],
+        endpoint: str,
+        labels: Sequence[str],
+        probabilities: Any,
+        rows: Sequence[Any],
+    ) -> None:
+        """Spool one answered request whose rows the handler has parsed (a batch, V2): each
+        row's JSON is written (log_spool.ROW_JSON), so the master need not parse the body."""
+        if self._writer is None:
+            return
+        payload, encounters = rows_payload(rows)
+        self._writer.append(
+            encode_record(
+                request_id,
+                time.time(),
+                version,
+                classes,
+                endpoint,
+                labels,
+                probabilities,
+                payload,
+                ROW_JSON,
+                encounters,
+            )
+        )
+
     def start(self) -> PredictionLog:
         """Start the shipper thread in this process, and its final write at exit."""
         if self.put is not None and self._thread is None:
@@ -278,23 +312,21 @@ class PredictionLog:
 
     def _cut(self, pending: list[Record]) -> list[tuple[str, bytes, int]]:
         """Batches of `pending` by (model version, UTC date), each with its key."""
-        groups: dict[tuple[str, str], list[tuple[Record, list[Any]]]] = {}
+        groups: dict[tuple[str, str], list[LoggedRecord]] = {}
         for record in pending:
             try:
-                rows = record.rows()
-                if not isinstance(rows, list) or len(rows) != len(record.labels):
-                    raise ValueError(f"{len(record.labels)} labels for its rows")
+                features, encounters = record.logged_rows()
             except (ValueError, KeyError, TypeError) as exc:  # never written by `record`
                 self.dropped_rows += len(record.labels)
                 log.error("prediction log: request %s dropped: %s", record.request_id, exc)
                 continue
             day = _utc_date(int(record.time // 86400))
-            groups.setdefault((record.version, day), []).append((record, rows))
+            groups.setdefault((record.version, day), []).append((record, features, encounters))
         batches = []
         for (version, day), records in groups.items():
             self._sequence += 1
             key = f"{version}/{day}/{self.writer_id}-{self._sequence:06d}.parquet"
-            count = sum(len(rows) for _, rows in records)
+            count = sum(len(features) for _, features, _ in records)
             batches.append((key, encode_batch(records), count))
         return batches
 
