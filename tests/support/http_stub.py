@@ -52,6 +52,11 @@ class Subscriber:
                 try:
                     if delay:
                         time.sleep(delay[0])
+                finally:  # done before the reply leaves: once the caller has the reply, the
+                    # request no longer counts as active (however late this thread resumes)
+                    with subscriber.lock:
+                        subscriber.active -= 1
+                try:
                     self.send_response(status)
                     for name, value in headers.items():
                         self.send_header(name, value)
@@ -60,9 +65,6 @@ class Subscriber:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
-                finally:
-                    with subscriber.lock:
-                        subscriber.active -= 1
 
             def log_message(self, *args: Any) -> None:
                 return
