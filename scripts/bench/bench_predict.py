@@ -247,11 +247,15 @@ class Function:
             int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pids[-1]}/status").read_text()).group(1))
             / 1024
         )
-        pss = 0.0
-        for pid in pids:
+        return rss, sum(self.pss_mb())
+
+    def pss_mb(self) -> list[float]:
+        """PSS in MB of gunicorn's master, then of each worker."""
+        found = []
+        for pid in self.pids():
             rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-            pss += int(re.search(r"^Pss:\s+(\d+)", rollup, re.M).group(1)) / 1024
-        return rss, pss
+            found.append(int(re.search(r"^Pss:\s+(\d+)", rollup, re.M).group(1)) / 1024)
+        return found
 
     def stop(self) -> None:
         stop_popen_group(self.process)
@@ -476,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["rss_worker_after_load_mb"], results["pss_total_after_load_mb"] = (
                     predict.rss_mb()
                 )
+                results["pss_after_load_mb"] = [round(mb, 1) for mb in predict.pss_mb()]
+                results["pss_log_off_after_load_mb"] = [
+                    round(mb, 1) for mb in functions["predict_log_off"].pss_mb()
+                ]
             finally:
                 for function in functions.values():
                     function.stop()
@@ -555,7 +563,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{results['rss_worker_after_load_mb']:.0f} MB, master+workers PSS "
             f"{results['pss_total_after_load_mb']:.0f} MB   (target < 150 MB; as the batch "
             f"load ended: {results['rss_worker_busy_mb']:.0f} and "
-            f"{results['pss_total_busy_mb']:.0f} MB)"
+            f"{results['pss_total_busy_mb']:.0f} MB; PSS of the master, then each worker: "
+            f"{', '.join(f'{mb:.0f}' for mb in results['pss_after_load_mb'])} MB; "
+            f"PREDICTION_LOG=off: {sum(results['pss_log_off_after_load_mb']):.0f} MB)"
         )
     if "cold_start_eager_s" in results:
         print(
