@@ -188,12 +188,14 @@ class PredictionLog:
         probabilities: Any,
         payload: bytes,
         payload_kind: str,
+        encounters: Sequence[str | None] | None = None,
     ) -> None:
         """Spool one answered request (the request path: one append to a local file).
 
-        `payload` is JSON holding the rows: the request body as the handler accepted it
+        `payload` holds the rows: JSON, the request body as the handler accepted it
         (`payload_kind` "features": {"features": row}; "instances": a batch body) or the rows
-        themselves ("rows"); readmission.serving.log_spool.PAYLOAD_KINDS."""
+        themselves ("rows"): readmission.serving.log_spool.PAYLOAD_KINDS; or ROW_JSON with
+        the rows' `encounters` (`record_rows` makes both)."""
         if self._writer is None:
             return
         self._writer.append(
@@ -207,6 +209,7 @@ class PredictionLog:
                 probabilities,
                 payload,
                 payload_kind,
+                encounters,
             )
         )
 
@@ -225,19 +228,16 @@ class PredictionLog:
         if self._writer is None:
             return
         payload, encounters = rows_payload(rows)
-        self._writer.append(
-            encode_record(
-                request_id,
-                time.time(),
-                version,
-                classes,
-                endpoint,
-                labels,
-                probabilities,
-                payload,
-                ROW_JSON,
-                encounters,
-            )
+        self.record(
+            request_id,
+            version,
+            classes,
+            endpoint,
+            labels,
+            probabilities,
+            payload,
+            ROW_JSON,
+            encounters,
         )
 
     def start(self) -> PredictionLog:
