@@ -1,8 +1,8 @@
 """The prediction log's spool: answered requests as framed records in local files.
 
 The request path of a serving worker only appends one record to its own spool file (one
-`os.write`; its only encoding is a small header and, for a batch, each row's JSON: ~1 µs a
-row); another process, the server's master, reads the spool and turns it into Parquet
+`os.write`; its only encoding is a small header and, for a batch, each row's JSON: a few µs
+a row); another process, the server's master, reads the spool and turns it into Parquet
 (readmission.serving.prediction_log). So the Parquet encoding never competes with requests
 for a worker's interpreter lock, and a worker holds no pending rows in memory.
 
