@@ -110,23 +110,17 @@ class Settings:
             for name in env.text("ALGORITHMS", ",".join(DEFAULT_ALGORITHMS)).split(",")
             if name.strip()
         )
-        batch_rows = env.integer("BATCH_ROWS", cls.batch_rows)
-        if batch_rows < 1:
-            raise ValueError(f"BATCH_ROWS must be positive, got {batch_rows}")
-        linear_sets = env.integer("CUMULATIVE_LINEAR_SETS", cls.cumulative_linear_sets)
-        if linear_sets < 1:
-            raise ValueError(f"CUMULATIVE_LINEAR_SETS must be positive, got {linear_sets}")
+        batch_rows = env.integer("BATCH_ROWS", cls.batch_rows, minimum=1)
+        linear_sets = env.integer("CUMULATIVE_LINEAR_SETS", cls.cumulative_linear_sets, minimum=1)
         growth = env.number("CUMULATIVE_GROWTH", cls.cumulative_growth)
         if growth <= 1:
             raise ValueError(f"CUMULATIVE_GROWTH must be more than 1, got {growth}")
-        prepare_ahead_missing = env.integer("PREPARE_AHEAD_MISSING", cls.prepare_ahead_missing)
-        if prepare_ahead_missing < 0:
-            raise ValueError(f"PREPARE_AHEAD_MISSING must be >= 0, got {prepare_ahead_missing}")
-        gate_resamples = env.integer("GATE_RESAMPLES", cls.gate_resamples)
-        if gate_resamples < MIN_GATE_RESAMPLES:
-            raise ValueError(
-                f"GATE_RESAMPLES must be at least {MIN_GATE_RESAMPLES}, got {gate_resamples}"
-            )
+        prepare_ahead_missing = env.integer(
+            "PREPARE_AHEAD_MISSING", cls.prepare_ahead_missing, minimum=0
+        )
+        gate_resamples = env.integer(
+            "GATE_RESAMPLES", cls.gate_resamples, minimum=MIN_GATE_RESAMPLES
+        )
         drift_psi_watch = env.number("DRIFT_PSI_WATCH", cls.drift_psi_watch)
         drift_psi_drifted = env.number("DRIFT_PSI_DRIFTED", cls.drift_psi_drifted)
         if not 0 <= drift_psi_watch <= drift_psi_drifted:
@@ -134,9 +128,7 @@ class Settings:
                 f"need 0 <= DRIFT_PSI_WATCH <= DRIFT_PSI_DRIFTED, got {drift_psi_watch} and "
                 f"{drift_psi_drifted}"
             )
-        drift_sample_rows = env.integer("DRIFT_SAMPLE_ROWS", cls.drift_sample_rows)
-        if drift_sample_rows < 1:
-            raise ValueError(f"DRIFT_SAMPLE_ROWS must be positive, got {drift_sample_rows}")
+        drift_sample_rows = env.integer("DRIFT_SAMPLE_ROWS", cls.drift_sample_rows, minimum=1)
         return cls(
             s3_endpoint_url=env.text("S3_ENDPOINT_URL", cls.s3_endpoint_url),
             aws_region=env.text("AWS_REGION", cls.aws_region),
