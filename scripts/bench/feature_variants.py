@@ -40,7 +40,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from real_data import real_split
+from real_data import paired_interval, real_split
 
 from readmission import contract
 from readmission.config import Settings
@@ -51,13 +51,11 @@ from readmission.features import (
     target_values,
     to_model_frame,
 )
-from readmission.gate import paired_bootstrap
 from readmission.scoring import score
 
 ALGORITHM = "hist_gradient_boosting"
 MANY_CATEGORIES = ("diag_1", "diag_2", "diag_3", "medical_specialty", "payer_code")
 METRICS = ("f1_weighted", "f1_macro", "roc_auc_ovr")
-RESAMPLES, SEED, CONFIDENCE = 1000, 42, 0.95
 
 
 def ordinal() -> OrdinalEncoder:
@@ -132,14 +130,8 @@ def main() -> None:
         )
         if name != "C (served)":
             for metric in METRICS:
-                lower, upper = paired_bootstrap(
-                    metric,
-                    codes,
-                    probabilities[name],
-                    probabilities["C (served)"],
-                    RESAMPLES,
-                    SEED,
-                    CONFIDENCE,
+                lower, upper = paired_interval(
+                    metric, codes, probabilities[name], probabilities["C (served)"]
                 )
                 line += f" | d {metric} {lower:+.4f}, {upper:+.4f}"
         print(line, flush=True)

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_original import OriginalRecipe
-from real_data import real_split
+from real_data import paired_interval, real_split
 
 from readmission.config import Settings
 from readmission.features import (
@@ -55,11 +55,9 @@ from readmission.features import (
     target_values,
     to_model_frame,
 )
-from readmission.gate import paired_bootstrap
 from readmission.scoring import score
 
 METRICS = ("f1_weighted", "f1_macro", "roc_auc_ovr")
-RESAMPLES, SEED, CONFIDENCE = 1000, 42, 0.95
 # the rule's cost bound (fit CPU of a variant <= this x B's) and its ROC-AUC tie for cost
 MAX_COST_RATIO = 3.0
 AUC_TIE = 0.0005
@@ -175,14 +173,8 @@ def main() -> None:
     for name in names:
         row = rows[name]
         for metric in METRICS:
-            lower, upper = paired_bootstrap(
-                metric,
-                codes,
-                probabilities[name],
-                probabilities[reference],
-                RESAMPLES,
-                SEED,
-                CONFIDENCE,
+            lower, upper = paired_interval(
+                metric, codes, probabilities[name], probabilities[reference]
             )
             row[f"d_{metric}"] = f"{lower:+.4f}, {upper:+.4f}"
             row[f"up_{metric}"] = upper
@@ -241,14 +233,8 @@ def compare_on_sets(
             if iterations is not None:
                 line += f"  iterations {iterations}"
             if name != names[0]:
-                lower, upper = paired_bootstrap(
-                    "roc_auc_ovr",
-                    codes,
-                    probabilities[name],
-                    probabilities[names[0]],
-                    RESAMPLES,
-                    SEED,
-                    CONFIDENCE,
+                lower, upper = paired_interval(
+                    "roc_auc_ovr", codes, probabilities[name], probabilities[names[0]]
                 )
                 line += f"  delta {lower:+.4f}, {upper:+.4f}"
             print(line, flush=True)

@@ -30,17 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_original import OriginalRecipe
+from real_data import paired_interval
 
 from readmission import contract
 from readmission.config import Settings
 from readmission.dataset import ensure_dataset, read_dataset_bytes
 from readmission.features import build_pipeline, target_values, to_model_frame
-from readmission.gate import paired_bootstrap
 from readmission.scoring import score
 from readmission.split import split_rows
 
 METRICS = ("f1_weighted", "f1_macro", "roc_auc_ovr")
-RESAMPLES, SEED, CONFIDENCE = 1000, 42, 0.95
 
 
 def one_split(whole: pd.DataFrame, seed: int, algorithm: str) -> dict[str, object]:
@@ -79,14 +78,8 @@ def one_split(whole: pd.DataFrame, seed: int, algorithm: str) -> dict[str, objec
         print(f"seed {seed}: fitted {name} ({cpu:.1f}s CPU)", flush=True)
     codes = pd.Index(classes).get_indexer(target_values(test))
     for metric in METRICS:
-        row[f"test d {metric}"] = paired_bootstrap(
-            metric,
-            codes,
-            probabilities[algorithm]["test"],
-            probabilities["recipe"]["test"],
-            RESAMPLES,
-            SEED,
-            CONFIDENCE,
+        row[f"test d {metric}"] = paired_interval(
+            metric, codes, probabilities[algorithm]["test"], probabilities["recipe"]["test"]
         )
     return row
 
