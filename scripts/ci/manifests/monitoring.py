@@ -68,7 +68,7 @@ def exported_metrics(root: Path) -> set[str] | None:
             r"\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"",
             path.read_text(encoding="utf-8"),
         )
-    realized = root / "readmission" / "serving" / "realized.py"
+    realized = serving / "realized.py"
     if realized.exists():
         text = realized.read_text(encoding="utf-8")
         listed = re.search(r"^REALIZED_METRICS = \(([^)]*)\)", text, re.MULTILINE)
