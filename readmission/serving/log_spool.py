@@ -94,7 +94,7 @@ def encounter_of(row: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def rows_payload(rows: Sequence[Any]) -> tuple[bytes, list[str | None]]:
+def rows_payload(rows: Sequence[Any]) -> tuple[bytearray, list[str | None]]:
     """The ROW_JSON payload of parsed rows (each row's compact JSON, prefixed by its u32
     length) and the rows' encounter ids."""
     # one growing buffer: each row's JSON is freed before the next is made, so a batch leaves
@@ -104,7 +104,7 @@ def rows_payload(rows: Sequence[Any]) -> tuple[bytes, list[str | None]]:
         data = dumps(row)
         payload += _LENGTH.pack(len(data))
         payload += data
-    return bytes(payload), [encounter_of(row) for row in rows]
+    return payload, [encounter_of(row) for row in rows]  # the record copies it once
 
 
 def _split_row_json(payload: bytes) -> list[bytes]:
@@ -133,7 +133,7 @@ def encode_record(
     endpoint: str,
     labels: Sequence[str],
     probabilities: Any,
-    payload: bytes,
+    payload: bytes | bytearray,
     payload_kind: str,
     encounters: Sequence[str | None] | None = None,
 ) -> bytes:

@@ -186,7 +186,7 @@ class PredictionLog:
         endpoint: str,
         labels: Sequence[str],
         probabilities: Any,
-        payload: bytes,
+        payload: bytes | bytearray,
         payload_kind: str,
         encounters: Sequence[str | None] | None = None,
     ) -> None:
