@@ -113,6 +113,17 @@ class RunningStack:
         with urllib.request.urlopen(f"{self.broker_url}/status", timeout=5) as response:
             return json.loads(response.read())
 
+    def delivered(self, event_type: str, at_least: int = 1, timeout: float = 120.0) -> bool:
+        """Whether the broker counts ``at_least`` deliveries of ``event_type`` within
+        ``timeout``: a subscriber's side effects (a report, job specs) are visible before its
+        reply reaches the broker, and ingest still writes the drift report after its job specs."""
+        return bool(
+            self.wait_for(
+                lambda: self.broker_status()["delivered_by_type"].get(event_type, 0) >= at_least,
+                timeout=timeout,
+            )
+        )
+
     def log(self, name: str, lines: int = 200) -> str:
         return Supervisor(self.config).tail(name, lines)
 
