@@ -70,7 +70,7 @@ def adapter(request: flask.Request) -> flask.Response:
     if events and not sink:
         log.error("K_SINK is not set: cannot forward %d event(s)", len(events))
         return _json(503, {"error": "K_SINK is not set"})
-    timeout = env.number("ADAPTER_SINK_TIMEOUT", DEFAULT_SINK_TIMEOUT)
+    timeout = env.seconds("ADAPTER_SINK_TIMEOUT", DEFAULT_SINK_TIMEOUT)
     for event in events:
         attempt = post_binary(sink, CloudEvent(event.attributes, event.data), timeout)
         if attempt.error:

@@ -106,12 +106,12 @@ class BrokerConfig:
                 env.text("BROKER_DEAD_LETTER_FILE", str(state / "dead-letters.jsonl"))
             ),
             broker_name=env.text("BROKER_NAME") or None,
-            default_timeout=env.number("BROKER_DEFAULT_TIMEOUT", cls.default_timeout),
+            default_timeout=env.seconds("BROKER_DEFAULT_TIMEOUT", cls.default_timeout),
             timeout_caps=parse_timeout_caps(env.text("BROKER_TIMEOUT_CAPS")),
             max_inflight_per_replica=env.integer(
-                "BROKER_MAX_INFLIGHT", cls.max_inflight_per_replica
+                "BROKER_MAX_INFLIGHT", cls.max_inflight_per_replica, minimum=1
             ),
-            max_body_bytes=env.integer("BROKER_MAX_BODY_BYTES", cls.max_body_bytes),
+            max_body_bytes=env.integer("BROKER_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
             read_timeouts=ReadTimeouts.from_env(),
         )
 

@@ -32,8 +32,8 @@ class ReadTimeouts:
     @classmethod
     def from_env(cls) -> ReadTimeouts:
         return cls(
-            header=env.number("HTTP_HEADER_TIMEOUT", cls.header),
-            body=env.number("HTTP_BODY_TIMEOUT", cls.body),
+            header=env.seconds("HTTP_HEADER_TIMEOUT", cls.header),
+            body=env.seconds("HTTP_BODY_TIMEOUT", cls.body),
         )
 
 

@@ -136,9 +136,9 @@ class JobSinkConfig:
             port=env.integer("JOBSINK_PORT", cls.port),
             manifests=Path(env.text("JOBSINK_MANIFESTS", str(cls.manifests))),
             state_dir=Path(env.text("JOBSINK_STATE_DIR", str(cls.state_dir))),
-            parallelism=max(1, env.integer("JOBSINK_PARALLELISM", cls.parallelism)),
+            parallelism=env.integer("JOBSINK_PARALLELISM", cls.parallelism, minimum=1),
             root=Path(env.text("JOBSINK_ROOT", str(cls.root))),
-            backoff_seconds=env.number("JOBSINK_BACKOFF_SECONDS", cls.backoff_seconds),
+            backoff_seconds=env.number("JOBSINK_BACKOFF_SECONDS", cls.backoff_seconds, minimum=0),
             read_timeouts=ReadTimeouts.from_env(),
         )
 

@@ -9,6 +9,7 @@ variable and quotes the stripped value, e.g. "BATCH_ROWS must be an integer, got
 * `text(name, default)`: the stripped value;
 * `number(name, default, minimum=)`: a finite float (`nan` and `inf` are refused);
 * `integer(name, default, minimum=)`: an int written as one (`"1.5"` and `"1e3"` are refused);
+* `seconds(name, default)`: a timeout or deadline, a finite number above zero;
 * `flag(name, default)`: `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`, in any case.
 
 Checks a setting needs beyond these (an upper bound, a relation between two settings, a set
@@ -42,6 +43,17 @@ def number(name: str, default: float, *, minimum: float | None = None) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {raw!r}")
     _check_minimum(name, raw, value, minimum)
+    return value
+
+
+def seconds(name: str, default: float) -> float:
+    """The variable as a finite number of seconds above zero, or `default` if unset."""
+    raw = text(name)
+    if not raw:
+        return float(default)
+    value = number(name, default)
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
     return value
 
 

@@ -64,9 +64,11 @@ class HandoffSettings:
     def from_env(cls) -> HandoffSettings:
         return cls(
             jobsink_url=env.text("TRAIN_JOBSINK_URL") or None,
-            request_seconds=env.number("TRAIN_REQUEST_SECONDS", cls.request_seconds),
-            request_max_rows=env.integer("TRAIN_REQUEST_MAX_ROWS", cls.request_max_rows),
-            job_deadline_seconds=env.number("TRAIN_JOB_DEADLINE_SECONDS", cls.job_deadline_seconds),
+            request_seconds=env.seconds("TRAIN_REQUEST_SECONDS", cls.request_seconds),
+            request_max_rows=env.integer("TRAIN_REQUEST_MAX_ROWS", cls.request_max_rows, minimum=0),
+            job_deadline_seconds=env.seconds(
+                "TRAIN_JOB_DEADLINE_SECONDS", cls.job_deadline_seconds
+            ),
         )
 
 

@@ -183,7 +183,7 @@ class ReconcileReport:
 
 
 def grace_from_env() -> float:
-    return env.number(GRACE_ENV, DEFAULT_GRACE_SECONDS)
+    return env.number(GRACE_ENV, DEFAULT_GRACE_SECONDS, minimum=0)
 
 
 @dataclass

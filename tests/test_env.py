@@ -89,6 +89,36 @@ def test_number_does_not_check_the_default_against_the_minimum(setting) -> None:
     assert env.number(NAME, 0.0, minimum=1) == 0.0
 
 
+# --------------------------------------------------------------------------- seconds
+
+
+def test_seconds_is_the_default_when_unset_or_blank(setting) -> None:
+    assert env.seconds(NAME, 10) == 10.0
+    setting(" ")
+    assert isinstance(env.seconds(NAME, 10), float)
+
+
+def test_seconds_parses_a_positive_value(setting) -> None:
+    setting(" 0.5 ")
+    assert env.seconds(NAME, 10.0) == 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "0.0"])
+def test_seconds_refuses_zero_and_negative_values(setting, value: str) -> None:
+    setting(value)
+    with _raises(f"{NAME} must be a positive number of seconds, got {value!r}"):
+        env.seconds(NAME, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [("soon", "must be a number"), ("inf", "must be a finite number")]
+)
+def test_seconds_refuses_what_number_refuses(setting, value: str, message: str) -> None:
+    setting(value)
+    with _raises(f"{NAME} {message}, got {value!r}"):
+        env.seconds(NAME, 10.0)
+
+
 # --------------------------------------------------------------------------- integer
 
 

@@ -191,18 +191,22 @@ def test_unknown_jobsinks_and_bodies_that_are_no_cloudevent_are_refused(sink: Si
     assert post_binary(other, event, 10).status == 404
 
 
-def test_the_config_comes_from_the_environment_and_at_least_one_job_runs(
+def test_the_config_comes_from_the_environment_and_refuses_a_parallelism_of_no_job(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for name in ("JOBSINK_PARALLELISM", "JOBSINK_BACKOFF_SECONDS"):
         monkeypatch.delenv(name, raising=False)
     assert JobSinkConfig.from_env().parallelism == 2
-    monkeypatch.setenv("JOBSINK_PARALLELISM", "0")  # clamped: a JobSink always runs a Job
-    assert JobSinkConfig.from_env().parallelism == 1
+    monkeypatch.setenv("JOBSINK_PARALLELISM", "0")  # a JobSink that runs no Job loses none
+    with pytest.raises(ValueError, match="JOBSINK_PARALLELISM must be >= 1, got '0'"):
+        JobSinkConfig.from_env()
     monkeypatch.setenv("JOBSINK_PARALLELISM", "two")
     with pytest.raises(ValueError, match="JOBSINK_PARALLELISM must be an integer, got 'two'"):
         JobSinkConfig.from_env()
     monkeypatch.delenv("JOBSINK_PARALLELISM")
     monkeypatch.setenv("JOBSINK_BACKOFF_SECONDS", "nan")
     with pytest.raises(ValueError, match="JOBSINK_BACKOFF_SECONDS must be a finite number"):
+        JobSinkConfig.from_env()
+    monkeypatch.setenv("JOBSINK_BACKOFF_SECONDS", "-1")
+    with pytest.raises(ValueError, match="JOBSINK_BACKOFF_SECONDS must be >= 0, got '-1'"):
         JobSinkConfig.from_env()

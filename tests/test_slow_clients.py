@@ -98,6 +98,17 @@ def test_the_gate_settings_come_from_the_environment_and_name_a_bad_value(
         slow_clients.ReadTimeouts.from_env()
 
 
+def test_the_broker_and_jobsink_intake_refuses_a_timeout_of_zero_like_the_functions_gate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("HTTP_HEADER_TIMEOUT", "HTTP_BODY_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    assert ReadTimeouts.from_env() == ReadTimeouts(10.0, 10.0)
+    monkeypatch.setenv("HTTP_HEADER_TIMEOUT", "0")  # a socket timeout of 0 is non-blocking
+    with pytest.raises(ValueError, match="HTTP_HEADER_TIMEOUT must be a positive number of sec"):
+        ReadTimeouts.from_env()
+
+
 @pytest.mark.parametrize(
     ("data", "state"),
     [

@@ -76,18 +76,11 @@ class ReadTimeouts:
 
     @classmethod
     def from_env(cls) -> ReadTimeouts:
-        timeouts = cls(
-            header=env.number("HTTP_HEADER_TIMEOUT", cls.header),
-            body=env.number("HTTP_BODY_TIMEOUT", cls.body),
+        return cls(
+            header=env.seconds("HTTP_HEADER_TIMEOUT", cls.header),
+            body=env.seconds("HTTP_BODY_TIMEOUT", cls.body),
             streams=env.integer("HTTP_STREAM_THREADS", cls.streams, minimum=1),
         )
-        for name, seconds in [
-            ("HTTP_HEADER_TIMEOUT", timeouts.header),
-            ("HTTP_BODY_TIMEOUT", timeouts.body),
-        ]:
-            if seconds <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {seconds}")
-        return timeouts
 
 
 PARTIAL, WHOLE, STREAMED = "partial", "whole", "streamed"

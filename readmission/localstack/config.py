@@ -138,14 +138,14 @@ class StackConfig:
             root=root,
             state_dir=(root / state if not state.is_absolute() else state).resolve(),
             free_ports=env.text("LOCAL_PORTS").lower() == "free",
-            train_workers=max(1, env.integer("TRAIN_WORKERS", os.cpu_count() or 1)),
-            mlflow_workers=max(1, env.integer("MLFLOW_WORKERS", cls.mlflow_workers)),
-            start_timeout=env.number("STACK_START_TIMEOUT", cls.start_timeout),
+            train_workers=env.integer("TRAIN_WORKERS", os.cpu_count() or 1, minimum=1),
+            mlflow_workers=env.integer("MLFLOW_WORKERS", cls.mlflow_workers, minimum=1),
+            start_timeout=env.seconds("STACK_START_TIMEOUT", cls.start_timeout),
             strict=env.flag("STACK_STRICT", cls.strict),
             restart=env.flag("LOCAL_RESTART", cls.restart),
             extra_env=extra_env,
             prometheus=env.flag("LOCAL_PROMETHEUS", cls.prometheus),
-            prometheus_scrape_seconds=env.number(
+            prometheus_scrape_seconds=env.seconds(
                 "PROMETHEUS_SCRAPE_SECONDS", cls.prometheus_scrape_seconds
             ),
             prometheus_rule_for=env.text("PROMETHEUS_RULE_FOR"),

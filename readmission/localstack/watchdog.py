@@ -124,7 +124,7 @@ class Watchdog:
 
     def _reconcile_soon(self) -> None:
         """Fire every PingSource when the restarted process answers, and after the grace."""
-        grace = env.number("RECONCILE_GRACE_SECONDS", 120.0)
+        grace = env.number("RECONCILE_GRACE_SECONDS", 120.0, minimum=0)
         for delay in (0.0, grace + 2.0):
             if self.stopping.wait(delay):
                 return

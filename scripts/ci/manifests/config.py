@@ -34,7 +34,9 @@ def _workloads(docs: Iterable[Doc]) -> Iterator[tuple[Doc, dict[str, Any]]]:
 
 def settings_env_vars(root: Path) -> set[str]:
     text = (root / "readmission" / "config.py").read_text(encoding="utf-8")
-    return set(re.findall(r"\benv\.(?:text|number|integer|flag)\(\s*\"([A-Z0-9_]+)\"", text))
+    return set(
+        re.findall(r"\benv\.(?:text|number|seconds|integer|flag)\(\s*\"([A-Z0-9_]+)\"", text)
+    )
 
 
 def secret_template_docs(root: Path) -> list[Doc]:
