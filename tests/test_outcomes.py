@@ -73,11 +73,6 @@ def _log(store: ObjectStore, settings: Settings) -> PredictionLog:
     return _LOGS[-1]
 
 
-def _rows(rows: list[dict[str, Any]]) -> tuple[bytes, str]:
-    """The prediction log's payload of `rows` (readmission.serving.log_spool.PAYLOAD_KINDS)."""
-    return json.dumps(rows).encode(), "rows"
-
-
 def _probabilities(rng: np.random.Generator, n: int) -> list[list[float]]:
     raw = rng.random((n, 3)) + 0.05
     return np.round(raw / raw.sum(axis=1, keepdims=True), 6).tolist()
@@ -95,12 +90,12 @@ def test_realized_metrics_equal_the_direct_computation_per_version(
         version = "1" if i < 200 else "2"
         probs = _probabilities(rng, 1)
         label = str(rng.choice(CLASSES))
-        log.record(f"r{i}", version, CLASSES, "predict", ["NO"], probs, *_rows([{"age": "x"}]))
+        log.record_rows(f"r{i}", version, CLASSES, "predict", ["NO"], probs, [{"age": "x"}])
         truth[version].append((probs[0], label))
         lines.append(f"r{i},,{label}")
     batch_probs = _probabilities(rng, 50)  # one batch request, joined by encounter id
     rows = [{"encounter_id": 5000 + i} for i in range(50)]
-    log.record("batch-1", "2", CLASSES, "batch", ["NO"] * 50, batch_probs, *_rows(rows))
+    log.record_rows("batch-1", "2", CLASSES, "batch", ["NO"] * 50, batch_probs, rows)
     for i, probs in enumerate(batch_probs):
         label = str(rng.choice(CLASSES))
         truth["2"].append((probs, label))
@@ -108,7 +103,7 @@ def test_realized_metrics_equal_the_direct_computation_per_version(
     lines += ["never-seen,,NO", ",999999,<30", "batch-1,,NO"]  # unmatched: 3
     time.sleep(0.01)
     again = _probabilities(rng, 1)  # r5 asked again (a client retry): its latest answer counts
-    log.record("r5", "1", CLASSES, "predict", ["NO"], again, *_rows([{"age": "x"}]))
+    log.record_rows("r5", "1", CLASSES, "predict", ["NO"], again, [{"age": "x"}])
     truth["1"][5] = (again[0], truth["1"][5][1])
     log.flush()
     csv = ("\n".join(lines) + "\n").encode()
@@ -181,13 +176,13 @@ def test_realized_metrics_equal_the_direct_computation_per_version(
 def test_a_redelivered_outcomes_file_writes_nothing_new(seaweed: SeaweedServer) -> None:
     settings, store = _settings(seaweed, "again")
     log = _log(store, settings)
-    log.record("a", "1", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], *_rows([{}]))
+    log.record_rows("a", "1", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], [{}])
     log.flush()
     store.put_bytes(settings.buckets.outcomes, "o.csv", b"request_id,readmitted\na,NO\n")
     first = process_outcomes(store, settings, settings.buckets.outcomes, "o.csv")
     etag = store.head(settings.buckets.models, first.key)
     store.delete(settings.buckets.models, REALIZED_LATEST_KEY)  # a crash between the PUTs
-    log.record("b", "1", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], *_rows([{}]))
+    log.record_rows("b", "1", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], [{}])
     log.flush()
     again = process_outcomes(store, settings, settings.buckets.outcomes, "o.csv")
     assert first.written and not again.written
@@ -220,7 +215,7 @@ def test_a_refused_file_names_its_bad_lines_and_leaves_earlier_metrics_intact(
 ) -> None:
     settings, store = _settings(seaweed, "intact")
     log = _log(store, settings)
-    log.record("a", "1", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], *_rows([{}]))
+    log.record_rows("a", "1", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], [{}])
     log.flush()
     store.put_bytes(settings.buckets.outcomes, "good.csv", b"request_id,readmitted\na,NO\n")
     good = process_outcomes(store, settings, settings.buckets.outcomes, "good.csv")
@@ -239,7 +234,7 @@ def test_unknown_ids_are_counted_and_named_without_replacing_the_latest_metrics(
 ) -> None:
     settings, store = _settings(seaweed, "unknown")
     log = _log(store, settings)
-    log.record("a", "1", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], *_rows([{}]))
+    log.record_rows("a", "1", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], [{}])
     log.flush()
     store.put_bytes(settings.buckets.outcomes, "1.csv", b"request_id,readmitted\na,NO\nx,<30\n")
     first = process_outcomes(store, settings, settings.buckets.outcomes, "1.csv")
@@ -265,7 +260,7 @@ def test_a_repeated_id_counts_once_and_an_id_with_two_outcomes_is_left_out(
     settings, store = _settings(seaweed, "dupes")
     log = _log(store, settings)
     for request in ("a", "b", "c"):
-        log.record(request, "1", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], *_rows([{}]))
+        log.record_rows(request, "1", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], [{}])
     log.flush()
     csv = b"request_id,readmitted\na,NO\na,NO\nb,<30\nb,NO\nc,>30\na,NO\n"
     store.put_bytes(settings.buckets.outcomes, "d.csv", csv)

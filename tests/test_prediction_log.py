@@ -130,8 +130,8 @@ def test_spooled_records_are_read_once_whole_and_a_torn_end_only_when_the_writer
 
 
 def test_every_kind_of_record_logs_the_rows_as_the_request_carried_them() -> None:
-    """A single-row body as received, a batch body, rows, and rows a handler has parsed
-    (record_rows: each row's JSON, no body) give the same features and encounter ids."""
+    """A single-row body as received and rows a handler has parsed (record_rows: each row's
+    JSON, no body) give the same features and encounter ids."""
     rows = [
         {"age": "[50-60)", "encounter_id": 7, "diag_1": "250.8"},
         {"encounter_id": "x-9", "payer_code": "?", "note": 'é\u2028"q"'},
@@ -143,13 +143,8 @@ def test_every_kind_of_record_logs_the_rows_as_the_request_carried_them() -> Non
     for i, row in enumerate(rows):
         body = json.dumps({"features": row}).encode()
         log.record(f"one-{i}", "7", CLASSES, "predict", ["NO"], probabilities[:1], body, "features")
-    batch = json.dumps({"instances": rows}).encode()
-    log.record("batch", "7", CLASSES, "batch", ["NO"] * 3, probabilities, batch, "instances")
-    log.record(
-        "rows", "7", CLASSES, "v2", ["NO"] * 3, probabilities, json.dumps(rows).encode(), "rows"
-    )
     log.record_rows("parsed", "7", CLASSES, "batch", ["NO"] * 3, probabilities, rows)
-    assert log.flush() == 12
+    assert log.flush() == 6
     (table,) = [_read(data) for data in written]
     logged: dict[str, list[tuple[Any, Any]]] = {}
     for row in table.to_pylist():
@@ -158,7 +153,23 @@ def test_every_kind_of_record_logs_the_rows_as_the_request_carried_them() -> Non
     expected = [
         (row, None if "encounter_id" not in row else str(row["encounter_id"])) for row in rows
     ]
-    assert logged == {"one": expected, "batch": expected, "rows": expected, "parsed": expected}
+    assert logged == {"one": expected, "parsed": expected}
+    log.close()
+
+
+def test_a_record_whose_rows_cannot_be_found_is_dropped_and_counted_and_the_rest_shipped() -> None:
+    written: list[bytes] = []
+    log = PredictionLog(lambda key, data: written.append(data), rows=10**6, seconds=3600)
+    probabilities = [[0.1, 0.2, 0.7]] * 2
+    rows = json.dumps([{"age": "[50-60)"}, {}]).encode()  # a kind this version never writes
+    log.record("old", "7", CLASSES, "batch", ["NO"] * 2, probabilities, rows, "instances")
+    body = json.dumps({"age": "[50-60)"}).encode()  # no "features" key
+    log.record("broken", "7", CLASSES, "predict", ["NO"], probabilities[:1], body, "features")
+    log.record_rows("good", "7", CLASSES, "batch", ["NO"] * 2, probabilities, [{}, {}])
+    assert log.flush() == 2
+    (table,) = [_read(data) for data in written]
+    assert set(table.column("request_id").to_pylist()) == {"good"}
+    assert log.dropped_rows == 3
     log.close()
 
 

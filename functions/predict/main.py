@@ -36,6 +36,7 @@ from readmission.serving.explain import (
 )
 from readmission.serving.forking import register_fork_hooks
 from readmission.serving.inputs import check_batch_size
+from readmission.serving.log_spool import FEATURES
 from readmission.serving.model import LoadedModel
 from readmission.serving.openapi import build_openapi
 from readmission.serving.prediction_log import log_from_settings, request_id
@@ -114,7 +115,7 @@ def _predict_one(request: flask.Request, params: dict[str, str]) -> flask.Respon
         result = with_explanation(result, model, features)
     rid = request_id(request.headers.get(REQUEST_ID_HEADER))
     PREDICTION_LOG.record(
-        rid, model.version, model.classes, "predict", (label,), (probabilities,), raw, "features"
+        rid, model.version, model.classes, "predict", (label,), (probabilities,), raw, FEATURES
     )
     return _with_request_id(json_response(result), rid)
 

@@ -19,8 +19,7 @@ Contract.
   (each row's encounter_id as text, or null); the probabilities are float64, row by row,
   class by class. The payload is either ROW_JSON, each row's compact JSON prefixed by its u32
   length (what a worker that has parsed a batch writes: the master then parses nothing), or
-  JSON bytes (PAYLOAD_KINDS): the request body as the handler accepted it ("features": a
-  single-row body, written as received; "instances") or the rows themselves ("rows").
+  FEATURES, a single-row /predict body as received (its one row is parsed by the master).
 * Reading. `SpoolReader.read()` returns records appended since the last call, whole records
   only and about READ_BYTES of them at most (the rest at later calls): a record still being
   written is read at a later call; a torn record at the end of a file whose writer is gone (a
@@ -68,23 +67,7 @@ _LENGTH = struct.Struct("<I")
 _SPOOL_NAME = re.compile(r"(?P<stem>.+-(?P<number>\d{6}))(?P<suffix>\.spool|\.done)")
 
 
-def _rows_of_features(payload: Any) -> list[Any]:  # /predict: {"features": {...}}
-    return [payload["features"]]
-
-
-def _rows_of_instances(payload: Any) -> list[Any]:  # /predict/batch: {"instances": [...]} | [...]
-    return payload["instances"] if isinstance(payload, dict) else payload
-
-
-def _rows_of_rows(payload: Any) -> list[Any]:  # the rows themselves (the V2 protocol's)
-    return payload
-
-
-PAYLOAD_KINDS = {
-    "features": _rows_of_features,
-    "instances": _rows_of_instances,
-    "rows": _rows_of_rows,
-}
+FEATURES = "features"  # the payload kind of a /predict body, {"features": {...}}, as received
 ROW_JSON = "row_json"  # the payload kind of `rows_payload`
 
 
@@ -181,12 +164,11 @@ class Record:
             encounters = self.encounters
             if encounters is None or len(encounters) != len(features):
                 raise ValueError("the record's encounters do not match its rows")
+        elif self.payload_kind == FEATURES:
+            row = loads(self.payload)["features"]
+            features, encounters = [dumps(row)], [encounter_of(row)]
         else:
-            rows = PAYLOAD_KINDS[self.payload_kind](loads(self.payload))
-            if not isinstance(rows, list):
-                raise ValueError("the payload holds no list of rows")
-            features = [dumps(row) for row in rows]
-            encounters = [encounter_of(row) for row in rows]
+            raise ValueError(f"unknown payload kind {self.payload_kind!r}")
         if len(features) != len(self.labels):
             raise ValueError(f"{len(self.labels)} labels for {len(features)} rows")
         return features, encounters

@@ -192,10 +192,9 @@ class PredictionLog:
     ) -> None:
         """Spool one answered request (the request path: one append to a local file).
 
-        `payload` holds the rows: JSON, the request body as the handler accepted it
-        (`payload_kind` "features": {"features": row}; "instances": a batch body) or the rows
-        themselves ("rows"): readmission.serving.log_spool.PAYLOAD_KINDS; or ROW_JSON with
-        the rows' `encounters` (`record_rows` makes both)."""
+        `payload` holds the rows: a /predict body as received (`payload_kind`
+        log_spool.FEATURES), or log_spool.ROW_JSON with the rows' `encounters`
+        (`record_rows` makes both)."""
         if self._writer is None:
             return
         self._writer.append(
