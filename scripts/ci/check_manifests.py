@@ -21,7 +21,7 @@ family in scripts/ci/manifests/; tests/test_manifests.py runs them one by one,
   setting of readmission/config.py, and the Secret template holds no value;
 * autoscaling and timeouts: train and aggregate containerConcurrency 1, aggregate max-scale 1,
   predict scales to zero, each Trigger's delivery timeout equals its subscriber's timeoutSeconds;
-* MinIO: the bucket Job creates all eight buckets, the notification Job subscribes exactly the
+* MinIO: the bucket Job creates all eleven buckets, the notification Job subscribes exactly the
   objects of the CloudEvent table, credentials only from Secrets;
 * monitoring: the Grafana dashboard JSON parses and its ConfigMap embeds exactly that file,
   every metric used is one the predict function exports, and promtool accepts every PromQL
