@@ -1,8 +1,9 @@
 """Knative PingSource for the local stack: fires ``dev.knative.sources.ping`` on a schedule.
 
-Schedules of the form ``*/N * * * *`` (every N minutes, on the wall-clock minute like cron) and
-``* * * * *`` are understood; any other schedule is logged and not fired (fire it by hand with
-``POST /pingsources/<name>`` on the broker).
+Cron schedules whose minute and hour fields are each ``*``, ``*/N`` or a number and whose other
+fields are ``*`` are understood (``*/5 * * * *``: every 5 minutes on the wall-clock minute;
+``17 3 * * *``: daily at 03:17 UTC, PingSource's default time zone); any other schedule is
+logged and not fired (fire it by hand with ``POST /pingsources/<name>`` on the broker).
 
 ``python -m events.pinger`` is the stack's PingSource adapter, a process of its own as Knative's
 is: it reads the PingSources of the manifests (PINGSOURCE_MANIFESTS, default ``infra/knative``)
@@ -23,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cloudevents.http import CloudEvent
@@ -35,27 +37,46 @@ from readmission import env
 log = logging.getLogger("broker.ping")
 
 PING_TYPE = "dev.knative.sources.ping"
-_EVERY_N_MINUTES = re.compile(r"^\*(?:/(\d+))?$")
+_EVERY_N = re.compile(r"^\*/(\d+)$")
 
 
-def minute_step(schedule: str) -> int | None:
-    """Minutes between fires of ``*/N * * * *`` (``*`` = 1); None for other schedules."""
+@dataclass(frozen=True)
+class Schedule:
+    """The minutes and hours (UTC) a supported cron schedule fires at."""
+
+    minutes: frozenset[int]
+    hours: frozenset[int]
+
+    def next_fire(self, now: float) -> float:
+        """The first whole minute strictly after ``now`` (epoch seconds) the schedule fires."""
+        minute = math.floor(now / 60) + 1
+        while minute % 60 not in self.minutes or minute // 60 % 24 not in self.hours:
+            minute += 1  # at most a day of minutes: both sets are non-empty
+        return minute * 60.0
+
+
+def _cron_field(text: str, size: int) -> frozenset[int] | None:
+    """The values of one cron field (``*``, ``*/N`` or a number below ``size``)."""
+    if text == "*":
+        return frozenset(range(size))
+    match = _EVERY_N.match(text)
+    if match:
+        step = int(match.group(1))
+        return frozenset(range(0, size, step)) if 1 <= step < size else None
+    if text.isdigit() and int(text) < size:
+        return frozenset({int(text)})
+    return None
+
+
+def parse_schedule(schedule: str) -> Schedule | None:
+    """The schedule, or None for one this PingSource does not understand (module docstring)."""
     fields = schedule.split()
-    if len(fields) != 5 or any(f != "*" for f in fields[1:]):
+    if len(fields) != 5 or any(f != "*" for f in fields[2:]):
         return None
-    match = _EVERY_N_MINUTES.match(fields[0])
-    if not match:
+    minutes, hours = _cron_field(fields[0], 60), _cron_field(fields[1], 24)
+    if minutes is None or hours is None:
         return None
-    step = int(match.group(1) or 1)
-    return step if 1 <= step <= 59 else None
-
-
-def next_fire(step_minutes: int, now: float) -> float:
-    """The first wall-clock time after ``now`` whose minute is a multiple of the step."""
-    minute = math.floor(now / 60) + 1
-    while minute % 60 % step_minutes:
-        minute += 1
-    return minute * 60.0
+    return Schedule(minutes, hours)
 
 
 def ping_event(source: PingSource) -> CloudEvent:
@@ -97,15 +118,15 @@ class Pinger:
     def _due(self) -> list[tuple[float, PingSource]]:
         due = []
         for source in self.routing().pings:
-            step = minute_step(source.schedule)
-            if step is None:
+            schedule = parse_schedule(source.schedule)
+            if schedule is None:
                 if source.name not in self._warned:
                     log.warning(
                         "PingSource %s: schedule %r not supported", source.name, source.schedule
                     )
                     self._warned.add(source.name)
                 continue
-            due.append((next_fire(step, time.time()), source))
+            due.append((schedule.next_fire(time.time()), source))
         return due
 
     def _run(self) -> None:

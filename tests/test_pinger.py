@@ -12,33 +12,42 @@ import pytest
 from support.http_stub import Subscriber
 
 from events.broker import BrokerConfig, serve
-from events.pinger import PING_TYPE, minute_step, next_fire, ping_event
+from events.pinger import PING_TYPE, parse_schedule, ping_event
 from events.routing import Destination, PingSource, load_routing
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "infra" / "knative"
 
 
+DAY = 86400
+
+
 @pytest.mark.parametrize(
-    ("schedule", "step"),
+    ("schedule", "now", "fires"),
     [
-        ("*/5 * * * *", 5),
-        ("* * * * *", 1),
-        ("*/1 * * * *", 1),
-        ("0 * * * *", None),
-        ("*/5 1 * * *", None),
-        ("@hourly", None),
-        ("*/0 * * * *", None),
+        ("*/5 * * * *", 12 * 60 + 1, 15 * 60),
+        ("*/5 * * * *", 15 * 60, 20 * 60),  # strictly after now
+        ("* * * * *", 59.5, 60),
+        ("*/1 * * * *", 59.5, 60),
+        ("*/5 * * * *", 3600 * 7 + 58 * 60, 3600 * 8),  # wraps the hour like cron
+        ("0 * * * *", 3600 * 7 + 1, 3600 * 8),
+        ("17 3 * * *", 0, 3 * 3600 + 17 * 60),  # daily, UTC
+        ("17 3 * * *", 3 * 3600 + 17 * 60, DAY + 3 * 3600 + 17 * 60),  # the next day
+        ("0 */6 * * *", 7 * 3600, 12 * 3600),
     ],
 )
-def test_minute_step(schedule: str, step: int | None) -> None:
-    assert minute_step(schedule) == step
+def test_a_supported_schedule_fires_on_its_next_minute(
+    schedule: str, now: float, fires: float
+) -> None:
+    parsed = parse_schedule(schedule)
+    assert parsed is not None and parsed.next_fire(now) == fires
 
 
-def test_next_fire_is_on_the_next_multiple_of_the_step() -> None:
-    assert next_fire(5, 12 * 60 + 1) == 15 * 60
-    assert next_fire(5, 15 * 60) == 20 * 60  # strictly after now
-    assert next_fire(1, 59.5) == 60
-    assert next_fire(5, 3600 * 7 + 58 * 60) == 3600 * 8  # wraps the hour like cron
+@pytest.mark.parametrize(
+    "schedule",
+    ["@hourly", "*/0 * * * *", "60 * * * *", "0 24 * * *", "0 3 1 * *", "0 3 * * 1", "1-5 * * * *"],
+)
+def test_an_unsupported_schedule_is_none(schedule: str) -> None:
+    assert parse_schedule(schedule) is None
 
 
 def test_ping_event_carries_the_json_data() -> None:
@@ -56,7 +65,8 @@ def test_the_projects_pingsources_are_read_from_the_manifests() -> None:
     if not (MANIFESTS / "reconcile.yaml").exists():
         pytest.skip("infra/knative/reconcile.yaml is not there")
     [reconcile] = [p for p in pings if str(p.sink) == "reconcile"]
-    assert minute_step(reconcile.schedule) is not None
+    assert all(parse_schedule(p.schedule) is not None for p in pings)
+    assert parse_schedule(reconcile.schedule) is not None
 
 
 def test_a_pingsource_fired_through_the_broker_reaches_its_sink(tmp_path: Path) -> None:
