@@ -2,8 +2,10 @@
 
 Contract. `process_outcomes(store, settings, bucket, key)` reads one outcomes CSV dropped into
 the outcomes bucket (a header with `readmitted` and `request_id` and/or `encounter_id`; one
-row per encounter whose outcome is now known), joins it with the prediction log (every
-Parquet batch in the predictions-log bucket, readmission.serving.prediction_log) and writes
+row per encounter whose outcome is now known), joins it with the prediction log (every row
+of the predictions-log bucket, readmission.serving.prediction_log, read once each as
+readmission.log_compaction says; finished days are compacted first, within
+COMPACTION_BUDGET_SECONDS) and writes
 the realized metrics document to
 
     <models bucket>/monitoring/realized/<content id of the CSV>.json   (written once)
@@ -57,6 +59,7 @@ from readmission.keys import (
     REALIZED_PREFIX,
     content_id,
 )
+from readmission.log_compaction import LogDay, compact_log, list_days, objects_to_read
 from readmission.scoring import score
 from readmission.storage import ObjectStore, json_bytes
 
@@ -68,6 +71,9 @@ PROBABILITY_PREFIX = "probability_"
 # the prediction log's columns the join and the metrics read, beside the PROBABILITY_PREFIX ones
 LOG_COLUMNS = ("request_id", "row", "time", "model_version", "encounter_id")
 REPORTED = 20  # offending ids or lines named in a report (the counts are always complete)
+DAY_READ_ATTEMPTS = 3  # listings of one log day while compactions delete its parts
+# seconds the join may spend compacting finished days of the log first (readmission.log_compaction)
+COMPACTION_BUDGET_SECONDS = 120.0
 _VERSION_METADATA = re.compile(r"^[0-9a-f]{16}/metadata\.json$")
 
 
@@ -154,13 +160,32 @@ def _joined_columns(data: bytes) -> pa.Table:
     )
 
 
+def _read_day(store: ObjectStore, bucket: str, day: LogDay) -> list[pa.Table]:
+    """The tables of one (version, day) of the log, each row once (log_compaction's contract).
+    A part deleted after the listing was compacted meanwhile: the day is listed again."""
+    for _ in range(DAY_READ_ATTEMPTS):
+        tables = []
+        for key in objects_to_read(store, bucket, [day]):
+            data = store.get_bytes_if_exists(bucket, key)
+            if data is None:
+                break
+            tables.append(_joined_columns(data))
+        else:
+            return tables
+        relisted = list_days(store.list_keys(bucket, day.prefix + "/"))
+        if not relisted:
+            return []
+        day = relisted[0]
+    raise RuntimeError(f"the prediction log's {day.prefix}/ kept changing while it was read")
+
+
 def read_log(store: ObjectStore, bucket: str) -> pd.DataFrame:
     """Every logged prediction (one row per predicted row) with the columns the join uses
     (`_joined_columns`), or an empty frame."""
     tables = [
-        _joined_columns(store.get_bytes(bucket, key))
-        for key in store.list_keys(bucket)
-        if key.endswith(".parquet")
+        table
+        for day in list_days(store.list_keys(bucket))
+        for table in _read_day(store, bucket, day)
     ]
     if not tables:
         return pd.DataFrame(columns=list(LOG_COLUMNS))
@@ -282,6 +307,7 @@ def process_outcomes(store: ObjectStore, settings: Settings, bucket: str, key: s
             store.put_bytes(models, REALIZED_LATEST_KEY, json_bytes(existing), "application/json")
         return Realized(target, existing, written=False)
     outcomes = parse_outcomes(data)
+    compact_log(store, settings.buckets.predictions_log, budget_seconds=COMPACTION_BUDGET_SECONDS)
     log_frame = read_log(store, settings.buckets.predictions_log)
     document = {
         "source": f"s3://{bucket}/{key}",

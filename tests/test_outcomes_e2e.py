@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,10 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.log_parts import ship_parts
 from support.predict_support import build_model, http, sample_frame
 from support.stack import RunningStack, running_stack
 
-from readmission import keys
+from readmission import keys, log_compaction
 from readmission.contract import FEATURES, NUMERIC_FEATURES, TARGET
 from readmission.outcomes import realized_key
 from readmission.scoring import score
@@ -145,3 +147,30 @@ def test_realized_metrics_of_answered_test_rows_equal_the_direct_computation(
         for key in stack.store.list_keys(buckets.predictions_log)
     )
     assert table.num_rows == ROWS and set(table.column("model_version").to_pylist()) == {"5"}
+
+
+def test_the_daily_pingsource_compacts_the_logs_finished_days_through_the_outcomes_function(
+    outcomes_stack: RunningStack,
+) -> None:
+    """infra/knative/log-compaction.yaml's PingSource, fired through the broker, reaches the
+    outcomes function, which merges a finished day's parts into one object."""
+    stack = outcomes_stack
+    bucket = stack.settings.buckets.predictions_log
+    ship_parts(stack.store, bucket, "9/2026-01-01", 3)
+    before = sorted(stack.store.list_keys(bucket, "9/2026-01-01/"))
+    request = urllib.request.Request(
+        f"{stack.broker_url}/pingsources/log-compaction-daily", method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 202
+    document_key = f"9/2026-01-01/{log_compaction.DOCUMENT_NAME}"
+    document = stack.wait_for(lambda: stack.store.get_json_if_exists(bucket, document_key), 60)
+    assert document is not None, stack.log("outcomes")
+    assert (document["parts"], document["rows"]) == (before, 6)
+    assert stack.wait_for(
+        lambda: (
+            stack.store.list_keys(bucket, "9/2026-01-01/")
+            == sorted([document["parquet"], document_key])
+        ),
+        30,
+    )
