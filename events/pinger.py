@@ -50,7 +50,7 @@ class Schedule:
     def next_fire(self, now: float) -> float:
         """The first whole minute strictly after ``now`` (epoch seconds) the schedule fires."""
         minute = math.floor(now / 60) + 1
-        while minute % 60 not in self.minutes or minute // 60 % 24 not in self.hours:
+        while minute % 60 not in self.minutes or (minute // 60) % 24 not in self.hours:
             minute += 1  # at most a day of minutes: both sets are non-empty
         return minute * 60.0
 

@@ -124,8 +124,7 @@ def _digest(parts: list[str]) -> str:
 def _merged(store: ObjectStore, bucket: str, parts: list[str]) -> tuple[bytes, int] | None:
     """One Parquet of the parts' rows, in part order; None if a part has gone."""
     tables = []
-    for key in parts:
-        data = store.get_bytes_if_exists(bucket, key)
+    for data in store.get_many(bucket, parts):
         if data is None:
             return None
         tables.append(pq.read_table(io.BytesIO(data)))
@@ -173,8 +172,7 @@ def compact_day(store: ObjectStore, bucket: str, day: LogDay, report: Compaction
     listed = set(document["parts"])
     stale = [key for key in day.parts if key in listed]
     stale += [key for key in day.compacted if key != document["parquet"]]
-    for key in stale:
-        store.delete(bucket, key)
+    store.delete_keys(bucket, stale)
     report.deleted += len(stale)
 
 

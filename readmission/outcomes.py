@@ -164,14 +164,9 @@ def _read_day(store: ObjectStore, bucket: str, day: LogDay) -> list[pa.Table]:
     """The tables of one (version, day) of the log, each row once (log_compaction's contract).
     A part deleted after the listing was compacted meanwhile: the day is listed again."""
     for _ in range(DAY_READ_ATTEMPTS):
-        tables = []
-        for key in objects_to_read(store, bucket, [day]):
-            data = store.get_bytes_if_exists(bucket, key)
-            if data is None:
-                break
-            tables.append(_joined_columns(data))
-        else:
-            return tables
+        found = store.get_many(bucket, objects_to_read(store, bucket, [day]))
+        if all(data is not None for data in found):
+            return [_joined_columns(data) for data in found if data is not None]
         relisted = list_days(store.list_keys(bucket, day.prefix + "/"))
         if not relisted:
             return []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,14 @@ class ObjectStore:
             raise
         return response["Body"]
 
+    def get_many(self, bucket: str, keys: list[str], workers: int = 8) -> list[bytes | None]:
+        """`get_bytes_if_exists` of each key, `workers` at a time (one client: boto3's are
+        thread-safe, and its pool holds 10 connections), in the keys' order."""
+        if len(keys) <= 1:
+            return [self.get_bytes_if_exists(bucket, key) for key in keys]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda key: self.get_bytes_if_exists(bucket, key), keys))
+
     def get_json(self, bucket: str, key: str) -> Any:
         return json.loads(self.get_bytes(bucket, key))
 
@@ -212,6 +221,20 @@ class ObjectStore:
             if _is_precondition_failed(error):
                 raise PreconditionFailed(f"s3://{bucket}/{key} is no longer {if_match}") from error
             raise
+
+    def delete_keys(self, bucket: str, keys: list[str]) -> None:
+        """Delete every key (a missing one is no error), a thousand per request."""
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": key} for key in keys[start : start + 1000]]
+            reply = self.client.delete_objects(
+                Bucket=bucket, Delete={"Objects": chunk, "Quiet": True}
+            )
+            if reply.get("Errors"):
+                first = reply["Errors"][0]
+                raise RuntimeError(
+                    f"s3://{bucket}: {len(reply['Errors'])} key(s) not deleted, first"
+                    f" {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
+                )
 
     def ensure_buckets(self, names: list[str]) -> None:
         existing = {b["Name"] for b in self.client.list_buckets().get("Buckets", [])}
