@@ -210,6 +210,7 @@ def test_seaweedfs_grpc_refuses_a_client_without_the_stacks_certificate(
         f"fs.mv /buckets/{raw}/grpc-probe.txt /buckets/{raw}/grpc-moved.txt\n"
         f"fs.rm /buckets/{raw}/grpc-probe.txt\nexit\n",
         tmp_path,
+        timeout=15,  # it retries the refused handshake until killed; the control below takes ~1 s
     )
     assert stack.store.exists(raw, "grpc-probe.txt"), output
     assert not stack.store.exists(raw, "grpc-moved.txt"), output
