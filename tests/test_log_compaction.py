@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-from collections.abc import Iterator
 
 import pandas as pd
 import pytest
 from support.log_parts import ship_parts
-from support.seaweed_server import SeaweedServer
+from support.seaweed_server import SeaweedServer, seaweed_s3
 
 from readmission import log_compaction
 from readmission.config import Buckets, Settings
@@ -31,20 +30,12 @@ YESTERDAY = "2026-12-03"  # within settle_days of TODAY: left alone
 _BUCKETS = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def seaweed() -> Iterator[SeaweedServer]:
-    server = SeaweedServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+__all__ = ["seaweed_s3"]  # the module-scoped server fixture
 
 
 @pytest.fixture
-def store(seaweed: SeaweedServer) -> ObjectStore:
-    return ObjectStore.connect(
-        seaweed.endpoint_url, "us-east-1", seaweed.access_key, seaweed.secret_key
-    )
+def store(seaweed_s3: SeaweedServer) -> ObjectStore:
+    return ObjectStore(seaweed_s3.client())
 
 
 @pytest.fixture
@@ -212,12 +203,12 @@ def test_compacting_a_listed_day_whose_parts_another_run_merged_takes_its_docume
 
 
 def test_the_outcomes_join_compacts_finished_days_and_matches_the_same_rows(
-    seaweed: SeaweedServer, store: ObjectStore
+    seaweed_s3: SeaweedServer, store: ObjectStore
 ) -> None:
     name = f"join-{next(_BUCKETS)}"
     buckets = Buckets(models=f"{name}-models", predictions_log=f"{name}-log", outcomes=f"{name}-o")
     store.ensure_buckets([buckets.models, buckets.predictions_log, buckets.outcomes])
-    settings = Settings(s3_endpoint_url=seaweed.endpoint_url, buckets=buckets)
+    settings = Settings(s3_endpoint_url=seaweed_s3.endpoint_url, buckets=buckets)
     ship_parts(store, buckets.predictions_log, f"1/{OLD}", 6)
     rows = logged(store, buckets.predictions_log)
     lines = ["request_id,encounter_id,readmitted"]
