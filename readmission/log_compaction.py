@@ -24,7 +24,10 @@ listed parts still present and unnamed compacted objects.
 
 Which days. Only days that ended at least `settle_days` (1) before `today` (UTC): a server
 ships within PREDICTION_LOG_SECONDS, so a finished day gets no more parts but in rare cases.
-A day whose parts exceed MAX_DAY_BYTES is left as it is (its parts are large already).
+A day whose parts exceed MAX_DAY_BYTES is left as it is (its parts are large already), and so
+is a day with a part that cannot be merged (no Parquet, other columns): it is logged and
+counted, the other days go on, and readers read its parts as before. The merge holds at most
+FETCH_PARTS parts and ROW_GROUP_ROWS rows decoded at a time.
 `compact_log` compacts one day at least and starts no other once `budget_seconds` have passed:
 the next call continues (the outcomes function compacts before each join).
 
@@ -52,9 +55,13 @@ log = logging.getLogger(__name__)
 
 DOCUMENT_NAME = "compacted.json"
 _COMPACTED_PREFIX = "compacted-"
-# A day whose parts hold more is left as it is: its rows would all be in memory at once, and
-# a day that busy ships parts of PREDICTION_LOG_ROWS rows, not a trickle of small ones.
+# A day whose parts hold more is left as it is: its merged object is held in memory before its
+# PUT, and a day that busy ships parts of PREDICTION_LOG_ROWS rows, not a trickle of small ones.
 MAX_DAY_BYTES = 256 * 1024 * 1024
+# The merge reads parts FETCH_PARTS at a time and writes a row group per ROW_GROUP_ROWS rows, so
+# the rows it holds decoded are bounded whatever the day's size.
+FETCH_PARTS = 64
+ROW_GROUP_ROWS = 50_000
 _DAY = re.compile(r"^(?P<group>[^/]+/(?P<day>\d{4}-\d{2}-\d{2}))/(?P<name>[^/]+)$")
 
 
@@ -122,16 +129,36 @@ def _digest(parts: list[str]) -> str:
 
 
 def _merged(store: ObjectStore, bucket: str, parts: list[str]) -> tuple[bytes, int] | None:
-    """One Parquet of the parts' rows, in part order; None if a part has gone."""
-    tables = []
-    for data in store.get_many(bucket, parts):
-        if data is None:
-            return None
-        tables.append(pq.read_table(io.BytesIO(data)))
-    table = pa.concat_tables(tables, promote_options="default")
+    """One Parquet of the parts' rows, in part order; None if a part has gone. ValueError (or
+    an Arrow error) if a part is no Parquet or its columns differ from the first part's."""
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue(), table.num_rows
+    writer: pq.ParquetWriter | None = None
+    pending: list[pa.Table] = []
+    pending_rows = rows = 0
+
+    def write(tables: list[pa.Table]) -> None:
+        nonlocal writer
+        table = pa.concat_tables(tables, promote_options="default")
+        if writer is None:
+            writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
+        writer.write_table(table.cast(writer.schema), row_group_size=ROW_GROUP_ROWS)
+
+    for start in range(0, len(parts), FETCH_PARTS):
+        found = store.get_many(bucket, parts[start : start + FETCH_PARTS])
+        if any(data is None for data in found):
+            return None
+        tables = [pq.read_table(io.BytesIO(data)) for data in found if data is not None]
+        pending += tables
+        pending_rows += sum(table.num_rows for table in tables)
+        rows += sum(table.num_rows for table in tables)
+        if pending_rows >= ROW_GROUP_ROWS:
+            write(pending)
+            pending, pending_rows = [], 0
+    if pending:
+        write(pending)
+    if writer is not None:
+        writer.close()
+    return sink.getvalue(), rows
 
 
 @dataclass
@@ -140,11 +167,13 @@ class CompactionReport:
     parts: int = 0  # parts merged into them
     deleted: int = 0  # deletes sent (merged parts, unnamed compacted objects; maybe gone)
     left: int = 0  # finished days left uncompacted (budget spent)
+    refused: list[str] = field(default_factory=list)  # days whose parts could not be merged
 
     def summary(self) -> str:
         return (
             f"{self.days} day(s) compacted from {self.parts} part(s), {self.deleted} object(s)"
             f" deleted, {self.left} day(s) left"
+            + (f", {len(self.refused)} refused: {self.refused[0]}" if self.refused else "")
         )
 
 
@@ -152,7 +181,12 @@ def compact_day(store: ObjectStore, bucket: str, day: LogDay, report: Compaction
     """Compact one listed (version, day), or finish a compaction a crash cut short."""
     document = _document(store, bucket, day)
     if document is None and len(day.parts) > 1:
-        merged = _merged(store, bucket, day.parts)
+        try:
+            merged = _merged(store, bucket, day.parts)
+        except (ValueError, pa.ArrowException) as exc:  # a part no reader can merge: left as is
+            log.error("prediction log %s/%s/ not compacted: %s", bucket, day.prefix, exc)
+            report.refused.append(f"{day.prefix}: {exc}")
+            return
         if merged is None:  # another compaction deleted a part: it has written its document
             document = store.get_json_if_exists(bucket, day.document_key)
         else:

@@ -5,9 +5,11 @@ compaction stops at, and the outcomes join reads the same rows before and after.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import itertools
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from support.log_parts import ship_parts
 from support.seaweed_server import SeaweedServer, seaweed_s3
@@ -188,6 +190,34 @@ def test_a_day_too_large_to_merge_in_memory_is_left_as_it_is(
     monkeypatch.setattr(log_compaction, "MAX_DAY_BYTES", sum(sizes.values()) - 1)
     report = compact_log(store, bucket, TODAY)
     assert report.days == 1 and store.list_keys(bucket, f"1/{OLD}/") == sorted(sizes)
+
+
+def test_a_day_merged_in_small_steps_keeps_every_row_in_row_groups(
+    store: ObjectStore, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(log_compaction, "FETCH_PARTS", 2)
+    monkeypatch.setattr(log_compaction, "ROW_GROUP_ROWS", 3)
+    ship_parts(store, bucket, f"1/{OLD}", 5)
+    before = logged(store, bucket)
+    compact_log(store, bucket, TODAY)
+    document = store.get_json(bucket, f"1/{OLD}/{DOCUMENT_NAME}")
+    merged = pq.ParquetFile(io.BytesIO(store.get_bytes(bucket, document["parquet"])))
+    assert merged.metadata.num_rows == document["rows"] == 10
+    assert merged.metadata.num_row_groups > 1
+    assert logged(store, bucket) == before
+
+
+def test_a_day_with_a_part_that_is_no_parquet_is_left_as_it_is_and_the_others_go_on(
+    store: ObjectStore, bucket: str
+) -> None:
+    ship_parts(store, bucket, f"1/{OLD}", 2)
+    store.put_bytes(bucket, f"1/{OLD}/broken-000000.parquet", b"not parquet")
+    ship_parts(store, bucket, f"1/{OLDER}", 2)
+    listed = store.list_keys(bucket, f"1/{OLD}/")
+    report = compact_log(store, bucket, TODAY)
+    assert report.days == 1 and len(report.refused) == 1 and f"1/{OLD}" in report.refused[0]
+    assert store.list_keys(bucket, f"1/{OLD}/") == listed
+    assert store.exists(bucket, f"1/{OLDER}/{DOCUMENT_NAME}")
 
 
 def test_compacting_a_listed_day_whose_parts_another_run_merged_takes_its_document(
