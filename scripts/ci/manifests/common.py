@@ -42,6 +42,7 @@ EXPECTED_SERVICES = (
     "aggregate",
     "predict",
     "score",
+    "outcomes",
 )
 CRD_GROUPS = (
     "serving.knative.dev/",

@@ -53,7 +53,7 @@ def check_services(root: Path) -> list[str]:
     problems = []
     missing = sorted(set(EXPECTED_SERVICES) - set(services))
     if missing:
-        problems.append(f"Knative Services {missing} missing (docs/design.md names six)")
+        problems.append(f"Knative Services {missing} missing (docs/design.md names them)")
     for name in EXPECTED_SERVICES:
         if name in services and services[name].path.name != "services.yaml":
             problems.append(f"Knative Service {name} must be in infra/knative/services.yaml")
