@@ -43,13 +43,13 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from readmission.storage import ObjectStore
+from readmission.storage import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +74,19 @@ class LogDay:
     parts: list[str] = field(default_factory=list)  # shipped by servers, sorted
     compacted: list[str] = field(default_factory=list)  # compacted-*.parquet objects
     has_document: bool = False
-    part_bytes: int = 0  # the parts' sizes, when listed with them
+    part_bytes: int = 0  # the parts' sizes
 
     @property
     def document_key(self) -> str:
         return f"{self.prefix}/{DOCUMENT_NAME}"
 
 
-def list_days(keys: Iterable[str] | Mapping[str, int]) -> list[LogDay]:
-    """The log's keys (or keys and sizes) grouped by (version, day); keys of another shape
-    are left out."""
-    sizes = keys if isinstance(keys, Mapping) else {}
+def list_days(objects: Iterable[ObjectInfo]) -> list[LogDay]:
+    """The log's listed objects grouped by (version, day); keys of another shape are left
+    out."""
     days: dict[str, LogDay] = {}
-    for key in sorted(keys):
+    for info in sorted(objects, key=lambda info: info.key):
+        key = info.key
         match = _DAY.match(key)
         if match is None:
             continue
@@ -102,7 +102,7 @@ def list_days(keys: Iterable[str] | Mapping[str, int]) -> list[LogDay]:
             entry.compacted.append(key)
         elif name.endswith(".parquet"):
             entry.parts.append(key)
-            entry.part_bytes += sizes.get(key, 0)
+            entry.part_bytes += info.size
     return list(days.values())
 
 
@@ -110,18 +110,13 @@ def _document(store: ObjectStore, bucket: str, day: LogDay) -> dict | None:
     return store.get_json_if_exists(bucket, day.document_key) if day.has_document else None
 
 
-def objects_to_read(store: ObjectStore, bucket: str, days: Iterable[LogDay]) -> list[str]:
-    """The keys holding every logged row exactly once (the module docstring's contract)."""
-    keys: list[str] = []
-    for day in days:
-        document = _document(store, bucket, day)
-        if document is None:
-            keys.extend(day.parts)
-        else:
-            listed = set(document["parts"])
-            keys.append(document["parquet"])
-            keys.extend(part for part in day.parts if part not in listed)
-    return keys
+def objects_to_read(store: ObjectStore, bucket: str, day: LogDay) -> list[str]:
+    """The keys holding every row of the day exactly once (the module docstring's contract)."""
+    document = _document(store, bucket, day)
+    if document is None:
+        return list(day.parts)
+    listed = set(document["parts"])
+    return [document["parquet"], *(part for part in day.parts if part not in listed)]
 
 
 def _digest(parts: list[str]) -> str:
@@ -230,9 +225,8 @@ def compact_log(
     last = today - dt.timedelta(days=settle_days + 1)
     report = CompactionReport()
     started = time.monotonic()
-    listed = {info.key: info.size for info in store.list(bucket)}
     todo = sorted(
-        (d for d in list_days(listed) if d.day <= last and _needs_work(d)),
+        (d for d in list_days(store.list(bucket)) if d.day <= last and _needs_work(d)),
         key=lambda d: (d.day, d.prefix),
     )
     for index, day in enumerate(todo):

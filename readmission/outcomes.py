@@ -164,10 +164,10 @@ def _read_day(store: ObjectStore, bucket: str, day: LogDay) -> list[pa.Table]:
     """The tables of one (version, day) of the log, each row once (log_compaction's contract).
     A part deleted after the listing was compacted meanwhile: the day is listed again."""
     for _ in range(DAY_READ_ATTEMPTS):
-        found = store.get_many(bucket, objects_to_read(store, bucket, [day]))
+        found = store.get_many(bucket, objects_to_read(store, bucket, day))
         if all(data is not None for data in found):
             return [_joined_columns(data) for data in found if data is not None]
-        relisted = list_days(store.list_keys(bucket, day.prefix + "/"))
+        relisted = list_days(store.list(bucket, day.prefix + "/"))
         if not relisted:
             return []
         day = relisted[0]
@@ -178,9 +178,7 @@ def read_log(store: ObjectStore, bucket: str) -> pd.DataFrame:
     """Every logged prediction (one row per predicted row) with the columns the join uses
     (`_joined_columns`), or an empty frame."""
     tables = [
-        table
-        for day in list_days(store.list_keys(bucket))
-        for table in _read_day(store, bucket, day)
+        table for day in list_days(store.list(bucket)) for table in _read_day(store, bucket, day)
     ]
     if not tables:
         return pd.DataFrame(columns=list(LOG_COLUMNS))

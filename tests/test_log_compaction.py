@@ -162,7 +162,7 @@ def test_a_reader_whose_listing_a_compaction_overtook_reads_the_day_again(
 ) -> None:
     ship_parts(store, bucket, f"1/{OLD}", 3)
     before = logged(store, bucket)
-    (stale,) = list_days(store.list_keys(bucket))  # listed: the three parts, no document
+    (stale,) = list_days(store.list(bucket))  # listed: the three parts, no document
     compact_log(store, bucket, TODAY)  # deletes them
     tables = _read_day(store, bucket, stale)
     rows = pd.concat([t.to_pandas() for t in tables])
@@ -224,7 +224,7 @@ def test_compacting_a_listed_day_whose_parts_another_run_merged_takes_its_docume
     store: ObjectStore, bucket: str
 ) -> None:
     ship_parts(store, bucket, f"1/{OLD}", 3)
-    (stale,) = list_days(store.list_keys(bucket))
+    (stale,) = list_days(store.list(bucket))
     compact_log(store, bucket, TODAY)
     report = CompactionReport()
     compact_day(store, bucket, stale, report)  # a part is gone: the winner's document decides
