@@ -34,7 +34,6 @@ from pathlib import Path
 from events.pinger import fire_direct
 from events.routing import load_routing
 from events.services import ServiceDirectory
-from readmission import env
 from readmission.localstack import processes
 
 log = logging.getLogger("watchdog")
@@ -124,7 +123,10 @@ class Watchdog:
 
     def _reconcile_soon(self) -> None:
         """Fire every PingSource when the restarted process answers, and after the grace."""
-        grace = env.number("RECONCILE_GRACE_SECONDS", 120.0, minimum=0)
+        # imported here: the reconciler's module brings boto3, which the watchdog needs not hold
+        from readmission.reconcile import grace_from_env
+
+        grace = grace_from_env()
         for delay in (0.0, grace + 2.0):
             if self.stopping.wait(delay):
                 return
