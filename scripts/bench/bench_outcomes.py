@@ -9,9 +9,9 @@ The log is what a server under a trickle of traffic leaves: the predict function
 ships an object every PREDICTION_LOG_SECONDS (30 s) in which it answered a request, so a day
 of steady single requests is up to 2,880 objects per server process, whatever the row count.
 Here each day has --objects-per-day objects of --rows-per-object single-row predictions
-(written by the predict function's own `PredictionLog`), all days finished; the outcomes CSV
-names --outcomes of their encounter ids. The object store is a real SeaweedFS with keys
-(tests/support/seaweed_server.py).
+(written by the predict function's own `PredictionLog`: tests/support/log_parts.py), all days
+finished; the outcomes CSV names --outcomes of their encounter ids. The object store is a
+real SeaweedFS with keys (tests/support/seaweed_server.py).
 
     .venv/bin/python scripts/bench/bench_outcomes.py [--days 1,3] [--objects-per-day 2880]
         [--rows-per-object 2] [--outcomes 1000]
@@ -30,37 +30,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from support.log_parts import ship_parts  # noqa: E402
 from support.seaweed_server import SeaweedServer  # noqa: E402
 
 from readmission import outcomes  # noqa: E402
 from readmission.config import Buckets, Settings  # noqa: E402
 from readmission.log_compaction import compact_log  # noqa: E402
-from readmission.serving.prediction_log import PredictionLog  # noqa: E402
 from readmission.storage import ObjectStore  # noqa: E402
 
-CLASSES = ("<30", ">30", "NO")
-ROW = {"age": "[70-80)", "gender": "Female", "num_medications": 14}
 FIRST_DAY = dt.date(2026, 1, 1)
-
-
-def ship_day(store: ObjectStore, bucket: str, day: int, objects: int, rows: int) -> None:
-    """One finished day of the log: `objects` objects of `rows` single-row requests each."""
-    shipped: list[bytes] = []
-    log = PredictionLog(lambda key, data: shipped.append(data), rows=10**6, seconds=3600)
-    try:
-        for i in range(objects):
-            for j in range(rows):
-                encounter = (day * objects + i) * rows + j
-                row = {**ROW, "encounter_id": encounter}
-                log.record_rows(
-                    f"r{encounter}", "1", CLASSES, "predict", ["NO"], [[0.2, 0.3, 0.5]], [row]
-                )
-            log.flush()
-    finally:
-        log.close()
-    date = (FIRST_DAY + dt.timedelta(days=day)).isoformat()
-    for i, data in enumerate(shipped):
-        store.put_bytes(bucket, f"1/{date}/bench-{i:06d}.parquet", data)
 
 
 def timed(call: Callable[[], object]) -> float:
@@ -73,12 +51,21 @@ def measure(store: ObjectStore, settings: Settings, days: int, args: argparse.Na
     """One line of the table: a log of `days` finished days, read, compacted, read, joined."""
     buckets = settings.buckets
     store.ensure_buckets([buckets.models, buckets.predictions_log, buckets.outcomes])
+    encounters: list[int] = []
     for day in range(days):
-        ship_day(store, buckets.predictions_log, day, args.objects_per_day, args.rows_per_object)
-    rows = days * args.objects_per_day * args.rows_per_object
+        date = (FIRST_DAY + dt.timedelta(days=day)).isoformat()
+        encounters += ship_parts(
+            store,
+            buckets.predictions_log,
+            f"1/{date}",
+            args.objects_per_day,
+            "bench",
+            args.rows_per_object,
+        )
+    rows = len(encounters)
     step = max(1, rows // args.outcomes)
     lines = ["request_id,encounter_id,readmitted"]
-    lines += [f",{i},NO" for i in range(0, rows, step)][: args.outcomes]
+    lines += [f",{n},NO" for n in encounters[::step]][: args.outcomes]
     store.put_bytes(buckets.outcomes, "outcomes.csv", ("\n".join(lines) + "\n").encode())
     objects = len(store.list_keys(buckets.predictions_log))
     read_before = timed(lambda: outcomes.read_log(store, buckets.predictions_log))
