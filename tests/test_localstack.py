@@ -303,11 +303,7 @@ def test_a_malformed_event_is_answered_400_and_dead_lettered_without_retry(
 def test_the_reconcile_pingsource_reaches_its_function(stack: RunningStack) -> None:
     if not stack.has_function("reconcile"):
         pytest.skip("functions/reconcile/main.py is not there (or did not start)")
-    fire = urllib.request.Request(
-        f"{stack.broker_url}/pingsources/reconcile-every-5m", method="POST"
-    )
-    with urllib.request.urlopen(fire, timeout=10) as response:
-        assert response.status == 202
+    assert stack.fire_pingsource("reconcile-every-5m") == 202
     delivered = stack.wait_for(
         lambda: any(
             "type=dev.knative.sources.ping" in line and "outcome=delivered" in line

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -158,11 +157,7 @@ def test_the_daily_pingsource_compacts_the_logs_finished_days_through_the_outcom
     bucket = stack.settings.buckets.predictions_log
     ship_parts(stack.store, bucket, "9/2026-01-01", 3)
     before = sorted(stack.store.list_keys(bucket, "9/2026-01-01/"))
-    request = urllib.request.Request(
-        f"{stack.broker_url}/pingsources/log-compaction-daily", method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 202
+    assert stack.fire_pingsource("log-compaction-daily") == 202
     document_key = f"9/2026-01-01/{log_compaction.DOCUMENT_NAME}"
     document = stack.wait_for(lambda: stack.store.get_json_if_exists(bucket, document_key), 60)
     assert document is not None, stack.log("outcomes")

@@ -113,6 +113,12 @@ class RunningStack:
         with urllib.request.urlopen(f"{self.broker_url}/status", timeout=5) as response:
             return json.loads(response.read())
 
+    def fire_pingsource(self, name: str) -> int:
+        """POST /pingsources/<name> on the broker (fires it now, through the broker); the status."""
+        request = urllib.request.Request(f"{self.broker_url}/pingsources/{name}", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+
     def delivered(self, event_type: str, at_least: int = 1, timeout: float = 120.0) -> bool:
         """Whether the broker counts ``at_least`` deliveries of ``event_type`` within
         ``timeout``: a subscriber's side effects (a report, job specs) are visible before its
